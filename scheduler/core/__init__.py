@@ -1,0 +1,54 @@
+"""The pure scheduling core: told the time, returns decisions, never waits or does I/O."""
+
+from scheduler.core.controller import (
+    AIMDConfig,
+    AIMDController,
+    Controller,
+    ControllerStats,
+    FixedController,
+    LatencySignal,
+    Sample,
+)
+from scheduler.core.gate import Gate, GateConfig, GateMode, Ticket
+from scheduler.core.gradient import GradientConfig, GradientController
+from scheduler.core.request import (
+    Admit,
+    Decision,
+    Outcome,
+    Queued,
+    Reject,
+    Request,
+    Shed,
+    ShedReason,
+)
+from scheduler.core.scheduler import Scheduler, SchedulerConfig, SchedulerStats
+from scheduler.core.wfq import TierConfig, WeightedFairQueue
+
+__all__ = [
+    "AIMDConfig",
+    "AIMDController",
+    "Admit",
+    "Controller",
+    "ControllerStats",
+    "Decision",
+    "FixedController",
+    "Gate",
+    "GateConfig",
+    "GateMode",
+    "GradientConfig",
+    "GradientController",
+    "LatencySignal",
+    "Outcome",
+    "Queued",
+    "Reject",
+    "Request",
+    "Sample",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerStats",
+    "Shed",
+    "ShedReason",
+    "Ticket",
+    "TierConfig",
+    "WeightedFairQueue",
+]

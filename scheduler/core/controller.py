@@ -1,0 +1,228 @@
+"""Controllers compute the gate's limit from what the backends show. They only compute a
+number (Netflix concurrency-limits' split of "how many" from "who next"): samples and
+pressure go in, `tick` returns the new limit, and the scheduler applies it to the gate.
+
+AIMD is the default: add `increase_step` each healthy tick in which the limit is actually
+used, multiply by `decrease_factor` on congestion (latency over target, pressure over
+threshold, or any drop), then hold for `cooldown_s` so the samples from requests admitted
+under the old limit do not cut it again.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Protocol
+
+from scheduler.core.request import Outcome
+
+_MAX_SAMPLES = 2048  # per tick; a busier tick keeps the most recent
+
+
+class LatencySignal(enum.Enum):
+    """Which latency the controller holds to its target."""
+
+    LATENCY = "latency"  # end to end
+    TTFT = "ttft"  # time to first token (end to end when the call did not stream)
+    TPOT = "tpot"  # time per output token after the first
+
+
+class Sample(NamedTuple):
+    """One finished backend call."""
+
+    latency_s: float
+    outcome: Outcome = Outcome.COMPLETED
+    ttft_s: float | None = None
+    output_tokens: int = 0
+
+    def signal(self, which: LatencySignal) -> float:
+        if which is LatencySignal.LATENCY:
+            return self.latency_s
+        ttft = self.latency_s if self.ttft_s is None else self.ttft_s
+        if which is LatencySignal.TTFT:
+            return ttft
+        return (self.latency_s - ttft) / max(1, self.output_tokens - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerStats:
+    name: str
+    limit: float
+    latency_s: float  # the signal seen in the last tick that had samples (nan before any)
+    pressure: float
+    congested: bool
+    increases: int
+    decreases: int
+
+
+class Controller(Protocol):
+    """Computes the gate's limit; one task owns it (no locks)."""
+
+    @property
+    def limit(self) -> float: ...
+
+    @property
+    def congested(self) -> bool:
+        """True while the last tick saw congestion: `shed_on_overload` tiers are shed."""
+        ...
+
+    def record(self, sample: Sample) -> None: ...
+
+    def tick(self, *, now: float, utilization: float, pressure: float) -> float: ...
+
+    def statistics(self) -> ControllerStats: ...
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of `values` by nearest rank; nan when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclass(frozen=True, slots=True)
+class AIMDConfig:
+    """Every gain of the AIMD controller; replace it live with `AIMDController.configure`."""
+
+    initial_limit: float = 16.0
+    min_limit: float = 1.0
+    max_limit: float = 1024.0
+    increase_step: float = 1.0
+    decrease_factor: float = 0.7
+    target_latency_s: float = 5.0
+    latency_signal: LatencySignal = LatencySignal.LATENCY
+    latency_percentile: float = 0.9
+    pressure_threshold: float = 0.8
+    cooldown_s: float = 1.0
+    min_utilization: float = 0.5
+    tick_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"controller.{name} {rule}, got {getattr(self, name)!r}")
+
+        need(self.min_limit > 0, "min_limit", "must be > 0")
+        need(self.max_limit >= self.min_limit, "max_limit", "must be >= min_limit")
+        need(
+            self.min_limit <= self.initial_limit <= self.max_limit,
+            "initial_limit",
+            "must lie between min_limit and max_limit",
+        )
+        need(self.increase_step > 0, "increase_step", "must be > 0")
+        need(0 < self.decrease_factor < 1, "decrease_factor", "must be in (0, 1)")
+        need(self.target_latency_s > 0, "target_latency_s", "must be > 0")
+        need(0 < self.latency_percentile <= 1, "latency_percentile", "must be in (0, 1]")
+        need(0 < self.pressure_threshold <= 1, "pressure_threshold", "must be in (0, 1]")
+        need(self.cooldown_s >= 0, "cooldown_s", "must be >= 0")
+        need(0 <= self.min_utilization <= 1, "min_utilization", "must be in [0, 1]")
+        need(self.tick_s > 0, "tick_s", "must be > 0")
+
+
+class AIMDController:
+    """Additive increase, multiplicative decrease, with app-limited and cooldown guards."""
+
+    name = "aimd"
+
+    def __init__(self, config: AIMDConfig) -> None:
+        self._config = config
+        self._limit = config.initial_limit
+        self._signals: list[float] = []
+        self._drops = 0
+        self._hold_until = -math.inf
+        self._latency = math.nan
+        self._pressure = 0.0
+        self._congested = False
+        self._increases = 0
+        self._decreases = 0
+
+    @property
+    def config(self) -> AIMDConfig:
+        return self._config
+
+    @property
+    def limit(self) -> float:
+        return self._limit
+
+    @property
+    def congested(self) -> bool:
+        return self._congested
+
+    def configure(self, config: AIMDConfig) -> None:
+        """Replace the gains; the limit is clamped into the new bounds at once."""
+        self._config = config
+        self._limit = min(config.max_limit, max(config.min_limit, self._limit))
+
+    def update(self, **changes: object) -> AIMDConfig:
+        """Replace some gains by name (validated as a whole); returns the new config."""
+        self.configure(replace(self._config, **changes))  # type: ignore[arg-type]
+        return self._config
+
+    def record(self, sample: Sample) -> None:
+        if sample.outcome is Outcome.DROPPED:
+            self._drops += 1
+        elif sample.outcome is Outcome.COMPLETED:
+            if len(self._signals) >= _MAX_SAMPLES:
+                del self._signals[: _MAX_SAMPLES // 2]
+            self._signals.append(sample.signal(self._config.latency_signal))
+
+    def tick(self, *, now: float, utilization: float, pressure: float) -> float:
+        cfg = self._config
+        latency = percentile(self._signals, cfg.latency_percentile)
+        if self._signals:
+            self._latency = latency
+        self._pressure = pressure
+        slow = latency > cfg.target_latency_s  # False for nan (no samples)
+        self._congested = slow or pressure > cfg.pressure_threshold or self._drops > 0
+        self._signals = []
+        self._drops = 0
+        if self._congested:
+            if now >= self._hold_until:
+                self._limit = max(cfg.min_limit, self._limit * cfg.decrease_factor)
+                self._hold_until = now + cfg.cooldown_s
+                self._decreases += 1
+        elif utilization >= cfg.min_utilization and self._limit < cfg.max_limit:
+            self._limit = min(cfg.max_limit, self._limit + cfg.increase_step)
+            self._increases += 1
+        return self._limit
+
+    def statistics(self) -> ControllerStats:
+        return ControllerStats(
+            name=self.name,
+            limit=self._limit,
+            latency_s=self._latency,
+            pressure=self._pressure,
+            congested=self._congested,
+            increases=self._increases,
+            decreases=self._decreases,
+        )
+
+
+class FixedController:
+    """A constant limit: the baseline the others are measured against."""
+
+    name = "fixed"
+
+    def __init__(self, limit: float) -> None:
+        if not limit > 0:
+            raise ValueError(f"controller.limit must be > 0, got {limit}")
+        self._limit = limit
+
+    @property
+    def limit(self) -> float:
+        return self._limit
+
+    @property
+    def congested(self) -> bool:
+        return False
+
+    def record(self, sample: Sample) -> None:
+        pass
+
+    def tick(self, *, now: float, utilization: float, pressure: float) -> float:
+        return self._limit
+
+    def statistics(self) -> ControllerStats:
+        return ControllerStats(self.name, self._limit, math.nan, 0.0, False, 0, 0)

@@ -1,0 +1,87 @@
+"""The request model and the decisions the core hands back.
+
+Decisions are plain values: the core never raises to say "no". The hot values (requests,
+decisions) are named tuples: immutable like frozen dataclasses, at a fifth of the cost to
+make, which the simulator's millions of requests notice. A shed or a refusal is an
+ordinary outcome that the service turns into a response (the tier's shed ladder, a 429 or a
+503); exceptions are kept for programming errors such as ending a ticket twice.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from scheduler.core.gate import Ticket
+
+
+class Request(NamedTuple):
+    """One inference request as the scheduler sees it.
+
+    `cost` is the estimated tokens (prompt plus `max_tokens`), or 1 when unknown, and must be
+    > 0 (the queue checks); `deadline_at` is the caller's own deadline (`math.inf` when it
+    has none). The queue applies the tier's maximum wait on top of it.
+    """
+
+    id: int
+    tenant: str
+    tier: str
+    key_id: str
+    model: str
+    cost: float
+    arrival_at: float
+    deadline_at: float = math.inf
+
+
+class ShedReason(enum.Enum):
+    """Why a request left the queue without being admitted."""
+
+    DEADLINE = "deadline"
+    QUEUE_FULL = "queue_full"
+    OVERLOAD = "overload"
+    DRAINING = "draining"
+
+
+class Outcome(enum.Enum):
+    """How an admitted request ended, as the gate and controller count it."""
+
+    COMPLETED = "completed"
+    DROPPED = "dropped"  # backend 429/503/timeout: a congestion signal
+    IGNORED = "ignored"  # client went away, or an error that says nothing about load
+
+
+class Admit(NamedTuple):
+    """Send the request to a backend now; end `ticket` when the call ends."""
+
+    request: Request
+    ticket: Ticket
+    queued_s: float
+
+
+class Queued(NamedTuple):
+    """The request waits in its tier's queue; a later `Admit` or `Shed` will follow."""
+
+    request: Request
+
+
+class Shed(NamedTuple):
+    """The request could not be admitted; the service walks the tier's shed ladder."""
+
+    request: Request
+    reason: ShedReason
+    queued_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """A refusal the caller should retry after `retry_after_s` (quota, overload)."""
+
+    reason: str
+    retry_after_s: float
+    detail: dict[str, float] = field(default_factory=dict)
+
+
+Decision = Admit | Queued | Shed

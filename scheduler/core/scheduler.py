@@ -1,0 +1,193 @@
+"""The scheduling core: the fair queue, the gate and the controller behind one sans-IO object.
+
+One driver owns it (the service's dispatcher task, or the simulator's event loop) and calls,
+always with the current time: `submit` for each arrival, `poll` to admit what the gate allows,
+`expire` at `next_deadline()`, `finish` when a backend call ends, and `tick` every
+`tick_s` of the controller. Each returns decisions; nothing here waits or does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scheduler.core.controller import Controller, ControllerStats, Sample
+from scheduler.core.gate import Gate, GateConfig, GateStats, Ticket
+from scheduler.core.request import Admit, Decision, Outcome, Queued, Request, Shed, ShedReason
+from scheduler.core.wfq import Entry, QueueStats, TierConfig, WeightedFairQueue
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    tiers: tuple[TierConfig, ...]
+    gate: GateConfig = field(default_factory=GateConfig)
+
+
+@dataclass(slots=True)
+class _TierCounts:
+    submitted: int = 0
+    admitted: int = 0
+    admitted_after_queue: int = 0
+    bypassed: int = 0
+    shed: dict[ShedReason, int] = field(default_factory=lambda: dict.fromkeys(ShedReason, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class TierCounts:
+    name: str
+    depth: int
+    submitted: int
+    admitted: int
+    admitted_after_queue: int
+    bypassed: int
+    shed: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    tiers: tuple[TierCounts, ...]
+    queue: QueueStats
+    gate: GateStats
+    controller: ControllerStats
+    draining: bool
+
+
+class Scheduler:
+    """Weighted fair queue + gate + controller, driven with explicit `now`."""
+
+    def __init__(self, config: SchedulerConfig, controller: Controller, *, now: float) -> None:
+        self._queue = WeightedFairQueue(list(config.tiers))
+        self._controller = controller
+        self._gate = Gate(config.gate, limit=controller.limit, now=now)
+        self._entries: dict[int, Entry] = {}
+        self._counts = {t.name: _TierCounts() for t in config.tiers}
+        self._draining = False
+
+    @property
+    def controller(self) -> Controller:
+        return self._controller
+
+    @property
+    def gate(self) -> Gate:
+        return self._gate
+
+    @property
+    def depth(self) -> int:
+        return self._queue.depth
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def tier(self, name: str) -> TierConfig:
+        return self._queue.tier(name)
+
+    def submit(self, request: Request, *, now: float) -> Decision:
+        """Admit at once, queue, or shed (queue full, congestion, draining)."""
+        tier = self._queue.tier(request.tier)
+        counts = self._counts[request.tier]
+        counts.submitted += 1
+        if self._draining:
+            return self._shed(request, ShedReason.DRAINING, counts)
+        if self._queue.depth == 0:
+            ticket = self._gate.admit(request, now=now)
+            if ticket is not None:
+                counts.admitted += 1
+                return Admit(request, ticket, 0.0)
+        if tier.shed_on_overload and self._controller.congested:
+            return self._shed(request, ShedReason.OVERLOAD, counts)
+        entry = self._queue.push(request, now=now)
+        if entry is None:
+            return self._shed(request, ShedReason.QUEUE_FULL, counts)
+        self._entries[request.id] = entry
+        return Queued(request)
+
+    def _shed(self, request: Request, reason: ShedReason, counts: _TierCounts) -> Shed:
+        counts.shed[reason] += 1
+        return Shed(request, reason)
+
+    def submit_bypass(self, request: Request, *, now: float) -> Admit:
+        """Admit outside the queue and the limit (bypass keys); still counted in flight."""
+        self._counts[request.tier].bypassed += 1
+        return Admit(request, self._gate.admit_bypass(request, now=now), 0.0)
+
+    def cancel(self, request_id: int) -> bool:
+        """Take a queued request out (its caller went away); False if it is not queued."""
+        entry = self._entries.pop(request_id, None)
+        return entry is not None and self._queue.cancel(entry)
+
+    def poll(self, *, now: float) -> list[Admit]:
+        """Admit queued requests in fair order while the gate allows."""
+        admitted: list[Admit] = []
+        queue, gate = self._queue, self._gate
+        while queue.depth and gate.can_admit(now=now):
+            entry = queue.pop()
+            if entry is None:
+                break
+            request = entry.request
+            del self._entries[request.id]
+            ticket = gate.admit(request, now=now)
+            assert ticket is not None
+            counts = self._counts[request.tier]
+            counts.admitted += 1
+            counts.admitted_after_queue += 1
+            admitted.append(Admit(request, ticket, now - request.arrival_at))
+        return admitted
+
+    def expire(self, *, now: float) -> list[Shed]:
+        """Shed every queued request whose deadline has come."""
+        shed: list[Shed] = []
+        for entry in self._queue.expire(now=now):
+            request = entry.request
+            del self._entries[request.id]
+            self._counts[request.tier].shed[ShedReason.DEADLINE] += 1
+            shed.append(Shed(request, ShedReason.DEADLINE, now - request.arrival_at))
+        return shed
+
+    def next_deadline(self, *, now: float) -> float:
+        """When the driver must call again: the next expiry, or when the gate refills."""
+        due = self._queue.next_deadline()
+        if self._queue.depth:
+            due = min(due, self._gate.ready_at(now=now))
+        return due
+
+    def finish(self, ticket: Ticket, sample: Sample) -> None:
+        """End an admitted request; its sample feeds the controller."""
+        self._gate.release(ticket, sample.outcome)
+        self._controller.record(sample)
+
+    def ignore(self, ticket: Ticket) -> None:
+        """End an admitted request that says nothing about load (client gone, bad request)."""
+        self._gate.release(ticket, Outcome.IGNORED)
+
+    def tick(self, *, now: float, pressure: float = 0.0) -> float:
+        """Let the controller look at the last interval and set the gate's new limit."""
+        utilization = self._gate.take_utilization(now=now)
+        limit = self._controller.tick(now=now, utilization=utilization, pressure=pressure)
+        self._gate.set_limit(limit, now=now)
+        return limit
+
+    def drain(self) -> None:
+        """Refuse new arrivals from now on; queued requests still leave by admission or expiry."""
+        self._draining = True
+
+    def statistics(self) -> SchedulerStats:
+        queue = self._queue.statistics()
+        depths = {t.name: t.depth for t in queue.tiers}
+        return SchedulerStats(
+            tiers=tuple(
+                TierCounts(
+                    name=name,
+                    depth=depths[name],
+                    submitted=c.submitted,
+                    admitted=c.admitted,
+                    admitted_after_queue=c.admitted_after_queue,
+                    bypassed=c.bypassed,
+                    shed={r.value: n for r, n in c.shed.items()},
+                )
+                for name, c in self._counts.items()
+            ),
+            queue=queue,
+            gate=self._gate.statistics(),
+            controller=self._controller.statistics(),
+            draining=self._draining,
+        )

@@ -1,0 +1,297 @@
+"""A two-level weighted fair queue: tiers share by weight, keys inside a tier share equally.
+
+Why this design: both levels are start-time fair queuing (SFQ). Each flow (a tier at the
+root, a key inside its tier) carries a virtual start tag; the flow with the smallest tag is
+served next and its tag then advances by `cost / weight`. SFQ needs no knowledge of the next
+request's cost to choose, keeps a flow that comes back from idle from claiming credit for the
+time it was away (its tag restarts at the current virtual time), and costs O(log flows) per
+operation. A flow's last finish tag is remembered while it is still ahead of the virtual time,
+so a key that empties and refills at once cannot jump the line; stale tags are swept in bulk.
+
+Expiry: a request's deadline is the earlier of its own and arrival plus the tier's maximum
+wait. Deadlines from the tier's wait are in arrival order, so each tier keeps a FIFO of them
+and only earlier, caller-set deadlines go on a heap. Cancel is O(1): the entry is marked and
+skipped wherever it is met later (lazy deletion).
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import itertools
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from scheduler.core.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class TierConfig:
+    """One tier's share and bounds. `shed_on_overload` tiers are shed at once while the
+    controller reports congestion instead of waiting in the queue."""
+
+    name: str
+    weight: float
+    max_wait_s: float
+    max_depth: int
+    shed_on_overload: bool = False
+
+    def __post_init__(self) -> None:
+        where = f"tiers.{self.name or '?'}"
+        if not self.name:
+            raise ValueError("tiers: a tier needs a non-empty name")
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ValueError(f"{where}.weight must be a positive number, got {self.weight}")
+        if not self.max_wait_s > 0:
+            raise ValueError(f"{where}.max_wait_s must be > 0, got {self.max_wait_s}")
+        if self.max_depth < 1:
+            raise ValueError(f"{where}.max_depth must be >= 1, got {self.max_depth}")
+
+
+class EntryState(enum.Enum):
+    QUEUED = "queued"
+    ADMITTED = "admitted"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+class Entry:
+    """A queued request and its place in the queue; the handle for `cancel`."""
+
+    __slots__ = ("deadline_at", "request", "state")
+
+    def __init__(self, request: Request, deadline_at: float) -> None:
+        self.request = request
+        self.deadline_at = deadline_at
+        self.state = EntryState.QUEUED
+
+
+class _KeyFlow:
+    __slots__ = ("entries", "key_id", "start")
+
+    def __init__(self, key_id: str, start: float) -> None:
+        self.key_id = key_id
+        self.start = start
+        self.entries: deque[Entry] = deque()
+
+
+class _Tier:
+    __slots__ = (
+        "active",
+        "config",
+        "depth",
+        "fifo",
+        "finish",
+        "flows",
+        "heap",
+        "key_finish",
+        "start",
+        "sweep_at_size",
+        "vtime",
+    )
+
+    def __init__(self, config: TierConfig) -> None:
+        self.config = config
+        self.depth = 0  # live (queued) entries
+        self.active = False  # present in the root heap
+        self.start = 0.0  # root-level start tag while active
+        self.finish = 0.0  # root-level finish tag of the last service
+        self.vtime = 0.0  # virtual time among this tier's keys
+        self.flows: dict[str, _KeyFlow] = {}  # keys with entries (live or lazily dead)
+        self.heap: list[tuple[float, int, _KeyFlow]] = []
+        self.key_finish: dict[str, float] = {}  # idle keys still ahead of vtime
+        self.sweep_at_size = 1024
+        self.fifo: deque[Entry] = deque()  # entries whose deadline is arrival + max_wait
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    name: str
+    depth: int
+    active_keys: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    depth: int
+    tiers: tuple[TierStats, ...]
+
+
+class WeightedFairQueue:
+    """Hierarchical weighted fair queue over tiers and keys. Not thread-safe: one task owns it."""
+
+    def __init__(self, tiers: list[TierConfig]) -> None:
+        if not tiers:
+            raise ValueError("tiers: at least one tier is required")
+        self._tiers: dict[str, _Tier] = {}
+        for config in tiers:
+            if config.name in self._tiers:
+                raise ValueError(f"tiers.{config.name}: duplicate tier name")
+            self._tiers[config.name] = _Tier(config)
+        self._root: list[tuple[float, int, _Tier]] = []
+        self._vtime = 0.0
+        self._seq = itertools.count()
+        self._early: list[tuple[float, int, Entry]] = []  # caller deadlines before the tier's
+        self._depth = 0
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    def tier(self, name: str) -> TierConfig:
+        """The config of tier `name`; `KeyError` names an unknown tier."""
+        try:
+            return self._tiers[name].config
+        except KeyError:
+            raise KeyError(f"unknown tier {name!r}") from None
+
+    def tier_depth(self, name: str) -> int:
+        return self._tiers[name].depth
+
+    def is_full(self, tier: str) -> bool:
+        t = self._tiers[tier]
+        return t.depth >= t.config.max_depth
+
+    def push(self, request: Request, *, now: float) -> Entry | None:
+        """Queue `request`; None when its tier is at maximum depth."""
+        tier = self._tiers.get(request.tier)
+        if tier is None:
+            raise KeyError(f"unknown tier {request.tier!r}")
+        if not request.cost > 0:
+            raise ValueError(f"request.cost must be > 0, got {request.cost}")
+        if tier.depth >= tier.config.max_depth:
+            return None
+        tier_deadline = request.arrival_at + tier.config.max_wait_s
+        entry = Entry(request, min(request.deadline_at, tier_deadline))
+        if request.deadline_at < tier_deadline:
+            heapq.heappush(self._early, (entry.deadline_at, next(self._seq), entry))
+        else:
+            tier.fifo.append(entry)
+        flow = tier.flows.get(request.key_id)
+        if flow is None:
+            start = max(tier.vtime, tier.key_finish.pop(request.key_id, tier.vtime))
+            flow = _KeyFlow(request.key_id, start)
+            tier.flows[request.key_id] = flow
+            heapq.heappush(tier.heap, (start, next(self._seq), flow))
+        flow.entries.append(entry)
+        tier.depth += 1
+        self._depth += 1
+        if not tier.active:
+            tier.active = True
+            tier.start = max(self._vtime, tier.finish)
+            heapq.heappush(self._root, (tier.start, next(self._seq), tier))
+        return entry
+
+    def cancel(self, entry: Entry) -> bool:
+        """Take a queued entry out (O(1)); False if it already left the queue."""
+        if entry.state is not EntryState.QUEUED:
+            return False
+        entry.state = EntryState.CANCELLED
+        self._forget(entry)
+        return True
+
+    def pop(self) -> Entry | None:
+        """The next entry in fair order, marked admitted; None when the queue is empty."""
+        while self._root:
+            _, _, tier = self._root[0]
+            entry = self._pop_from_tier(tier)
+            if entry is None:  # only dead entries were left in this tier
+                heapq.heappop(self._root)
+                tier.active = False
+                continue
+            cost = entry.request.cost
+            self._vtime = tier.start
+            tier.finish = tier.start + cost / tier.config.weight
+            entry.state = EntryState.ADMITTED
+            self._forget(entry)
+            if tier.depth > 0:
+                tier.start = tier.finish
+                heapq.heapreplace(self._root, (tier.start, next(self._seq), tier))
+            else:
+                heapq.heappop(self._root)
+                tier.active = False
+            return entry
+        return None
+
+    def _pop_from_tier(self, tier: _Tier) -> Entry | None:
+        heap = tier.heap
+        while heap:
+            start, _, flow = heap[0]
+            entries = flow.entries
+            while entries and entries[0].state is not EntryState.QUEUED:
+                entries.popleft()
+            if not entries:
+                heapq.heappop(heap)
+                self._retire(tier, flow, start)
+                continue
+            entry = entries.popleft()
+            tier.vtime = start
+            finish = start + entry.request.cost
+            while entries and entries[0].state is not EntryState.QUEUED:
+                entries.popleft()
+            if entries:
+                flow.start = finish
+                heapq.heapreplace(heap, (finish, next(self._seq), flow))
+            else:
+                heapq.heappop(heap)
+                self._retire(tier, flow, finish)
+            return entry
+        return None
+
+    def _retire(self, tier: _Tier, flow: _KeyFlow, finish: float) -> None:
+        del tier.flows[flow.key_id]
+        if finish > tier.vtime:
+            tier.key_finish[flow.key_id] = finish
+            if len(tier.key_finish) >= tier.sweep_at_size:
+                vtime = tier.vtime
+                tier.key_finish = {k: f for k, f in tier.key_finish.items() if f > vtime}
+                tier.sweep_at_size = max(1024, 2 * len(tier.key_finish))
+
+    def _forget(self, entry: Entry) -> None:
+        tier = self._tiers[entry.request.tier]
+        tier.depth -= 1
+        self._depth -= 1
+
+    def next_deadline(self) -> float:
+        """When the earliest queued request expires (`math.inf` when none)."""
+        best = math.inf
+        for tier in self._tiers.values():
+            fifo = tier.fifo
+            while fifo and fifo[0].state is not EntryState.QUEUED:
+                fifo.popleft()
+            if fifo and fifo[0].deadline_at < best:
+                best = fifo[0].deadline_at
+        early = self._early
+        while early and early[0][2].state is not EntryState.QUEUED:
+            heapq.heappop(early)
+        if early and early[0][0] < best:
+            best = early[0][0]
+        return best
+
+    def expire(self, *, now: float) -> list[Entry]:
+        """Remove and return every queued entry whose deadline is at or before `now`."""
+        expired: list[Entry] = []
+        for tier in self._tiers.values():
+            fifo = tier.fifo
+            while fifo and (fifo[0].state is not EntryState.QUEUED or fifo[0].deadline_at <= now):
+                entry = fifo.popleft()
+                if entry.state is EntryState.QUEUED:
+                    self._expire(entry, expired)
+        early = self._early
+        while early and (early[0][2].state is not EntryState.QUEUED or early[0][0] <= now):
+            entry = heapq.heappop(early)[2]
+            if entry.state is EntryState.QUEUED:
+                self._expire(entry, expired)
+        return expired
+
+    def _expire(self, entry: Entry, into: list[Entry]) -> None:
+        entry.state = EntryState.EXPIRED
+        self._forget(entry)
+        into.append(entry)
+
+    def statistics(self) -> QueueStats:
+        return QueueStats(
+            depth=self._depth,
+            tiers=tuple(TierStats(name, t.depth, len(t.flows)) for name, t in self._tiers.items()),
+        )
