@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.core import Request, TierConfig, WeightedFairQueue
+from scheduler.core.wfq import Entry
 
 ids = itertools.count()
 
@@ -47,11 +48,11 @@ def test_tiers_share_service_by_weight_within_5_percent(
     # Enough service that the SFQ lag bound (one max-cost request per flow) is < 5% of a share.
     goal = 50 * max(costs) * sum(weights) / min(weights)
     queue = backlogged_queue(weights, keys=3, costs=costs, goal=goal)
-    served: Counter[str] = Counter()
+    served: Counter[str] = Counter()  # cost units
     while sum(served.values()) < goal:
         entry = queue.pop()
         assert entry is not None
-        served[entry.request.tier] += entry.request.cost
+        served[entry.request.tier] += int(entry.request.cost)
     total = sum(served.values())
     for i, w in enumerate(weights):
         expected = w / sum(weights)
@@ -63,11 +64,11 @@ def test_tiers_share_service_by_weight_within_5_percent(
 def test_keys_in_a_tier_share_equally_within_5_percent(keys: int, costs: list[int]) -> None:
     goal = 50 * max(costs) * keys
     queue = backlogged_queue([1], keys=keys, costs=costs, goal=goal)
-    served: Counter[str] = Counter()
+    served: Counter[str] = Counter()  # cost units
     while sum(served.values()) < goal:
         entry = queue.pop()
         assert entry is not None
-        served[entry.request.key_id] += entry.request.cost
+        served[entry.request.key_id] += int(entry.request.cost)
     total = sum(served.values())
     for k in range(keys):
         assert abs(served[f"k{k}"] / total - 1 / keys) <= 0.05 / keys
@@ -121,7 +122,7 @@ def test_a_key_that_refills_at_once_cannot_jump_the_line() -> None:
     queue = WeightedFairQueue([TierConfig("pro", 1, max_wait_s=60, max_depth=10_000)])
     for _ in range(30):
         queue.push(req("pro", "backlog"), now=0)
-    served: Counter[str] = Counter()
+    served: Counter[str] = Counter()  # cost units
     for _ in range(20):
         queue.push(req("pro", "oneatatime", cost=1), now=0)
         entry = queue.pop()
@@ -169,7 +170,7 @@ def test_expired_requests_leave_at_their_deadline(
     )
     now = 0.0
     expected: dict[int, float] = {}
-    events = []
+    events: list[tuple[float, Entry]] = []
     for gap, tier, timeout in arrivals:
         due = queue.next_deadline()
         while due <= now + gap:

@@ -1,0 +1,263 @@
+"""A pure model of a GPU inference server with continuous batching.
+
+Why a model and not a sleep: the demo backend and the simulator must behave alike, so the
+latency and capacity rules live here once, as sans-IO code told the time.
+
+The rules, close to what vLLM does:
+- at most `max_batch` sequences run at once, and only while their KV cache (prompt plus
+  output tokens) fits in `kv_capacity_tokens`; others wait in FIFO order, and beyond
+  `max_waiting` a new request is refused (the server's 503);
+- every running sequence advances one token per decode step, and a step takes
+  `decode_base_s + decode_per_seq_s * running` seconds: more concurrent sequences, slower
+  tokens for each, more tokens in total;
+- the prompt is prefilled in the same steps, at `prefill_tokens_per_step` prompt tokens per
+  step, before the first output token.
+
+Since all running sequences advance at the same rate, the model keeps one "step counter"
+that grows at 1 / step_time(running) per second; a sequence's first token and end are fixed
+points on that counter, kept in heaps (the processor-sharing trick): O(log n) per event.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class GpuConfig:
+    max_batch: int = 32
+    kv_capacity_tokens: int = 65_536
+    max_waiting: int = 256
+    decode_base_s: float = 0.010
+    decode_per_seq_s: float = 0.001
+    prefill_tokens_per_step: float = 512.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "kv_capacity_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"backend.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_waiting < 0:
+            raise ValueError(f"backend.max_waiting must be >= 0, got {self.max_waiting}")
+        for name in ("decode_base_s", "decode_per_seq_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"backend.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.prefill_tokens_per_step > 0:
+            raise ValueError(
+                f"backend.prefill_tokens_per_step must be > 0, got {self.prefill_tokens_per_step}"
+            )
+
+    def step_s(self, running: int) -> float:
+        """Seconds per decode step with `running` sequences in the batch."""
+        return self.decode_base_s + self.decode_per_seq_s * running
+
+    def capacity_rps(self, output_tokens: float, prompt_tokens: float = 0.0) -> float:
+        """Requests per second at a full batch, for planning and tests."""
+        steps = output_tokens + prompt_tokens / self.prefill_tokens_per_step
+        step_s = self.step_s(self.max_batch)
+        return math.inf if step_s == 0 else self.max_batch / (steps * step_s)
+
+
+class Sequence:
+    """One request inside the model. Times are set when they become known."""
+
+    __slots__ = (
+        "done_step",
+        "finished_at",
+        "first_step",
+        "first_token_at",
+        "id",
+        "kv_tokens",
+        "output_tokens",
+        "prompt_tokens",
+        "start_step",
+        "started_at",
+        "submitted_at",
+    )
+
+    def __init__(self, seq_id: int, prompt_tokens: int, output_tokens: int, now: float) -> None:
+        self.id = seq_id
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = output_tokens
+        self.kv_tokens = prompt_tokens + output_tokens
+        self.submitted_at = now
+        self.started_at = math.nan
+        self.first_token_at = math.nan
+        self.finished_at = math.nan
+        self.start_step = math.nan
+        self.first_step = math.nan
+        self.done_step = math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class GpuStats:
+    running: int
+    waiting: int
+    kv_used_tokens: int
+    kv_usage: float  # 0..1, vLLM's kv_cache_usage_perc
+    step_s: float
+    started: int
+    finished: int
+    refused: int
+
+
+class GpuModel:
+    """Continuous batching in virtual or real time: `submit`, then `advance(now)` to learn
+    what started, produced its first token, or finished."""
+
+    def __init__(self, config: GpuConfig, *, now: float = 0.0) -> None:
+        self.config = config
+        self._now = now
+        self._step = 0.0  # the step counter, at time self._now
+        self._running: dict[int, Sequence] = {}
+        self._waiting: deque[Sequence] = deque()
+        self._firsts: list[tuple[float, int, Sequence]] = []
+        self._ends: list[tuple[float, int, Sequence]] = []
+        self._kv_used = 0
+        self._started = self._finished = self._refused = 0
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(
+        self, seq_id: int, prompt_tokens: int, output_tokens: int, *, now: float
+    ) -> Sequence | None:
+        """Accept a request (it runs or waits), or None when the waiting room is full or the
+        request could never fit in the KV cache."""
+        self.advance(now)
+        seq = Sequence(seq_id, max(0, prompt_tokens), max(1, output_tokens), now)
+        if seq.kv_tokens > self.config.kv_capacity_tokens or (
+            len(self._waiting) >= self.config.max_waiting and (self._waiting or not self._fits(seq))
+        ):
+            self._refused += 1
+            return None
+        self._waiting.append(seq)
+        self._start_waiting()
+        return seq
+
+    def cancel(self, seq: Sequence, *, now: float) -> None:
+        """The client went away: free its slot (a no-op if it already finished)."""
+        self.advance(now)
+        if seq.id in self._running:
+            del self._running[seq.id]
+            self._kv_used -= seq.kv_tokens
+            seq.done_step = -math.inf  # its heap entries are now dead
+            seq.finished_at = now
+            self._start_waiting()
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+            seq.finished_at = now
+
+    def reconfigure(self, config: GpuConfig, *, now: float) -> None:
+        """Change the rules from `now` on. Tokens already produced keep their times; running
+        sequences are never evicted (a smaller batch or cache only stops new starts), and a
+        larger one starts waiting sequences at once."""
+        self.advance(now)
+        self.config = config
+        self._start_waiting()
+
+    def _fits(self, seq: Sequence) -> bool:
+        return (
+            len(self._running) < self.config.max_batch
+            and self._kv_used + seq.kv_tokens <= self.config.kv_capacity_tokens
+        )
+
+    def _start_waiting(self) -> None:
+        while self._waiting and self._fits(self._waiting[0]):
+            seq = self._waiting.popleft()
+            seq.started_at = self._now
+            seq.start_step = self._step
+            seq.first_step = (
+                self._step + seq.prompt_tokens / self.config.prefill_tokens_per_step + 1
+            )
+            seq.done_step = seq.first_step + seq.output_tokens - 1
+            self._running[seq.id] = seq
+            self._kv_used += seq.kv_tokens
+            self._started += 1
+            heapq.heappush(self._firsts, (seq.first_step, seq.id, seq))
+            heapq.heappush(self._ends, (seq.done_step, seq.id, seq))
+
+    def step_at(self, now: float) -> float:
+        """The step counter at `now` if nothing starts or ends before then."""
+        step_s = self.config.step_s(len(self._running))
+        if not self._running or step_s == 0:
+            return math.inf if self._running else self._step
+        return self._step + (now - self._now) / step_s
+
+    def time_of_step(self, step: float) -> float:
+        """When the counter reaches `step` at the current batch size."""
+        if step <= self._step:
+            return self._now
+        step_s = self.config.step_s(len(self._running))
+        return self._now + (step - self._step) * step_s
+
+    def next_event_at(self) -> float:
+        """When the next first token or completion is due (`math.inf` when idle)."""
+        self._drop_dead()
+        due = [h[0][0] for h in (self._firsts, self._ends) if h]
+        return self.time_of_step(min(due)) if due else math.inf
+
+    def _drop_dead(self) -> None:
+        for heap in (self._firsts, self._ends):
+            while heap and heap[0][2].id not in self._running:
+                heapq.heappop(heap)
+
+    def advance(self, now: float) -> list[Sequence]:
+        """Move to `now`; returns the sequences that finished, in order. First-token times
+        are filled in on the sequences as they pass."""
+        finished: list[Sequence] = []
+        while True:
+            self._drop_dead()
+            due = [h[0][0] for h in (self._firsts, self._ends) if h]
+            if not due or self.time_of_step(min(due)) > now:
+                break
+            step = min(due)
+            self._now = self.time_of_step(step)
+            self._step = step
+            if self._firsts and self._firsts[0][0] == step:
+                seq = heapq.heappop(self._firsts)[2]
+                seq.first_token_at = self._now
+            else:
+                seq = heapq.heappop(self._ends)[2]
+                seq.finished_at = self._now
+                del self._running[seq.id]
+                self._kv_used -= seq.kv_tokens
+                self._finished += 1
+                finished.append(seq)
+                self._start_waiting()
+        if now > self._now:
+            self._step = self.step_at(now) if self._running else self._step
+            self._now = now
+        return finished
+
+    def tokens_done(self, seq: Sequence, *, now: float) -> int:
+        """Output tokens `seq` has produced by `now` (after `advance(now)`)."""
+        if not math.isnan(seq.finished_at):
+            return seq.output_tokens
+        if math.isnan(seq.start_step):
+            return 0
+        step = self.step_at(now)
+        return max(0, min(seq.output_tokens, math.floor(step - seq.first_step) + 1))
+
+    def token_at(self, seq: Sequence, k: int) -> float:
+        """When output token k (1-based) of a running `seq` is due at the current batch size."""
+        return self.time_of_step(seq.first_step + k - 1)
+
+    def statistics(self) -> GpuStats:
+        return GpuStats(
+            running=len(self._running),
+            waiting=len(self._waiting),
+            kv_used_tokens=self._kv_used,
+            kv_usage=self._kv_used / self.config.kv_capacity_tokens,
+            step_s=self.config.step_s(len(self._running)),
+            started=self._started,
+            finished=self._finished,
+            refused=self._refused,
+        )

@@ -1,0 +1,85 @@
+"""The GPU model: batch slowdown, KV-cache admission, waiting room, cancel."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from backends.gpu_model import GpuConfig, GpuModel
+
+
+def test_one_sequence_timing() -> None:
+    cfg = GpuConfig(decode_base_s=0.01, decode_per_seq_s=0.0, prefill_tokens_per_step=100)
+    gpu = GpuModel(cfg)
+    seq = gpu.submit(1, prompt_tokens=200, output_tokens=10, now=0.0)
+    assert seq is not None
+    assert gpu.next_event_at() == pytest.approx(0.03)  # 2 prefill steps + the first token
+    assert gpu.advance(0.029) == []
+    assert math.isnan(seq.first_token_at)
+    assert gpu.advance(0.2) == [seq]
+    assert seq.first_token_at == pytest.approx(0.03)
+    assert seq.finished_at == pytest.approx(0.12)
+
+
+def test_more_sequences_make_each_token_slower_but_more_in_total() -> None:
+    cfg = GpuConfig(decode_base_s=0.01, decode_per_seq_s=0.01)
+    alone = GpuModel(cfg)
+    assert alone.submit(1, 0, 100, now=0) is not None
+    (done,) = alone.advance(100)
+    crowd = GpuModel(cfg)
+    for i in range(4):
+        crowd.submit(i, 0, 100, now=0)
+    finished = crowd.advance(100)
+    assert len(finished) == 4
+    assert finished[0].finished_at > done.finished_at
+    assert finished[-1].finished_at < 4 * done.finished_at
+
+
+def test_batch_and_kv_limits_make_requests_wait_then_refuse() -> None:
+    cfg = GpuConfig(max_batch=2, kv_capacity_tokens=1000, max_waiting=1, decode_per_seq_s=0)
+    gpu = GpuModel(cfg)
+    a = gpu.submit(1, 0, 400, now=0)
+    b = gpu.submit(2, 0, 400, now=0)
+    c = gpu.submit(3, 0, 100, now=0)
+    assert a and b and c
+    assert (gpu.running, gpu.waiting) == (2, 1)
+    assert gpu.submit(4, 0, 10, now=0) is None  # waiting room full
+    assert gpu.submit(5, 2000, 10, now=0) is None  # never fits the KV cache
+    finished = gpu.advance(100)
+    assert [s.id for s in finished] == [1, 2, 3]
+    assert c.started_at == pytest.approx(a.finished_at)
+    assert gpu.statistics().refused == 2
+
+
+def test_cancel_frees_the_slot_for_the_next() -> None:
+    gpu = GpuModel(GpuConfig(max_batch=1, decode_per_seq_s=0))
+    a = gpu.submit(1, 0, 1000, now=0)
+    b = gpu.submit(2, 0, 10, now=0)
+    assert a and b
+    gpu.cancel(a, now=1.0)
+    assert b.started_at == 1.0
+    assert gpu.advance(100) == [b]
+    assert gpu.statistics().kv_used_tokens == 0
+
+
+def test_tokens_stream_on_schedule() -> None:
+    gpu = GpuModel(GpuConfig(decode_base_s=0.01, decode_per_seq_s=0))
+    seq = gpu.submit(1, 0, 10, now=0)
+    assert seq is not None
+    assert gpu.token_at(seq, 5) == pytest.approx(0.05)
+    gpu.advance(0.055)
+    assert gpu.tokens_done(seq, now=0.055) == 5
+
+
+def test_zero_decode_time_finishes_at_once() -> None:
+    gpu = GpuModel(GpuConfig(decode_base_s=0, decode_per_seq_s=0))
+    seq = gpu.submit(1, 10, 50, now=3.0)
+    assert seq is not None
+    assert gpu.advance(3.0) == [seq]
+    assert seq.finished_at == 3.0
+
+
+def test_bad_config_names_the_field() -> None:
+    with pytest.raises(ValueError, match=r"backend\.max_batch"):
+        GpuConfig(max_batch=0)
