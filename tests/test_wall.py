@@ -11,7 +11,15 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = ["policies", "scheduler/core", "backends/gpu_model.py", "sim/engine"]
+PURE = [
+    "policies",
+    "scheduler/core",
+    "backends/gpu_model.py",
+    "backends/pressure_model.py",
+    "backends/pressure_metrics.py",
+    "backends/pressure_config.py",
+    "sim/engine",
+]
 FORBIDDEN = {
     "time",
     "trio",

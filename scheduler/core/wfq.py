@@ -5,8 +5,10 @@ root, a key inside its tier) carries a virtual start tag; the flow with the smal
 served next and its tag then advances by `cost / weight`. SFQ needs no knowledge of the next
 request's cost to choose, keeps a flow that comes back from idle from claiming credit for the
 time it was away (its tag restarts at the current virtual time), and costs O(log flows) per
-operation. A flow's last finish tag is remembered while it is still ahead of the virtual time,
-so a key that empties and refills at once cannot jump the line; stale tags are swept in bulk.
+operation. Tiers whose tags tie go heaviest first, so a burst into idle tiers serves the
+higher tier first. A flow's last finish tag is remembered while it is still ahead of the
+virtual time, so a key that empties and refills at once cannot jump the line; stale tags are
+swept in bulk.
 
 Expiry: a request's deadline is the earlier of its own and arrival plus the tier's maximum
 wait. Deadlines from the tier's wait are in arrival order, so each tier keeps a FIFO of them
@@ -129,7 +131,7 @@ class WeightedFairQueue:
             if config.name in self._tiers:
                 raise ValueError(f"tiers.{config.name}: duplicate tier name")
             self._tiers[config.name] = _Tier(config)
-        self._root: list[tuple[float, int, _Tier]] = []
+        self._root: list[tuple[float, float, int, _Tier]] = []  # (start, -weight, seq, tier)
         self._vtime = 0.0
         self._seq = itertools.count()
         self._early: list[tuple[float, int, Entry]] = []  # caller deadlines before the tier's
@@ -180,7 +182,7 @@ class WeightedFairQueue:
         if not tier.active:
             tier.active = True
             tier.start = max(self._vtime, tier.finish)
-            heapq.heappush(self._root, (tier.start, next(self._seq), tier))
+            heapq.heappush(self._root, (tier.start, -tier.config.weight, next(self._seq), tier))
         return entry
 
     def cancel(self, entry: Entry) -> bool:
@@ -194,7 +196,7 @@ class WeightedFairQueue:
     def pop(self) -> Entry | None:
         """The next entry in fair order, marked admitted; None when the queue is empty."""
         while self._root:
-            _, _, tier = self._root[0]
+            tier = self._root[0][3]
             entry = self._pop_from_tier(tier)
             if entry is None:  # only dead entries were left in this tier
                 heapq.heappop(self._root)
@@ -207,7 +209,9 @@ class WeightedFairQueue:
             self._forget(entry)
             if tier.depth > 0:
                 tier.start = tier.finish
-                heapq.heapreplace(self._root, (tier.start, next(self._seq), tier))
+                heapq.heapreplace(
+                    self._root, (tier.start, -tier.config.weight, next(self._seq), tier)
+                )
             else:
                 heapq.heappop(self._root)
                 tier.active = False

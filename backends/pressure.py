@@ -1,0 +1,232 @@
+"""GPU-pressure probes: scrape each backend's Prometheus `/metrics`, keep its pressure.
+
+    MetricsProbe    one backend: `scrape_once(now)`, `run()` (a loop for the service nursery)
+    PoolPressure    several probes (metrics or NVML) aggregated into the controller's pressure
+    ProbeConfig     per backend (backends.pressure_config, buildable from TOML)
+
+What the numbers mean lives in the pure `backends.pressure_model` (signals, saturation points,
+staleness) and `backends.pressure_metrics` (vLLM, Triton and DCGM names); this module only
+fetches, parses and records.
+
+A failed scrape is not an exception to the caller: it is recorded (`ScrapeError`, translated
+from httpx2's exceptions here and nowhere else) and the model turns it into staleness, so the
+probe's loop never dies of an upstream's trouble. An HTTP 404 is not a failure: the server
+publishes no metrics, which the model reports as `known=False` (pressure 0, left out of the
+pool's aggregate); set `enabled = false` for such backends to skip the probe altogether.
+
+The pool's pressure is the mean over its backends by default: the controller's one limit
+covers the whole pool, and the least-busy routing in `backends.http` spreads load, so the
+mean is the share of the pool that is saturated. A backend that is down (stale, 1.0) then
+weighs 1/N instead of throttling the healthy ones to the minimum, which the max would do.
+`Aggregate.MAX` is there for pools where one hot backend must hold everyone back.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import httpx2
+import trio
+
+from backends.pressure_config import ProbeConfig, probe_config_from_mapping
+from backends.pressure_metrics import Exporter, parse_scrape
+from backends.pressure_model import (
+    PressureConfig,
+    PressureModel,
+    PressureReading,
+    Scrape,
+    Signal,
+)
+
+__all__ = [
+    "Aggregate",
+    "Exporter",
+    "MetricsProbe",
+    "ModelProbe",
+    "PoolPressure",
+    "PoolPressureStatistics",
+    "PressureConfig",
+    "PressureProbe",
+    "PressureReading",
+    "ProbeConfig",
+    "Scrape",
+    "ScrapeError",
+    "Signal",
+    "probe_config_from_mapping",
+]
+
+_ACCEPT = {"accept": "text/plain;version=0.0.4", "accept-encoding": "identity"}
+_NO_METRICS = frozenset({404, 410})
+
+
+class ScrapeError(Exception):
+    """A scrape brought no data: unreachable, timed out, an error status, or not Prometheus
+    text. Recorded by the probe, never raised out of it."""
+
+
+class PressureProbe(Protocol):
+    """What a pool needs of a probe."""
+
+    @property
+    def name(self) -> str: ...
+
+    def reading(self, now: float) -> PressureReading: ...
+
+    async def run(self, interval_s: float | None = None) -> None: ...
+
+
+class ModelProbe:
+    """The part every probe shares: a `PressureModel` fed by `_scrape`, and the loop."""
+
+    def __init__(self, name: str, pressure: PressureConfig, interval_s: float) -> None:
+        self._name = name
+        self.model = PressureModel(pressure)
+        self._interval_s = interval_s
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def _scrape(self, now: float) -> Scrape:
+        raise NotImplementedError
+
+    async def scrape_once(self, now: float) -> PressureReading:
+        """Scrape now and record the result (a failure included); the reading after it."""
+        try:
+            scrape = await self._scrape(now)
+        except ScrapeError as exc:
+            self.model.observe_failure(str(exc))
+        else:
+            self.model.observe(scrape)
+        return self.model.reading(now=now)
+
+    def pressure(self, now: float) -> float:
+        return self.model.pressure(now=now)
+
+    def reading(self, now: float) -> PressureReading:
+        return self.model.reading(now=now)
+
+    async def run(self, interval_s: float | None = None) -> None:
+        """Scrape every `interval_s` (the config's by default) until cancelled. A scrape
+        slower than the interval delays the next one rather than piling up."""
+        interval_s = self._interval_s if interval_s is None else interval_s
+        next_at = trio.current_time()
+        while True:
+            await self.scrape_once(trio.current_time())
+            next_at = max(next_at + interval_s, trio.current_time())
+            await trio.sleep_until(next_at)
+
+
+class MetricsProbe(ModelProbe):
+    """Scrapes the Prometheus `/metrics` of the backend at `url` (its base URL, as in the
+    model's backend list; `config.metrics_url` overrides where the metrics are). Its name is
+    the backend's URL unless `name` says otherwise (a second probe of the same backend)."""
+
+    def __init__(
+        self,
+        url: str,
+        client: httpx2.AsyncClient,
+        config: ProbeConfig | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        config = config or ProbeConfig()
+        super().__init__(name or url.rstrip("/"), config.pressure, config.interval_s)
+        self.config = config
+        self.metrics_url = config.url_for(url)
+        self._client = client
+
+    async def _scrape(self, now: float) -> Scrape:
+        text = await self._fetch()
+        if text is None:
+            return Scrape(at=now)  # no metrics published: known=False
+        try:
+            return parse_scrape(text, at=now, exporters=self.config.exporters)
+        except ValueError as exc:
+            raise ScrapeError(f"{self.metrics_url}: not Prometheus text ({exc})") from exc
+
+    async def _fetch(self) -> str | None:
+        """The metrics text, None on 404/410; httpx2's errors become ScrapeError here."""
+        try:
+            response = await self._client.get(
+                self.metrics_url, headers=_ACCEPT, timeout=self.config.timeout_s
+            )
+        except httpx2.TimeoutException as exc:
+            raise ScrapeError(f"{self.metrics_url}: timed out") from exc
+        except httpx2.HTTPError as exc:
+            raise ScrapeError(f"{self.metrics_url}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code in _NO_METRICS:
+            return None
+        if response.status_code != 200:
+            raise ScrapeError(f"{self.metrics_url}: HTTP {response.status_code}")
+        return response.text
+
+
+class Aggregate(enum.Enum):
+    """How a pool combines its backends' pressures."""
+
+    MEAN = "mean"
+    MAX = "max"
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPressureStatistics:
+    pressure: float  # what the controller sees
+    aggregate: Aggregate
+    backends: dict[str, PressureReading]  # by probe name (the backend's URL)
+
+
+class PoolPressure:
+    """The pressure of a pool of backends, from one probe each (or more: a vLLM probe and a
+    DCGM probe of the same machine are two probes). Backends that are fresh but show no
+    known signal are left out; with none left, the pressure is 0.0."""
+
+    def __init__(
+        self, probes: Sequence[PressureProbe], *, aggregate: Aggregate = Aggregate.MEAN
+    ) -> None:
+        names = [probe.name for probe in probes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pressure probes need distinct names, got {names}")
+        self.probes = list(probes)
+        self.aggregate = aggregate
+
+    @classmethod
+    def for_backends(
+        cls,
+        configs: Sequence[tuple[str, ProbeConfig]],
+        client: httpx2.AsyncClient,
+        *,
+        aggregate: Aggregate = Aggregate.MEAN,
+    ) -> PoolPressure:
+        """A `MetricsProbe` for each (backend URL, config) whose config is enabled."""
+        probes = [MetricsProbe(url, client, cfg) for url, cfg in configs if cfg.enabled]
+        return cls(probes, aggregate=aggregate)
+
+    def pressure(self, now: float) -> float:
+        return self._combine([probe.reading(now) for probe in self.probes])
+
+    def statistics(self, now: float | None = None) -> PoolPressureStatistics:
+        """A snapshot per backend; `now` defaults to trio's clock."""
+        now = trio.current_time() if now is None else now
+        readings = {probe.name: probe.reading(now) for probe in self.probes}
+        return PoolPressureStatistics(
+            self._combine(list(readings.values())), self.aggregate, readings
+        )
+
+    def _combine(self, readings: list[PressureReading]) -> float:
+        counted = [r.pressure for r in readings if r.known or r.stale]
+        if not counted:
+            return 0.0
+        if self.aggregate is Aggregate.MAX:
+            return max(counted)
+        return min(1.0, math.fsum(counted) / len(counted))
+
+    async def run(self) -> None:
+        """Run every probe's loop until cancelled (start it in the service nursery)."""
+        async with trio.open_nursery() as nursery:
+            for probe in self.probes:
+                nursery.start_soon(probe.run)

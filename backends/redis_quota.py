@@ -1,0 +1,337 @@
+"""The Redis quota store: one atomic script per request over a key's request and token quotas.
+
+Why this design: quotas must hold exactly across replicas, so the check and the take happen in
+one Lua script (`backends.redis_lua`, the twins of `policies`' algorithms) that sees every
+quota of the key at once: it decides on the request quota (cost 1) and the token quota (cost =
+the estimated tokens) and takes both or neither. Time is Redis `TIME` (one clock for every
+replica) unless an explicit `now` is given (the simulator and the tests); never mix the two on
+one key, their clocks differ.
+
+Key layout, with the key id in a hash tag so one request touches one Redis Cluster slot:
+
+    <prefix>:{<key_id>}:requests:<algorithm>   request quota state
+    <prefix>:{<key_id>}:tokens:<algorithm>     token quota state
+    <prefix>:{<key_id>}:credits                burst credit balance (an integer)
+
+Every key written gets its TTL in the same script: the algorithm's `ttl_s` in ms, rounded up,
+at least `min_ttl_s`; after it, the state is equivalent to an absent key.
+
+Burst credits are counted in tokens. A request that its base quotas refuse is admitted if the
+key's balance holds `max(1, token_cost)` credits; that much is spent and the base quota states
+are left untouched (the `RateDecision`s then say why the base quotas refused).
+
+Reservations: `take` reserves the estimated tokens; `settle` gives back what the response did not
+use, or takes the excess without refusing. A reservation that never settles stays taken, the
+safe direction, and is gone when the state expires (the window passes, or the GCRA's TAT).
+
+Errors, split by who is to blame:
+
+    QuotaStoreError              Redis answered with an error (a bug, or a foreign key type)
+    └── QuotaStoreUnavailable    Redis could not be reached in time: the tier's fail mode applies
+
+Over quota is not an error: it is a `QuotaDecision` with `allowed=False`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal, TypeVar, get_args
+
+import coredis
+import coredis.exceptions
+import trio
+from coredis.commands.script import Script
+
+from backends.redis_lua import ADD_CREDITS_SCRIPT, SETTLE_SCRIPT, TAKE_SCRIPT
+from policies.ratelimit import (
+    GCRA,
+    CounterState,
+    LogEntry,
+    LogState,
+    Quota,
+    RateAlgorithm,
+    RateDecision,
+    SlidingWindowCounter,
+    SlidingWindowLog,
+)
+
+AlgorithmKind = Literal["gcra", "sliding_log", "sliding_counter"]
+ALGORITHM_KINDS: tuple[AlgorithmKind, ...] = get_args(AlgorithmKind)
+Slot = Literal["requests", "tokens"]
+RedisState = float | LogState | CounterState | None
+T = TypeVar("T")
+
+_UNAVAILABLE = (
+    coredis.exceptions.ConnectionError,  # refused, reset, still loading its dataset
+    coredis.exceptions.ReadOnlyError,  # a failover in progress: we reached a replica
+    coredis.exceptions.ClusterDownError,
+    coredis.exceptions.TryAgainError,
+    TimeoutError,
+    OSError,
+)
+
+
+class QuotaStoreError(Exception):
+    """The quota store could not do what was asked (see the module docstring's tree)."""
+
+
+class QuotaStoreUnavailable(QuotaStoreError):
+    """Redis could not be reached, or did not answer within the store's timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSpec:
+    """A quota and the algorithm enforcing it, e.g. `QuotaSpec("gcra", Quota(60, 60.0))`."""
+
+    algorithm: AlgorithmKind
+    quota: Quota
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHM_KINDS:
+            raise ValueError(
+                f"quota.algorithm must be one of {', '.join(ALGORITHM_KINDS)}, "
+                f"got {self.algorithm!r}"
+            )
+        if not isinstance(self.quota, Quota):
+            raise ValueError(f"quota.quota must be a Quota, got {self.quota!r}")
+
+    def rate_algorithm(self) -> RateAlgorithm[Any]:
+        """The pure Python twin (for the fail-open local limiter and the simulator)."""
+        if self.algorithm == "gcra":
+            return GCRA(self.quota)
+        if self.algorithm == "sliding_log":
+            return SlidingWindowLog(self.quota)
+        return SlidingWindowCounter(self.quota)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaDecision:
+    """The outcome of one `take`.
+
+    - `allowed`: admitted, by the base quotas or by burst credits.
+    - `requests` / `tokens`: each base quota's decision (None when the key has no such quota).
+    - `credits_spent`: credits spent on this request (0 unless the base quotas refused).
+    - `credits_left`: the balance after this request, None when credits were not asked for.
+    - `retry_after_s`: 0 when allowed, else the longest `retry_after_s` of the refusing quotas.
+    - `decided_at`: the time the script decided at (Redis `TIME`, or the explicit `now`).
+    """
+
+    allowed: bool
+    requests: RateDecision | None
+    tokens: RateDecision | None
+    credits_spent: int
+    credits_left: int | None
+    retry_after_s: float
+    decided_at: float
+
+
+class RedisQuotaStore:
+    """Quota states and burst credits in Redis, one atomic script per call.
+
+    `redis` is a connected coredis client, entered and left by one task that outlives the store.
+    `min_ttl_s` floors every TTL written (Redis' own floor is 1 ms); keeping a state longer than
+    its `ttl_s` changes no decision. `timeout_s` bounds every call, raising
+    `QuotaStoreUnavailable` when it runs out.
+    """
+
+    def __init__(
+        self,
+        redis: coredis.Redis[Any],
+        *,
+        prefix: str = "quota",
+        min_ttl_s: float = 0.001,
+        timeout_s: float | None = None,
+    ) -> None:
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must be non-empty and hold no braces, got {prefix!r}")
+        if not math.isfinite(min_ttl_s) or min_ttl_s < 0:
+            raise ValueError(f"min_ttl_s must be a finite number >= 0, got {min_ttl_s!r}")
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 or None, got {timeout_s!r}")
+        self._redis = redis
+        self._prefix = prefix
+        self._floor_ms = max(1, math.ceil(min_ttl_s * 1000))
+        self._timeout_s = timeout_s
+        self._take: Script[Any] = redis.register_script(TAKE_SCRIPT)
+        self._settle: Script[Any] = redis.register_script(SETTLE_SCRIPT)
+        self._add_credits: Script[Any] = redis.register_script(ADD_CREDITS_SCRIPT)
+
+    def key(self, key_id: str, role: str) -> str:
+        """The Redis key of `role` ("credits", "tokens:gcra", ...) for `key_id`."""
+        if not key_id or "{" in key_id or "}" in key_id:
+            raise ValueError(f"key_id must be non-empty and hold no braces, got {key_id!r}")
+        return f"{self._prefix}:{{{key_id}}}:{role}"
+
+    def state_key(self, key_id: str, slot: Slot, spec: QuotaSpec) -> str:
+        """The Redis key holding `key_id`'s `slot` quota state under `spec`'s algorithm."""
+        return self.key(key_id, f"{slot}:{spec.algorithm}")
+
+    async def load_scripts(self) -> None:
+        """Load the scripts now (optional: a call that meets NOSCRIPT loads and retries)."""
+        for source in (TAKE_SCRIPT, SETTLE_SCRIPT, ADD_CREDITS_SCRIPT):
+            await self._call(partial(self._redis.script_load, source))
+
+    async def take(
+        self,
+        key_id: str,
+        *,
+        requests: QuotaSpec | None,
+        tokens: QuotaSpec | None,
+        token_cost: int,
+        burst_credits: bool = True,
+        now: float | None = None,
+    ) -> QuotaDecision:
+        """Check and take 1 request and `token_cost` tokens for `key_id`, both or neither.
+
+        When a base quota refuses and `burst_credits` is on, the request is admitted on
+        `max(1, token_cost)` credits if the balance holds them. `token_cost` 0 peeks the tokens.
+        """
+        _check_units(token_cost=token_cost)
+        credit_cost = max(1, token_cost) if burst_credits else 0
+        args: list[str | int] = [_now_arg(now), self._floor_ms, credit_cost]
+        args += _spec_args(requests, 1) + _spec_args(tokens, token_cost)
+        keys = [
+            self.key(key_id, f"requests:{requests.algorithm if requests else 'none'}"),
+            self.key(key_id, f"tokens:{tokens.algorithm if tokens else 'none'}"),
+            self.key(key_id, "credits"),
+        ]
+        reply: Any = await self._call(lambda: self._take(keys=keys, args=args))
+        return _parse_take(reply, credits_asked=burst_credits)
+
+    async def settle(
+        self,
+        key_id: str,
+        *,
+        tokens: QuotaSpec,
+        reserved: int,
+        actual: int,
+        paid_with_credits: bool = False,
+        now: float | None = None,
+    ) -> None:
+        """Settle a reservation of `reserved` tokens that really used `actual`.
+
+        Gives back `reserved - actual` (the algorithm's refund) or takes the excess without
+        refusing. A request admitted on credits (`paid_with_credits`, i.e. its decision's
+        `credits_spent > 0`) settles against the credit balance instead: the unused part goes
+        back to a balance that has not expired, the excess comes out of the balance first and
+        out of the token quota for what the balance cannot cover.
+        """
+        _check_units(reserved=reserved, actual=actual)
+        if reserved == actual:
+            return
+        args: list[str | int] = [_now_arg(now), self._floor_ms, *_spec_args(tokens, 0)[:4]]
+        args += [reserved - actual, 1 if paid_with_credits else 0]
+        keys = [self.state_key(key_id, "tokens", tokens), self.key(key_id, "credits")]
+        await self._call(lambda: self._settle(keys=keys, args=args))
+
+    async def add_credits(self, key_id: str, amount: int, *, ttl_s: float) -> int:
+        """Add `amount` credits (tokens) to `key_id`'s balance; return the new balance.
+
+        The balance expires `ttl_s` from now, or later if it already did.
+        """
+        _check_units(amount=amount)
+        if amount < 1:
+            raise ValueError(f"amount must be an integer >= 1, got {amount!r}")
+        if not math.isfinite(ttl_s) or ttl_s <= 0:
+            raise ValueError(f"ttl_s must be a finite number > 0, got {ttl_s!r}")
+        keys = [self.key(key_id, "credits")]
+        args = [amount, max(1, math.ceil(ttl_s * 1000))]
+        return int(await self._call(lambda: self._add_credits(keys=keys, args=args)))
+
+    async def credits(self, key_id: str) -> int:
+        """`key_id`'s burst credit balance (0 when it has none or it expired)."""
+        key = self.key(key_id, "credits")
+        value = await self._call(lambda: self._redis.get(key))
+        return 0 if value is None else int(value)
+
+    async def state(self, key_id: str, *, slot: Slot, spec: QuotaSpec) -> RedisState:
+        """The stored state, in the shape of `spec`'s Python algorithm (for tests and debugging).
+
+        An empty log reads as None, which the algorithms treat like `()`.
+        """
+        key = self.state_key(key_id, slot, spec)
+        if spec.algorithm == "gcra":
+            raw = await self._call(lambda: self._redis.get(key))
+            return None if raw is None else float(raw)
+        if spec.algorithm == "sliding_log":
+            entries = await self._call(lambda: self._redis.lrange(key, 0, -1))
+            log = tuple(LogEntry(float(at), int(cost)) for at, _, cost in map(_split, entries))
+            return log or None
+        fields: Any = await self._call(lambda: self._redis.hmget(key, ["w", "c", "p", "period"]))
+        window, current, previous, period = fields
+        if window is None or float(period) != spec.quota.period_s:
+            return None
+        return CounterState(int(window), int(current), int(previous))
+
+    async def _call(self, request: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis request; the one place where coredis' and trio's errors are translated."""
+        try:
+            if self._timeout_s is None:
+                return await request()
+            with trio.fail_after(self._timeout_s):
+                return await request()
+        except trio.TooSlowError as exc:
+            raise QuotaStoreUnavailable(f"redis did not answer within {self._timeout_s} s") from exc
+        except _UNAVAILABLE as exc:
+            raise QuotaStoreUnavailable(f"redis is unreachable: {exc}") from exc
+        except coredis.exceptions.RedisError as exc:
+            raise QuotaStoreError(f"redis refused a quota command: {exc}") from exc
+
+
+def _check_units(**units: int) -> None:
+    for name, value in units.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def _now_arg(now: float | None) -> str:
+    if now is None:
+        return ""
+    if not math.isfinite(now):
+        raise ValueError(f"now must be a finite time, got {now!r}")
+    return repr(float(now))
+
+
+def _spec_args(spec: QuotaSpec | None, cost: int) -> list[str | int]:
+    if spec is None:
+        return ["", 0, "0", 0, 0]
+    quota = spec.quota
+    return [spec.algorithm, quota.limit, repr(quota.period_s), quota.burst, cost]
+
+
+def _split(entry: bytes | str) -> tuple[str, str, str]:
+    text = entry.decode() if isinstance(entry, bytes) else entry
+    return text.partition(":")
+
+
+def _rate_decision(fields: list[Any]) -> RateDecision | None:
+    present, allowed, limit, remaining, retry_s, reset_s = fields
+    if not int(present):
+        return None
+    return RateDecision(
+        allowed=bool(int(allowed)),
+        limit=int(limit),
+        remaining=int(remaining),
+        retry_after_s=float(retry_s),
+        reset_after_s=float(reset_s),
+    )
+
+
+def _parse_take(reply: Any, *, credits_asked: bool) -> QuotaDecision:
+    values = list(reply)
+    requests = _rate_decision(values[4:10])
+    tokens = _rate_decision(values[10:16])
+    allowed = bool(int(values[0]))
+    refusals = [d.retry_after_s for d in (requests, tokens) if d is not None and not d.allowed]
+    return QuotaDecision(
+        allowed=allowed,
+        requests=requests,
+        tokens=tokens,
+        credits_spent=int(values[1]),
+        credits_left=int(values[2]) if credits_asked else None,
+        retry_after_s=0.0 if allowed or not refusals else max(refusals),
+        decided_at=float(values[3]),
+    )

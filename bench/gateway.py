@@ -1,0 +1,260 @@
+"""Throughput and added latency of the gateway against a bare passthrough, in one run.
+
+Starts, each as its own process on loopback: the demo backend with zero decode time, the
+gateway in front of it (`scheduler serve`, embedded Redis), and `bench/passthrough.py` (a
+bare quart-trio + httpx2 proxy of the same request). Then, for each target:
+1. closed loop: `--clients` connections send requests back to back for `--seconds`;
+2. open loop at half of the passthrough's closed-loop rate, to compare p50 latency.
+The load generator is a minimal trio + h11 client so that it is not the bottleneck.
+Run as `python bench/gateway.py`; the last line is the throughput ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import h11
+import httpx2
+import trio
+
+from scheduler.service.redis_embedded import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = json.dumps(
+    {"model": "demo-small", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+).encode()
+GATEWAY_TOML = """
+[server]
+default_max_tokens = 16
+[tiers.enterprise]
+weight = 8
+max_wait_s = 30
+max_depth = 100000
+[tiers.pro]
+weight = 3
+max_wait_s = 30
+max_depth = 100000
+[tiers.free]
+weight = 1
+max_wait_s = 30
+max_depth = 100000
+[[keys]]
+key = "sk-bench"
+tenant = "bench"
+tier = "pro"
+[models.demo-small]
+backends = ["{demo}"]
+[controller]
+initial_limit = 1024
+max_limit = 4096
+"""
+
+
+def start(stack: ExitStack, args: list[str], port: int, env: dict[str, str] | None = None) -> None:
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+    def stop() -> None:
+        process.terminate()
+        process.wait(10)
+
+    stack.callback(stop)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            httpx2.get(f"http://127.0.0.1:{port}/", timeout=1)
+            return
+        except httpx2.HTTPError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{args[:3]} did not start") from None
+            time.sleep(0.1)
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection speaking h11."""
+
+    def __init__(self, stream: trio.SocketStream, request: bytes) -> None:
+        self.stream = stream
+        self.request = request
+        self.conn = h11.Connection(h11.CLIENT)
+
+    async def call(self) -> int:
+        if self.conn.our_state is h11.DONE:
+            self.conn.start_next_cycle()
+        await self.stream.send_all(self.request)
+        self.conn.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
+        self.conn.send(h11.EndOfMessage())  # keep h11's state in step with the raw bytes
+        status = 0
+        while True:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA:
+                self.conn.receive_data(await self.stream.receive_some(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.EndOfMessage):
+                return status
+
+
+def raw_request(port: int, key: str | None) -> bytes:
+    headers = [
+        "POST /v1/chat/completions HTTP/1.1",
+        f"host: 127.0.0.1:{port}",
+        "content-type: application/json",
+        f"content-length: {len(BODY)}",
+    ]
+    if key:
+        headers.append(f"authorization: Bearer {key}")
+    return ("\r\n".join(headers) + "\r\n\r\n").encode() + BODY
+
+
+async def closed_loop(port: int, key: str | None, clients: int, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    request = raw_request(port, key)
+    end_at = trio.current_time() + seconds
+
+    async def client() -> None:
+        conn = Connection(await trio.open_tcp_stream("127.0.0.1", port), request)
+        while trio.current_time() < end_at:
+            started = trio.current_time()
+            if await conn.call() != 200:
+                raise RuntimeError("non-200 answer")
+            latencies.append(trio.current_time() - started)
+        await conn.stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(clients):
+            nursery.start_soon(client)
+    return latencies
+
+
+async def open_loop(port: int, key: str | None, rate: float, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    request = raw_request(port, key)
+    idle: list[Connection] = []
+    count = int(rate * seconds)
+
+    async def one() -> None:
+        conn = (
+            idle.pop()
+            if idle
+            else Connection(await trio.open_tcp_stream("127.0.0.1", port), request)
+        )
+        started = trio.current_time()
+        status = await conn.call()
+        latencies.append(trio.current_time() - started)
+        idle.append(conn)
+        if status != 200:
+            raise RuntimeError("non-200 answer")
+
+    async with trio.open_nursery() as nursery:
+        start_at = trio.current_time()
+        for i in range(count):
+            await trio.sleep_until(start_at + i / rate)
+            nursery.start_soon(one)
+    for conn in idle:
+        await conn.stream.aclose()
+    return latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        demo_port, pass_port, gw_port = free_port(), free_port(), free_port()
+        demo = f"http://127.0.0.1:{demo_port}"
+        start(
+            stack,
+            [
+                sys.executable,
+                "-m",
+                "backends.demo",
+                "--port",
+                str(demo_port),
+                "--decode-base-s",
+                "0",
+                "--decode-per-seq-s",
+                "0",
+                "--max-batch",
+                "100000",
+                "--max-waiting",
+                "100000",
+                "--kv-capacity-tokens",
+                str(10**9),
+            ],
+            demo_port,
+        )
+        start(
+            stack,
+            [
+                sys.executable,
+                str(ROOT / "bench" / "passthrough.py"),
+                "--port",
+                str(pass_port),
+                "--upstream",
+                demo,
+            ],
+            pass_port,
+        )
+        config = Path(tmp) / "gateway.toml"
+        config.write_text(GATEWAY_TOML.replace("{demo}", demo))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
+        start(
+            stack,
+            [
+                str(Path(sys.executable).parent / "scheduler"),
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(gw_port),
+            ],
+            gw_port,
+            env,
+        )
+        targets = {"passthrough": (pass_port, None), "gateway": (gw_port, "sk-bench")}
+        results: dict[str, dict[str, float]] = {}
+        for name, (port, key) in targets.items():
+            trio.run(closed_loop, port, key, 8, 1.0)  # warm-up
+            lat = trio.run(closed_loop, port, key, args.clients, args.seconds)
+            results[name] = {
+                "rps": len(lat) / args.seconds,
+                "p50": pct(lat, 0.5),
+                "p99": pct(lat, 0.99),
+            }
+        half = results["passthrough"]["rps"] / 2
+        for name, (port, key) in targets.items():
+            lat = trio.run(open_loop, port, key, half, args.seconds)
+            results[name]["half_p50"] = pct(lat, 0.5)
+            results[name]["half_p99"] = pct(lat, 0.99)
+    head = f"{'target':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
+    print(f"{head}   at {half:.0f} req/s: {'p50 ms':>7} {'p99 ms':>7}")
+    for name, r in results.items():
+        print(
+            f"{name:<12} {r['rps']:>8.0f} {r['p50'] * 1e3:>8.2f} {r['p99'] * 1e3:>8.2f}"
+            f"   {'':>14}{r['half_p50'] * 1e3:>7.2f} {r['half_p99'] * 1e3:>7.2f}"
+        )
+    added = (results["gateway"]["half_p50"] - results["passthrough"]["half_p50"]) * 1e3
+    print(f"gateway adds {added:.2f} ms at p50 at half load (goal: under 1 ms)")
+    ratio = results["gateway"]["rps"] / results["passthrough"]["rps"]
+    print(f"gateway/passthrough throughput ratio: {ratio:.2f} (goal: at least 0.80)")
+
+
+if __name__ == "__main__":
+    main()

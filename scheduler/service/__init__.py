@@ -1,0 +1,1 @@
+"""The trio service: the HTTP app, the dispatcher task, lifecycle and the command line."""

@@ -1,0 +1,127 @@
+"""The HTTP surface on quart-trio: OpenAI-compatible routes, health, readiness, OpenAPI.
+
+Every error leaves as OpenAI-shaped JSON: the handlers raise `ApiError`, and the framework's
+own errors (404, 405, 413) and anything unexpected are translated by the handlers below, so
+no client ever sees an HTML page or a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from scheduler.service.errors import ApiError
+from scheduler.service.openai_body import read_call
+from scheduler.service.openapi import openapi_document
+from scheduler.service.replica import Replica
+
+log = logging.getLogger("scheduler.service")
+
+
+def _error_response(error: ApiError) -> Response:
+    return Response(error.body(), status=error.status, headers=error.headers())
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, content_type="application/json")
+
+
+def create_app(replica: Replica) -> QuartTrio:
+    """The quart-trio app for one replica."""
+    app = QuartTrio("scheduler")
+    settings = replica.settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
+    app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as the backend takes
+    app.config["BODY_TIMEOUT"] = 60
+    created = int(time.time())
+
+    @app.before_serving
+    async def start() -> None:
+        await replica.start(app.nursery)
+
+    @app.after_serving
+    async def stop() -> None:
+        await replica.stop()
+
+    async def inference(route: str) -> Response:
+        gateway = replica.gateway
+        key = gateway.authenticate(request.headers.get("authorization"))
+        raw = await request.get_data(cache=False, as_text=False)
+        assert isinstance(raw, bytes)
+        call = read_call(route, raw, default_max_tokens=settings.server.default_max_tokens)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        reply = await gateway.serve(key, call, raw, headers)
+        if isinstance(reply.body, bytes):
+            return Response(reply.body, status=reply.status, headers=reply.headers)
+        response = Response(reply.body, status=reply.status, headers=reply.headers)
+        response.timeout = None
+        return response
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        return await inference("chat")
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        return await inference("completions")
+
+    @app.post("/v1/embeddings")
+    async def embeddings() -> Response:
+        return await inference("embeddings")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        replica.gateway.authenticate(request.headers.get("authorization"))
+        data = [
+            {"id": m.name, "object": "model", "created": created, "owned_by": "scheduler"}
+            for m in settings.models
+        ]
+        return _json({"object": "list", "data": data})
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        checks = await replica.readiness()
+        ready = all(bool(v.get("ok")) for v in checks.values())
+        return _json({"ready": ready, "checks": checks}, 200 if ready else 503)
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return _json(openapi_document(settings))
+
+    @app.errorhandler(ApiError)
+    async def api_error(error: ApiError) -> Response:
+        return _error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        messages = {
+            404: f"Unknown route: {request.method} {request.path}",
+            405: f"Method {request.method} is not allowed on {request.path}.",
+            413: f"The request body is larger than {settings.server.max_body_bytes} bytes.",
+        }
+        message = messages.get(status, error.description or error.name)
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        response = _error_response(ApiError(status, message, type=kind))
+        if status == 413:  # the rest of the body was not read: this connection is done
+            response.headers["Connection"] = "close"
+        if status == 405 and error.get_response().headers.get("Allow"):
+            response.headers["Allow"] = error.get_response().headers["Allow"]
+        return response
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _error_response(ApiError(500, "Internal error.", type="server_error"))
+
+    return app

@@ -1,0 +1,384 @@
+"""The service's configuration: one TOML file, validated once at the edge.
+
+Every error names the field by its dotted path (`tiers.free.weight`), so an operator can find
+it. Secrets never live in the file: a key can be given as `key_env = "VAR"`, and the HMAC
+secret that turns keys into ids comes from `SCHEDULER_KEY_SECRET`. With no file at all the
+defaults run the demo: three tiers, three demo keys, the built-in demo backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from backends.gpu_model import GpuConfig
+from backends.http import BackendLimits
+from backends.redis_quota import ALGORITHM_KINDS
+from policies.ladder import ShedLadder
+from scheduler.core import AIMDConfig, GateConfig, GateMode, LatencySignal, TierConfig
+from scheduler.service.quota import FailMode, QuotaSettings
+
+DEMO_BACKEND = "demo"  # a model's backend list may name the built-in demo server
+DEMO_KEYS = {"sk-demo-free": "free", "sk-demo-pro": "pro", "sk-demo-enterprise": "enterprise"}
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class TierSettings:
+    core: TierConfig
+    ladder: ShedLadder
+    slo_s: float
+    quotas: QuotaSettings = field(default_factory=QuotaSettings)
+    fail_mode: FailMode = FailMode.OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class KeySettings:
+    key_id: str
+    tenant: str
+    tier: str
+    bypass: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    name: str
+    backends: tuple[str, ...]
+    fallback: str | None = None
+    shared_cache: bool = False
+    cache_fresh_s: float = 300.0  # 0 = do not cache this model's responses
+    cache_stale_s: float = 3600.0
+    max_inflight: int = 256  # headroom limit when serving as a fallback
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    replicas: int = 0  # processes sharing the quotas, for fail-open shares; 0 = workers
+    max_body_bytes: int = 4 * 1024 * 1024
+    default_max_tokens: int = 256
+    request_timeout_s: float = 300.0
+    drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings
+    tiers: tuple[TierSettings, ...]
+    keys: tuple[KeySettings, ...]
+    models: tuple[ModelSettings, ...]
+    controller: AIMDConfig
+    gate: GateConfig
+    backend_limits: BackendLimits
+    demo: GpuConfig
+    redis_url: str | None = None
+    key_secret: bytes = field(default=b"", repr=False)
+    admin_token: str = field(default="", repr=False)
+
+    def tier(self, name: str) -> TierSettings:
+        return next(t for t in self.tiers if t.core.name == name)
+
+    def model(self, name: str) -> ModelSettings | None:
+        return next((m for m in self.models if m.name == name), None)
+
+    @property
+    def replicas(self) -> int:
+        return self.server.replicas or self.server.workers
+
+    @property
+    def uses_demo_backend(self) -> bool:
+        return any(DEMO_BACKEND in m.backends for m in self.models)
+
+
+def key_id(key: str, secret: bytes) -> str:
+    """The id a key is known by everywhere: an HMAC, so the clear key is never kept."""
+    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+T = TypeVar("T")
+
+
+class _Table:
+    """A TOML table with its dotted path, for errors that name the field."""
+
+    def __init__(self, data: Mapping[str, Any], path: str) -> None:
+        self.data = data
+        self.path = path
+        self.used: set[str] = set()
+
+    def where(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, kind: type[T], default: T) -> T:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise ConfigError(
+                f"{self.where(name)}: expected {kind.__name__}, got {type(value).__name__}"
+            )
+        return value  # type: ignore[no-any-return]
+
+    def table(self, name: str) -> _Table:
+        return _Table(self.get(name, dict, {}), self.where(name))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.where(unknown[0])}: unknown field")
+
+
+def _check(ok: bool, where: str, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {rule}")
+
+
+def _build(make: Callable[[], T], where: str) -> T:
+    """Build a core config object, re-raising its ValueError under the file's path."""
+    try:
+        return make()
+    except ValueError as exc:
+        message = str(exc)
+        for prefix in ("controller.", "gate.", "backend.", "tiers."):
+            if message.startswith(prefix):
+                message = message.split(".", 1)[1]
+        raise ConfigError(f"{where}.{message}") from exc
+
+
+DEFAULT_TIERS = {
+    "enterprise": {"weight": 8, "max_wait_s": 30.0, "max_depth": 2000, "slo_s": 30.0},
+    "pro": {"weight": 3, "max_wait_s": 15.0, "max_depth": 1000, "slo_s": 20.0},
+    "free": {
+        "weight": 1,
+        "max_wait_s": 5.0,
+        "max_depth": 500,
+        "slo_s": 10.0,
+        "shed_on_overload": True,
+    },
+}
+
+
+def _tiers(root: _Table) -> tuple[TierSettings, ...]:
+    raw = root.get("tiers", dict, DEFAULT_TIERS)
+    _check(bool(raw), "tiers", "at least one tier is required")
+    tiers = []
+    for name, body in raw.items():
+        _check(isinstance(body, dict), f"tiers.{name}", "expected a table")
+        t = _Table(body, f"tiers.{name}")
+        weight = t.get("weight", float, 1.0)
+        max_wait_s = t.get("max_wait_s", float, 10.0)
+        core = _build(
+            partial(
+                TierConfig,
+                name,
+                weight,
+                max_wait_s=max_wait_s,
+                max_depth=t.get("max_depth", int, 1000),
+                shed_on_overload=t.get("shed_on_overload", bool, False),
+            ),
+            "tiers",
+        )
+        ladder_names = t.get("ladder", list, ["cache", "fallback"])
+        serve_stale = t.get("serve_stale", bool, True)
+        try:
+            ladder = ShedLadder.from_names(ladder_names, serve_stale=serve_stale)
+        except ValueError as exc:
+            raise ConfigError(f"tiers.{name}.ladder: {exc}") from exc
+        slo_s = t.get("slo_s", float, max_wait_s * 2)
+        _check(slo_s > 0, f"tiers.{name}.slo_s", "must be > 0")
+        fail_mode = t.get("fail_mode", str, "open")
+        _check(fail_mode in ("open", "closed"), t.where("fail_mode"), "expected 'open' or 'closed'")
+        quotas = quota_settings(t.table("quota"))
+        t.done()
+        tiers.append(TierSettings(core, ladder, slo_s, quotas, FailMode(fail_mode)))
+    return tuple(tiers)
+
+
+def quota_settings(table: _Table, base: QuotaSettings | None = None) -> QuotaSettings:
+    """A quota table (`[tiers.X.quota]`, or an admin API body) over `base`'s values."""
+    base = base or QuotaSettings()
+    algorithm = table.get("algorithm", str, base.algorithm)
+    _check(
+        algorithm in ALGORITHM_KINDS,
+        table.where("algorithm"),
+        f"expected one of {', '.join(ALGORITHM_KINDS)}",
+    )
+    values = {
+        "period_s": table.get("period_s", float, base.period_s),
+        "requests": table.get("requests", int, base.requests),
+        "tokens": table.get("tokens", int, base.tokens),
+        "request_burst": table.get("request_burst", int, base.request_burst),
+        "token_burst": table.get("token_burst", int, base.token_burst),
+    }
+    table.done()
+    _check(values["period_s"] > 0, table.where("period_s"), "must be > 0")
+    for name in ("requests", "tokens", "request_burst", "token_burst"):
+        _check(values[name] >= 0, table.where(name), "must be >= 0 (0 = no such quota)")
+    return QuotaSettings(algorithm, **values)  # type: ignore[arg-type]
+
+
+def _keys(
+    root: _Table, tiers: set[str], secret: bytes, env: Mapping[str, str]
+) -> tuple[KeySettings, ...]:
+    default = [{"key": k, "tenant": f"demo-{t}", "tier": t} for k, t in DEMO_KEYS.items()]
+    raw = root.get("keys", list, default)
+    keys = []
+    for i, body in enumerate(raw):
+        where = f"keys[{i}]"
+        _check(isinstance(body, dict), where, "expected a table")
+        t = _Table(body, where)
+        clear = t.get("key", str, "")
+        env_name = t.get("key_env", str, "")
+        if env_name:
+            _check(not clear, where, "give key or key_env, not both")
+            clear = env.get(env_name, "")
+            _check(bool(clear), t.where("key_env"), f"environment variable {env_name} is not set")
+        _check(bool(clear), t.where("key"), "a key (or key_env) is required")
+        tier = t.get("tier", str, "")
+        _check(tier in tiers, t.where("tier"), f"unknown tier {tier!r}")
+        tenant = t.get("tenant", str, "")
+        _check(bool(tenant), t.where("tenant"), "a tenant is required")
+        keys.append(KeySettings(key_id(clear, secret), tenant, tier, t.get("bypass", bool, False)))
+        t.done()
+    return tuple(keys)
+
+
+def _models(root: _Table) -> tuple[ModelSettings, ...]:
+    raw = root.get("models", dict, {"demo-small": {"backends": [DEMO_BACKEND]}})
+    _check(bool(raw), "models", "at least one model is required")
+    models = []
+    for name, body in raw.items():
+        _check(isinstance(body, dict), f"models.{name}", "expected a table")
+        t = _Table(body, f"models.{name}")
+        backends = t.get("backends", list, [])
+        _check(bool(backends), t.where("backends"), "at least one backend URL is required")
+        for url in backends:
+            _check(
+                isinstance(url, str)
+                and (url == DEMO_BACKEND or url.startswith(("http://", "https://"))),
+                t.where("backends"),
+                f"expected http(s) URLs or {DEMO_BACKEND!r}, got {url!r}",
+            )
+        fallback = t.get("fallback", str, "") or None
+        _check(
+            fallback is None or fallback in raw, t.where("fallback"), f"unknown model {fallback!r}"
+        )
+        _check(fallback != name, t.where("fallback"), "a model cannot fall back to itself")
+        model = ModelSettings(
+            name,
+            tuple(backends),
+            fallback,
+            t.get("shared_cache", bool, False),
+            t.get("cache_fresh_s", float, 300.0),
+            t.get("cache_stale_s", float, 3600.0),
+            t.get("max_inflight", int, 256),
+        )
+        _check(model.cache_fresh_s >= 0, t.where("cache_fresh_s"), "must be >= 0")
+        _check(model.cache_stale_s >= 0, t.where("cache_stale_s"), "must be >= 0")
+        _check(model.max_inflight >= 1, t.where("max_inflight"), "must be >= 1")
+        models.append(model)
+        t.done()
+    return tuple(models)
+
+
+def _dataclass_from(table: _Table, cls: type[T], where: str, **fixed: Any) -> T:
+    """Fill a frozen config dataclass from a table, field by field, with type checks."""
+    values: dict[str, Any] = dict(fixed)
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in table.data and f.name not in fixed:
+            default = f.default
+            kind: type = type(default) if default is not None else str
+            values[f.name] = table.get(f.name, kind, default)
+    table.done()
+    return _build(partial(cls, **values), where)
+
+
+def _controller(root: _Table) -> tuple[AIMDConfig, GateConfig]:
+    t = root.table("controller")
+    mode_name = t.get("mode", str, "window")
+    _check(mode_name in {m.value for m in GateMode}, t.where("mode"), "expected 'rate' or 'window'")
+    burst_s = t.get("burst_s", float, GateConfig().burst_s)
+    signal_name = t.get("latency_signal", str, "latency")
+    _check(
+        signal_name in {s.value for s in LatencySignal},
+        t.where("latency_signal"),
+        "expected 'latency', 'ttft' or 'tpot'",
+    )
+    gate = _build(partial(GateConfig, GateMode(mode_name), burst_s), "controller")
+    aimd = _dataclass_from(t, AIMDConfig, "controller", latency_signal=LatencySignal(signal_name))
+    return aimd, gate
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read and validate the config (defaults when `path` is None). `overrides` are
+    [server] fields from the command line."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    root = _Table(data, "")
+    server_table = root.table("server")
+    server_values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    server_table.data = {**server_table.data, **server_values}
+    server = _dataclass_from(server_table, ServerSettings, "server")
+    _check(0 <= server.port < 65536, "server.port", "must be a TCP port")
+    _check(server.workers >= 1, "server.workers", "must be >= 1")
+    _check(server.replicas >= 0, "server.replicas", "must be >= 0")
+    _check(server.max_body_bytes >= 1024, "server.max_body_bytes", "must be >= 1024")
+    _check(server.default_max_tokens >= 1, "server.default_max_tokens", "must be >= 1")
+    tiers = _tiers(root)
+    secret = env.get("SCHEDULER_KEY_SECRET", "").encode() or b"scheduler-dev-secret"
+    keys = _keys(root, {t.core.name for t in tiers}, secret, env)
+    models = _models(root)
+    controller, gate = _controller(root)
+    redis_table = root.table("redis")
+    redis_url = env.get("SCHEDULER_REDIS_URL") or redis_table.get("url", str, "") or None
+    redis_table.done()
+    limits = _dataclass_from(root.table("backend_limits"), BackendLimits, "backend_limits")
+    demo = _dataclass_from(root.table("demo_backend"), GpuConfig, "demo_backend")
+    root.done()
+    _check(
+        math.isfinite(server.request_timeout_s) and server.request_timeout_s > 0,
+        "server.request_timeout_s",
+        "must be > 0",
+    )
+    return Settings(
+        server=server,
+        tiers=tiers,
+        keys=keys,
+        models=models,
+        controller=controller,
+        gate=gate,
+        backend_limits=limits,
+        demo=demo,
+        redis_url=redis_url,
+        key_secret=secret,
+        admin_token=env.get("SCHEDULER_ADMIN_TOKEN", ""),
+    )

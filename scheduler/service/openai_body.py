@@ -1,0 +1,139 @@
+"""Reading OpenAI request bodies: validate what the gateway relies on, estimate tokens.
+
+The gateway forwards the client's bytes untouched; it only reads what it needs to schedule
+(model, stream, the size of the prompt, `max_tokens`) and refuses bodies that the backend
+would refuse anyway, with OpenAI's error messages, before they cost a queue slot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from scheduler.service.errors import bad_request
+
+CHARS_PER_TOKEN = 4  # the usual rough estimate for English text
+MAX_TOKENS_CAP = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceCall:
+    """What the scheduler needs to know about one request."""
+
+    route: str  # "chat", "completions", "embeddings"
+    model: str
+    stream: bool
+    prompt_tokens: int
+    max_tokens: int
+    body: dict[str, Any]
+
+    @property
+    def cost(self) -> float:
+        return float(max(1, self.prompt_tokens + self.max_tokens))
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"We could not parse the JSON body of your request: {exc}") from exc
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return body
+
+
+def _text_tokens(value: Any) -> int:
+    """A rough token count of any prompt-like JSON value."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value) // CHARS_PER_TOKEN + 1
+    if isinstance(value, bool):
+        return 1
+    if isinstance(value, int | float):
+        return 1
+    if isinstance(value, list):
+        return sum(_text_tokens(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_text_tokens(v) for k, v in value.items() if k in {"text", "content"})
+    return 1
+
+
+def _int_field(body: dict[str, Any], name: str, *, low: int, high: int) -> int | None:
+    if name not in body or body[name] is None:
+        return None
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"'{name}' must be an integer.", param=name)
+    if not low <= value <= high:
+        raise bad_request(f"'{name}' must be between {low} and {high}.", param=name)
+    return value
+
+
+def _messages(body: dict[str, Any]) -> int:
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("Missing required parameter: 'messages'.", param="messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty array.", param="messages")
+    tokens = 0
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"'{where}' must be an object.", param=where)
+        if not isinstance(message.get("role"), str):
+            raise bad_request(f"Missing required parameter: '{where}.role'.", param=f"{where}.role")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise bad_request(f"'{where}.content' must be a string or an array.", param=where)
+        tokens += 4 + _text_tokens(content)
+    return tokens
+
+
+def _prompt(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if value is None:
+        raise bad_request(f"Missing required parameter: '{name}'.", param=name)
+    ok = isinstance(value, str) or (
+        (
+            isinstance(value, list)
+            and all(isinstance(v, str | int) and not isinstance(v, bool) for v in value)
+        )
+        or (isinstance(value, list) and all(isinstance(v, list) for v in value))
+    )
+    if not ok or value == []:
+        raise bad_request(
+            f"'{name}' must be a string or an array of strings or tokens.", param=name
+        )
+    return _text_tokens(value)
+
+
+def read_call(route: str, raw: bytes, *, default_max_tokens: int) -> InferenceCall:
+    """Validate `raw` for `route` and estimate its cost; raises ApiError(400) on bad input."""
+    body = parse_body(raw)
+    model = body.get("model")
+    if model is None:
+        raise bad_request("You must provide a model parameter.", param="model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' must be a non-empty string.", param="model")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean.", param="stream")
+    n = _int_field(body, "n", low=1, high=128) or 1
+    if route == "chat":
+        prompt_tokens = _messages(body)
+        max_tokens = _int_field(body, "max_completion_tokens", low=1, high=MAX_TOKENS_CAP)
+        if max_tokens is None:
+            max_tokens = _int_field(body, "max_tokens", low=1, high=MAX_TOKENS_CAP)
+    elif route == "completions":
+        prompt_tokens = _prompt(body, "prompt")
+        max_tokens = _int_field(body, "max_tokens", low=1, high=MAX_TOKENS_CAP)
+    else:
+        prompt_tokens = _prompt(body, "input")
+        max_tokens, stream = 0, False
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    return InferenceCall(route, model, stream, prompt_tokens, max_tokens * n, body)

@@ -1,0 +1,210 @@
+"""Per-key quotas at the edge: Redis when it answers, the tier's fail mode when it does not.
+
+Why a guard around the store: quotas must hold exactly across replicas, so Redis decides.
+But a request must never wait long on Redis: each call has a short timeout, and a circuit
+breaker stops calling Redis after a run of failures. While Redis is out, each tier follows its
+fail mode: `open` admits under a local in-process limiter at the key's quota divided by the
+replica count (so the fleet stays near the quota), `closed` refuses with a 503.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from backends.redis_quota import (
+    AlgorithmKind,
+    QuotaDecision,
+    QuotaSpec,
+    QuotaStoreUnavailable,
+    RedisQuotaStore,
+)
+from policies.breaker import CircuitBreaker
+from policies.ratelimit import MemoryLimiter, Quota, RateDecision
+
+
+class FailMode(enum.Enum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSettings:
+    """A key's request and token quotas over `period_s` (0 = no such quota)."""
+
+    algorithm: AlgorithmKind = "gcra"
+    period_s: float = 60.0
+    requests: int = 0
+    tokens: int = 0
+    request_burst: int = 0  # GCRA only; 0 = the limit
+    token_burst: int = 0
+
+    def specs(self) -> tuple[QuotaSpec | None, QuotaSpec | None]:
+        def spec(limit: int, burst: int) -> QuotaSpec | None:
+            if limit <= 0:
+                return None
+            return QuotaSpec(self.algorithm, Quota(limit, self.period_s, burst or None))
+
+        return spec(self.requests, self.request_burst), spec(self.tokens, self.token_burst)
+
+    @property
+    def unlimited(self) -> bool:
+        return self.requests <= 0 and self.tokens <= 0
+
+
+class Source(enum.Enum):
+    REDIS = "redis"
+    LOCAL = "local"  # fail-open limiter while Redis is out
+    UNLIMITED = "unlimited"
+    CLOSED = "closed"  # fail-closed refusal while Redis is out
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    source: Source
+    requests: RateDecision | None = None
+    tokens: RateDecision | None = None
+    retry_after_s: float = 0.0
+    credits_spent: int = 0
+    credits_left: int | None = None
+    period_s: float = 60.0
+
+
+class QuotaGuard:
+    """Decides quota for one request; one per replica."""
+
+    def __init__(
+        self, store: RedisQuotaStore | None, breaker: CircuitBreaker, *, replicas: int
+    ) -> None:
+        self.store = store
+        self.breaker = breaker
+        self.replicas = replicas
+        self._local: dict[QuotaSpec, MemoryLimiter[Any]] = {}
+        self.fail_open_decisions = 0
+        self.fail_closed_decisions = 0
+        self.redis_errors = 0
+
+    @property
+    def redis_up(self) -> bool:
+        return self.store is not None and self.breaker.state.value == "closed"
+
+    async def check(
+        self,
+        key_id: str,
+        quotas: QuotaSettings,
+        fail_mode: FailMode,
+        *,
+        token_cost: int,
+        now: float,
+    ) -> Verdict:
+        if quotas.unlimited:
+            return Verdict(True, Source.UNLIMITED)
+        requests, tokens = quotas.specs()
+        if self.store is not None and self.breaker.allow(now=now):
+            try:
+                decision = await self.store.take(
+                    key_id, requests=requests, tokens=tokens, token_cost=token_cost
+                )
+            except QuotaStoreUnavailable:
+                self.redis_errors += 1
+                self.breaker.record_failure(now=now)
+            else:
+                self.breaker.record_success(now=now)
+                return _from_decision(decision, quotas.period_s)
+        if fail_mode is FailMode.CLOSED:
+            self.fail_closed_decisions += 1
+            return Verdict(False, Source.CLOSED, retry_after_s=self.breaker.config.open_s)
+        self.fail_open_decisions += 1
+        return self._local_take(key_id, requests, tokens, token_cost, now, quotas.period_s)
+
+    def _local_take(
+        self,
+        key_id: str,
+        requests: QuotaSpec | None,
+        tokens: QuotaSpec | None,
+        token_cost: int,
+        now: float,
+        period_s: float,
+    ) -> Verdict:
+        """Both quotas or neither, like the Redis script, on this replica's share."""
+        request_d = token_d = None
+        if requests is not None:
+            request_d = self._limiter(requests).take(key_id, now=now, cost=1)
+            if not request_d.allowed:
+                return Verdict(
+                    False, Source.LOCAL, request_d, None, request_d.retry_after_s, period_s=period_s
+                )
+        if tokens is not None:
+            token_d = self._limiter(tokens).take(key_id, now=now, cost=token_cost)
+            if not token_d.allowed:
+                if requests is not None:
+                    self._limiter(requests).refund(key_id, now=now, cost=1)
+                return Verdict(
+                    False,
+                    Source.LOCAL,
+                    request_d,
+                    token_d,
+                    token_d.retry_after_s,
+                    period_s=period_s,
+                )
+        return Verdict(True, Source.LOCAL, request_d, token_d, period_s=period_s)
+
+    def _limiter(self, spec: QuotaSpec) -> MemoryLimiter[Any]:
+        limiter = self._local.get(spec)
+        if limiter is None:
+            share = QuotaSpec(spec.algorithm, spec.quota.per_replica(self.replicas))
+            limiter = self._local[spec] = MemoryLimiter(share.rate_algorithm())
+        return limiter
+
+
+def _from_decision(decision: QuotaDecision, period_s: float) -> Verdict:
+    return Verdict(
+        decision.allowed,
+        Source.REDIS,
+        decision.requests,
+        decision.tokens,
+        decision.retry_after_s,
+        decision.credits_spent,
+        decision.credits_left,
+        period_s,
+    )
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: `1s`, `6m0s`, `20ms`."""
+    if not math.isfinite(seconds):
+        return "0s"
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    minutes, secs = divmod(whole, 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def rate_limit_headers(verdict: Verdict) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` fields and the IETF `RateLimit-Policy` / `RateLimit` fields."""
+    headers: dict[str, str] = {}
+    policies, states = [], []
+    window = max(1, round(verdict.period_s))
+    for name, decision in (("requests", verdict.requests), ("tokens", verdict.tokens)):
+        if decision is None:
+            continue
+        headers[f"x-ratelimit-limit-{name}"] = str(decision.limit)
+        headers[f"x-ratelimit-remaining-{name}"] = str(max(0, decision.remaining))
+        headers[f"x-ratelimit-reset-{name}"] = _duration(decision.reset_after_s)
+        policies.append(f'"{name}";q={decision.limit};w={window}')
+        reset = math.ceil(decision.reset_after_s) if math.isfinite(decision.reset_after_s) else 0
+        states.append(f'"{name}";r={max(0, decision.remaining)};t={reset}')
+    if policies:
+        headers["ratelimit-policy"] = ", ".join(policies)
+        headers["ratelimit"] = ", ".join(states)
+    if verdict.credits_left is not None:
+        headers["x-ratelimit-burst-credits-remaining"] = str(verdict.credits_left)
+    if verdict.credits_spent:
+        headers["x-ratelimit-burst-credits-spent"] = str(verdict.credits_spent)
+    if verdict.source is Source.LOCAL:
+        headers["x-ratelimit-source"] = "local"
+    return headers

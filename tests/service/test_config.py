@@ -1,0 +1,96 @@
+"""The config file: defaults run the demo, and every mistake names its field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scheduler.service.config import DEMO_BACKEND, ConfigError, key_id, load_settings
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "scheduler.toml"
+    path.write_text(text)
+    return path
+
+
+def test_no_config_is_the_demo() -> None:
+    settings = load_settings(None, env={})
+    assert [t.core.name for t in settings.tiers] == ["enterprise", "pro", "free"]
+    assert {k.tier for k in settings.keys} == {"free", "pro", "enterprise"}
+    assert settings.models[0].backends == (DEMO_BACKEND,)
+    assert settings.server.port == 8080 and settings.server.host == "127.0.0.1"
+    assert all("sk-demo" not in k.key_id for k in settings.keys)
+
+
+def test_a_full_config(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        [server]
+        port = 9000
+        [tiers.gold]
+        weight = 5
+        max_wait_s = 20
+        max_depth = 10
+        ladder = ["fallback"]
+        [tiers.bronze]
+        weight = 1
+        max_wait_s = 2
+        max_depth = 10
+        shed_on_overload = true
+        [[keys]]
+        key_env = "GOLD_KEY"
+        tenant = "acme"
+        tier = "gold"
+        [models.big]
+        backends = ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
+        fallback = "small"
+        [models.small]
+        backends = ["http://127.0.0.1:9003"]
+        [controller]
+        mode = "rate"
+        initial_limit = 20
+        target_latency_s = 3
+        """,
+    )
+    env = {"GOLD_KEY": "sk-gold", "SCHEDULER_KEY_SECRET": "s3cret"}
+    settings = load_settings(path, env=env, overrides={"port": 9100})
+    assert settings.server.port == 9100
+    assert settings.keys[0].key_id == key_id("sk-gold", b"s3cret")
+    assert settings.model("big") is not None
+    assert settings.controller.initial_limit == 20.0
+    assert settings.gate.mode.value == "rate"
+    assert settings.tier("bronze").core.shed_on_overload
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("[tiers.free]\nweight = -1\n", "tiers.free.weight"),
+        ("[tiers.free]\nweight = 'heavy'\n", "tiers.free.weight"),
+        ("[tiers.free]\nmax_depth = 0\n", "tiers.free.max_depth"),
+        ("[tiers.free]\nladder = ['cache', 'pray']\n", "tiers.free.ladder"),
+        ("[[keys]]\nkey = 'k'\ntenant = 't'\ntier = 'gold'\n", "keys[0].tier"),
+        ("[[keys]]\nkey_env = 'NOPE'\ntenant = 't'\ntier = 'free'\n", "keys[0].key_env"),
+        ("[models.m]\nbackends = []\n", "models.m.backends"),
+        ("[models.m]\nbackends = ['ftp://x']\n", "models.m.backends"),
+        ("[models.m]\nbackends = ['demo']\nfallback = 'n'\n", "models.m.fallback"),
+        ("[controller]\nmin_limit = 0\n", "controller.min_limit"),
+        ("[controller]\ndecrease_factor = 2\n", "controller.decrease_factor"),
+        ("[controller]\nmode = 'turbo'\n", "controller.mode"),
+        ("[controller]\ngain = 1\n", "controller.gain"),
+        ("[server]\nport = 70000\n", "server.port"),
+        ("[sever]\nport = 1\n", "sever"),
+        ("[demo_backend]\nmax_batch = 0\n", "demo_backend.max_batch"),
+    ],
+)
+def test_mistakes_name_the_field(tmp_path: Path, text: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        load_settings(write(tmp_path, text), env={})
+
+
+def test_toml_syntax_errors_give_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="line 2"):
+        load_settings(write(tmp_path, "[server]\nport = = 1\n"), env={})
