@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="worker processes, each a replica (default 1)")
     serve.add_argument("--redis-url", help="Redis URL (default: an embedded redis-server)")
     commands.add_parser("demo-backend", help="run the demo GPU server alone", add_help=False)
+    commands.add_parser("sim", help="simulate a scenario", add_help=False)
     return parser
 
 
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         from backends.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["sim"]:
+        from sim.cli import main as sim_main
+
+        return sim_main(argv[1:])
     args = build_parser().parse_args(argv)
     from scheduler.service.config import ConfigError
     from scheduler.service.serve import run

@@ -95,7 +95,7 @@ class AIMDConfig:
     latency_signal: LatencySignal = LatencySignal.LATENCY
     latency_percentile: float = 0.9
     pressure_threshold: float = 0.8
-    cooldown_s: float = 1.0
+    cooldown_s: float = 4.0  # samples from the old limit keep coming for seconds (sim/)
     min_utilization: float = 0.5
     tick_s: float = 0.25
 

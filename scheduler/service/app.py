@@ -51,7 +51,7 @@ def create_app(replica: Replica) -> QuartTrio:
 
     async def inference(route: str) -> Response:
         gateway = replica.gateway
-        key = gateway.authenticate(request.headers.get("authorization"))
+        key = await gateway.authenticate(request.headers.get("authorization"))
         raw = await request.get_data(cache=False, as_text=False)
         assert isinstance(raw, bytes)
         call = read_call(route, raw, default_max_tokens=settings.server.default_max_tokens)
@@ -77,7 +77,7 @@ def create_app(replica: Replica) -> QuartTrio:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        replica.gateway.authenticate(request.headers.get("authorization"))
+        await replica.gateway.authenticate(request.headers.get("authorization"))
         data = [
             {"id": m.name, "object": "model", "created": created, "owned_by": "scheduler"}
             for m in settings.models

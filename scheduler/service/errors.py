@@ -34,6 +34,7 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.retry_after_s = retry_after_s
+        self.extra_headers: dict[str, str] = {}  # e.g. the rate-limit fields
 
     def body(self) -> bytes:
         return json.dumps(
@@ -48,7 +49,7 @@ class ApiError(Exception):
         ).encode()
 
     def headers(self) -> dict[str, str]:
-        headers = {"content-type": "application/json"}
+        headers = {**self.extra_headers, "content-type": "application/json"}
         if self.retry_after_s is not None:
             headers["retry-after"] = str(max(1, math.ceil(self.retry_after_s)))
         return headers

@@ -1,66 +1,86 @@
-"""The gateway's request path: authenticate, schedule, call the backend, learn.
+"""The gateway's request path: authenticate, take quota, schedule, call the backend, learn.
 
-Why the stream is an async generator primed before it is returned: the upstream call (and
-the admission ticket) must be released whatever the client does. A generator that has
-started is closed by trio's finaliser even if the web framework never iterates it again, so
-the handler starts it (it opens the upstream call and yields the status) before handing it
-to the response.
+    key -> record (KeyRegistry) -> quota (QuotaGuard, Redis) -> queue (Dispatcher)
+        admitted: the model's pool          -> settle the tokens, feed the controller, cache
+        shed:     the tier's ladder: cache  -> fallback model with headroom -> 503
+
+Bypass keys skip the quota and the queue (still counted in flight and traced). Every answer,
+success or error, carries the quota's rate-limit headers once the quota was decided.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
-import math
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
-from backends.http import BackendError, BackendPool, BackendTimeout, BackendUnavailable, Upstream
-from scheduler.core import Admit, Outcome, Request, Sample, Shed, ShedReason, Ticket
-from scheduler.service.config import KeySettings, Settings, key_id
+from backends.http import BackendPool
+from backends.redis_cache import CacheError, CacheHit, ResponseCache, completion_to_sse
+from policies.ladder import CacheState, Step
+from scheduler.core import Admit, Outcome, Request, Sample, Shed, ShedReason
+from scheduler.service.config import ModelSettings, Settings, TierSettings
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.errors import ApiError, overloaded
 from scheduler.service.openai_body import InferenceCall
+from scheduler.service.quota import QuotaGuard, Source, Verdict, rate_limit_headers
+from scheduler.service.tenancy import KeyRecord, KeyRegistry
+from scheduler.service.upstream import Ended, OnEnd, Reply, call_stream, call_whole
 
 PATHS = {
     "chat": "/v1/chat/completions",
     "completions": "/v1/completions",
     "embeddings": "/v1/embeddings",
 }
-SATURATED = frozenset({429, 503})
 FORWARDED_HEADERS = ("traceparent", "tracestate", "openai-organization", "openai-project")
-SHED_RETRY_AFTER_S = {
-    ShedReason.DEADLINE: 2.0,
-    ShedReason.QUEUE_FULL: 1.0,
-    ShedReason.OVERLOAD: 1.0,
-    ShedReason.DRAINING: 5.0,
+SHED_MESSAGES = {
+    ShedReason.DEADLINE: ("The request waited too long in the queue; the service is busy.", 2.0),
+    ShedReason.QUEUE_FULL: ("The service's queue for your tier is full.", 1.0),
+    ShedReason.OVERLOAD: ("The service is overloaded; lower tiers are shed first.", 1.0),
+    ShedReason.DRAINING: ("This replica is shutting down.", 5.0),
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """A response ready to send: a whole body, or a primed stream."""
+@dataclass(slots=True)
+class Counters:
+    """What the gateway decided, by tier and outcome (exported as metrics)."""
 
-    status: int
-    headers: dict[str, str]
-    body: bytes | AsyncIterator[bytes]
+    outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def count(self, tier: str, outcome: str) -> None:
+        key = (tier, outcome)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
 
 
 class Gateway:
     """Everything one replica needs to serve a request; one per process."""
 
     def __init__(
-        self, settings: Settings, dispatcher: Dispatcher, pools: dict[str, BackendPool]
+        self,
+        settings: Settings,
+        dispatcher: Dispatcher,
+        pools: dict[str, BackendPool],
+        *,
+        registry: KeyRegistry,
+        quota: QuotaGuard,
+        cache: ResponseCache | None,
+        background: trio.Nursery,
     ) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
         self.pools = pools
-        self._keys = {k.key_id: k for k in settings.keys}
+        self.registry = registry
+        self.quota = quota
+        self.cache = cache
+        self.counters = Counters()
+        self._background = background
         self._ids = itertools.count(1)
 
-    def authenticate(self, authorization: str | None) -> KeySettings:
+    async def authenticate(self, authorization: str | None) -> KeyRecord:
         if not authorization or not authorization.lower().startswith("bearer "):
             raise ApiError(
                 401,
@@ -68,10 +88,15 @@ class Gateway:
                 "'Authorization: Bearer YOUR_KEY'.",
                 code="missing_api_key",
             )
-        key = self._keys.get(key_id(authorization[7:].strip(), self.settings.key_secret))
-        if key is None:
+        kid = self.registry.key_id(authorization[7:].strip())
+        record = await self.registry.lookup(kid, now=trio.current_time())
+        if record is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-        return key
+        if record.revoked:
+            raise ApiError(401, "This API key has been revoked.", code="invalid_api_key")
+        if not any(t.core.name == record.tier for t in self.settings.tiers):
+            raise ApiError(403, f"The key's tier {record.tier!r} is not configured here.")
+        return record
 
     def pool_for(self, model: str) -> BackendPool:
         pool = self.pools.get(model)
@@ -85,160 +110,251 @@ class Gateway:
         return pool
 
     async def serve(
-        self, key: KeySettings, call: InferenceCall, raw: bytes, headers: dict[str, str]
+        self, record: KeyRecord, call: InferenceCall, raw: bytes, headers: dict[str, str]
     ) -> Reply:
-        """Schedule `call` and carry it to the backend; raises ApiError for any refusal."""
+        """Answer `call`; raises ApiError (with the rate-limit headers) for any refusal."""
         pool = self.pool_for(call.model)
+        tier = self.settings.tier(record.tier)
+        verdict = None if record.bypass else await self._take_quota(record, tier, call)
+        limit_headers = {} if verdict is None else rate_limit_headers(verdict)
+        try:
+            reply = await self._schedule(record, tier, call, pool, raw, headers, verdict)
+        except ApiError as error:
+            error.extra_headers.update(limit_headers)
+            raise
+        reply.headers.update(limit_headers)
+        return reply
+
+    async def _take_quota(
+        self, record: KeyRecord, tier: TierSettings, call: InferenceCall
+    ) -> Verdict:
+        verdict = await self.quota.check(
+            record.key_id,
+            record.quotas(tier.quotas),
+            tier.fail_mode,
+            token_cost=int(call.cost),
+            now=trio.current_time(),
+        )
+        if verdict.allowed:
+            return verdict
+        if verdict.source is Source.CLOSED:
+            self.counters.count(tier.core.name, "refused_redis_down")
+            raise overloaded("Quota service unavailable; retry shortly.", verdict.retry_after_s)
+        self.counters.count(tier.core.name, "refused_quota")
+        error = ApiError(
+            429,
+            "Rate limit reached for your API key. Retry after the time in Retry-After.",
+            type="requests",
+            code="rate_limit_exceeded",
+            retry_after_s=min(verdict.retry_after_s, 86_400.0),
+        )
+        error.extra_headers.update(rate_limit_headers(verdict))
+        raise error
+
+    async def _schedule(
+        self,
+        record: KeyRecord,
+        tier: TierSettings,
+        call: InferenceCall,
+        pool: BackendPool,
+        raw: bytes,
+        headers: dict[str, str],
+        verdict: Verdict | None,
+    ) -> Reply:
         now = trio.current_time()
         request = Request(
-            next(self._ids), key.tenant, key.tier, key.key_id, call.model, call.cost, now
+            next(self._ids), record.tenant, record.tier, record.key_id, call.model, call.cost, now
         )
         dispatcher = self.dispatcher
-        decision = await dispatcher.wait_decision(dispatcher.submit(request, bypass=key.bypass))
+        decision = await dispatcher.wait_decision(dispatcher.submit(request, bypass=record.bypass))
+        tier_name = tier.core.name
         if isinstance(decision, Shed):
-            raise self._shed_error(decision)
+            self._settle(record, tier, verdict, call, used=0)
+            return await self._walk_ladder(decision, record, tier, call, raw, headers)
+        queued = decision.queued_s > 0
+        outcome = "bypass" if record.bypass else "queued_admitted" if queued else "admitted"
+        self.counters.count(tier_name, outcome)
         forward = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
         forward["content-type"] = "application/json"
+        on_end = self._on_end(decision, record, tier, call, verdict)
+        timeout_s = self.settings.server.request_timeout_s
+        path = PATHS[call.route]
         if call.stream:
-            return await self._stream(pool, decision, call, raw, forward)
-        return await self._whole(pool, decision, call, raw, forward)
+            return await call_stream(pool, path, raw, forward, timeout_s, on_end)
+        return await call_whole(pool, path, raw, forward, timeout_s, on_end)
 
-    def _shed_error(self, shed: Shed) -> ApiError:
-        reason = shed.reason
-        messages = {
-            ShedReason.DEADLINE: "The request waited too long in the queue; the service is busy.",
-            ShedReason.QUEUE_FULL: "The service's queue for your tier is full.",
-            ShedReason.OVERLOAD: "The service is overloaded; lower tiers are shed first.",
-            ShedReason.DRAINING: "This replica is shutting down.",
-        }
-        return overloaded(messages[reason], SHED_RETRY_AFTER_S[reason])
+    def _on_end(
+        self,
+        admit: Admit,
+        record: KeyRecord,
+        tier: TierSettings,
+        call: InferenceCall,
+        verdict: Verdict | None,
+    ) -> OnEnd:
+        def on_end(ended: Ended) -> None:
+            if ended.outcome is Outcome.IGNORED:
+                self.dispatcher.finish(admit.ticket, None)
+            else:
+                sample = Sample(ended.latency_s, ended.outcome, ended.ttft_s, ended.output_tokens)
+                self.dispatcher.finish(admit.ticket, sample)
+            used = ended.total_tokens
+            if used is None:
+                used = call.prompt_tokens + ended.output_tokens
+            self._settle(record, tier, verdict, call, used=used if ended.status < 400 else 0)
+            if ended.body and not call.stream:
+                self._cache_put(record, call, ended.body)
 
-    def _end(self, ticket: Ticket, outcome: Outcome, started_at: float, **sample: float) -> None:
-        if outcome is Outcome.IGNORED:
-            self.dispatcher.finish(ticket, None)
+        return on_end
+
+    def _settle(
+        self,
+        record: KeyRecord,
+        tier: TierSettings,
+        verdict: Verdict | None,
+        call: InferenceCall,
+        *,
+        used: int,
+    ) -> None:
+        """Give back the tokens reserved at admission that the response did not use."""
+        if verdict is None or verdict.source is not Source.REDIS or verdict.tokens is None:
             return
-        latency = trio.current_time() - started_at
-        ttft = sample.get("ttft_s")
-        tokens = int(sample.get("output_tokens", 0))
-        self.dispatcher.finish(ticket, Sample(latency, outcome, ttft, tokens))
+        store = self.quota.store
+        _, tokens = record.quotas(tier.quotas).specs()
+        if store is None or tokens is None:
+            return
+        reserved = int(call.cost)
 
-    async def _whole(
+        async def settle() -> None:
+            try:
+                await store.settle(
+                    record.key_id,
+                    tokens=tokens,
+                    reserved=reserved,
+                    actual=used,
+                    paid_with_credits=verdict.credits_spent > 0,
+                )
+            except Exception:  # the reservation then expires with its window
+                self.quota.redis_errors += 1
+
+        self._background.start_soon(settle)
+
+    # -- the shed ladder -----------------------------------------------------------------------
+
+    def _scope(self, record: KeyRecord, model: ModelSettings | None) -> str:
+        if model is not None and model.shared_cache:
+            return f"shared:{model.name}"
+        return f"tenant:{record.tenant}"
+
+    def _cache_put(self, record: KeyRecord, call: InferenceCall, body: bytes) -> None:
+        model = self.settings.model(call.model)
+        cache = self.cache
+        if cache is None or model is None or model.cache_fresh_s <= 0:
+            return
+        scope = self._scope(record, model)
+
+        async def put() -> None:
+            with contextlib.suppress(CacheError):
+                await cache.put(
+                    scope,
+                    call.route,
+                    call.body,
+                    body,
+                    fresh_s=model.cache_fresh_s,
+                    stale_s=model.cache_stale_s,
+                    now_unix=time.time(),
+                )
+
+        self._background.start_soon(put)
+
+    async def _walk_ladder(
         self,
-        pool: BackendPool,
-        admit: Admit,
+        shed: Shed,
+        record: KeyRecord,
+        tier: TierSettings,
         call: InferenceCall,
         raw: bytes,
         headers: dict[str, str],
     ) -> Reply:
-        started_at = trio.current_time()
-        outcome = Outcome.IGNORED
-        tokens = 0
-        try:
-            async with pool.post(
-                PATHS[call.route],
-                raw,
-                headers,
-                stream=False,
-                timeout_s=self.settings.server.request_timeout_s,
-            ) as up:
-                body = await up.read()
-                outcome, error = _judge(up)
-                if error is not None:
-                    raise error
-                tokens = _completion_tokens(body)
-                return Reply(up.status_code, up.headers(), body)
-        except BackendError as exc:
-            outcome = (
-                Outcome.DROPPED
-                if isinstance(exc, BackendTimeout | BackendUnavailable)
-                else Outcome.IGNORED
-            )
-            raise _backend_error(exc) from exc
-        finally:
-            self._end(admit.ticket, outcome, started_at, output_tokens=tokens)
-
-    async def _stream(
-        self,
-        pool: BackendPool,
-        admit: Admit,
-        call: InferenceCall,
-        raw: bytes,
-        headers: dict[str, str],
-    ) -> Reply:
-        chunks = self._stream_chunks(pool, admit, call, raw, headers)
-        first = await chunks.__anext__()  # opens the upstream call; see the module docstring
-        status, upstream_headers = json.loads(first)
-        return Reply(status, upstream_headers, chunks)
-
-    async def _stream_chunks(
-        self,
-        pool: BackendPool,
-        admit: Admit,
-        call: InferenceCall,
-        raw: bytes,
-        headers: dict[str, str],
-    ) -> AsyncIterator[bytes]:
-        started_at = trio.current_time()
-        outcome, ttft, events = Outcome.IGNORED, math.nan, 0
-        try:
-            async with pool.post(
-                PATHS[call.route], raw, headers, timeout_s=self.settings.server.request_timeout_s
-            ) as up:
-                outcome, error = _judge(up)
-                if error is not None:
-                    await up.read()
-                    raise error
-                outcome = Outcome.IGNORED  # until the stream ends well
-                yield json.dumps([up.status_code, up.headers()]).encode()
-                async for chunk in up.chunks():
-                    if math.isnan(ttft):
-                        ttft = trio.current_time() - started_at
-                    events += chunk.count(b"data:")
-                    yield chunk
-                outcome = Outcome.COMPLETED
-        except BackendError as exc:
-            if isinstance(exc, BackendTimeout | BackendUnavailable):
-                outcome = Outcome.DROPPED
-            if math.isnan(ttft) and events == 0:
-                raise _backend_error(exc) from exc
-            # headers are gone already: end the stream with an SSE error event
-            yield b"data: " + _backend_error(exc).body() + b"\n\n"
-        finally:
-            sample = {"output_tokens": float(max(0, events - 1))}
-            if not math.isnan(ttft):
-                sample["ttft_s"] = ttft
-            self._end(admit.ticket, outcome, started_at, **sample)
-
-
-def _judge(up: Upstream) -> tuple[Outcome, ApiError | None]:
-    """How a backend status counts for the controller, and what the client gets instead."""
-    status = up.status_code
-    if status < 400:
-        return Outcome.COMPLETED, None
-    if status in SATURATED:
-        return Outcome.DROPPED, overloaded("The model's backends are saturated.", 1.0)
-    if status < 500:
-        return Outcome.IGNORED, None  # the backend's own 4xx is passed through as is
-    return Outcome.IGNORED, ApiError(
-        502, f"The backend failed with status {status}.", type="server_error", code="bad_gateway"
-    )
-
-
-def _backend_error(exc: BackendError) -> ApiError:
-    if isinstance(exc, BackendTimeout):
-        return ApiError(
-            504, "The backend did not answer in time.", type="server_error", code="timeout"
+        model = self.settings.model(call.model)
+        hit = (
+            await self._cache_get(record, call, model) if Step.CACHE in tier.ladder.steps else None
         )
-    if isinstance(exc, BackendUnavailable):
-        return overloaded("No backend is available for this model right now.", 2.0)
-    return ApiError(
-        502, "The backend's response broke off.", type="server_error", code="bad_gateway"
-    )
+        cache_state = (
+            CacheState.MISS if hit is None else CacheState.STALE if hit.stale else CacheState.FRESH
+        )
+        fallback = self._fallback_pool(model)
+        step = tier.ladder.choose(cache=cache_state, fallback_has_headroom=fallback is not None)
+        shed_header = {"x-scheduler-shed": shed.reason.value}
+        if step is Step.CACHE and hit is not None:
+            self.counters.count(tier.core.name, "shed_cache")
+            extra = {**shed_header, "x-scheduler-cache": "stale" if hit.stale else "fresh"}
+            extra["age"] = str(int(hit.age_s))
+            if call.stream:
+                return Reply(
+                    200, {"content-type": "text/event-stream", **extra}, _events(call, hit.body)
+                )
+            return Reply(200, {"content-type": hit.content_type, **extra}, hit.body)
+        if step is Step.FALLBACK and fallback is not None and model is not None:
+            self.counters.count(tier.core.name, "shed_fallback")
+            return await self._fallback(fallback, model, call, headers, shed_header)
+        self.counters.count(tier.core.name, f"shed_{shed.reason.value}")
+        message, retry_after_s = SHED_MESSAGES[shed.reason]
+        error = overloaded(message, retry_after_s)
+        error.extra_headers.update(shed_header)
+        raise error
+
+    async def _cache_get(
+        self, record: KeyRecord, call: InferenceCall, model: ModelSettings | None
+    ) -> CacheHit | None:
+        if self.cache is None:
+            return None
+        try:
+            return await self.cache.get(
+                self._scope(record, model), call.route, call.body, now_unix=time.time()
+            )
+        except CacheError:
+            return None
+
+    def _fallback_pool(
+        self, model: ModelSettings | None
+    ) -> tuple[ModelSettings, BackendPool] | None:
+        if model is None or model.fallback is None:
+            return None
+        target = self.settings.model(model.fallback)
+        pool = self.pools.get(model.fallback)
+        if target is None or pool is None or not pool.any_healthy:
+            return None
+        if pool.inflight >= target.max_inflight:
+            return None
+        return target, pool
+
+    async def _fallback(
+        self,
+        fallback: tuple[ModelSettings, BackendPool],
+        model: ModelSettings,
+        call: InferenceCall,
+        headers: dict[str, str],
+        extra: dict[str, str],
+    ) -> Reply:
+        target, pool = fallback
+        body = json.dumps({**call.body, "model": target.name}).encode()
+        forward = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
+        forward["content-type"] = "application/json"
+        timeout_s = self.settings.server.request_timeout_s
+        path = PATHS[call.route]
+        extra = {**extra, "x-scheduler-degraded": f"fallback:{target.name}"}
+
+        def on_end(ended: Ended) -> None:  # outside the gate: nothing to release
+            return None
+
+        if call.stream:
+            reply = await call_stream(pool, path, body, forward, timeout_s, on_end)
+        else:
+            reply = await call_whole(pool, path, body, forward, timeout_s, on_end)
+        reply.headers.update(extra)
+        return reply
 
 
-def _completion_tokens(body: bytes) -> int:
-    try:
-        usage = json.loads(body).get("usage") or {}
-        return int(usage.get("completion_tokens") or 0)
-    except (ValueError, AttributeError, TypeError):
-        return 0
+async def _events(call: InferenceCall, body: bytes) -> AsyncIterator[bytes]:
+    for event in completion_to_sse(call.route, body):
+        yield event

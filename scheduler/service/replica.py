@@ -1,9 +1,10 @@
 """One replica's long-lived parts, built inside trio when the app starts serving.
 
 Every process is a replica: it has its own scheduling core, controller and backend pools;
-quotas and the cache (in Redis) are what replicas share. The parts are built in the app's
-`before_serving` hook so that the core is told trio's time, and its tasks (the dispatcher,
-the backend probes) live in the app's nursery: if one fails, the replica fails.
+quotas, keys and the cache (in Redis) are what replicas share. The parts are built in the
+app's `before_serving` hook so that the core is told trio's time, and its tasks (the
+dispatcher, the backend probes, the Redis client) live in the app's nursery: if one fails,
+the replica fails.
 """
 
 from __future__ import annotations
@@ -14,21 +15,31 @@ import coredis
 import trio
 
 from backends.http import BackendPool, HttpBackend, make_client
+from backends.redis_cache import ResponseCache
+from backends.redis_quota import RedisQuotaStore
+from policies.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from scheduler.core import AIMDController, Scheduler, SchedulerConfig
 from scheduler.service.config import Settings
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.gateway import Gateway
+from scheduler.service.quota import QuotaGuard
+from scheduler.service.tenancy import KeyRegistry
 
-REDIS_TIMEOUT_S = 0.1
+REDIS_TIMEOUT_S = 0.05  # every Redis call on the request path
+READY_TIMEOUT_S = 0.2
 
 
 class Replica:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.controller = AIMDController(settings.controller)
+        self.breaker = CircuitBreaker(BreakerConfig(failure_threshold=3, open_s=0.5))
+        self.registry = KeyRegistry(settings.keys, settings.key_secret, timeout_s=REDIS_TIMEOUT_S)
+        self.quota = QuotaGuard(None, self.breaker, replicas=settings.replicas)
         self._gateway: Gateway | None = None
         self._client = make_client(settings.backend_limits)
         self._redis: coredis.Redis[bytes] | None = None
+        self._cache: ResponseCache | None = None
 
     @property
     def gateway(self) -> Gateway:
@@ -57,17 +68,28 @@ class Replica:
         await nursery.start(dispatcher.run)
         for pool in pools.values():
             nursery.start_soon(pool.probe_forever)
-        self._gateway = Gateway(settings, dispatcher, pools)
+        self._gateway = Gateway(
+            settings,
+            dispatcher,
+            pools,
+            registry=self.registry,
+            quota=self.quota,
+            cache=self._cache,
+            background=nursery,
+        )
 
     async def _hold_redis(self, url: str, *, task_status: trio.TaskStatus[None]) -> None:
         """coredis's client runs its own tasks: one task enters and leaves its context."""
         async with coredis.Redis.from_url(url) as redis:
             self._redis = redis
+            self.registry.redis = redis
+            self.quota.store = RedisQuotaStore(redis, timeout_s=REDIS_TIMEOUT_S)
+            self._cache = ResponseCache(redis, timeout_s=REDIS_TIMEOUT_S)
             task_status.started()
             try:
                 await trio.sleep_forever()
             finally:
-                self._redis = None
+                self._redis = self.registry.redis = self.quota.store = None
 
     async def stop(self) -> None:
         await self._client.aclose()
@@ -80,13 +102,20 @@ class Replica:
             "models": {name: pool.any_healthy for name, pool in gateway.pools.items()},
         }
         checks["draining"] = {"ok": not gateway.dispatcher.core.draining}
+        breaker = self.breaker.state
         if self._redis is None:
             checks["redis"] = {"ok": False, "error": "no Redis configured"}
         else:
             try:
-                with trio.fail_after(REDIS_TIMEOUT_S):
+                with trio.fail_after(READY_TIMEOUT_S):
                     await self._redis.ping()
-                checks["redis"] = {"ok": True}
+                checks["redis"] = {"ok": True, "breaker": breaker.value}
             except (trio.TooSlowError, coredis.exceptions.RedisError, OSError) as exc:
-                checks["redis"] = {"ok": False, "error": type(exc).__name__}
+                checks["redis"] = {
+                    "ok": False,
+                    "error": type(exc).__name__,
+                    "breaker": breaker.value,
+                }
+        if breaker is not BreakerState.CLOSED:
+            checks["redis"]["ok"] = False
         return checks

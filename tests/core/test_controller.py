@@ -39,7 +39,11 @@ def drive(controller: AIMDController, capacity: float, ticks: int, start: float)
 
 def test_aimd_settles_near_capacity_and_follows_it() -> None:
     config = AIMDConfig(
-        initial_limit=16, target_latency_s=1.1 * BASE_S, decrease_factor=0.9, increase_step=1
+        initial_limit=16,
+        target_latency_s=1.1 * BASE_S,
+        decrease_factor=0.9,
+        increase_step=1,
+        cooldown_s=1.0,
     )
     aimd = AIMDController(config)
     limits = drive(aimd, 100, 400, start=0)

@@ -68,9 +68,14 @@ async def test_overload_sheds_free_first_and_answers_everyone(
     late: list[tuple[str, float]] = []
     missing_retry_after: list[int] = []
     tiers = ["enterprise", "pro", "free"]
-    body = {"model": "demo-small", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10}
 
-    async def one(client: httpx2.AsyncClient, tier: str) -> None:
+    async def one(client: httpx2.AsyncClient, tier: str, i: int) -> None:
+        # distinct prompts: no cached answer can stand in for a shed request here
+        body = {
+            "model": "demo-small",
+            "messages": [{"role": "user", "content": f"q{i}"}],
+            "max_tokens": 10,
+        }
         started = trio.current_time()
         r = await client.post(
             gateway + "/v1/chat/completions",
@@ -90,7 +95,7 @@ async def test_overload_sheds_free_first_and_answers_everyone(
             async with trio.open_nursery() as load:
                 # open-model arrivals: 120 requests/s, about four times the capacity, for 3 s
                 for i in range(360):
-                    load.start_soon(one, client, tiers[i % 3])
+                    load.start_soon(one, client, tiers[i % 3], i)
                     await trio.sleep(1 / 120)
 
     ok = {t: results[t][200] / sum(results[t].values()) for t in tiers}

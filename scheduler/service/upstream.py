@@ -1,0 +1,187 @@
+"""Carrying one admitted request to a backend pool and its answer back.
+
+Why the stream is an async generator primed before it is returned: the upstream call (and
+the admission ticket) must be released whatever the client does. A generator that has
+started is closed by trio's finaliser even if the web framework never iterates it again, so
+the handler starts it (it opens the upstream call and yields the status) before handing it
+to the response. `on_end` is called exactly once per call, whatever happened, with what the
+controller and the quota need to learn from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import trio
+
+from backends.http import BackendError, BackendPool, BackendTimeout, BackendUnavailable, Upstream
+from scheduler.core import Outcome
+from scheduler.service.errors import ApiError, overloaded
+
+SATURATED = frozenset({429, 503})
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A response ready to send: a whole body, or a primed stream."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes | AsyncIterator[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """How one backend call ended."""
+
+    outcome: Outcome
+    latency_s: float
+    ttft_s: float | None
+    output_tokens: int
+    total_tokens: int | None  # from the response's usage, when it said
+    status: int = 0
+    body: bytes = b""  # a whole 2xx body, for the cache
+
+
+OnEnd = Callable[[Ended], None]
+
+
+async def call_whole(
+    pool: BackendPool,
+    path: str,
+    raw: bytes,
+    headers: dict[str, str],
+    timeout_s: float,
+    on_end: OnEnd,
+) -> Reply:
+    started_at = trio.current_time()
+    outcome, status, body = Outcome.IGNORED, 0, b""
+    usage: tuple[int, int | None] = (0, None)
+    try:
+        async with pool.post(path, raw, headers, stream=False, timeout_s=timeout_s) as up:
+            body = await up.read()
+            status = up.status_code
+            outcome, error = judge(up)
+            if error is not None:
+                raise error
+            usage = _usage(body)
+            return Reply(status, up.headers(), body)
+    except BackendError as exc:
+        if isinstance(exc, BackendTimeout | BackendUnavailable):
+            outcome = Outcome.DROPPED
+        raise backend_error(exc) from exc
+    finally:
+        latency = trio.current_time() - started_at
+        ok_body = body if 200 <= status < 300 else b""
+        on_end(Ended(outcome, latency, None, usage[0], usage[1], status, ok_body))
+
+
+async def call_stream(
+    pool: BackendPool,
+    path: str,
+    raw: bytes,
+    headers: dict[str, str],
+    timeout_s: float,
+    on_end: OnEnd,
+) -> Reply:
+    chunks = _stream_chunks(pool, path, raw, headers, timeout_s, on_end)
+    first = await chunks.__anext__()  # opens the upstream call; see the module docstring
+    status, upstream_headers = json.loads(first)
+    return Reply(status, upstream_headers, chunks)
+
+
+async def _stream_chunks(
+    pool: BackendPool,
+    path: str,
+    raw: bytes,
+    headers: dict[str, str],
+    timeout_s: float,
+    on_end: OnEnd,
+) -> AsyncIterator[bytes]:
+    started_at = trio.current_time()
+    outcome, ttft, events, total, status = Outcome.IGNORED, math.nan, 0, None, 0
+    try:
+        async with pool.post(path, raw, headers, timeout_s=timeout_s) as up:
+            status = up.status_code
+            outcome, error = judge(up)
+            if error is not None:
+                await up.read()
+                raise error
+            outcome = Outcome.IGNORED  # until the stream ends well
+            yield json.dumps([up.status_code, up.headers()]).encode()
+            async for chunk in up.chunks():
+                if math.isnan(ttft):
+                    ttft = trio.current_time() - started_at
+                events += chunk.count(b"data:")
+                if b'"usage"' in chunk:
+                    total = _stream_usage(chunk) or total
+                yield chunk
+            outcome = Outcome.COMPLETED
+    except BackendError as exc:
+        if isinstance(exc, BackendTimeout | BackendUnavailable):
+            outcome = Outcome.DROPPED
+        if math.isnan(ttft) and events == 0:
+            raise backend_error(exc) from exc
+        # the headers are gone already: end the stream with an SSE error event
+        yield b"data: " + backend_error(exc).body() + b"\n\n"
+    finally:
+        latency = trio.current_time() - started_at
+        on_end(
+            Ended(
+                outcome,
+                latency,
+                None if math.isnan(ttft) else ttft,
+                max(0, events - 1),
+                total,
+                status,
+            )
+        )
+
+
+def judge(up: Upstream) -> tuple[Outcome, ApiError | None]:
+    """How a backend status counts for the controller, and what the client gets instead."""
+    status = up.status_code
+    if status < 400:
+        return Outcome.COMPLETED, None
+    if status in SATURATED:
+        return Outcome.DROPPED, overloaded("The model's backends are saturated.", 1.0)
+    if status < 500:
+        return Outcome.IGNORED, None  # the backend's own 4xx is passed through as is
+    message = f"The backend failed with status {status}."
+    return Outcome.IGNORED, ApiError(502, message, type="server_error", code="bad_gateway")
+
+
+def backend_error(exc: BackendError) -> ApiError:
+    if isinstance(exc, BackendTimeout):
+        message = "The backend did not answer in time."
+        return ApiError(504, message, type="server_error", code="timeout")
+    if isinstance(exc, BackendUnavailable):
+        return overloaded("No backend is available for this model right now.", 2.0)
+    message = "The backend's response broke off."
+    return ApiError(502, message, type="server_error", code="bad_gateway")
+
+
+def _usage(body: bytes) -> tuple[int, int | None]:
+    """(completion tokens, total tokens or None) from a whole response's `usage`."""
+    try:
+        usage = json.loads(body).get("usage") or {}
+        total = usage.get("total_tokens")
+        return int(usage.get("completion_tokens") or 0), None if total is None else int(total)
+    except (ValueError, AttributeError, TypeError):
+        return 0, None
+
+
+def _stream_usage(chunk: bytes) -> int | None:
+    """`usage.total_tokens` from the SSE event(s) in `chunk` that carry it."""
+    for line in chunk.split(b"\n"):
+        if line.startswith(b"data:") and b'"usage"' in line:
+            try:
+                usage = json.loads(line[5:]).get("usage") or {}
+                if usage.get("total_tokens") is not None:
+                    return int(usage["total_tokens"])
+            except (ValueError, AttributeError, TypeError):
+                continue
+    return None

@@ -1,0 +1,196 @@
+"""The engine's mutable records: one per tier (counts, latencies, the key quota) and one per
+backend (its GPU model, what it holds, when it next finishes).
+
+Plain classes with `__slots__` and public fields: the loop touches them millions of times,
+so they are records, not objects with behaviour behind properties.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from array import array
+from collections import deque
+from typing import Any
+
+from backends.gpu_model import GpuConfig, GpuModel
+from backends.gpu_model import Sequence as GpuSequence
+from policies.ladder import ShedLadder
+from policies.ratelimit import GCRA, MemoryLimiter, Quota, SlidingWindowCounter, SlidingWindowLog
+from scheduler.core import ShedReason, Ticket
+from sim.engine.model import QuotaAlgorithm, QuotaSpec, QuotaUnit, TierSpec
+from sim.engine.results import Percentiles, TierResult, jain_index
+
+_INF = math.inf
+
+
+def build_limiter(spec: QuotaSpec) -> MemoryLimiter[Any]:
+    """The tier's per-key quota: a `policies` algorithm in its in-memory store."""
+    quota = Quota(spec.limit, spec.period_s, spec.burst)
+    if spec.algorithm is QuotaAlgorithm.GCRA:
+        return MemoryLimiter(GCRA(quota))
+    if spec.algorithm is QuotaAlgorithm.SLIDING_WINDOW_LOG:
+        return MemoryLimiter(SlidingWindowLog(quota))
+    return MemoryLimiter(SlidingWindowCounter(quota))
+
+
+class TierState:
+    """One tier's config slice and its running counts."""
+
+    __slots__ = (
+        "admitted",
+        "cache",
+        "cache_ratio",
+        "completed",
+        "dropped",
+        "fallback",
+        "first_shed_at",
+        "goodput",
+        "index",
+        "key_completed",
+        "key_names",
+        "key_offered",
+        "ladder",
+        "last",
+        "latencies",
+        "limiter",
+        "max_wait_s",
+        "name",
+        "offered",
+        "output_sum",
+        "prompt_sum",
+        "quota_tokens",
+        "reasons",
+        "refused",
+        "shed",
+        "slo",
+        "spec",
+        "waits",
+        "zero_waits",
+    )
+
+    def __init__(self, index: int, spec: TierSpec, key_names: list[str]) -> None:
+        self.index = index
+        self.spec = spec
+        self.name = spec.name
+        self.slo = spec.slo_latency_s
+        self.max_wait_s = spec.max_wait_s
+        self.ladder: ShedLadder = spec.ladder
+        self.cache_ratio = spec.cache_hit_ratio
+        self.limiter = build_limiter(spec.quota) if spec.quota is not None else None
+        self.quota_tokens = spec.quota is not None and spec.quota.unit is QuotaUnit.TOKENS
+        self.key_names = key_names  # shared with the tier's arrivals, which may add trace keys
+        self.key_offered = [0] * len(key_names)
+        self.key_completed = [0] * len(key_names)
+        self.offered = self.admitted = self.completed = self.goodput = 0
+        self.refused = self.shed = self.cache = self.fallback = self.dropped = 0
+        self.prompt_sum = self.output_sum = 0
+        self.reasons = dict.fromkeys(ShedReason, 0)
+        self.first_shed_at = _INF
+        self.latencies: array[float] = array("d")
+        self.waits: array[float] = array("d")  # queue waits > 0 (most are 0: counted apart)
+        self.zero_waits = 0
+        self.last = (0, 0, 0, 0)  # offered, admitted, goodput, not served: at the last sample
+
+    def not_served(self) -> int:
+        return self.shed + self.cache + self.fallback + self.dropped
+
+    def grow_keys(self) -> None:
+        """A trace brought new keys: widen the per-key counts."""
+        missing = len(self.key_names) - len(self.key_offered)
+        self.key_offered.extend([0] * missing)
+        self.key_completed.extend([0] * missing)
+
+    def result(self) -> TierResult:
+        pairs = zip(self.key_completed, self.key_offered, strict=True)
+        shares = [done / asked for done, asked in pairs if asked > 0]
+        n = self.offered or 1
+        return TierResult(
+            name=self.name,
+            slo_latency_s=self.slo,
+            shed_budget=self.spec.shed_budget,
+            offered=self.offered,
+            admitted=self.admitted,
+            completed=self.completed,
+            goodput=self.goodput,
+            refused_by_quota=self.refused,
+            shed=self.shed,
+            served_from_cache=self.cache,
+            degraded_to_fallback=self.fallback,
+            dropped=self.dropped,
+            shed_reasons={r.value: c for r, c in self.reasons.items()},
+            latency_s=Percentiles.of(self.latencies),
+            queue_wait_s=Percentiles.of(self.waits, zeros=self.zero_waits),
+            fairness=jain_index(shares),
+            first_shed_at=self.first_shed_at,
+            mean_prompt_tokens=self.prompt_sum / n,
+            mean_output_tokens=self.output_sum / n,
+        )
+
+
+Flight = tuple[Ticket, TierState, int]
+"""An admitted request on a backend: its ticket, its tier, its key index."""
+
+
+class Backend:
+    """One GPU model, the requests it holds, and when its next request finishes.
+
+    Why `ends` and `pending`: the model's `next_event_at` also names first tokens, which end
+    nothing, so waking for them would double the backend wake-ups. The sequences' own
+    `done_step` and the model's `time_of_step` say when the next one finishes: `ends` orders
+    the started sequences by it, `pending` keeps the waiting ones in the model's FIFO order
+    until they start.
+    """
+
+    __slots__ = ("alive", "config", "ends", "gpu", "index", "inflight", "pending", "wake_at")
+
+    def __init__(self, index: int, config: GpuConfig, now: float) -> None:
+        self.index = index
+        self.config = config
+        self.gpu = GpuModel(config, now=now)
+        self.alive = True
+        self.wake_at = _INF
+        self.inflight: dict[int, Flight] = {}
+        self.ends: list[tuple[float, int, GpuSequence]] = []
+        self.pending: deque[GpuSequence] = deque()
+
+    def reset(self, now: float) -> None:
+        """Start over empty (a backend restored after a loss)."""
+        self.gpu = GpuModel(self.config, now=now)
+        self.inflight.clear()
+        self.ends.clear()
+        self.pending.clear()
+        self.wake_at = _INF
+
+    def track(self, seq: GpuSequence) -> None:
+        """Note a sequence just submitted, and any that started with it."""
+        pending = self.pending
+        pending.append(seq)
+        while pending and pending[0].start_step == pending[0].start_step:  # not nan: started
+            started = pending.popleft()
+            heapq.heappush(self.ends, (started.done_step, started.id, started))
+
+    def next_finish_at(self) -> float:
+        """When the next running sequence finishes at the current batch size."""
+        ends = self.ends
+        while ends and ends[0][2].finished_at == ends[0][2].finished_at:  # not nan: ended
+            heapq.heappop(ends)
+        pending = self.pending
+        while pending and pending[0].start_step == pending[0].start_step:
+            started = pending.popleft()
+            heapq.heappush(ends, (started.done_step, started.id, started))
+        return self.gpu.time_of_step(ends[0][0]) if ends else _INF
+
+
+def pool_pressure(alive: list[Backend]) -> float:
+    """The pool's 0..1 pressure, as a probe of vLLM's metrics would read it: for each live
+    backend the larger of its KV-cache use and its waiting requests over its batch size
+    (clipped to 1); the pool's is the largest. No live backend reads as 1 (a stale probe)."""
+    if not alive:
+        return 1.0
+    worst = 0.0
+    for backend in alive:
+        stats = backend.gpu.statistics()
+        waiting = stats.waiting / backend.config.max_batch
+        worst = max(worst, min(1.0, max(stats.kv_usage, waiting)))
+    return worst
