@@ -16,6 +16,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from scheduler.service.admin import create_admin
 from scheduler.service.errors import ApiError
 from scheduler.service.openai_body import read_call
 from scheduler.service.openapi import openapi_document
@@ -97,6 +98,8 @@ def create_app(replica: Replica) -> QuartTrio:
     @app.get("/openapi.json")
     async def openapi() -> Response:
         return _json(openapi_document(settings))
+
+    app.register_blueprint(create_admin(replica))
 
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:

@@ -8,6 +8,7 @@ defaults run the demo: three tiers, three demo keys, the built-in demo backend.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import math
@@ -111,7 +112,7 @@ def key_id(key: str, secret: bytes) -> str:
 T = TypeVar("T")
 
 
-class _Table:
+class Table:
     """A TOML table with its dotted path, for errors that name the field."""
 
     def __init__(self, data: Mapping[str, Any], path: str) -> None:
@@ -136,8 +137,8 @@ class _Table:
             )
         return value  # type: ignore[no-any-return]
 
-    def table(self, name: str) -> _Table:
-        return _Table(self.get(name, dict, {}), self.where(name))
+    def table(self, name: str) -> Table:
+        return Table(self.get(name, dict, {}), self.where(name))
 
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used)
@@ -175,13 +176,13 @@ DEFAULT_TIERS = {
 }
 
 
-def _tiers(root: _Table) -> tuple[TierSettings, ...]:
+def _tiers(root: Table) -> tuple[TierSettings, ...]:
     raw = root.get("tiers", dict, DEFAULT_TIERS)
     _check(bool(raw), "tiers", "at least one tier is required")
     tiers = []
     for name, body in raw.items():
         _check(isinstance(body, dict), f"tiers.{name}", "expected a table")
-        t = _Table(body, f"tiers.{name}")
+        t = Table(body, f"tiers.{name}")
         weight = t.get("weight", float, 1.0)
         max_wait_s = t.get("max_wait_s", float, 10.0)
         core = _build(
@@ -211,7 +212,7 @@ def _tiers(root: _Table) -> tuple[TierSettings, ...]:
     return tuple(tiers)
 
 
-def quota_settings(table: _Table, base: QuotaSettings | None = None) -> QuotaSettings:
+def quota_settings(table: Table, base: QuotaSettings | None = None) -> QuotaSettings:
     """A quota table (`[tiers.X.quota]`, or an admin API body) over `base`'s values."""
     base = base or QuotaSettings()
     algorithm = table.get("algorithm", str, base.algorithm)
@@ -235,7 +236,7 @@ def quota_settings(table: _Table, base: QuotaSettings | None = None) -> QuotaSet
 
 
 def _keys(
-    root: _Table, tiers: set[str], secret: bytes, env: Mapping[str, str]
+    root: Table, tiers: set[str], secret: bytes, env: Mapping[str, str]
 ) -> tuple[KeySettings, ...]:
     default = [{"key": k, "tenant": f"demo-{t}", "tier": t} for k, t in DEMO_KEYS.items()]
     raw = root.get("keys", list, default)
@@ -243,7 +244,7 @@ def _keys(
     for i, body in enumerate(raw):
         where = f"keys[{i}]"
         _check(isinstance(body, dict), where, "expected a table")
-        t = _Table(body, where)
+        t = Table(body, where)
         clear = t.get("key", str, "")
         env_name = t.get("key_env", str, "")
         if env_name:
@@ -260,13 +261,13 @@ def _keys(
     return tuple(keys)
 
 
-def _models(root: _Table) -> tuple[ModelSettings, ...]:
+def _models(root: Table) -> tuple[ModelSettings, ...]:
     raw = root.get("models", dict, {"demo-small": {"backends": [DEMO_BACKEND]}})
     _check(bool(raw), "models", "at least one model is required")
     models = []
     for name, body in raw.items():
         _check(isinstance(body, dict), f"models.{name}", "expected a table")
-        t = _Table(body, f"models.{name}")
+        t = Table(body, f"models.{name}")
         backends = t.get("backends", list, [])
         _check(bool(backends), t.where("backends"), "at least one backend URL is required")
         for url in backends:
@@ -298,7 +299,7 @@ def _models(root: _Table) -> tuple[ModelSettings, ...]:
     return tuple(models)
 
 
-def _dataclass_from(table: _Table, cls: type[T], where: str, **fixed: Any) -> T:
+def _dataclass_from(table: Table, cls: type[T], where: str, **fixed: Any) -> T:
     """Fill a frozen config dataclass from a table, field by field, with type checks."""
     values: dict[str, Any] = dict(fixed)
     for f in fields(cls):  # type: ignore[arg-type]
@@ -310,7 +311,7 @@ def _dataclass_from(table: _Table, cls: type[T], where: str, **fixed: Any) -> T:
     return _build(partial(cls, **values), where)
 
 
-def _controller(root: _Table) -> tuple[AIMDConfig, GateConfig]:
+def _controller(root: Table) -> tuple[AIMDConfig, GateConfig]:
     t = root.table("controller")
     mode_name = t.get("mode", str, "window")
     _check(mode_name in {m.value for m in GateMode}, t.where("mode"), "expected 'rate' or 'window'")
@@ -324,6 +325,19 @@ def _controller(root: _Table) -> tuple[AIMDConfig, GateConfig]:
     gate = _build(partial(GateConfig, GateMode(mode_name), burst_s), "controller")
     aimd = _dataclass_from(t, AIMDConfig, "controller", latency_signal=LatencySignal(signal_name))
     return aimd, gate
+
+
+def gains_to_dict(config: AIMDConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    data["latency_signal"] = config.latency_signal.value
+    return data
+
+
+def gains_from_dict(data: Mapping[str, Any]) -> AIMDConfig:
+    """The inverse of `gains_to_dict`; raises ValueError naming a bad gain."""
+    values = dict(data)
+    values["latency_signal"] = LatencySignal(values.get("latency_signal", "latency"))
+    return AIMDConfig(**values)
 
 
 def load_settings(
@@ -343,7 +357,7 @@ def load_settings(
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
-    root = _Table(data, "")
+    root = Table(data, "")
     server_table = root.table("server")
     server_values = {k: v for k, v in (overrides or {}).items() if v is not None}
     server_table.data = {**server_table.data, **server_values}

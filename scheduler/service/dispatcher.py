@@ -62,7 +62,12 @@ class _Finish:
     sample: Sample | None  # None: ignore (says nothing about load)
 
 
-_Message = _Submit | _Cancel | _Finish
+@dataclass(frozen=True, slots=True)
+class _Drain:
+    pass
+
+
+_Message = _Submit | _Cancel | _Finish | _Drain
 
 
 class Dispatcher:
@@ -91,6 +96,10 @@ class Dispatcher:
 
     def finish(self, ticket: Ticket, sample: Sample | None) -> None:
         self._send.send_nowait(_Finish(ticket, sample))
+
+    def drain(self) -> None:
+        """Refuse new arrivals from now on (shutdown)."""
+        self._send.send_nowait(_Drain())
 
     async def wait_decision(self, waiter: Waiter) -> Admit | Shed:
         """Wait for admission or shedding; if cancelled meanwhile, hand the seat back."""
@@ -147,6 +156,8 @@ class Dispatcher:
                 self._waiters[waiter.request.id] = waiter
             else:
                 waiter.settle(decision)
+        elif isinstance(message, _Drain):
+            core.drain()
         elif isinstance(message, _Finish):
             if message.sample is None:
                 core.ignore(message.ticket)

@@ -9,6 +9,7 @@ the replica fails.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import coredis
@@ -18,8 +19,8 @@ from backends.http import BackendPool, HttpBackend, make_client
 from backends.redis_cache import ResponseCache
 from backends.redis_quota import RedisQuotaStore
 from policies.breaker import BreakerConfig, BreakerState, CircuitBreaker
-from scheduler.core import AIMDController, Scheduler, SchedulerConfig
-from scheduler.service.config import Settings
+from scheduler.core import AIMDConfig, AIMDController, Scheduler, SchedulerConfig
+from scheduler.service.config import Settings, gains_from_dict, gains_to_dict
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.gateway import Gateway
 from scheduler.service.quota import QuotaGuard
@@ -27,6 +28,9 @@ from scheduler.service.tenancy import KeyRegistry
 
 REDIS_TIMEOUT_S = 0.05  # every Redis call on the request path
 READY_TIMEOUT_S = 0.2
+GAINS_KEY = "control:gains"  # {"version": n, "gains": {...}}, written by the admin API
+GAINS_POLL_S = 0.5
+REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
 
 class Replica:
@@ -40,6 +44,7 @@ class Replica:
         self._client = make_client(settings.backend_limits)
         self._redis: coredis.Redis[bytes] | None = None
         self._cache: ResponseCache | None = None
+        self._gains_version = 0
 
     @property
     def gateway(self) -> Gateway:
@@ -65,6 +70,7 @@ class Replica:
         }
         if settings.redis_url:
             await nursery.start(self._hold_redis, settings.redis_url)
+            nursery.start_soon(self._follow_gains)
         await nursery.start(dispatcher.run)
         for pool in pools.values():
             nursery.start_soon(pool.probe_forever)
@@ -90,6 +96,40 @@ class Replica:
                 await trio.sleep_forever()
             finally:
                 self._redis = self.registry.redis = self.quota.store = None
+
+    async def publish_gains(self, config: AIMDConfig) -> None:
+        """Apply new gains here at once, and in Redis for the other replicas."""
+        self.controller.configure(config)
+        redis = self._redis
+        if redis is None:
+            return
+        with trio.move_on_after(1.0):
+            version = await redis.incr(GAINS_KEY + ":version")
+            document = {"version": version, "gains": gains_to_dict(config)}
+            await redis.set(GAINS_KEY, json.dumps(document))
+            self._gains_version = version
+
+    async def _follow_gains(self) -> None:
+        """Take up gains another replica's admin API published."""
+        while True:
+            await trio.sleep(GAINS_POLL_S)
+            redis = self._redis
+            if redis is None:
+                continue
+            try:
+                with trio.fail_after(READY_TIMEOUT_S):
+                    raw = await redis.get(GAINS_KEY)
+            except REDIS_ERRORS:
+                continue
+            if not raw:
+                continue
+            document = json.loads(raw)
+            if document["version"] > self._gains_version:
+                self.controller.configure(gains_from_dict(document["gains"]))
+                self._gains_version = document["version"]
+
+    def drain(self) -> None:
+        self.gateway.dispatcher.drain()
 
     async def stop(self) -> None:
         await self._client.aclose()

@@ -1,0 +1,204 @@
+"""The admin API under /admin/v1/, for SREs: keys, quotas, credits, controller gains, drain.
+
+Authenticated by its own token (`SCHEDULER_ADMIN_TOKEN`); without one the whole API is off
+(404). Changes live in Redis, so every replica sees them: key records within the registry's
+cache time (0.5 s), controller gains at the next gains poll (0.5 s), this replica at once.
+Bodies are validated like the config file: a bad field is refused with a 400 that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import time
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from scheduler.core import AIMDConfig, LatencySignal
+from scheduler.service.config import ConfigError, Table, gains_to_dict, quota_settings
+from scheduler.service.errors import ApiError, bad_request
+from scheduler.service.quota import QuotaSettings
+from scheduler.service.replica import Replica
+from scheduler.service.tenancy import QUOTA_FIELDS
+
+GAIN_FIELDS = {f.name: f for f in dataclasses.fields(AIMDConfig)}
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(json.dumps(data), status=status, content_type="application/json")
+
+
+async def _body() -> dict[str, Any]:
+    raw = await request.get_data(as_text=False)
+    assert isinstance(raw, bytes)
+    try:
+        body = json.loads(raw or b"{}")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad_request(f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        raise bad_request("The body must be a JSON object.")
+    return body
+
+
+def _validated(make: Any, *args: Any) -> Any:
+    try:
+        return make(*args)
+    except (ConfigError, ValueError) as exc:
+        raise bad_request(str(exc)) from exc
+
+
+def quota_fields(body: dict[str, Any], where: str) -> dict[str, Any]:
+    """Validated quota fields of a body, only those given (for overrides and upgrades)."""
+    given = {k: v for k, v in body.items() if k in QUOTA_FIELDS}
+    settings = _validated(quota_settings, Table(given, where), QuotaSettings())
+    return {k: getattr(settings, k) for k in given}
+
+
+def gain_changes(body: dict[str, Any]) -> dict[str, Any]:
+    """Validated AIMD gain changes: known fields, right types (the config checks the rest)."""
+    changes: dict[str, Any] = {}
+    for name, value in body.items():
+        where = f"controller.{name}"
+        if name not in GAIN_FIELDS:
+            raise bad_request(f"{where}: unknown gain", param=name)
+        if name == "latency_signal":
+            if value not in {s.value for s in LatencySignal}:
+                raise bad_request(f"{where}: expected 'latency', 'ttft' or 'tpot'", param=name)
+            changes[name] = LatencySignal(value)
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad_request(f"{where}: expected a number, got {value!r}", param=name)
+        else:
+            changes[name] = float(value)
+    return changes
+
+
+def create_admin(replica: Replica) -> Blueprint:
+    admin = Blueprint("admin", __name__, url_prefix="/admin/v1")
+    token = replica.settings.admin_token
+
+    @admin.before_request
+    async def authenticate() -> None:
+        if not token:
+            raise ApiError(404, "The admin API is off: set SCHEDULER_ADMIN_TOKEN to enable it.")
+        given = request.headers.get("authorization", "")
+        if not given.lower().startswith("bearer ") or not hmac.compare_digest(
+            given[7:].strip().encode(), token.encode()
+        ):
+            raise ApiError(401, "A valid admin token is required.", code="invalid_admin_token")
+        if replica.registry.redis is None and request.path.startswith("/admin/v1/keys"):
+            raise ApiError(503, "Redis is not connected.", type="server_error", retry_after_s=1)
+
+    async def known(key_id: str) -> None:
+        if not await replica.registry.exists(key_id):
+            raise ApiError(404, f"No key with id {key_id!r}.", code="key_not_found")
+
+    @admin.get("/keys")
+    async def list_keys() -> Response:
+        return _json({"data": [r.public() for r in await replica.registry.list()]})
+
+    @admin.post("/keys")
+    async def create_key() -> Response:
+        body = await _body()
+        tenant, tier = body.get("tenant"), body.get("tier")
+        if not isinstance(tenant, str) or not tenant:
+            raise bad_request("'tenant' must be a non-empty string.", param="tenant")
+        if not any(t.core.name == tier for t in replica.settings.tiers):
+            raise bad_request(
+                f"'tier' must be one of the configured tiers, got {tier!r}.", param="tier"
+            )
+        bypass = body.get("bypass", False)
+        if not isinstance(bypass, bool):
+            raise bad_request("'bypass' must be a boolean.", param="bypass")
+        assert isinstance(tier, str)
+        clear, record = await replica.registry.create(
+            tenant, tier, bypass=bypass, created_unix=time.time()
+        )
+        return _json({"key": clear, **record.public()}, 201)
+
+    @admin.get("/keys/<key_id>")
+    async def get_key(key_id: str) -> Response:
+        await known(key_id)
+        record = await replica.registry.lookup(key_id, now=-1e18)  # always fresh
+        assert record is not None
+        return _json(record.public())
+
+    @admin.delete("/keys/<key_id>")
+    async def revoke_key(key_id: str) -> Response:
+        await known(key_id)
+        await replica.registry.revoke(key_id)
+        return _json({"key_id": key_id, "revoked": True})
+
+    @admin.put("/keys/<key_id>/quota")
+    async def set_quota(key_id: str) -> Response:
+        await known(key_id)
+        fields = quota_fields(await _body(), "quota")
+        await replica.registry.set_override(key_id, fields)
+        return _json({"key_id": key_id, "quota_override": fields})
+
+    @admin.post("/keys/<key_id>/upgrades")
+    async def upgrade(key_id: str) -> Response:
+        await known(key_id)
+        body = await _body()
+        expires_in_s = body.pop("expires_in_s", None)
+        if (
+            isinstance(expires_in_s, bool)
+            or not isinstance(expires_in_s, int | float)
+            or not (0 < expires_in_s <= 90 * 86_400)
+        ):
+            raise bad_request(
+                "'expires_in_s' must be a number of seconds in (0, 90 days].", param="expires_in_s"
+            )
+        unknown = sorted(set(body) - set(QUOTA_FIELDS))
+        if unknown:
+            raise bad_request(f"upgrade.{unknown[0]}: unknown field", param=unknown[0])
+        fields = quota_fields(body, "upgrade")
+        if not fields:
+            raise bad_request("An upgrade needs at least one quota field.")
+        await replica.registry.set_upgrade(key_id, fields, expires_in_s=float(expires_in_s))
+        return _json({"key_id": key_id, "upgrade": fields, "expires_in_s": expires_in_s}, 201)
+
+    @admin.post("/keys/<key_id>/credits")
+    async def credits(key_id: str) -> Response:
+        await known(key_id)
+        body = await _body()
+        amount, ttl_s = body.get("amount"), body.get("ttl_s", 86_400)
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
+            raise bad_request("'amount' must be a positive integer (tokens).", param="amount")
+        if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or ttl_s <= 0:
+            raise bad_request("'ttl_s' must be a positive number of seconds.", param="ttl_s")
+        store = replica.quota.store
+        if store is None:
+            raise ApiError(503, "Redis is not connected.", type="server_error", retry_after_s=1)
+        balance = await store.add_credits(key_id, amount, ttl_s=float(ttl_s))
+        return _json({"key_id": key_id, "credits": balance})
+
+    @admin.get("/controller")
+    async def get_controller() -> Response:
+        stats = replica.controller.statistics()
+        return _json(
+            {
+                "gains": gains_to_dict(replica.controller.config),
+                "limit": stats.limit,
+                "congested": stats.congested,
+                "pressure": stats.pressure,
+            }
+        )
+
+    @admin.put("/controller")
+    async def set_controller() -> Response:
+        changes = gain_changes(await _body())
+        try:
+            config = dataclasses.replace(replica.controller.config, **changes)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+        await replica.publish_gains(config)
+        return _json({"gains": gains_to_dict(config)})
+
+    @admin.post("/drain")
+    async def drain() -> Response:
+        replica.drain()
+        return _json({"draining": True})
+
+    return admin
