@@ -12,6 +12,8 @@ import logging
 import time
 from typing import Any
 
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -21,6 +23,7 @@ from scheduler.service.errors import ApiError
 from scheduler.service.openai_body import read_call
 from scheduler.service.openapi import openapi_document
 from scheduler.service.replica import Replica
+from scheduler.service.tracing import tracer
 
 log = logging.getLogger("scheduler.service")
 
@@ -51,17 +54,37 @@ def create_app(replica: Replica) -> QuartTrio:
         await replica.stop()
 
     async def inference(route: str) -> Response:
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        span_name = f"{request.method} {request.path}"
+        with tracer().start_as_current_span(
+            span_name,
+            context=propagate.extract(headers),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": request.method, "url.path": request.path},
+            record_exception=False,
+        ) as span:
+            try:
+                response = await answer(route, headers, span)
+            except ApiError as error:
+                span.set_attribute("http.response.status_code", error.status)
+                span.set_attribute("error.type", error.code or error.type)
+                raise
+            span.set_attribute("http.response.status_code", response.status_code)
+            return response
+
+    async def answer(route: str, headers: dict[str, str], span: trace.Span) -> Response:
         gateway = replica.gateway
-        key = await gateway.authenticate(request.headers.get("authorization"))
+        key = await gateway.authenticate(headers.get("authorization"))
+        span.set_attribute("scheduler.tier", key.tier)
         raw = await request.get_data(cache=False, as_text=False)
         assert isinstance(raw, bytes)
         call = read_call(route, raw, default_max_tokens=settings.server.default_max_tokens)
-        headers = {k.lower(): v for k, v in request.headers.items()}
+        span.set_attribute("gen_ai.request.model", call.model)
+        span.set_attribute("scheduler.stream", call.stream)
         reply = await gateway.serve(key, call, raw, headers)
-        if isinstance(reply.body, bytes):
-            return Response(reply.body, status=reply.status, headers=reply.headers)
         response = Response(reply.body, status=reply.status, headers=reply.headers)
-        response.timeout = None
+        if not isinstance(reply.body, bytes):
+            response.timeout = None
         return response
 
     @app.post("/v1/chat/completions")

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from backends.gpu_model import GpuConfig
 from backends.http import BackendLimits
+from backends.pressure_config import ProbeConfig, probe_config_from_mapping
 from backends.redis_quota import ALGORITHM_KINDS
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateConfig, GateMode, LatencySignal, TierConfig
@@ -61,6 +62,7 @@ class ModelSettings:
     cache_fresh_s: float = 300.0  # 0 = do not cache this model's responses
     cache_stale_s: float = 3600.0
     max_inflight: int = 256  # headroom limit when serving as a fallback
+    pressure: ProbeConfig = field(default_factory=ProbeConfig)  # each backend's /metrics probe
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,7 @@ class Settings:
     redis_url: str | None = None
     key_secret: bytes = field(default=b"", repr=False)
     admin_token: str = field(default="", repr=False)
+    source: str | None = None  # the file these settings came from (SIGHUP reloads its gains)
 
     def tier(self, name: str) -> TierSettings:
         return next(t for t in self.tiers if t.core.name == name)
@@ -290,6 +293,7 @@ def _models(root: Table) -> tuple[ModelSettings, ...]:
             t.get("cache_fresh_s", float, 300.0),
             t.get("cache_stale_s", float, 3600.0),
             t.get("max_inflight", int, 256),
+            _probe(t.get("pressure", dict, {}), t.where("pressure")),
         )
         _check(model.cache_fresh_s >= 0, t.where("cache_fresh_s"), "must be >= 0")
         _check(model.cache_stale_s >= 0, t.where("cache_stale_s"), "must be >= 0")
@@ -297,6 +301,13 @@ def _models(root: Table) -> tuple[ModelSettings, ...]:
         models.append(model)
         t.done()
     return tuple(models)
+
+
+def _probe(data: dict[str, Any], where: str) -> ProbeConfig:
+    try:
+        return probe_config_from_mapping(data, where=where)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _dataclass_from(table: Table, cls: type[T], where: str, **fixed: Any) -> T:
@@ -395,4 +406,5 @@ def load_settings(
         redis_url=redis_url,
         key_secret=secret,
         admin_token=env.get("SCHEDULER_ADMIN_TOKEN", ""),
+        source=None if path is None else str(path),
     )

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import trio
+from opentelemetry import trace
 
 from backends.http import BackendPool
 from backends.redis_cache import CacheError, CacheHit, ResponseCache, completion_to_sse
@@ -29,7 +30,7 @@ from scheduler.service.errors import ApiError, overloaded
 from scheduler.service.openai_body import InferenceCall
 from scheduler.service.quota import QuotaGuard, Source, Verdict, rate_limit_headers
 from scheduler.service.tenancy import KeyRecord, KeyRegistry
-from scheduler.service.upstream import Ended, OnEnd, Reply, call_stream, call_whole
+from scheduler.service.upstream import Ended, OnEnd, Reply, Target, call_stream, call_whole
 
 PATHS = {
     "chat": "/v1/chat/completions",
@@ -137,6 +138,13 @@ class Gateway:
         )
         if verdict.allowed:
             return verdict
+        trace.get_current_span().add_event(
+            "quota.refused",
+            {
+                "scheduler.source": verdict.source.value,
+                "scheduler.retry_after_s": verdict.retry_after_s,
+            },
+        )
         if verdict.source is Source.CLOSED:
             self.counters.count(tier.core.name, "refused_redis_down")
             raise overloaded("Quota service unavailable; retry shortly.", verdict.retry_after_s)
@@ -166,22 +174,34 @@ class Gateway:
             next(self._ids), record.tenant, record.tier, record.key_id, call.model, call.cost, now
         )
         dispatcher = self.dispatcher
+        span = trace.get_current_span()
+        span.add_event("queue.enter", {"scheduler.tier": record.tier, "scheduler.cost": call.cost})
         decision = await dispatcher.wait_decision(dispatcher.submit(request, bypass=record.bypass))
         tier_name = tier.core.name
         if isinstance(decision, Shed):
+            span.add_event(
+                "queue.shed",
+                {
+                    "scheduler.reason": decision.reason.value,
+                    "scheduler.queued_s": decision.queued_s,
+                },
+            )
             self._settle(record, tier, verdict, call, used=0)
             return await self._walk_ladder(decision, record, tier, call, raw, headers)
+        span.add_event(
+            "queue.admitted",
+            {"scheduler.queued_s": decision.queued_s, "scheduler.bypass": record.bypass},
+        )
         queued = decision.queued_s > 0
         outcome = "bypass" if record.bypass else "queued_admitted" if queued else "admitted"
         self.counters.count(tier_name, outcome)
         forward = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
         forward["content-type"] = "application/json"
         on_end = self._on_end(decision, record, tier, call, verdict)
-        timeout_s = self.settings.server.request_timeout_s
-        path = PATHS[call.route]
+        target = Target(pool, PATHS[call.route], call.model, self.settings.server.request_timeout_s)
         if call.stream:
-            return await call_stream(pool, path, raw, forward, timeout_s, on_end)
-        return await call_whole(pool, path, raw, forward, timeout_s, on_end)
+            return await call_stream(target, raw, forward, call.prompt_tokens, on_end)
+        return await call_whole(target, raw, forward, call.prompt_tokens, on_end)
 
     def _on_end(
         self,
@@ -284,6 +304,9 @@ class Gateway:
         )
         fallback = self._fallback_pool(model)
         step = tier.ladder.choose(cache=cache_state, fallback_has_headroom=fallback is not None)
+        trace.get_current_span().add_event(
+            "ladder.step", {"scheduler.step": step.value, "scheduler.cache": cache_state.value}
+        )
         shed_header = {"x-scheduler-shed": shed.reason.value}
         if step is Step.CACHE and hit is not None:
             self.counters.count(tier.core.name, "shed_cache")
@@ -340,17 +363,16 @@ class Gateway:
         body = json.dumps({**call.body, "model": target.name}).encode()
         forward = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
         forward["content-type"] = "application/json"
-        timeout_s = self.settings.server.request_timeout_s
-        path = PATHS[call.route]
+        to = Target(pool, PATHS[call.route], target.name, self.settings.server.request_timeout_s)
         extra = {**extra, "x-scheduler-degraded": f"fallback:{target.name}"}
 
         def on_end(ended: Ended) -> None:  # outside the gate: nothing to release
             return None
 
         if call.stream:
-            reply = await call_stream(pool, path, body, forward, timeout_s, on_end)
+            reply = await call_stream(to, body, forward, call.prompt_tokens, on_end)
         else:
-            reply = await call_whole(pool, path, body, forward, timeout_s, on_end)
+            reply = await call_whole(to, body, forward, call.prompt_tokens, on_end)
         reply.headers.update(extra)
         return reply
 

@@ -10,22 +10,33 @@ the replica fails.
 from __future__ import annotations
 
 import json
+import logging
+import signal
+import threading
 from typing import Any
 
 import coredis
 import trio
 
 from backends.http import BackendPool, HttpBackend, make_client
+from backends.pressure import PoolPressure
 from backends.redis_cache import ResponseCache
 from backends.redis_quota import RedisQuotaStore
 from policies.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from scheduler.core import AIMDConfig, AIMDController, Scheduler, SchedulerConfig
-from scheduler.service.config import Settings, gains_from_dict, gains_to_dict
+from scheduler.service.config import (
+    ConfigError,
+    Settings,
+    gains_from_dict,
+    gains_to_dict,
+    load_settings,
+)
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.gateway import Gateway
 from scheduler.service.quota import QuotaGuard
 from scheduler.service.tenancy import KeyRegistry
 
+log = logging.getLogger("scheduler.service")
 REDIS_TIMEOUT_S = 0.05  # every Redis call on the request path
 READY_TIMEOUT_S = 0.2
 GAINS_KEY = "control:gains"  # {"version": n, "gains": {...}}, written by the admin API
@@ -45,6 +56,7 @@ class Replica:
         self._redis: coredis.Redis[bytes] | None = None
         self._cache: ResponseCache | None = None
         self._gains_version = 0
+        self.pressure: dict[str, PoolPressure] = {}
 
     @property
     def gateway(self) -> Gateway:
@@ -59,8 +71,14 @@ class Replica:
             self.controller,
             now=trio.current_time(),
         )
+        self.pressure = {
+            m.name: PoolPressure.for_backends(
+                [(url, m.pressure) for url in m.backends], self._client
+            )
+            for m in settings.models
+        }
         dispatcher = Dispatcher(
-            core, tick_s=lambda: self.controller.config.tick_s, pressure=lambda: 0.0
+            core, tick_s=lambda: self.controller.config.tick_s, pressure=self.current_pressure
         )
         pools = {
             m.name: BackendPool(
@@ -74,6 +92,10 @@ class Replica:
         await nursery.start(dispatcher.run)
         for pool in pools.values():
             nursery.start_soon(pool.probe_forever)
+        for probes in self.pressure.values():
+            nursery.start_soon(probes.run)
+        if settings.source is not None and threading.current_thread() is threading.main_thread():
+            nursery.start_soon(self._reload_gains_on_sighup, settings.source)
         self._gateway = Gateway(
             settings,
             dispatcher,
@@ -96,6 +118,11 @@ class Replica:
                 await trio.sleep_forever()
             finally:
                 self._redis = self.registry.redis = self.quota.store = None
+
+    def current_pressure(self) -> float:
+        """The backends' pressure for the controller: the most loaded model's pool."""
+        now = trio.current_time()
+        return max((p.pressure(now) for p in self.pressure.values()), default=0.0)
 
     async def publish_gains(self, config: AIMDConfig) -> None:
         """Apply new gains here at once, and in Redis for the other replicas."""
@@ -127,6 +154,19 @@ class Replica:
             if document["version"] > self._gains_version:
                 self.controller.configure(gains_from_dict(document["gains"]))
                 self._gains_version = document["version"]
+
+    async def _reload_gains_on_sighup(self, path: str) -> None:
+        """SIGHUP: read the config file again and apply its controller gains (only those;
+        the rest needs a restart). A bad file is reported and changes nothing."""
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                try:
+                    fresh = load_settings(path)
+                except ConfigError as exc:
+                    log.error("SIGHUP: config not reloaded: %s", exc)
+                    continue
+                await self.publish_gains(fresh.controller)
+                log.warning("SIGHUP: controller gains reloaded from %s", path)
 
     def drain(self) -> None:
         self.gateway.dispatcher.drain()

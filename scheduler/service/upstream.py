@@ -13,13 +13,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import trio
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from backends.http import BackendError, BackendPool, BackendTimeout, BackendUnavailable, Upstream
 from scheduler.core import Outcome
 from scheduler.service.errors import ApiError, overloaded
+from scheduler.service.tracing import tracer
 
 SATURATED = frozenset({429, 503})
 
@@ -47,28 +51,65 @@ class Ended:
 
 
 OnEnd = Callable[[Ended], None]
+OPERATIONS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "text_completion",
+    "/v1/embeddings": "embeddings",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a call goes: the pool, the path, and the model named in the body."""
+
+    pool: BackendPool
+    path: str
+    model: str
+    timeout_s: float
+
+
+def _client_span(target: Target, prompt_tokens: int) -> trace.Span:
+    operation = OPERATIONS.get(target.path, "chat")
+    return tracer().start_span(
+        f"{operation} {target.model}",
+        kind=SpanKind.CLIENT,
+        attributes={
+            "gen_ai.operation.name": operation,
+            "gen_ai.system": "openai",
+            "gen_ai.request.model": target.model,
+            "gen_ai.usage.input_tokens": prompt_tokens,
+        },
+    )
+
+
+def _end_span(span: trace.Span, ended: Ended) -> None:
+    span.set_attribute("http.response.status_code", ended.status)
+    span.set_attribute("gen_ai.usage.output_tokens", ended.output_tokens)
+    span.set_attribute("scheduler.outcome", ended.outcome.value)
+    if ended.ttft_s is not None:
+        span.set_attribute("scheduler.ttft_s", ended.ttft_s)
+    span.end()
 
 
 async def call_whole(
-    pool: BackendPool,
-    path: str,
-    raw: bytes,
-    headers: dict[str, str],
-    timeout_s: float,
-    on_end: OnEnd,
+    target: Target, raw: bytes, headers: dict[str, str], prompt_tokens: int, on_end: OnEnd
 ) -> Reply:
     started_at = trio.current_time()
     outcome, status, body = Outcome.IGNORED, 0, b""
     usage: tuple[int, int | None] = (0, None)
+    span = _client_span(target, prompt_tokens)
     try:
-        async with pool.post(path, raw, headers, stream=False, timeout_s=timeout_s) as up:
-            body = await up.read()
-            status = up.status_code
-            outcome, error = judge(up)
-            if error is not None:
-                raise error
-            usage = _usage(body)
-            return Reply(status, up.headers(), body)
+        with trace.use_span(span, end_on_exit=False):
+            async with target.pool.post(
+                target.path, raw, headers, stream=False, timeout_s=target.timeout_s
+            ) as up:
+                body = await up.read()
+                status = up.status_code
+                outcome, error = judge(up)
+                if error is not None:
+                    raise error
+                usage = _usage(body)
+                return Reply(status, up.headers(), body)
     except BackendError as exc:
         if isinstance(exc, BackendTimeout | BackendUnavailable):
             outcome = Outcome.DROPPED
@@ -76,35 +117,33 @@ async def call_whole(
     finally:
         latency = trio.current_time() - started_at
         ok_body = body if 200 <= status < 300 else b""
-        on_end(Ended(outcome, latency, None, usage[0], usage[1], status, ok_body))
+        ended = Ended(outcome, latency, None, usage[0], usage[1], status, ok_body)
+        _end_span(span, ended)
+        on_end(ended)
 
 
 async def call_stream(
-    pool: BackendPool,
-    path: str,
-    raw: bytes,
-    headers: dict[str, str],
-    timeout_s: float,
-    on_end: OnEnd,
+    target: Target, raw: bytes, headers: dict[str, str], prompt_tokens: int, on_end: OnEnd
 ) -> Reply:
-    chunks = _stream_chunks(pool, path, raw, headers, timeout_s, on_end)
+    chunks = _stream_chunks(target, raw, headers, prompt_tokens, on_end)
     first = await chunks.__anext__()  # opens the upstream call; see the module docstring
     status, upstream_headers = json.loads(first)
     return Reply(status, upstream_headers, chunks)
 
 
 async def _stream_chunks(
-    pool: BackendPool,
-    path: str,
-    raw: bytes,
-    headers: dict[str, str],
-    timeout_s: float,
-    on_end: OnEnd,
+    target: Target, raw: bytes, headers: dict[str, str], prompt_tokens: int, on_end: OnEnd
 ) -> AsyncIterator[bytes]:
     started_at = trio.current_time()
     outcome, ttft, events, total, status = Outcome.IGNORED, math.nan, 0, None, 0
+    span = _client_span(target, prompt_tokens)
     try:
-        async with pool.post(path, raw, headers, timeout_s=timeout_s) as up:
+        async with AsyncExitStack() as stack:
+            # current only while the request is sent (traceparent), never across a yield
+            with trace.use_span(span, end_on_exit=False):
+                up = await stack.enter_async_context(
+                    target.pool.post(target.path, raw, headers, timeout_s=target.timeout_s)
+                )
             status = up.status_code
             outcome, error = judge(up)
             if error is not None:
@@ -129,16 +168,11 @@ async def _stream_chunks(
         yield b"data: " + backend_error(exc).body() + b"\n\n"
     finally:
         latency = trio.current_time() - started_at
-        on_end(
-            Ended(
-                outcome,
-                latency,
-                None if math.isnan(ttft) else ttft,
-                max(0, events - 1),
-                total,
-                status,
-            )
+        ended = Ended(
+            outcome, latency, None if math.isnan(ttft) else ttft, max(0, events - 1), total, status
         )
+        _end_span(span, ended)
+        on_end(ended)
 
 
 def judge(up: Upstream) -> tuple[Outcome, ApiError | None]:
