@@ -112,6 +112,11 @@ def create_app(replica: Replica) -> QuartTrio:
     async def healthz() -> Response:
         return _json({"status": "ok"})
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = replica.metrics.render()
+        return Response(body, status=200, content_type=content_type)
+
     @app.get("/readyz")
     async def readyz() -> Response:
         checks = await replica.readiness()

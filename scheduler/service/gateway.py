@@ -15,7 +15,6 @@ import itertools
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import trio
 from opentelemetry import trace
@@ -27,6 +26,7 @@ from scheduler.core import Admit, Outcome, Request, Sample, Shed, ShedReason
 from scheduler.service.config import ModelSettings, Settings, TierSettings
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.errors import ApiError, overloaded
+from scheduler.service.metrics import GatewayMetrics, RequestMeter, RequestOutcome
 from scheduler.service.openai_body import InferenceCall
 from scheduler.service.quota import QuotaGuard, Source, Verdict, rate_limit_headers
 from scheduler.service.tenancy import KeyRecord, KeyRegistry
@@ -46,17 +46,6 @@ SHED_MESSAGES = {
 }
 
 
-@dataclass(slots=True)
-class Counters:
-    """What the gateway decided, by tier and outcome (exported as metrics)."""
-
-    outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
-
-    def count(self, tier: str, outcome: str) -> None:
-        key = (tier, outcome)
-        self.outcomes[key] = self.outcomes.get(key, 0) + 1
-
-
 class Gateway:
     """Everything one replica needs to serve a request; one per process."""
 
@@ -70,6 +59,7 @@ class Gateway:
         quota: QuotaGuard,
         cache: ResponseCache | None,
         background: trio.Nursery,
+        metrics: GatewayMetrics,
     ) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
@@ -77,7 +67,7 @@ class Gateway:
         self.registry = registry
         self.quota = quota
         self.cache = cache
-        self.counters = Counters()
+        self.metrics = metrics
         self._background = background
         self._ids = itertools.count(1)
 
@@ -116,18 +106,27 @@ class Gateway:
         """Answer `call`; raises ApiError (with the rate-limit headers) for any refusal."""
         pool = self.pool_for(call.model)
         tier = self.settings.tier(record.tier)
-        verdict = None if record.bypass else await self._take_quota(record, tier, call)
-        limit_headers = {} if verdict is None else rate_limit_headers(verdict)
+        meter = self.metrics.meter(
+            tier=record.tier, route=call.route, model=call.model, now=trio.current_time()
+        )
         try:
-            reply = await self._schedule(record, tier, call, pool, raw, headers, verdict)
-        except ApiError as error:
-            error.extra_headers.update(limit_headers)
+            verdict = None if record.bypass else await self._take_quota(record, tier, call, meter)
+            limit_headers = {} if verdict is None else rate_limit_headers(verdict)
+            try:
+                reply = await self._schedule(record, tier, call, pool, raw, headers, verdict, meter)
+            except ApiError as error:
+                error.extra_headers.update(limit_headers)
+                raise
+        except BaseException:
+            meter.fail(now=trio.current_time())
             raise
         reply.headers.update(limit_headers)
+        if isinstance(reply.body, bytes) or meter.outcome == "shed_cache":
+            meter.done(now=trio.current_time())  # a backend stream reports from its on_end
         return reply
 
     async def _take_quota(
-        self, record: KeyRecord, tier: TierSettings, call: InferenceCall
+        self, record: KeyRecord, tier: TierSettings, call: InferenceCall, meter: RequestMeter
     ) -> Verdict:
         verdict = await self.quota.check(
             record.key_id,
@@ -136,6 +135,8 @@ class Gateway:
             token_cost=int(call.cost),
             now=trio.current_time(),
         )
+        if verdict.source in (Source.LOCAL, Source.CLOSED):
+            self.metrics.fail_mode_decision(tier.core.name, tier.fail_mode)
         if verdict.allowed:
             return verdict
         trace.get_current_span().add_event(
@@ -146,9 +147,9 @@ class Gateway:
             },
         )
         if verdict.source is Source.CLOSED:
-            self.counters.count(tier.core.name, "refused_redis_down")
+            meter.outcome = "refused_redis_down"
             raise overloaded("Quota service unavailable; retry shortly.", verdict.retry_after_s)
-        self.counters.count(tier.core.name, "refused_quota")
+        meter.outcome = "refused_quota"
         error = ApiError(
             429,
             "Rate limit reached for your API key. Retry after the time in Retry-After.",
@@ -168,6 +169,7 @@ class Gateway:
         raw: bytes,
         headers: dict[str, str],
         verdict: Verdict | None,
+        meter: RequestMeter,
     ) -> Reply:
         now = trio.current_time()
         request = Request(
@@ -177,7 +179,8 @@ class Gateway:
         span = trace.get_current_span()
         span.add_event("queue.enter", {"scheduler.tier": record.tier, "scheduler.cost": call.cost})
         decision = await dispatcher.wait_decision(dispatcher.submit(request, bypass=record.bypass))
-        tier_name = tier.core.name
+        if not record.bypass:
+            meter.queue_wait_s = decision.queued_s
         if isinstance(decision, Shed):
             span.add_event(
                 "queue.shed",
@@ -187,17 +190,19 @@ class Gateway:
                 },
             )
             self._settle(record, tier, verdict, call, used=0)
-            return await self._walk_ladder(decision, record, tier, call, raw, headers)
+            return await self._walk_ladder(decision, record, tier, call, raw, headers, meter)
         span.add_event(
             "queue.admitted",
             {"scheduler.queued_s": decision.queued_s, "scheduler.bypass": record.bypass},
         )
         queued = decision.queued_s > 0
-        outcome = "bypass" if record.bypass else "queued_admitted" if queued else "admitted"
-        self.counters.count(tier_name, outcome)
+        outcome: RequestOutcome = (
+            "bypass" if record.bypass else "queued_admitted" if queued else "admitted"
+        )
+        meter.outcome = outcome
         forward = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
         forward["content-type"] = "application/json"
-        on_end = self._on_end(decision, record, tier, call, verdict)
+        on_end = self._on_end(decision, record, tier, call, verdict, meter)
         target = Target(pool, PATHS[call.route], call.model, self.settings.server.request_timeout_s)
         if call.stream:
             return await call_stream(target, raw, forward, call.prompt_tokens, on_end)
@@ -210,6 +215,7 @@ class Gateway:
         tier: TierSettings,
         call: InferenceCall,
         verdict: Verdict | None,
+        meter: RequestMeter,
     ) -> OnEnd:
         def on_end(ended: Ended) -> None:
             if ended.outcome is Outcome.IGNORED:
@@ -223,6 +229,7 @@ class Gateway:
             self._settle(record, tier, verdict, call, used=used if ended.status < 400 else 0)
             if ended.body and not call.stream:
                 self._cache_put(record, call, ended.body)
+            meter.backend_done(model=call.model, error=ended.error, now=trio.current_time())
 
         return on_end
 
@@ -276,7 +283,7 @@ class Gateway:
             with contextlib.suppress(CacheError):
                 await cache.put(
                     scope,
-                    call.route,
+                    PATHS[call.route],
                     call.body,
                     body,
                     fresh_s=model.cache_fresh_s,
@@ -294,6 +301,7 @@ class Gateway:
         call: InferenceCall,
         raw: bytes,
         headers: dict[str, str],
+        meter: RequestMeter,
     ) -> Reply:
         model = self.settings.model(call.model)
         hit = (
@@ -309,18 +317,22 @@ class Gateway:
         )
         shed_header = {"x-scheduler-shed": shed.reason.value}
         if step is Step.CACHE and hit is not None:
-            self.counters.count(tier.core.name, "shed_cache")
             extra = {**shed_header, "x-scheduler-cache": "stale" if hit.stale else "fresh"}
             extra["age"] = str(int(hit.age_s))
-            if call.stream:
-                return Reply(
-                    200, {"content-type": "text/event-stream", **extra}, _events(call, hit.body)
-                )
-            return Reply(200, {"content-type": hit.content_type, **extra}, hit.body)
+            if not call.stream:
+                meter.outcome = "shed_cache"
+                return Reply(200, {"content-type": hit.content_type, **extra}, hit.body)
+            try:
+                events = completion_to_sse(PATHS[call.route], hit.body)
+            except ValueError:  # not a completion we can replay as a stream: a miss
+                events = None
+            if events is not None:
+                meter.outcome = "shed_cache"
+                return Reply(200, {"content-type": "text/event-stream", **extra}, _events(events))
         if step is Step.FALLBACK and fallback is not None and model is not None:
-            self.counters.count(tier.core.name, "shed_fallback")
-            return await self._fallback(fallback, model, call, headers, shed_header)
-        self.counters.count(tier.core.name, f"shed_{shed.reason.value}")
+            meter.outcome = "shed_fallback"
+            return await self._fallback(fallback, call, headers, shed_header, meter)
+        meter.outcome = "refused_overload"
         message, retry_after_s = SHED_MESSAGES[shed.reason]
         error = overloaded(message, retry_after_s)
         error.extra_headers.update(shed_header)
@@ -329,11 +341,11 @@ class Gateway:
     async def _cache_get(
         self, record: KeyRecord, call: InferenceCall, model: ModelSettings | None
     ) -> CacheHit | None:
-        if self.cache is None:
+        if self.cache is None or (call.stream and call.route == "embeddings"):
             return None
         try:
             return await self.cache.get(
-                self._scope(record, model), call.route, call.body, now_unix=time.time()
+                self._scope(record, model), PATHS[call.route], call.body, now_unix=time.time()
             )
         except CacheError:
             return None
@@ -354,10 +366,10 @@ class Gateway:
     async def _fallback(
         self,
         fallback: tuple[ModelSettings, BackendPool],
-        model: ModelSettings,
         call: InferenceCall,
         headers: dict[str, str],
         extra: dict[str, str],
+        meter: RequestMeter,
     ) -> Reply:
         target, pool = fallback
         body = json.dumps({**call.body, "model": target.name}).encode()
@@ -367,7 +379,7 @@ class Gateway:
         extra = {**extra, "x-scheduler-degraded": f"fallback:{target.name}"}
 
         def on_end(ended: Ended) -> None:  # outside the gate: nothing to release
-            return None
+            meter.backend_done(model=target.name, error=ended.error, now=trio.current_time())
 
         if call.stream:
             reply = await call_stream(to, body, forward, call.prompt_tokens, on_end)
@@ -377,6 +389,6 @@ class Gateway:
         return reply
 
 
-async def _events(call: InferenceCall, body: bytes) -> AsyncIterator[bytes]:
-    for event in completion_to_sse(call.route, body):
+async def _events(events: list[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
         yield event

@@ -359,9 +359,11 @@ class GatewayMetrics:
 
 @dataclass(slots=True)
 class RequestMeter:
-    """One request's way through the gateway: the steps set `outcome` and `queue_wait_s`
-    as they decide, and `done` reports it once (later calls do nothing), so a stream can
-    report when its last byte is out and the handler's `finally` can report everything else.
+    """One request's way through the gateway, reported once to `request_done`.
+
+    The steps set `outcome` and `queue_wait_s` as they decide. A backend call's `on_end`
+    calls `backend_done` (so a stream is timed to its last byte); the handler calls `fail`
+    when it raises and `done` otherwise. Whichever comes first reports; the rest do nothing.
     """
 
     metrics: GatewayMetrics
@@ -372,6 +374,19 @@ class RequestMeter:
     outcome: RequestOutcome = "error"
     queue_wait_s: float | None = None
     reported: bool = False
+
+    def backend_done(self, *, model: str, error: BackendErrorKind | None, now: float) -> None:
+        """A backend call for this request ended, failed if `error` says how."""
+        if error is not None:
+            self.metrics.backend_error(model, error)
+            self.outcome = "error"
+        self.done(now=now)
+
+    def fail(self, *, now: float) -> None:
+        """The handler raised: a refusal stays what it was, anything else is an error."""
+        if self.outcome in SERVED:
+            self.outcome = "error"
+        self.done(now=now)
 
     def done(self, *, now: float) -> None:
         if self.reported:

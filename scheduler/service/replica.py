@@ -33,6 +33,7 @@ from scheduler.service.config import (
 )
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.gateway import Gateway
+from scheduler.service.metrics import GatewayMetrics
 from scheduler.service.quota import QuotaGuard
 from scheduler.service.tenancy import KeyRegistry
 
@@ -51,6 +52,7 @@ class Replica:
         self.breaker = CircuitBreaker(BreakerConfig(failure_threshold=3, open_s=0.5))
         self.registry = KeyRegistry(settings.keys, settings.key_secret, timeout_s=REDIS_TIMEOUT_S)
         self.quota = QuotaGuard(None, self.breaker, replicas=settings.replicas)
+        self.metrics = GatewayMetrics.from_settings(settings)
         self._gateway: Gateway | None = None
         self._client = make_client(settings.backend_limits)
         self._redis: coredis.Redis[bytes] | None = None
@@ -90,6 +92,17 @@ class Replica:
             await nursery.start(self._hold_redis, settings.redis_url)
             nursery.start_soon(self._follow_gains)
         await nursery.start(dispatcher.run)
+
+        def export_metrics(now: float) -> None:
+            self.metrics.update_from(core.statistics())
+            self.metrics.controller_config(self.controller.config)
+            self.metrics.update_redis(
+                errors_total=self.quota.redis_errors,
+                up=self.quota.redis_up,
+                breaker=self.breaker.state,
+            )
+
+        dispatcher.on_tick.append(export_metrics)
         for pool in pools.values():
             nursery.start_soon(pool.probe_forever)
         for probes in self.pressure.values():
@@ -104,6 +117,7 @@ class Replica:
             quota=self.quota,
             cache=self._cache,
             background=nursery,
+            metrics=self.metrics,
         )
 
     async def _hold_redis(self, url: str, *, task_status: trio.TaskStatus[None]) -> None:
@@ -171,7 +185,16 @@ class Replica:
     def drain(self) -> None:
         self.gateway.dispatcher.drain()
 
+    async def drain_and_wait(self, timeout_s: float) -> None:
+        """Drain, then wait until nothing is queued or in flight (at most `timeout_s`)."""
+        self.drain()
+        core = self.gateway.dispatcher.core
+        with trio.move_on_after(timeout_s):
+            while core.gate.inflight or core.depth or not core.draining:
+                await trio.sleep(0.05)
+
     async def stop(self) -> None:
+        self.metrics.close()
         await self._client.aclose()
 
     async def readiness(self) -> dict[str, Any]:

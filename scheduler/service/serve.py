@@ -27,6 +27,7 @@ from quart_trio import QuartTrio
 
 from scheduler.service.app import create_app
 from scheduler.service.config import DEMO_BACKEND, DEMO_KEYS, Settings, load_settings
+from scheduler.service.metrics import multiprocess_dir
 from scheduler.service.redis_embedded import EmbeddedRedis, free_port
 from scheduler.service.replica import Replica
 
@@ -66,14 +67,31 @@ async def serve_replica(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve one replica until `shutdown_trigger` returns (or forever); reports the port."""
-    app = build_app(settings)
+    """Serve one replica until `shutdown_trigger` returns (or forever); reports the port.
+
+    After the trigger the replica drains first: `/readyz` turns false, new requests get 503
+    with `Retry-After`, and requests in flight (streams included) finish, up to
+    `server.drain_timeout_s`; only then does hypercorn close the connections."""
+    if settings.uses_demo_backend:
+        raise ValueError("the demo backend's URL must be resolved before serving")
+    replica = Replica(settings)
+    app = create_app(replica)
     config = hypercorn_config(settings)
+    # the replica drains in-flight work itself; hypercorn's own grace period would otherwise
+    # wait out idle keep-alive connections, which have nothing left to finish
+    config.graceful_timeout = 1.0
+    drained_trigger: Callable[[], Awaitable[None]] | None = None
+    if shutdown_trigger is not None:
+        trigger = shutdown_trigger
+
+        async def drained_trigger() -> None:
+            await trigger()
+            await replica.drain_and_wait(settings.server.drain_timeout_s)
 
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
             lambda task_status: hypercorn_serve(
-                app, config, shutdown_trigger=shutdown_trigger, task_status=task_status
+                app, config, shutdown_trigger=drained_trigger, task_status=task_status
             )
         )
         task_status.started(int(binds[0].rsplit(":", 1)[1]))
@@ -159,6 +177,7 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> int:
             return 0
         from hypercorn.run import run as hypercorn_run
 
+        stack.enter_context(multiprocess_dir())  # one scrape of /metrics sees every worker
         os.environ[REPLICA_ENV] = json.dumps(
             {
                 "config": config_path,

@@ -23,6 +23,7 @@ from opentelemetry.trace import SpanKind
 from backends.http import BackendError, BackendPool, BackendTimeout, BackendUnavailable, Upstream
 from scheduler.core import Outcome
 from scheduler.service.errors import ApiError, overloaded
+from scheduler.service.metrics import BackendErrorKind, backend_error_kind
 from scheduler.service.tracing import tracer
 
 SATURATED = frozenset({429, 503})
@@ -48,6 +49,7 @@ class Ended:
     total_tokens: int | None  # from the response's usage, when it said
     status: int = 0
     body: bytes = b""  # a whole 2xx body, for the cache
+    error: BackendErrorKind | None = None
 
 
 OnEnd = Callable[[Ended], None]
@@ -97,6 +99,7 @@ async def call_whole(
     started_at = trio.current_time()
     outcome, status, body = Outcome.IGNORED, 0, b""
     usage: tuple[int, int | None] = (0, None)
+    failed: BackendErrorKind | None = None
     span = _client_span(target, prompt_tokens)
     try:
         with trace.use_span(span, end_on_exit=False):
@@ -107,17 +110,19 @@ async def call_whole(
                 status = up.status_code
                 outcome, error = judge(up)
                 if error is not None:
+                    failed = backend_error_kind(status=status)
                     raise error
                 usage = _usage(body)
                 return Reply(status, up.headers(), body)
     except BackendError as exc:
+        failed = backend_error_kind(exc)
         if isinstance(exc, BackendTimeout | BackendUnavailable):
             outcome = Outcome.DROPPED
         raise backend_error(exc) from exc
     finally:
         latency = trio.current_time() - started_at
         ok_body = body if 200 <= status < 300 else b""
-        ended = Ended(outcome, latency, None, usage[0], usage[1], status, ok_body)
+        ended = Ended(outcome, latency, None, usage[0], usage[1], status, ok_body, failed)
         _end_span(span, ended)
         on_end(ended)
 
@@ -136,6 +141,7 @@ async def _stream_chunks(
 ) -> AsyncIterator[bytes]:
     started_at = trio.current_time()
     outcome, ttft, events, total, status = Outcome.IGNORED, math.nan, 0, None, 0
+    failed: BackendErrorKind | None = None
     span = _client_span(target, prompt_tokens)
     try:
         async with AsyncExitStack() as stack:
@@ -147,6 +153,7 @@ async def _stream_chunks(
             status = up.status_code
             outcome, error = judge(up)
             if error is not None:
+                failed = backend_error_kind(status=status)
                 await up.read()
                 raise error
             outcome = Outcome.IGNORED  # until the stream ends well
@@ -160,6 +167,7 @@ async def _stream_chunks(
                 yield chunk
             outcome = Outcome.COMPLETED
     except BackendError as exc:
+        failed = backend_error_kind(exc)
         if isinstance(exc, BackendTimeout | BackendUnavailable):
             outcome = Outcome.DROPPED
         if math.isnan(ttft) and events == 0:
@@ -168,9 +176,8 @@ async def _stream_chunks(
         yield b"data: " + backend_error(exc).body() + b"\n\n"
     finally:
         latency = trio.current_time() - started_at
-        ended = Ended(
-            outcome, latency, None if math.isnan(ttft) else ttft, max(0, events - 1), total, status
-        )
+        first = None if math.isnan(ttft) else ttft
+        ended = Ended(outcome, latency, first, max(0, events - 1), total, status, error=failed)
         _end_span(span, ended)
         on_end(ended)
 
