@@ -28,16 +28,134 @@ _RETRY_AFTER = {
         "schema": {"type": "integer"},
     }
 }
+_RATE_LIMIT = {
+    name: {"description": description, "schema": {"type": "string"}}
+    for name, description in {
+        "x-ratelimit-limit-requests": "The key's request quota per period.",
+        "x-ratelimit-remaining-requests": "Requests left in the period.",
+        "x-ratelimit-reset-requests": "Time until the request quota is whole again (e.g. 6m0s).",
+        "x-ratelimit-limit-tokens": "The key's token quota per period.",
+        "x-ratelimit-remaining-tokens": "Tokens left in the period.",
+        "x-ratelimit-reset-tokens": "Time until the token quota is whole again.",
+        "RateLimit-Policy": 'IETF quota policies, e.g. "requests";q=60;w=60.',
+        "RateLimit": 'IETF quota state, e.g. "requests";r=59;t=1.',
+    }.items()
+}
 
 
-def _error(description: str, *, retry: bool = False) -> dict[str, Any]:
+def _error(description: str, *, retry: bool = False, limits: bool = False) -> dict[str, Any]:
     response: dict[str, Any] = {
         "description": description,
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     }
-    if retry:
-        response["headers"] = _RETRY_AFTER
+    headers = {**(_RETRY_AFTER if retry else {}), **(_RATE_LIMIT if limits else {})}
+    if headers:
+        response["headers"] = headers
     return response
+
+
+def _ok(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+
+
+def _admin(
+    method: str, summary: str, ok: str, body: dict[str, Any] | None = None, *, status: str = "200"
+) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "security": [{"admin": []}],
+        "responses": {
+            status: _ok(ok),
+            "400": _error("Invalid body; the message names the field."),
+            "401": _error("Missing or wrong admin token."),
+            "404": _error("Unknown key, or the admin API is off (no SCHEDULER_ADMIN_TOKEN)."),
+            "503": _error("Redis is not connected.", retry=True),
+        },
+    }
+    if body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": body}},
+        }
+    return {method: operation}
+
+
+_QUOTA_FIELDS = {
+    "algorithm": {"type": "string", "enum": ["gcra", "sliding_log", "sliding_counter"]},
+    "period_s": {"type": "number", "exclusiveMinimum": 0},
+    "requests": {"type": "integer", "minimum": 0},
+    "tokens": {"type": "integer", "minimum": 0},
+    "request_burst": {"type": "integer", "minimum": 0},
+    "token_burst": {"type": "integer", "minimum": 0},
+}
+
+
+def _admin_paths() -> dict[str, Any]:
+    key_id = [{"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    quota = {"type": "object", "properties": _QUOTA_FIELDS, "additionalProperties": False}
+    upgrade = {
+        "type": "object",
+        "required": ["expires_in_s"],
+        "properties": {**_QUOTA_FIELDS, "expires_in_s": {"type": "number", "exclusiveMinimum": 0}},
+        "additionalProperties": False,
+    }
+    new_key = {
+        "type": "object",
+        "required": ["tenant", "tier"],
+        "properties": {
+            "tenant": {"type": "string", "minLength": 1},
+            "tier": {"type": "string"},
+            "bypass": {"type": "boolean"},
+        },
+    }
+    credits = {
+        "type": "object",
+        "required": ["amount"],
+        "properties": {
+            "amount": {"type": "integer", "minimum": 1},
+            "ttl_s": {"type": "number", "exclusiveMinimum": 0},
+        },
+    }
+    gains = {"type": "object", "additionalProperties": {"type": ["number", "string"]}}
+
+    def with_id(item: dict[str, Any]) -> dict[str, Any]:
+        return {"parameters": key_id, **item}
+
+    return {
+        "/admin/v1/keys": {
+            **_admin("get", "List keys (ids, never the keys)", "The keys."),
+            **_admin(
+                "post",
+                "Create a key; the clear key is returned once",
+                "The new key.",
+                new_key,
+                status="201",
+            ),
+        },
+        "/admin/v1/keys/{key_id}": with_id(
+            {
+                **_admin("get", "One key's record", "The record."),
+                **_admin("delete", "Revoke a key", "Revoked."),
+            }
+        ),
+        "/admin/v1/keys/{key_id}/quota": with_id(
+            _admin("put", "Replace the key's quota override ({} clears)", "The override.", quota)
+        ),
+        "/admin/v1/keys/{key_id}/upgrades": with_id(
+            _admin("post", "A temporary quota upgrade", "The upgrade.", upgrade, status="201")
+        ),
+        "/admin/v1/keys/{key_id}/credits": with_id(
+            _admin("post", "Grant burst credits (tokens)", "The balance.", credits)
+        ),
+        "/admin/v1/controller": {
+            **_admin("get", "The controller's gains and state", "Gains and state."),
+            **_admin("put", "Change gains live, on every replica", "The new gains.", gains),
+        },
+        "/admin/v1/drain": _admin("post", "Drain this replica", "Draining."),
+    }
 
 
 def _inference(summary: str, schema: dict[str, Any], *, streams: bool) -> dict[str, Any]:
@@ -50,10 +168,16 @@ def _inference(summary: str, schema: dict[str, Any], *, streams: bool) -> dict[s
             "security": [{"bearer": []}],
             "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
             "responses": {
-                "200": {"description": "The backend's answer, passed through.", "content": ok},
+                "200": {
+                    "description": "The backend's answer, passed through (or a cached one).",
+                    "content": ok,
+                    "headers": _RATE_LIMIT,
+                },
                 "400": _error("Invalid JSON or parameters."),
-                "401": _error("Missing or unknown API key."),
+                "401": _error("Missing, unknown or revoked API key."),
+                "403": _error("The key's tier is not configured on this gateway."),
                 "404": _error("Unknown model."),
+                "429": _error("Over the key's quota.", retry=True, limits=True),
                 "413": _error("Body larger than the configured limit."),
                 "502": _error("The backend failed."),
                 "503": _error("Overloaded, shed, or no backend available.", retry=True),
@@ -98,7 +222,14 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         "servers": [{"url": f"http://{settings.server.host}:{settings.server.port}"}],
         "components": {
             "schemas": {"Error": _ERROR},
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "admin": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "SCHEDULER_ADMIN_TOKEN",
+                },
+            },
         },
         "paths": {
             "/v1/chat/completions": _inference(
@@ -151,6 +282,18 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (every worker's, in one scrape)",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            **_admin_paths(),
             "/openapi.json": {
                 "get": {
                     "summary": "This document",
