@@ -47,10 +47,18 @@ max_depth = 100000
 weight = 1
 max_wait_s = 30
 max_depth = 100000
+[tiers.enterprise.quota]
+algorithm = "gcra"
+requests = 100000000
+tokens = 1000000000
 [[keys]]
 key = "sk-bench"
 tenant = "bench"
 tier = "pro"
+[[keys]]
+key = "sk-bench-quota"
+tenant = "bench-quota"
+tier = "enterprise"
 [models.demo-small]
 backends = ["{demo}"]
 [controller]
@@ -169,6 +177,47 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+def measure(clients: int, seconds: float) -> dict[str, dict[str, float]]:
+    """Closed-loop throughput and latency of each target, then p50/p99 at half of the
+    passthrough's throughput. Targets: the bare passthrough, the gateway for a key with no
+    quota, and the gateway for a key whose every request runs the Redis quota script."""
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        demo_port, pass_port, gw_port = free_port(), free_port(), free_port()
+        demo = f"http://127.0.0.1:{demo_port}"
+        zero = ["--decode-base-s", "0", "--decode-per-seq-s", "0", "--max-batch", "100000"]
+        zero += ["--max-waiting", "100000", "--kv-capacity-tokens", str(10**9)]
+        start(
+            stack,
+            [sys.executable, "-m", "backends.demo", "--port", str(demo_port), *zero],
+            demo_port,
+        )
+        passthrough = [sys.executable, str(ROOT / "bench" / "passthrough.py")]
+        start(stack, [*passthrough, "--port", str(pass_port), "--upstream", demo], pass_port)
+        config = Path(tmp) / "gateway.toml"
+        config.write_text(GATEWAY_TOML.replace("{demo}", demo))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
+        scheduler = str(Path(sys.executable).parent / "scheduler")
+        serve = [scheduler, "serve", "--config", str(config), "--port", str(gw_port)]
+        start(stack, serve, gw_port, env)
+        targets = {
+            "passthrough": (pass_port, None),
+            "gateway": (gw_port, "sk-bench"),
+            "gateway+quota": (gw_port, "sk-bench-quota"),
+        }
+        results: dict[str, dict[str, float]] = {}
+        for name, (port, key) in targets.items():
+            trio.run(closed_loop, port, key, 8, 1.0)  # warm-up
+            lat = trio.run(closed_loop, port, key, clients, seconds)
+            results[name] = {"rps": len(lat) / seconds, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+        half = results["passthrough"]["rps"] / 2
+        for name, (port, key) in targets.items():
+            lat = trio.run(open_loop, port, key, half, seconds)
+            results[name]["half_rps"] = half
+            results[name]["half_p50"] = pct(lat, 0.5)
+            results[name]["half_p99"] = pct(lat, 0.99)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -176,84 +225,22 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
-    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        demo_port, pass_port, gw_port = free_port(), free_port(), free_port()
-        demo = f"http://127.0.0.1:{demo_port}"
-        start(
-            stack,
-            [
-                sys.executable,
-                "-m",
-                "backends.demo",
-                "--port",
-                str(demo_port),
-                "--decode-base-s",
-                "0",
-                "--decode-per-seq-s",
-                "0",
-                "--max-batch",
-                "100000",
-                "--max-waiting",
-                "100000",
-                "--kv-capacity-tokens",
-                str(10**9),
-            ],
-            demo_port,
-        )
-        start(
-            stack,
-            [
-                sys.executable,
-                str(ROOT / "bench" / "passthrough.py"),
-                "--port",
-                str(pass_port),
-                "--upstream",
-                demo,
-            ],
-            pass_port,
-        )
-        config = Path(tmp) / "gateway.toml"
-        config.write_text(GATEWAY_TOML.replace("{demo}", demo))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
-        start(
-            stack,
-            [
-                str(Path(sys.executable).parent / "scheduler"),
-                "serve",
-                "--config",
-                str(config),
-                "--port",
-                str(gw_port),
-            ],
-            gw_port,
-            env,
-        )
-        targets = {"passthrough": (pass_port, None), "gateway": (gw_port, "sk-bench")}
-        results: dict[str, dict[str, float]] = {}
-        for name, (port, key) in targets.items():
-            trio.run(closed_loop, port, key, 8, 1.0)  # warm-up
-            lat = trio.run(closed_loop, port, key, args.clients, args.seconds)
-            results[name] = {
-                "rps": len(lat) / args.seconds,
-                "p50": pct(lat, 0.5),
-                "p99": pct(lat, 0.99),
-            }
-        half = results["passthrough"]["rps"] / 2
-        for name, (port, key) in targets.items():
-            lat = trio.run(open_loop, port, key, half, args.seconds)
-            results[name]["half_p50"] = pct(lat, 0.5)
-            results[name]["half_p99"] = pct(lat, 0.99)
-    head = f"{'target':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
+    results = measure(args.clients, args.seconds)
+    half = results["passthrough"]["half_rps"]
+    head = f"{'target':<14} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
     print(f"{head}   at {half:.0f} req/s: {'p50 ms':>7} {'p99 ms':>7}")
     for name, r in results.items():
         print(
-            f"{name:<12} {r['rps']:>8.0f} {r['p50'] * 1e3:>8.2f} {r['p99'] * 1e3:>8.2f}"
+            f"{name:<14} {r['rps']:>8.0f} {r['p50'] * 1e3:>8.2f} {r['p99'] * 1e3:>8.2f}"
             f"   {'':>14}{r['half_p50'] * 1e3:>7.2f} {r['half_p99'] * 1e3:>7.2f}"
         )
-    added = (results["gateway"]["half_p50"] - results["passthrough"]["half_p50"]) * 1e3
-    print(f"gateway adds {added:.2f} ms at p50 at half load (goal: under 1 ms)")
-    ratio = results["gateway"]["rps"] / results["passthrough"]["rps"]
-    print(f"gateway/passthrough throughput ratio: {ratio:.2f} (goal: at least 0.80)")
+    base = results["passthrough"]
+    for name in ("gateway", "gateway+quota"):
+        added = (results[name]["half_p50"] - base["half_p50"]) * 1e3
+        print(f"{name} adds {added:.2f} ms at p50 at half load (goal: under 1 ms)")
+    for name in ("gateway+quota", "gateway"):
+        ratio = results[name]["rps"] / base["rps"]
+        print(f"{name}/passthrough throughput ratio: {ratio:.2f} (goal: at least 0.80)")
 
 
 if __name__ == "__main__":
