@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -150,12 +151,22 @@ class Gateway:
             meter.outcome = "refused_redis_down"
             raise overloaded("Quota service unavailable; retry shortly.", verdict.retry_after_s)
         meter.outcome = "refused_quota"
+        message = "Rate limit reached for your API key. Retry after the time in Retry-After."
+        retry_after_s = verdict.retry_after_s
+        tokens = verdict.tokens
+        if tokens is not None and not tokens.allowed and math.isinf(tokens.retry_after_s):
+            message = (
+                f"Request too large: it may use {int(call.cost)} tokens (prompt estimate plus "
+                f"max_tokens) but the key's token quota is {tokens.limit} per "
+                f"{verdict.period_s:g} s. Lower max_tokens or the prompt."
+            )
+            retry_after_s = verdict.period_s
         error = ApiError(
             429,
-            "Rate limit reached for your API key. Retry after the time in Retry-After.",
-            type="requests",
+            message,
+            type="tokens" if tokens is not None and not tokens.allowed else "requests",
             code="rate_limit_exceeded",
-            retry_after_s=min(verdict.retry_after_s, 86_400.0),
+            retry_after_s=min(retry_after_s, 86_400.0),
         )
         error.extra_headers.update(rate_limit_headers(verdict))
         raise error
@@ -275,7 +286,7 @@ class Gateway:
     def _cache_put(self, record: KeyRecord, call: InferenceCall, body: bytes) -> None:
         model = self.settings.model(call.model)
         cache = self.cache
-        if cache is None or model is None or model.cache_fresh_s <= 0:
+        if cache is None or model is None or model.cache_fresh_s <= 0 or not self.quota.redis_up:
             return
         scope = self._scope(record, model)
 

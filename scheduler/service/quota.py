@@ -21,7 +21,7 @@ from backends.redis_quota import (
     QuotaStoreUnavailable,
     RedisQuotaStore,
 )
-from policies.breaker import CircuitBreaker
+from policies.breaker import BreakerState, CircuitBreaker
 from policies.ratelimit import MemoryLimiter, Quota, RateDecision
 
 
@@ -89,7 +89,7 @@ class QuotaGuard:
 
     @property
     def redis_up(self) -> bool:
-        return self.store is not None and self.breaker.state.value == "closed"
+        return self.store is not None and self.breaker.state is BreakerState.CLOSED
 
     async def check(
         self,

@@ -50,7 +50,9 @@ class Replica:
         self.settings = settings
         self.controller = AIMDController(settings.controller)
         self.breaker = CircuitBreaker(BreakerConfig(failure_threshold=3, open_s=0.5))
-        self.registry = KeyRegistry(settings.keys, settings.key_secret, timeout_s=REDIS_TIMEOUT_S)
+        self.registry = KeyRegistry(
+            settings.keys, settings.key_secret, timeout_s=REDIS_TIMEOUT_S, breaker=self.breaker
+        )
         self.quota = QuotaGuard(None, self.breaker, replicas=settings.replicas)
         self.metrics = GatewayMetrics.from_settings(settings)
         self._gateway: Gateway | None = None

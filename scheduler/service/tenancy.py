@@ -24,6 +24,7 @@ import coredis
 import coredis.exceptions
 import trio
 
+from policies.breaker import CircuitBreaker
 from scheduler.service.config import KeySettings, key_id
 from scheduler.service.quota import QuotaSettings
 
@@ -92,6 +93,7 @@ class KeyRegistry:
         prefix: str = "tenancy",
         cache_s: float = 0.5,
         timeout_s: float = 0.05,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._static = {k.key_id: KeyRecord(k.key_id, k.tenant, k.tier, k.bypass) for k in static}
         self._secret = secret
@@ -99,6 +101,7 @@ class KeyRegistry:
         self._cache_s = cache_s
         self._timeout_s = timeout_s
         self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
+        self._breaker = breaker  # shared with the quota path: one view of Redis' health
         self.redis: coredis.Redis[bytes] | None = None
 
     def _key(self, key_id: str, role: str) -> str:
@@ -112,14 +115,20 @@ class KeyRegistry:
         cached = self._cache.get(kid)
         if cached is not None and now - cached[1] < self._cache_s:
             return cached[0]
-        if self.redis is None:
-            return self._static.get(kid)
+        stale = cached[0] if cached is not None else self._static.get(kid)
+        breaker = self._breaker
+        if self.redis is None or (breaker is not None and not breaker.allow(now=now)):
+            return stale
         try:
             with trio.fail_after(self._timeout_s):
                 meta = _decode(await self.redis.hgetall(self._key(kid, "meta")))
                 upgrade = _decode(await self.redis.hgetall(self._key(kid, "upgrade")))
         except REDIS_ERRORS:
-            return cached[0] if cached is not None else self._static.get(kid)
+            if breaker is not None:
+                breaker.record_failure(now=now)
+            return stale
+        if breaker is not None:
+            breaker.record_success(now=now)
         record = self._record(kid, meta, upgrade)
         if len(self._cache) > 100_000:
             self._cache = {k: v for k, v in self._cache.items() if now - v[1] < self._cache_s}
