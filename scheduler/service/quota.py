@@ -2,9 +2,13 @@
 
 Why a guard around the store: quotas must hold exactly across replicas, so Redis decides.
 But a request must never wait long on Redis: each call has a short timeout, and a circuit
-breaker stops calling Redis after a run of failures. While Redis is out, each tier follows its
-fail mode: `open` admits under a local in-process limiter at the key's quota divided by the
-replica count (so the fleet stays near the quota), `closed` refuses with a 503.
+breaker stops calling Redis after a run of failures. While Redis is out (the breaker open),
+each tier follows its fail mode: `open` admits under a local in-process limiter at the key's
+quota divided by the replica count (so the fleet stays near the quota), except for keys that
+Redis last said were used up, until their reset; `closed` refuses with a 503. A lone slow
+call while Redis is not known to be down goes to the fail mode only for a key that Redis said
+had room moments ago; otherwise it is answered 503 "retry in 1 s": its script may well have
+run, and a fresh local limiter would admit beyond the global quota.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from backends.redis_quota import (
 )
 from policies.breaker import BreakerState, CircuitBreaker
 from policies.ratelimit import MemoryLimiter, Quota, RateDecision
+
+RECENT_S = 5.0  # how long Redis's last word on a key is trusted when Redis is slow
 
 
 class FailMode(enum.Enum):
@@ -83,6 +89,7 @@ class QuotaGuard:
         self.breaker = breaker
         self.replicas = replicas
         self._local: dict[QuotaSpec, MemoryLimiter[Any]] = {}
+        self._last: dict[str, tuple[float, float]] = {}  # key -> (spent until, seen at)
         self.fail_open_decisions = 0
         self.fail_closed_decisions = 0
         self.redis_errors = 0
@@ -111,14 +118,43 @@ class QuotaGuard:
             except QuotaStoreUnavailable:
                 self.redis_errors += 1
                 self.breaker.record_failure(now=now)
+                lone = self.breaker.state is BreakerState.CLOSED
+                if lone and not self._had_room(key_id, now):
+                    # a lone slow call and nothing recent known of this key: its script may
+                    # have run, and a fresh local limiter could admit beyond the global quota
+                    return Verdict(False, Source.CLOSED, retry_after_s=1.0)
             else:
                 self.breaker.record_success(now=now)
+                self._remember(key_id, decision, now)
                 return _from_decision(decision, quotas.period_s)
         if fail_mode is FailMode.CLOSED:
             self.fail_closed_decisions += 1
             return Verdict(False, Source.CLOSED, retry_after_s=self.breaker.config.open_s)
         self.fail_open_decisions += 1
+        spent_until = self._last.get(key_id, (-math.inf, -math.inf))[0]
+        if spent_until > now:  # Redis last said this key is used up: that still holds
+            return Verdict(False, Source.LOCAL, retry_after_s=spent_until - now)
         return self._local_take(key_id, requests, tokens, token_cost, now, quotas.period_s)
+
+    def _remember(self, key_id: str, decision: QuotaDecision, now: float) -> None:
+        """Keep, per key, Redis's last word: until when its quota is used up, and when."""
+        until = -math.inf
+        for d in (decision.requests, decision.tokens):
+            if d is None:
+                continue
+            if not d.allowed:
+                until = max(until, now + d.retry_after_s)
+            elif d.remaining <= 0:
+                until = max(until, now + d.reset_after_s)
+        if len(self._last) >= 100_000:
+            horizon = now - RECENT_S
+            self._last = {k: v for k, v in self._last.items() if max(v) > horizon}
+        self._last[key_id] = (until, now)
+
+    def _had_room(self, key_id: str, now: float) -> bool:
+        """Redis said, within the last RECENT_S, that this key had quota left."""
+        spent_until, seen_at = self._last.get(key_id, (math.inf, -math.inf))
+        return spent_until <= now and now - seen_at <= RECENT_S
 
     def _local_take(
         self,

@@ -9,6 +9,8 @@ the replica fails.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import signal
@@ -21,7 +23,7 @@ import trio
 from backends.http import BackendPool, HttpBackend, make_client
 from backends.pressure import PoolPressure
 from backends.redis_cache import ResponseCache
-from backends.redis_quota import RedisQuotaStore
+from backends.redis_quota import QuotaStoreError, RedisQuotaStore
 from policies.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from scheduler.core import AIMDConfig, AIMDController, Scheduler, SchedulerConfig
 from scheduler.service.config import (
@@ -121,14 +123,22 @@ class Replica:
             background=nursery,
             metrics=self.metrics,
         )
+        # what start-up built lives as long as the process: keep it out of the collector's
+        # full passes, whose pauses (50-160 ms) would otherwise exceed the Redis timeout
+        gc.collect()
+        gc.freeze()
 
     async def _hold_redis(self, url: str, *, task_status: trio.TaskStatus[None]) -> None:
         """coredis's client runs its own tasks: one task enters and leaves its context."""
         async with coredis.Redis.from_url(url) as redis:
             self._redis = redis
             self.registry.redis = redis
-            self.quota.store = RedisQuotaStore(redis, timeout_s=REDIS_TIMEOUT_S)
+            self.quota.store = store = RedisQuotaStore(redis, timeout_s=REDIS_TIMEOUT_S)
             self._cache = ResponseCache(redis, timeout_s=REDIS_TIMEOUT_S)
+            # warm up: scripts loaded and a connection open before the first request, so a
+            # cold burst does not time out on script compiles and connection set-up
+            with trio.move_on_after(2.0), contextlib.suppress(*REDIS_ERRORS, QuotaStoreError):
+                await store.load_scripts()
             task_status.started()
             try:
                 await trio.sleep_forever()
