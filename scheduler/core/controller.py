@@ -118,7 +118,7 @@ class AIMDConfig:
         need(0 < self.pressure_threshold <= 1, "pressure_threshold", "must be in (0, 1]")
         need(self.cooldown_s >= 0, "cooldown_s", "must be >= 0")
         need(0 <= self.min_utilization <= 1, "min_utilization", "must be in [0, 1]")
-        need(self.tick_s > 0, "tick_s", "must be > 0")
+        need(0.01 <= self.tick_s <= 60, "tick_s", "must be in [0.01, 60]")
 
 
 class AIMDController:

@@ -11,35 +11,61 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
+import math
 import time
 from typing import Any
 
 from quart import Blueprint, Response, request
 
 from scheduler.core import AIMDConfig, LatencySignal
-from scheduler.service.config import ConfigError, Table, gains_to_dict, quota_settings
+from scheduler.service.config import (
+    MAX_COUNT,
+    ConfigError,
+    Table,
+    gains_to_dict,
+    quota_settings,
+)
 from scheduler.service.errors import ApiError, bad_request
+from scheduler.service.openai_body import parse_body
 from scheduler.service.quota import QuotaSettings
 from scheduler.service.replica import Replica
 from scheduler.service.tenancy import QUOTA_FIELDS
 
 GAIN_FIELDS = {f.name: f for f in dataclasses.fields(AIMDConfig)}
+MAX_TTL_S = 90 * 86_400.0  # upgrades and credits last at most 90 days
+MAX_NUMBER = 1e9  # no gain needs more
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 def _json(data: Any, status: int = 200) -> Response:
-    return Response(json.dumps(data), status=status, content_type="application/json")
+    return Response(
+        json.dumps(data, allow_nan=False), status=status, content_type="application/json"
+    )
 
 
 async def _body() -> dict[str, Any]:
     raw = await request.get_data(as_text=False)
     assert isinstance(raw, bytes)
+    return parse_body(raw or b"{}")
+
+
+def _number(value: Any, where: str, *, low: float, high: float) -> float:
+    """A finite number in [low, high]; a bool, NaN, Infinity or a huge int is a 400."""
+    ok = not isinstance(value, bool) and isinstance(value, int | float)
     try:
-        body = json.loads(raw or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_request(f"The body is not valid JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise bad_request("The body must be a JSON object.")
-    return body
+        number = float(value) if ok else math.nan
+    except OverflowError:
+        number = math.inf
+    if not (math.isfinite(number) and low <= number <= high):
+        raise bad_request(f"{where}: expected a number in [{low:g}, {high:g}], got {value!r:.40}")
+    return number
 
 
 def _validated(make: Any, *args: Any) -> Any:
@@ -51,7 +77,7 @@ def _validated(make: Any, *args: Any) -> Any:
 
 def quota_fields(body: dict[str, Any], where: str) -> dict[str, Any]:
     """Validated quota fields of a body, only those given (for overrides and upgrades)."""
-    given = {k: v for k, v in body.items() if k in QUOTA_FIELDS}
+    given = dict(body)  # the table refuses unknown fields
     settings = _validated(quota_settings, Table(given, where), QuotaSettings())
     return {k: getattr(settings, k) for k in given}
 
@@ -59,18 +85,17 @@ def quota_fields(body: dict[str, Any], where: str) -> dict[str, Any]:
 def gain_changes(body: dict[str, Any]) -> dict[str, Any]:
     """Validated AIMD gain changes: known fields, right types (the config checks the rest)."""
     changes: dict[str, Any] = {}
+    signals = {s.value for s in LatencySignal}
     for name, value in body.items():
         where = f"controller.{name}"
         if name not in GAIN_FIELDS:
             raise bad_request(f"{where}: unknown gain", param=name)
         if name == "latency_signal":
-            if value not in {s.value for s in LatencySignal}:
+            if not isinstance(value, str) or value not in signals:
                 raise bad_request(f"{where}: expected 'latency', 'ttft' or 'tpot'", param=name)
             changes[name] = LatencySignal(value)
-        elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad_request(f"{where}: expected a number, got {value!r}", param=name)
         else:
-            changes[name] = float(value)
+            changes[name] = _number(value, where, low=-MAX_NUMBER, high=MAX_NUMBER)
     return changes
 
 
@@ -102,8 +127,8 @@ def create_admin(replica: Replica) -> Blueprint:
     async def create_key() -> Response:
         body = await _body()
         tenant, tier = body.get("tenant"), body.get("tier")
-        if not isinstance(tenant, str) or not tenant:
-            raise bad_request("'tenant' must be a non-empty string.", param="tenant")
+        if not isinstance(tenant, str) or not 0 < len(tenant) <= 256 or not _utf8(tenant):
+            raise bad_request("'tenant' must be a string of 1 to 256 characters.", param="tenant")
         if not any(t.core.name == tier for t in replica.settings.tiers):
             raise bad_request(
                 f"'tier' must be one of the configured tiers, got {tier!r}.", param="tier"
@@ -156,22 +181,26 @@ def create_admin(replica: Replica) -> Blueprint:
         fields = quota_fields(body, "upgrade")
         if not fields:
             raise bad_request("An upgrade needs at least one quota field.")
-        await replica.registry.set_upgrade(key_id, fields, expires_in_s=float(expires_in_s))
+        await replica.registry.set_upgrade(key_id, fields, expires_in_s=expires_in_s)
         return _json({"key_id": key_id, "upgrade": fields, "expires_in_s": expires_in_s}, 201)
 
     @admin.post("/keys/<key_id>/credits")
     async def credits(key_id: str) -> Response:
         await known(key_id)
         body = await _body()
-        amount, ttl_s = body.get("amount"), body.get("ttl_s", 86_400)
-        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
-            raise bad_request("'amount' must be a positive integer (tokens).", param="amount")
-        if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or ttl_s <= 0:
-            raise bad_request("'ttl_s' must be a positive number of seconds.", param="ttl_s")
+        unknown = sorted(set(body) - {"amount", "ttl_s"})
+        if unknown:
+            raise bad_request(f"credits.{unknown[0]}: unknown field", param=unknown[0])
+        amount = _number(body.get("amount"), "credits.amount", low=1, high=MAX_COUNT)
+        if not amount.is_integer():
+            raise bad_request("credits.amount: expected a whole number of tokens", param="amount")
+        ttl_s = _number(body.get("ttl_s", 86_400), "credits.ttl_s", low=0.001, high=MAX_TTL_S)
         store = replica.quota.store
         if store is None:
             raise ApiError(503, "Redis is not connected.", type="server_error", retry_after_s=1)
-        balance = await store.add_credits(key_id, amount, ttl_s=float(ttl_s))
+        if await store.credits(key_id) + amount > MAX_COUNT:
+            raise bad_request(f"credits.amount: the balance would pass {MAX_COUNT}")
+        balance = await store.add_credits(key_id, int(amount), ttl_s=ttl_s)
         return _json({"key_id": key_id, "credits": balance})
 
     @admin.get("/controller")

@@ -28,7 +28,10 @@ from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateConfig, GateMode, LatencySignal, TierConfig
 from scheduler.service.quota import FailMode, QuotaSettings
 
-DEMO_BACKEND = "demo"  # a model's backend list may name the built-in demo server
+DEMO_BACKEND = "demo"
+DEFAULT_REDIS_TIMEOUT_S = 0.1  # each Redis call on the request path; then the fail mode
+MAX_COUNT = 2**53 - 1  # quota counts and credits: exact as doubles, in Lua and in Python
+MAX_PERIOD_S = 366 * 86_400.0  # a model's backend list may name the built-in demo server
 DEMO_KEYS = {"sk-demo-free": "free", "sk-demo-pro": "pro", "sk-demo-enterprise": "enterprise"}
 
 
@@ -88,6 +91,7 @@ class Settings:
     backend_limits: BackendLimits
     demo: GpuConfig
     redis_url: str | None = None
+    redis_timeout_s: float = 0.1
     key_secret: bytes = field(default=b"", repr=False)
     admin_token: str = field(default="", repr=False)
     source: str | None = None  # the file these settings came from (SIGHUP reloads its gains)
@@ -134,6 +138,10 @@ class Table:
         ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value, ok = int(value), True  # JSON Schema's integer: 5.0 is 5
+        if kind is float and ok and not math.isfinite(value):
+            raise ConfigError(f"{self.where(name)}: expected a finite number, got {value}")
         if not ok:
             raise ConfigError(
                 f"{self.where(name)}: expected {kind.__name__}, got {type(value).__name__}"
@@ -232,9 +240,14 @@ def quota_settings(table: Table, base: QuotaSettings | None = None) -> QuotaSett
         "token_burst": table.get("token_burst", int, base.token_burst),
     }
     table.done()
-    _check(values["period_s"] > 0, table.where("period_s"), "must be > 0")
+    period_s = values["period_s"]
+    _check(0 < period_s <= MAX_PERIOD_S, table.where("period_s"), "must be in (0, 1 year]")
     for name in ("requests", "tokens", "request_burst", "token_burst"):
-        _check(values[name] >= 0, table.where(name), "must be >= 0 (0 = no such quota)")
+        _check(
+            0 <= values[name] <= MAX_COUNT,
+            table.where(name),
+            f"must be in [0, {MAX_COUNT}] (0 = no such quota)",
+        )
     return QuotaSettings(algorithm, **values)  # type: ignore[arg-type]
 
 
@@ -385,6 +398,8 @@ def load_settings(
     controller, gate = _controller(root)
     redis_table = root.table("redis")
     redis_url = env.get("SCHEDULER_REDIS_URL") or redis_table.get("url", str, "") or None
+    redis_timeout_s = redis_table.get("timeout_s", float, DEFAULT_REDIS_TIMEOUT_S)
+    _check(0.001 <= redis_timeout_s <= 5, "redis.timeout_s", "must be in [0.001, 5]")
     redis_table.done()
     limits = _dataclass_from(root.table("backend_limits"), BackendLimits, "backend_limits")
     demo = _dataclass_from(root.table("demo_backend"), GpuConfig, "demo_backend")
@@ -404,6 +419,7 @@ def load_settings(
         backend_limits=limits,
         demo=demo,
         redis_url=redis_url,
+        redis_timeout_s=redis_timeout_s,
         key_secret=secret,
         admin_token=env.get("SCHEDULER_ADMIN_TOKEN", ""),
         source=None if path is None else str(path),

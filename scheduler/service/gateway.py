@@ -211,8 +211,7 @@ class Gateway:
             "bypass" if record.bypass else "queued_admitted" if queued else "admitted"
         )
         meter.outcome = outcome
-        forward = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
-        forward["content-type"] = "application/json"
+        forward = _forwarded(headers)
         on_end = self._on_end(decision, record, tier, call, verdict, meter)
         target = Target(pool, PATHS[call.route], call.model, self.settings.server.request_timeout_s)
         if call.stream:
@@ -237,7 +236,8 @@ class Gateway:
             used = ended.total_tokens
             if used is None:
                 used = call.prompt_tokens + ended.output_tokens
-            self._settle(record, tier, verdict, call, used=used if ended.status < 400 else 0)
+            # a call with no 2xx answer used nothing of the caller's token quota
+            self._settle(record, tier, verdict, call, used=used if 200 <= ended.status < 300 else 0)
             if ended.body and not call.stream:
                 self._cache_put(record, call, ended.body)
             meter.backend_done(model=call.model, error=ended.error, now=trio.current_time())
@@ -384,8 +384,7 @@ class Gateway:
     ) -> Reply:
         target, pool = fallback
         body = json.dumps({**call.body, "model": target.name}).encode()
-        forward = {k: v for k, v in headers.items() if k in FORWARDED_HEADERS}
-        forward["content-type"] = "application/json"
+        forward = _forwarded(headers)
         to = Target(pool, PATHS[call.route], target.name, self.settings.server.request_timeout_s)
         extra = {**extra, "x-scheduler-degraded": f"fallback:{target.name}"}
 
@@ -398,6 +397,18 @@ class Gateway:
             reply = await call_whole(to, body, forward, call.prompt_tokens, on_end)
         reply.headers.update(extra)
         return reply
+
+
+def _forwarded(headers: dict[str, str]) -> dict[str, str]:
+    """The client headers the backend gets: trace context and OpenAI's organisation fields,
+    only when they are plain printable ASCII (anything else would not survive the trip)."""
+    forward = {
+        k: v
+        for k, v in headers.items()
+        if k in FORWARDED_HEADERS and v.isascii() and v.isprintable()
+    }
+    forward["content-type"] = "application/json"
+    return forward
 
 
 async def _events(events: list[bytes]) -> AsyncIterator[bytes]:

@@ -33,37 +33,47 @@ class InferenceCall:
         return float(max(1, self.prompt_tokens + self.max_tokens))
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
+    """A JSON object, strictly: no NaN/Infinity, and any JSON error (too deep, too many
+    digits, bad UTF-8) is the caller's 400, never our 500."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad_request(f"We could not parse the JSON body of your request: {exc}") from exc
+        body = json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, digits
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise bad_request(f"We could not parse the JSON body of your request: {reason}") from exc
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
     return body
 
 
 def _text_tokens(value: Any) -> int:
-    """A rough token count of any prompt-like JSON value."""
-    if value is None:
-        return 0
-    if isinstance(value, str):
-        return len(value) // CHARS_PER_TOKEN + 1
-    if isinstance(value, bool):
-        return 1
-    if isinstance(value, int | float):
-        return 1
-    if isinstance(value, list):
-        return sum(_text_tokens(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_text_tokens(v) for k, v in value.items() if k in {"text", "content"})
-    return 1
+    """A rough token count of any prompt-like JSON value (iterative: any depth is fine)."""
+    tokens, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if item is None:
+            continue
+        if isinstance(item, str):
+            tokens += len(item) // CHARS_PER_TOKEN + 1
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(v for k, v in item.items() if k in {"text", "content"})
+        else:
+            tokens += 1
+    return tokens
 
 
 def _int_field(body: dict[str, Any], name: str, *, low: int, high: int) -> int | None:
     if name not in body or body[name] is None:
         return None
     value = body[name]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON Schema's integer: 5.0 is 5
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad_request(f"'{name}' must be an integer.", param=name)
     if not low <= value <= high:
@@ -95,13 +105,14 @@ def _prompt(body: dict[str, Any], name: str) -> int:
     value = body.get(name)
     if value is None:
         raise bad_request(f"Missing required parameter: '{name}'.", param=name)
-    ok = isinstance(value, str) or (
-        (
-            isinstance(value, list)
-            and all(isinstance(v, str | int) and not isinstance(v, bool) for v in value)
-        )
-        or (isinstance(value, list) and all(isinstance(v, list) for v in value))
-    )
+
+    def token(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def piece(v: Any) -> bool:  # a string, a token id, or a list of token ids
+        return isinstance(v, str) or token(v) or (isinstance(v, list) and all(map(token, v)))
+
+    ok = isinstance(value, str) or (isinstance(value, list) and all(map(piece, value)))
     if not ok or value == []:
         raise bad_request(
             f"'{name}' must be a string or an array of strings or tokens.", param=name

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+from scheduler.core import AIMDConfig
 from scheduler.service.config import Settings
+
+GAINS = [f.name for f in dataclasses.fields(AIMDConfig)]
 
 _ERROR = {
     "type": "object",
@@ -62,7 +66,13 @@ def _ok(description: str) -> dict[str, Any]:
 
 
 def _admin(
-    method: str, summary: str, ok: str, body: dict[str, Any] | None = None, *, status: str = "200"
+    method: str,
+    summary: str,
+    ok: str,
+    body: dict[str, Any] | None = None,
+    *,
+    status: str = "200",
+    required: bool = True,
 ) -> dict[str, Any]:
     operation: dict[str, Any] = {
         "summary": summary,
@@ -71,13 +81,14 @@ def _admin(
             status: _ok(ok),
             "400": _error("Invalid body; the message names the field."),
             "401": _error("Missing or wrong admin token."),
+            "413": _error("Body larger than the configured limit."),
             "404": _error("Unknown key, or the admin API is off (no SCHEDULER_ADMIN_TOKEN)."),
             "503": _error("Redis is not connected.", retry=True),
         },
     }
     if body is not None:
         operation["requestBody"] = {
-            "required": True,
+            "required": required,
             "content": {"application/json": {"schema": body}},
         }
     return {method: operation}
@@ -85,21 +96,25 @@ def _admin(
 
 _QUOTA_FIELDS = {
     "algorithm": {"type": "string", "enum": ["gcra", "sliding_log", "sliding_counter"]},
-    "period_s": {"type": "number", "exclusiveMinimum": 0},
-    "requests": {"type": "integer", "minimum": 0},
-    "tokens": {"type": "integer", "minimum": 0},
-    "request_burst": {"type": "integer", "minimum": 0},
-    "token_burst": {"type": "integer", "minimum": 0},
+    "period_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 366 * 86_400},
+    "requests": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
+    "tokens": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
+    "request_burst": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
+    "token_burst": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
 }
 
 
-def _admin_paths() -> dict[str, Any]:
+def _admin_paths(tiers: list[str]) -> dict[str, Any]:
     key_id = [{"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}]
     quota = {"type": "object", "properties": _QUOTA_FIELDS, "additionalProperties": False}
     upgrade = {
         "type": "object",
         "required": ["expires_in_s"],
-        "properties": {**_QUOTA_FIELDS, "expires_in_s": {"type": "number", "exclusiveMinimum": 0}},
+        "properties": {
+            **_QUOTA_FIELDS,
+            "expires_in_s": {"type": "number", "minimum": 0.001, "maximum": 90 * 86_400},
+        },
+        "minProperties": 2,
         "additionalProperties": False,
     }
     new_key = {
@@ -107,7 +122,7 @@ def _admin_paths() -> dict[str, Any]:
         "required": ["tenant", "tier"],
         "properties": {
             "tenant": {"type": "string", "minLength": 1},
-            "tier": {"type": "string"},
+            "tier": {"type": "string", "enum": tiers},
             "bypass": {"type": "boolean"},
         },
     }
@@ -115,11 +130,23 @@ def _admin_paths() -> dict[str, Any]:
         "type": "object",
         "required": ["amount"],
         "properties": {
-            "amount": {"type": "integer", "minimum": 1},
-            "ttl_s": {"type": "number", "exclusiveMinimum": 0},
+            "amount": {"type": "integer", "minimum": 1, "maximum": 2**53 - 1},
+            "ttl_s": {"type": "number", "minimum": 0.001, "maximum": 90 * 86_400},
         },
+        "additionalProperties": False,
     }
-    gains = {"type": "object", "additionalProperties": {"type": ["number", "string"]}}
+    gains = {
+        "type": "object",
+        "properties": {
+            name: (
+                {"type": "string", "enum": ["latency", "ttft", "tpot"]}
+                if name == "latency_signal"
+                else {"type": "number"}
+            )
+            for name in GAINS
+        },
+        "additionalProperties": False,
+    }
 
     def with_id(item: dict[str, Any]) -> dict[str, Any]:
         return {"parameters": key_id, **item}
@@ -152,7 +179,13 @@ def _admin_paths() -> dict[str, Any]:
         ),
         "/admin/v1/controller": {
             **_admin("get", "The controller's gains and state", "Gains and state."),
-            **_admin("put", "Change gains live, on every replica", "The new gains.", gains),
+            **_admin(
+                "put",
+                "Change gains live, on every replica",
+                "The new gains.",
+                gains,
+                required=False,
+            ),
         },
         "/admin/v1/drain": _admin("post", "Drain this replica", "Draining."),
     }
@@ -161,7 +194,13 @@ def _admin_paths() -> dict[str, Any]:
 def _inference(summary: str, schema: dict[str, Any], *, streams: bool) -> dict[str, Any]:
     ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
     if streams:
-        ok["text/event-stream"] = {"schema": {"type": "string"}}
+        ok["text/event-stream"] = {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {"data": {"type": "string"}},
+            }
+        }
     return {
         "post": {
             "summary": summary,
@@ -195,7 +234,7 @@ def _request_schema(required: str, prompt: dict[str, Any]) -> dict[str, Any]:
             "model": {"type": "string", "minLength": 1},
             required: prompt,
             "stream": {"type": "boolean"},
-            "max_tokens": {"type": "integer", "minimum": 1},
+            "max_tokens": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
             "n": {"type": "integer", "minimum": 1, "maximum": 128},
         },
     }
@@ -214,12 +253,14 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             },
         },
     }
-    text = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1}]}
+    token = {"type": "integer"}
+    piece = {"oneOf": [{"type": "string"}, token, {"type": "array", "items": token}]}
+    text = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": piece}]}
     status = {"type": "object"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "inference-scheduler gateway", "version": "0.1.0"},
-        "servers": [{"url": f"http://{settings.server.host}:{settings.server.port}"}],
+        "servers": [{"url": "/"}],
         "components": {
             "schemas": {"Error": _ERROR},
             "securitySchemes": {
@@ -293,7 +334,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
-            **_admin_paths(),
+            **_admin_paths([t.core.name for t in settings.tiers]),
             "/openapi.json": {
                 "get": {
                     "summary": "This document",

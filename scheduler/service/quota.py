@@ -5,10 +5,9 @@ But a request must never wait long on Redis: each call has a short timeout, and 
 breaker stops calling Redis after a run of failures. While Redis is out (the breaker open),
 each tier follows its fail mode: `open` admits under a local in-process limiter at the key's
 quota divided by the replica count (so the fleet stays near the quota), except for keys that
-Redis last said were used up, until their reset; `closed` refuses with a 503. A lone slow
-call while Redis is not known to be down goes to the fail mode only for a key that Redis said
-had room moments ago; otherwise it is answered 503 "retry in 1 s": its script may well have
-run, and a fresh local limiter would admit beyond the global quota.
+Redis last said were used up, until their reset; `closed` refuses with a 503. A lone failed
+call while Redis is not known to be down is admitted only out of what Redis said moments ago
+was left (see `_lone_failure`); otherwise it is answered 503 "retry in 1 s".
 """
 
 from __future__ import annotations
@@ -17,6 +16,8 @@ import enum
 import math
 from dataclasses import dataclass
 from typing import Any
+
+import trio
 
 from backends.redis_quota import (
     AlgorithmKind,
@@ -29,6 +30,30 @@ from policies.breaker import BreakerState, CircuitBreaker
 from policies.ratelimit import MemoryLimiter, Quota, RateDecision
 
 RECENT_S = 5.0  # how long Redis's last word on a key is trusted when Redis is slow
+
+
+class AdaptiveTimeout:
+    """The timeout of a Redis call, set like TCP's retransmission timeout: the smoothed
+    duration of recent calls plus four deviations, within [floor_s, ceiling_s].
+
+    Why adaptive: a call's duration includes the time this process's event loop takes to get
+    back to it. Under a burst that is tens of ms while Redis answered in one; a fixed short
+    timeout would then "detect" an outage that is our own load, fail over, and admit on a
+    local limiter beyond the global quota. A Redis that stops answering still trips it fast."""
+
+    def __init__(self, floor_s: float, ceiling_s: float = 1.0) -> None:
+        self.floor_s = floor_s
+        self.ceiling_s = max(floor_s, ceiling_s)
+        self._mean_s = 0.0
+        self._deviation_s = 0.0
+
+    def current(self) -> float:
+        return min(self.ceiling_s, max(self.floor_s, self._mean_s + 4 * self._deviation_s))
+
+    def observe(self, duration_s: float) -> None:
+        error = duration_s - self._mean_s
+        self._mean_s += error / 8
+        self._deviation_s += (abs(error) - self._deviation_s) / 4
 
 
 class FailMode(enum.Enum):
@@ -79,17 +104,34 @@ class Verdict:
     period_s: float = 60.0
 
 
+@dataclass(slots=True)
+class LastWord:
+    """What Redis last said of a key: used up until when, when it said it, and what was left
+    (spent down as a lone failure admits out of it)."""
+
+    spent_until: float
+    seen_at: float
+    requests: float
+    tokens: float
+
+
 class QuotaGuard:
     """Decides quota for one request; one per replica."""
 
     def __init__(
-        self, store: RedisQuotaStore | None, breaker: CircuitBreaker, *, replicas: int
+        self,
+        store: RedisQuotaStore | None,
+        breaker: CircuitBreaker,
+        *,
+        replicas: int,
+        timeout: AdaptiveTimeout,
     ) -> None:
         self.store = store
         self.breaker = breaker
+        self.timeout = timeout
         self.replicas = replicas
         self._local: dict[QuotaSpec, MemoryLimiter[Any]] = {}
-        self._last: dict[str, tuple[float, float]] = {}  # key -> (spent until, seen at)
+        self._last: dict[str, LastWord] = {}
         self.fail_open_decisions = 0
         self.fail_closed_decisions = 0
         self.redis_errors = 0
@@ -112,17 +154,17 @@ class QuotaGuard:
         requests, tokens = quotas.specs()
         if self.store is not None and self.breaker.allow(now=now):
             try:
-                decision = await self.store.take(
-                    key_id, requests=requests, tokens=tokens, token_cost=token_cost
-                )
-            except QuotaStoreUnavailable:
+                started = trio.current_time()
+                with trio.fail_after(self.timeout.current()):
+                    decision = await self.store.take(
+                        key_id, requests=requests, tokens=tokens, token_cost=token_cost
+                    )
+                self.timeout.observe(trio.current_time() - started)
+            except (QuotaStoreUnavailable, trio.TooSlowError):
                 self.redis_errors += 1
                 self.breaker.record_failure(now=now)
-                lone = self.breaker.state is BreakerState.CLOSED
-                if lone and not self._had_room(key_id, now):
-                    # a lone slow call and nothing recent known of this key: its script may
-                    # have run, and a fresh local limiter could admit beyond the global quota
-                    return Verdict(False, Source.CLOSED, retry_after_s=1.0)
+                if self.breaker.state is BreakerState.CLOSED and fail_mode is FailMode.OPEN:
+                    return self._lone_failure(key_id, token_cost, now, quotas.period_s)
             else:
                 self.breaker.record_success(now=now)
                 self._remember(key_id, decision, now)
@@ -131,30 +173,43 @@ class QuotaGuard:
             self.fail_closed_decisions += 1
             return Verdict(False, Source.CLOSED, retry_after_s=self.breaker.config.open_s)
         self.fail_open_decisions += 1
-        spent_until = self._last.get(key_id, (-math.inf, -math.inf))[0]
-        if spent_until > now:  # Redis last said this key is used up: that still holds
-            return Verdict(False, Source.LOCAL, retry_after_s=spent_until - now)
+        last = self._last.get(key_id)
+        if last is not None and last.spent_until > now:  # Redis said used up: still holds
+            return Verdict(False, Source.LOCAL, retry_after_s=last.spent_until - now)
         return self._local_take(key_id, requests, tokens, token_cost, now, quotas.period_s)
 
+    def _lone_failure(self, key_id: str, token_cost: int, now: float, period_s: float) -> Verdict:
+        """One failed call while Redis is not known to be down. Its script may have run, and
+        a fresh local limiter would admit beyond the global quota; so admit only out of what
+        Redis last said was left, counting each admission as spent by every replica (so all
+        of them together stay within it), else ask the client to retry in a second."""
+        last = self._last.get(key_id)
+        if last is not None and now - last.seen_at <= RECENT_S and last.spent_until <= now:
+            need_requests, need_tokens = self.replicas, self.replicas * token_cost
+            if last.requests >= need_requests and last.tokens >= need_tokens:
+                last.requests -= need_requests
+                last.tokens -= need_tokens
+                return Verdict(True, Source.LOCAL, period_s=period_s)
+        return Verdict(False, Source.CLOSED, retry_after_s=1.0)
+
     def _remember(self, key_id: str, decision: QuotaDecision, now: float) -> None:
-        """Keep, per key, Redis's last word: until when its quota is used up, and when."""
+        """Keep, per key, Redis's last word: what is left, and until when it is used up."""
         until = -math.inf
-        for d in (decision.requests, decision.tokens):
+        left = {"requests": math.inf, "tokens": math.inf}
+        for name, d in (("requests", decision.requests), ("tokens", decision.tokens)):
             if d is None:
                 continue
+            left[name] = d.remaining if d.allowed else 0
             if not d.allowed:
                 until = max(until, now + d.retry_after_s)
             elif d.remaining <= 0:
                 until = max(until, now + d.reset_after_s)
         if len(self._last) >= 100_000:
             horizon = now - RECENT_S
-            self._last = {k: v for k, v in self._last.items() if max(v) > horizon}
-        self._last[key_id] = (until, now)
-
-    def _had_room(self, key_id: str, now: float) -> bool:
-        """Redis said, within the last RECENT_S, that this key had quota left."""
-        spent_until, seen_at = self._last.get(key_id, (math.inf, -math.inf))
-        return spent_until <= now and now - seen_at <= RECENT_S
+            self._last = {
+                k: v for k, v in self._last.items() if max(v.spent_until, v.seen_at) > horizon
+            }
+        self._last[key_id] = LastWord(until, now, left["requests"], left["tokens"])
 
     def _local_take(
         self,

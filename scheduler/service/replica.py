@@ -36,14 +36,14 @@ from scheduler.service.config import (
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.gateway import Gateway
 from scheduler.service.metrics import GatewayMetrics
-from scheduler.service.quota import QuotaGuard
+from scheduler.service.quota import AdaptiveTimeout, QuotaGuard
 from scheduler.service.tenancy import KeyRegistry
 
 log = logging.getLogger("scheduler.service")
-REDIS_TIMEOUT_S = 0.05  # every Redis call on the request path
 READY_TIMEOUT_S = 0.2
 GAINS_KEY = "control:gains"  # {"version": n, "gains": {...}}, written by the admin API
 GAINS_POLL_S = 0.5
+WARM_CONNECTIONS = 32
 REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
 
@@ -52,10 +52,13 @@ class Replica:
         self.settings = settings
         self.controller = AIMDController(settings.controller)
         self.breaker = CircuitBreaker(BreakerConfig(failure_threshold=3, open_s=0.5))
+        self.redis_timeout = AdaptiveTimeout(settings.redis_timeout_s)
         self.registry = KeyRegistry(
-            settings.keys, settings.key_secret, timeout_s=REDIS_TIMEOUT_S, breaker=self.breaker
+            settings.keys, settings.key_secret, timeout=self.redis_timeout, breaker=self.breaker
         )
-        self.quota = QuotaGuard(None, self.breaker, replicas=settings.replicas)
+        self.quota = QuotaGuard(
+            None, self.breaker, replicas=settings.replicas, timeout=self.redis_timeout
+        )
         self.metrics = GatewayMetrics.from_settings(settings)
         self._gateway: Gateway | None = None
         self._client = make_client(settings.backend_limits)
@@ -133,12 +136,21 @@ class Replica:
         async with coredis.Redis.from_url(url) as redis:
             self._redis = redis
             self.registry.redis = redis
-            self.quota.store = store = RedisQuotaStore(redis, timeout_s=REDIS_TIMEOUT_S)
-            self._cache = ResponseCache(redis, timeout_s=REDIS_TIMEOUT_S)
+            self.quota.store = store = RedisQuotaStore(
+                redis, timeout_s=self.settings.redis_timeout_s
+            )
+            self._cache = ResponseCache(redis, timeout_s=self.settings.redis_timeout_s)
             # warm up: scripts loaded and a connection open before the first request, so a
             # cold burst does not time out on script compiles and connection set-up
             with trio.move_on_after(2.0), contextlib.suppress(*REDIS_ERRORS, QuotaStoreError):
                 await store.load_scripts()
+
+                async def ping() -> None:
+                    await redis.ping()
+
+                async with trio.open_nursery() as warm:  # open the pool's connections
+                    for _ in range(WARM_CONNECTIONS):
+                        warm.start_soon(ping)
             task_status.started()
             try:
                 await trio.sleep_forever()

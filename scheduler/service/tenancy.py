@@ -26,7 +26,7 @@ import trio
 
 from policies.breaker import CircuitBreaker
 from scheduler.service.config import KeySettings, key_id
-from scheduler.service.quota import QuotaSettings
+from scheduler.service.quota import AdaptiveTimeout, QuotaSettings
 
 QUOTA_FIELDS = ("requests", "tokens", "period_s", "algorithm", "request_burst", "token_burst")
 REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
@@ -92,16 +92,17 @@ class KeyRegistry:
         *,
         prefix: str = "tenancy",
         cache_s: float = 0.5,
-        timeout_s: float = 0.05,
+        timeout: AdaptiveTimeout | None = None,
         breaker: CircuitBreaker | None = None,
     ) -> None:
         self._static = {k.key_id: KeyRecord(k.key_id, k.tenant, k.tier, k.bypass) for k in static}
         self._secret = secret
         self._prefix = prefix
         self._cache_s = cache_s
-        self._timeout_s = timeout_s
+        self._timeout = timeout or AdaptiveTimeout(0.1)
         self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
         self._breaker = breaker  # shared with the quota path: one view of Redis' health
+        self._fetching: dict[str, trio.Event] = {}
         self.redis: coredis.Redis[bytes] | None = None
 
     def _key(self, key_id: str, role: str) -> str:
@@ -111,18 +112,38 @@ class KeyRegistry:
         return key_id(clear_key, self._secret)
 
     async def lookup(self, kid: str, *, now: float) -> KeyRecord | None:
-        """The live record of `kid` (None: unknown). Revoked records are returned as such."""
+        """The live record of `kid` (None: unknown). Revoked records are returned as such.
+
+        Concurrent lookups of one key share one fetch: a burst on a key whose record just
+        expired asks Redis once, not once per request."""
         cached = self._cache.get(kid)
         if cached is not None and now - cached[1] < self._cache_s:
             return cached[0]
         stale = cached[0] if cached is not None else self._static.get(kid)
+        fetching = self._fetching.get(kid)
+        if fetching is not None:
+            await fetching.wait()
+            cached = self._cache.get(kid)
+            return stale if cached is None else cached[0]
         breaker = self._breaker
         if self.redis is None or (breaker is not None and not breaker.allow(now=now)):
             return stale
+        self._fetching[kid] = done = trio.Event()
         try:
-            with trio.fail_after(self._timeout_s):
+            return await self._fetch(kid, stale, now)
+        finally:
+            del self._fetching[kid]
+            done.set()
+
+    async def _fetch(self, kid: str, stale: KeyRecord | None, now: float) -> KeyRecord | None:
+        assert self.redis is not None
+        breaker = self._breaker
+        try:
+            started = trio.current_time()
+            with trio.fail_after(self._timeout.current()):
                 meta = _decode(await self.redis.hgetall(self._key(kid, "meta")))
                 upgrade = _decode(await self.redis.hgetall(self._key(kid, "upgrade")))
+            self._timeout.observe((trio.current_time() - started) / 2)
         except REDIS_ERRORS:
             if breaker is not None:
                 breaker.record_failure(now=now)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 
 import trio
@@ -102,7 +102,8 @@ async def call_whole(
     failed: BackendErrorKind | None = None
     span = _client_span(target, prompt_tokens)
     try:
-        with trace.use_span(span, end_on_exit=False):
+        # `timeout_s` bounds the whole call, not each read: a backend dripping bytes is late too
+        with trace.use_span(span, end_on_exit=False), _deadline(started_at + target.timeout_s):
             async with target.pool.post(
                 target.path, raw, headers, stream=False, timeout_s=target.timeout_s
             ) as up:
@@ -146,7 +147,8 @@ async def _stream_chunks(
     try:
         async with AsyncExitStack() as stack:
             # current only while the request is sent (traceparent), never across a yield
-            with trace.use_span(span, end_on_exit=False):
+            deadline = _deadline(started_at + target.timeout_s)  # for the headers
+            with trace.use_span(span, end_on_exit=False), deadline:
                 up = await stack.enter_async_context(
                     target.pool.post(target.path, raw, headers, timeout_s=target.timeout_s)
                 )
@@ -180,6 +182,16 @@ async def _stream_chunks(
         ended = Ended(outcome, latency, first, max(0, events - 1), total, status, error=failed)
         _end_span(span, ended)
         on_end(ended)
+
+
+@contextmanager
+def _deadline(deadline_at: float) -> Iterator[None]:
+    """An absolute deadline on a backend call; running out is the backend's timeout."""
+    try:
+        with trio.fail_at(deadline_at):
+            yield
+    except trio.TooSlowError as exc:
+        raise BackendTimeout("the backend did not answer before the request's deadline") from exc
 
 
 def judge(up: Upstream) -> tuple[Outcome, ApiError | None]:
