@@ -89,6 +89,7 @@ class Tally:
     refused_without_retry_after: int = 0
     local_decisions: list[tuple[float, int]] = field(default_factory=list)  # (sent_at, status)
     other: dict[int, int] = field(default_factory=dict)  # status (0: no answer) -> count
+    unverified: int = 0  # 503 + Retry-After: the quota could not be checked in time
 
     def max_in_window(self, period_s: float, *, redis_only: bool = False) -> int:
         """The most admissions certainly inside one closed window of `period_s` (only those
@@ -163,6 +164,11 @@ async def hammer(
                 tally.refused_without_retry_after += 1
                 retry_after = "1"
             await trio.sleep(min(float(retry_after), 1.0))
+        elif response.status_code == 503 and response.headers.get("retry-after"):
+            # a quota check that Redis did not answer in time (our loop under this load):
+            # refused for now, as the caller's "retry shortly", never admitted on a guess
+            tally.unverified += 1
+            await trio.sleep(min(float(response.headers["retry-after"]), 1.0))
         else:
             status = response.status_code
             tally.other[status] = tally.other.get(status, 0) + 1
@@ -224,12 +230,14 @@ async def test_quotas_hold_across_three_replicas(redis_url: str, tmp_path: Path)
             "local_admitted": sum(1 for _, _, local in t.admitted if local),
             "local_at_s": sorted({round(at - started_at) for at, _ in t.local_decisions}),
             "other": t.other,
+            "unverified": t.unverified,
         }
         for name, t in tallies.items()
     }
     print("replicas:", report)
     for t in (log, gcra):
-        assert not t.other, report  # no 5xx, no unanswered request
+        assert not t.other, report  # no 5xx but a 503 with Retry-After, no unanswered request
+        assert t.unverified <= 0.01 * (t.refused + len(t.admitted)), report
         assert t.refused >= 500 and t.refused_without_retry_after == 0, report
     # the shared store is exact across replicas ...
     assert log.max_in_window(PERIOD_S, redis_only=True) <= LIMIT, report
