@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 
 import pytest
 import trio
+from hypothesis import settings
 
 from backends.demo import DemoConfig, serve_demo_backend
 from backends.gpu_model import GpuConfig
 from scheduler.service.config import Settings, load_settings
 from scheduler.service.redis_embedded import EmbeddedRedis
 from scheduler.service.serve import serve_replica, with_demo_url
+
+# CI runs the property tests derandomized: the same examples every run, so a red CI is a
+# change's doing; local runs keep exploring new examples.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 FAST_GPU = GpuConfig(max_batch=16, decode_base_s=0.001, decode_per_seq_s=0.0001)
 

@@ -92,6 +92,7 @@ class Settings:
     demo: GpuConfig
     redis_url: str | None = None
     redis_timeout_s: float = 0.1
+    redis_prefix: str = "sched"  # every Redis key of this deployment starts with it
     key_secret: bytes = field(default=b"", repr=False)
     admin_token: str = field(default="", repr=False)
     source: str | None = None  # the file these settings came from (SIGHUP reloads its gains)
@@ -399,6 +400,12 @@ def load_settings(
     redis_table = root.table("redis")
     redis_url = env.get("SCHEDULER_REDIS_URL") or redis_table.get("url", str, "") or None
     redis_timeout_s = redis_table.get("timeout_s", float, DEFAULT_REDIS_TIMEOUT_S)
+    redis_prefix = redis_table.get("prefix", str, "sched")
+    _check(
+        bool(redis_prefix) and not set("{}") & set(redis_prefix) and len(redis_prefix) <= 64,
+        "redis.prefix",
+        "must be 1 to 64 characters without braces",
+    )
     _check(0.001 <= redis_timeout_s <= 5, "redis.timeout_s", "must be in [0.001, 5]")
     redis_table.done()
     limits = _dataclass_from(root.table("backend_limits"), BackendLimits, "backend_limits")
@@ -420,6 +427,7 @@ def load_settings(
         demo=demo,
         redis_url=redis_url,
         redis_timeout_s=redis_timeout_s,
+        redis_prefix=redis_prefix,
         key_secret=secret,
         admin_token=env.get("SCHEDULER_ADMIN_TOKEN", ""),
         source=None if path is None else str(path),

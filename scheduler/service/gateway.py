@@ -147,9 +147,11 @@ class Gateway:
                 "scheduler.retry_after_s": verdict.retry_after_s,
             },
         )
-        if verdict.source is Source.CLOSED:
+        if verdict.source in (Source.CLOSED, Source.UNVERIFIED):
             meter.outcome = "refused_redis_down"
-            raise overloaded("Quota service unavailable; retry shortly.", verdict.retry_after_s)
+            raise overloaded(
+                "Your quota could not be checked; retry shortly.", verdict.retry_after_s
+            )
         meter.outcome = "refused_quota"
         message = "Rate limit reached for your API key. Retry after the time in Retry-After."
         retry_after_s = verdict.retry_after_s

@@ -1,13 +1,14 @@
 """Per-key quotas at the edge: Redis when it answers, the tier's fail mode when it does not.
 
 Why a guard around the store: quotas must hold exactly across replicas, so Redis decides.
-But a request must never wait long on Redis: each call has a short timeout, and a circuit
-breaker stops calling Redis after a run of failures. While Redis is out (the breaker open),
-each tier follows its fail mode: `open` admits under a local in-process limiter at the key's
-quota divided by the replica count (so the fleet stays near the quota), except for keys that
-Redis last said were used up, until their reset; `closed` refuses with a 503. A lone failed
-call while Redis is not known to be down is admitted only out of what Redis said moments ago
-was left (see `_lone_failure`); otherwise it is answered 503 "retry in 1 s".
+But a request must never wait long on Redis: each call has a short (adaptive) timeout, and a
+circuit breaker stops calling Redis after a run of failures. While Redis is down (refusing
+connections, or silent for DOWN_AFTER_S), each tier follows its fail mode: `open` admits
+under a local in-process limiter at the key's quota divided by the replica count (so the
+fleet stays near the quota), except for keys Redis last said were used up, until their
+reset; `closed` refuses with a 503. A Redis that is only slow (a timeout, a pause just
+begun, or our own event loop behind under load) may still have run the script: admitting
+then could count a request twice and over-admit, so the answer is 503 "retry in 1 s".
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from backends.redis_quota import (
 from policies.breaker import BreakerState, CircuitBreaker
 from policies.ratelimit import MemoryLimiter, Quota, RateDecision
 
-RECENT_S = 5.0  # how long Redis's last word on a key is trusted when Redis is slow
+DOWN_AFTER_S = 2.0  # Redis answering nothing for this long is down, not just slow
 
 
 class AdaptiveTimeout:
@@ -90,6 +91,7 @@ class Source(enum.Enum):
     LOCAL = "local"  # fail-open limiter while Redis is out
     UNLIMITED = "unlimited"
     CLOSED = "closed"  # fail-closed refusal while Redis is out
+    UNVERIFIED = "unverified"  # Redis slow, not known down: refused, retry in a second
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,17 +104,6 @@ class Verdict:
     credits_spent: int = 0
     credits_left: int | None = None
     period_s: float = 60.0
-
-
-@dataclass(slots=True)
-class LastWord:
-    """What Redis last said of a key: used up until when, when it said it, and what was left
-    (spent down as a lone failure admits out of it)."""
-
-    spent_until: float
-    seen_at: float
-    requests: float
-    tokens: float
 
 
 class QuotaGuard:
@@ -131,7 +122,9 @@ class QuotaGuard:
         self.timeout = timeout
         self.replicas = replicas
         self._local: dict[QuotaSpec, MemoryLimiter[Any]] = {}
-        self._last: dict[str, LastWord] = {}
+        self._spent_until: dict[str, float] = {}
+        self._unreachable = False  # the last failure: refused connection (True) or timeout
+        self._failing_since: float | None = None
         self.fail_open_decisions = 0
         self.fail_closed_decisions = 0
         self.redis_errors = 0
@@ -160,56 +153,54 @@ class QuotaGuard:
                         key_id, requests=requests, tokens=tokens, token_cost=token_cost
                     )
                 self.timeout.observe(trio.current_time() - started)
-            except (QuotaStoreUnavailable, trio.TooSlowError):
+            except (QuotaStoreUnavailable, trio.TooSlowError) as exc:
                 self.redis_errors += 1
                 self.breaker.record_failure(now=now)
-                if self.breaker.state is BreakerState.CLOSED and fail_mode is FailMode.OPEN:
-                    return self._lone_failure(key_id, token_cost, now, quotas.period_s)
+                self._unreachable = isinstance(exc, QuotaStoreUnavailable)
+                if self._failing_since is None:
+                    self._failing_since = now
             else:
                 self.breaker.record_success(now=now)
+                self._failing_since = None
                 self._remember(key_id, decision, now)
                 return _from_decision(decision, quotas.period_s)
         if fail_mode is FailMode.CLOSED:
             self.fail_closed_decisions += 1
             return Verdict(False, Source.CLOSED, retry_after_s=self.breaker.config.open_s)
+        spent_until = self._spent_until.get(key_id, -math.inf)
+        if spent_until > now:  # Redis said this key is used up: that still holds
+            self.fail_open_decisions += 1
+            return Verdict(False, Source.LOCAL, retry_after_s=spent_until - now)
+        if not self._redis_down(now):
+            # slow, not gone (our own loop under load, or a pause just begun): the script may
+            # have run, so admitting here could count the request twice; retry in a second
+            return Verdict(False, Source.CLOSED, retry_after_s=1.0)
         self.fail_open_decisions += 1
-        last = self._last.get(key_id)
-        if last is not None and last.spent_until > now:  # Redis said used up: still holds
-            return Verdict(False, Source.LOCAL, retry_after_s=last.spent_until - now)
         return self._local_take(key_id, requests, tokens, token_cost, now, quotas.period_s)
 
-    def _lone_failure(self, key_id: str, token_cost: int, now: float, period_s: float) -> Verdict:
-        """One failed call while Redis is not known to be down. Its script may have run, and
-        a fresh local limiter would admit beyond the global quota; so admit only out of what
-        Redis last said was left, counting each admission as spent by every replica (so all
-        of them together stay within it), else ask the client to retry in a second."""
-        last = self._last.get(key_id)
-        if last is not None and now - last.seen_at <= RECENT_S and last.spent_until <= now:
-            need_requests, need_tokens = self.replicas, self.replicas * token_cost
-            if last.requests >= need_requests and last.tokens >= need_tokens:
-                last.requests -= need_requests
-                last.tokens -= need_tokens
-                return Verdict(True, Source.LOCAL, period_s=period_s)
-        return Verdict(False, Source.CLOSED, retry_after_s=1.0)
+    def _redis_down(self, now: float) -> bool:
+        """Redis refuses connections, or has not answered for DOWN_AFTER_S."""
+        failing_since = self._failing_since
+        if failing_since is None:
+            return self.store is None
+        return self._unreachable or now - failing_since >= DOWN_AFTER_S
 
     def _remember(self, key_id: str, decision: QuotaDecision, now: float) -> None:
-        """Keep, per key, Redis's last word: what is left, and until when it is used up."""
+        """Keep, per key, until when Redis said its quota is used up (for fail-open mode)."""
         until = -math.inf
-        left = {"requests": math.inf, "tokens": math.inf}
-        for name, d in (("requests", decision.requests), ("tokens", decision.tokens)):
+        for d in (decision.requests, decision.tokens):
             if d is None:
                 continue
-            left[name] = d.remaining if d.allowed else 0
             if not d.allowed:
                 until = max(until, now + d.retry_after_s)
             elif d.remaining <= 0:
                 until = max(until, now + d.reset_after_s)
-        if len(self._last) >= 100_000:
-            horizon = now - RECENT_S
-            self._last = {
-                k: v for k, v in self._last.items() if max(v.spent_until, v.seen_at) > horizon
-            }
-        self._last[key_id] = LastWord(until, now, left["requests"], left["tokens"])
+        if until <= now:
+            self._spent_until.pop(key_id, None)
+            return
+        if len(self._spent_until) >= 100_000:
+            self._spent_until = {k: t for k, t in self._spent_until.items() if t > now}
+        self._spent_until[key_id] = until
 
     def _local_take(
         self,

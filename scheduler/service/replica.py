@@ -54,8 +54,13 @@ class Replica:
         self.breaker = CircuitBreaker(BreakerConfig(failure_threshold=3, open_s=0.5))
         self.redis_timeout = AdaptiveTimeout(settings.redis_timeout_s)
         self.registry = KeyRegistry(
-            settings.keys, settings.key_secret, timeout=self.redis_timeout, breaker=self.breaker
+            settings.keys,
+            settings.key_secret,
+            prefix=f"{settings.redis_prefix}:tenancy",
+            timeout=self.redis_timeout,
+            breaker=self.breaker,
         )
+        self._gains_key = f"{settings.redis_prefix}:{GAINS_KEY}"
         self.quota = QuotaGuard(
             None, self.breaker, replicas=settings.replicas, timeout=self.redis_timeout
         )
@@ -139,7 +144,11 @@ class Replica:
             self.quota.store = store = RedisQuotaStore(
                 redis, timeout_s=self.settings.redis_timeout_s
             )
-            self._cache = ResponseCache(redis, timeout_s=self.settings.redis_timeout_s)
+            self._cache = ResponseCache(
+                redis,
+                prefix=f"{self.settings.redis_prefix}:cache",
+                timeout_s=self.settings.redis_timeout_s,
+            )
             # warm up: scripts loaded and a connection open before the first request, so a
             # cold burst does not time out on script compiles and connection set-up
             with trio.move_on_after(2.0), contextlib.suppress(*REDIS_ERRORS, QuotaStoreError):
@@ -169,9 +178,9 @@ class Replica:
         if redis is None:
             return
         with trio.move_on_after(1.0):
-            version = await redis.incr(GAINS_KEY + ":version")
+            version = await redis.incr(self._gains_key + ":version")
             document = {"version": version, "gains": gains_to_dict(config)}
-            await redis.set(GAINS_KEY, json.dumps(document))
+            await redis.set(self._gains_key, json.dumps(document))
             self._gains_version = version
 
     async def _follow_gains(self) -> None:
@@ -183,7 +192,7 @@ class Replica:
                 continue
             try:
                 with trio.fail_after(READY_TIMEOUT_S):
-                    raw = await redis.get(GAINS_KEY)
+                    raw = await redis.get(self._gains_key)
             except REDIS_ERRORS:
                 continue
             if not raw:

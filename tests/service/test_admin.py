@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ TOKEN = "admin-secret-token"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
 CHAT = {"model": "demo-small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 CONFIG = """
+[redis]
+prefix = "{prefix}"
 [tiers.pro]
 weight = 3
 max_wait_s = 5
@@ -39,7 +42,7 @@ backends = ["demo"]
 async def replicas(nursery: trio.Nursery, redis_url: str, tmp_path: Path) -> tuple[str, str]:
     demo = await start_demo(nursery)
     path = tmp_path / "admin.toml"
-    path.write_text(CONFIG)
+    path.write_text(CONFIG.replace("{prefix}", f"admin-{uuid.uuid4().hex}"))
     settings = load_settings(path, env={"SCHEDULER_ADMIN_TOKEN": TOKEN}, overrides={"port": 0})
     settings = dataclasses.replace(with_demo_url(settings, demo), redis_url=redis_url)
     return await start_gateway(nursery, settings), await start_gateway(nursery, settings)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from tests.conftest import start_demo, start_gateway
 TOKEN = "loop-admin"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
 CONFIG = """
+[redis]
+prefix = "{prefix}"
 [tiers.enterprise]
 weight = 8
 max_wait_s = 10
@@ -61,7 +64,8 @@ async def start(
 ) -> tuple[str, str, Path]:
     demo = await start_demo(nursery, gpu)
     path = tmp_path / "loop.toml"
-    path.write_text(CONFIG.replace("{target}", str(target)))
+    prefix = f"loop-{uuid.uuid4().hex}"  # its gains stay its own in the shared Redis
+    path.write_text(CONFIG.replace("{target}", str(target)).replace("{prefix}", prefix))
     settings = load_settings(path, env={"SCHEDULER_ADMIN_TOKEN": TOKEN}, overrides={"port": 0})
     settings = dataclasses.replace(with_demo_url(settings, demo), redis_url=redis_url)
     return demo, await start_gateway(nursery, settings), path

@@ -308,7 +308,9 @@ async def cache_first_answer(
     first = await client.post(tier.url, json=body, headers=tier.auth(tier.key_a))
     assert first.status_code == 200, first.text
     assert "x-scheduler-cache" not in first.headers
-    key = ResponseCache(redis).key(tier.scope(tier.key_a), PATHS["chat"], body)
+    key = ResponseCache(redis, prefix="sched:cache").key(
+        tier.scope(tier.key_a), PATHS["chat"], body
+    )
     while not await redis.exists([key]):
         await trio.sleep(0.02)
     return first
