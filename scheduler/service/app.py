@@ -74,10 +74,11 @@ def create_app(replica: Replica) -> QuartTrio:
 
     async def answer(route: str, headers: dict[str, str], span: trace.Span) -> Response:
         gateway = replica.gateway
-        key = await gateway.authenticate(headers.get("authorization"))
-        span.set_attribute("scheduler.tier", key.tier)
+        # the body first: answering before it is read would leave it in the connection
         raw = await request.get_data(cache=False, as_text=False)
         assert isinstance(raw, bytes)
+        key = await gateway.authenticate(headers.get("authorization"))
+        span.set_attribute("scheduler.tier", key.tier)
         call = read_call(route, raw, default_max_tokens=settings.server.default_max_tokens)
         span.set_attribute("gen_ai.request.model", call.model)
         span.set_attribute("scheduler.stream", call.stream)

@@ -30,7 +30,7 @@ from scheduler.service.errors import ApiError, overloaded
 from scheduler.service.metrics import GatewayMetrics, RequestMeter, RequestOutcome
 from scheduler.service.openai_body import InferenceCall
 from scheduler.service.quota import QuotaGuard, Source, Verdict, rate_limit_headers
-from scheduler.service.tenancy import KeyRecord, KeyRegistry
+from scheduler.service.tenancy import KeyRecord, KeyRegistry, KeysUnavailable
 from scheduler.service.upstream import Ended, OnEnd, Reply, Target, call_stream, call_whole
 
 PATHS = {
@@ -81,7 +81,10 @@ class Gateway:
                 code="missing_api_key",
             )
         kid = self.registry.key_id(authorization[7:].strip())
-        record = await self.registry.lookup(kid, now=trio.current_time())
+        try:
+            record = await self.registry.lookup(kid, now=trio.current_time())
+        except KeysUnavailable as exc:
+            raise overloaded("Your API key could not be checked; retry shortly.", 1.0) from exc
         if record is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         if record.revoked:

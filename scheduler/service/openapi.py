@@ -294,6 +294,7 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                             "content": {"application/json": {"schema": status}},
                         },
                         "401": _error("Missing or unknown API key."),
+                        "503": _error("The key could not be checked right now.", retry=True),
                     },
                 }
             },

@@ -141,8 +141,9 @@ class Replica:
         async with coredis.Redis.from_url(url) as redis:
             self._redis = redis
             self.registry.redis = redis
+            # no timeout of its own: the quota guard times each call (adaptively)
             self.quota.store = store = RedisQuotaStore(
-                redis, timeout_s=self.settings.redis_timeout_s
+                redis, prefix=f"{self.settings.redis_prefix}:quota"
             )
             self._cache = ResponseCache(
                 redis,

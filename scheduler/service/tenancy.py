@@ -32,6 +32,10 @@ QUOTA_FIELDS = ("requests", "tokens", "period_s", "algorithm", "request_burst", 
 REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
 
+class KeysUnavailable(Exception):
+    """A key neither known here nor checkable in Redis right now: retry, not 401."""
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     key_id: str
@@ -124,9 +128,15 @@ class KeyRegistry:
         if fetching is not None:
             await fetching.wait()
             cached = self._cache.get(kid)
+            if cached is None and stale is None:
+                raise KeysUnavailable("the key could not be looked up in time")
             return stale if cached is None else cached[0]
         breaker = self._breaker
-        if self.redis is None or (breaker is not None and not breaker.allow(now=now)):
+        if self.redis is None:
+            return stale
+        if breaker is not None and not breaker.allow(now=now):
+            if stale is None:
+                raise KeysUnavailable("Redis is unavailable and the key is not known here")
             return stale
         self._fetching[kid] = done = trio.Event()
         try:
@@ -144,9 +154,11 @@ class KeyRegistry:
                 meta = _decode(await self.redis.hgetall(self._key(kid, "meta")))
                 upgrade = _decode(await self.redis.hgetall(self._key(kid, "upgrade")))
             self._timeout.observe((trio.current_time() - started) / 2)
-        except REDIS_ERRORS:
+        except REDIS_ERRORS as exc:
             if breaker is not None:
                 breaker.record_failure(now=now)
+            if stale is None:  # unknown here and unchecked: not the caller's fault (not 401)
+                raise KeysUnavailable("the key could not be looked up in time") from exc
             return stale
         if breaker is not None:
             breaker.record_success(now=now)

@@ -271,9 +271,9 @@ def check_outage(load: Load, phases: Phases, slow_s: float = 0.0) -> str:
     """Assert the fail modes, the latency bound and the recovery; returns a summary.
 
     `slow_s`: for the first seconds of an outage in which Redis is silent rather than gone
-    (paused), the gateway cannot tell it from a slow Redis that may still apply the script,
-    so an `open` tier answers 503 with Retry-After rather than admit twice; after that, its
-    fail mode."""
+    (paused, or calls in flight as it goes), the gateway cannot tell it from a slow Redis that
+    may still apply the script, so an `open` tier answers 503 with Retry-After rather than
+    admit twice; after that, its fail mode. The same holds while Redis comes back."""
     assert phases.readyz_down == (503, False), "/readyz must say Redis is down"
     assert phases.ready_after_s <= RECOVERY_S
     decisions = phases.fail_mode_decisions  # counted, and visible to the operator
@@ -325,7 +325,8 @@ async def test_redis_killed_and_restarted_under_load(nursery: trio.Nursery, tmp_
         load, phases = await run_outage(nursery, tmp_path, redis, redis.kill, redis.restart)
     finally:
         redis.close()
-    print("killed:", check_outage(load, phases))
+    # a call in flight as Redis goes may time out rather than be refused: unverified, not guessed
+    print("killed:", check_outage(load, phases, slow_s=0.5))
 
 
 async def test_redis_paused_and_resumed_under_load(nursery: trio.Nursery, tmp_path: Path) -> None:
