@@ -59,6 +59,7 @@ def main() -> None:
             (f"{name} added p50 at half load", f"{added_ms:.2f} ms", "goal < 1 ms", added_ms)
         )
     print(f"machine: {machine()}")
+    print(f"non-200 answers during the gateway runs: {dict(gateway.FAILURES) or 'none'}")
     print(f"| {'benchmark':<38} | {'measured':>12} | {'against':<24} | {'ratio':>6} |")
     print(f"|{'-' * 40}|{'-' * 14}|{'-' * 26}|{'-' * 8}|")
     for name, measured, against, ratio in rows:
