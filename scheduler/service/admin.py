@@ -20,6 +20,7 @@ from quart import Blueprint, Response, request
 from scheduler.core import AIMDConfig, LatencySignal
 from scheduler.service.config import (
     MAX_COUNT,
+    MAX_TTL_S,
     ConfigError,
     Table,
     gains_to_dict,
@@ -32,7 +33,6 @@ from scheduler.service.replica import Replica
 from scheduler.service.tenancy import QUOTA_FIELDS
 
 GAIN_FIELDS = {f.name: f for f in dataclasses.fields(AIMDConfig)}
-MAX_TTL_S = 90 * 86_400.0  # upgrades and credits last at most 90 days
 MAX_NUMBER = 1e9  # no gain needs more
 
 
@@ -170,7 +170,7 @@ def create_admin(replica: Replica) -> Blueprint:
         if (
             isinstance(expires_in_s, bool)
             or not isinstance(expires_in_s, int | float)
-            or not (0 < expires_in_s <= 90 * 86_400)
+            or not (0 < expires_in_s <= MAX_TTL_S)
         ):
             raise bad_request(
                 "'expires_in_s' must be a number of seconds in (0, 90 days].", param="expires_in_s"

@@ -28,10 +28,11 @@ from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateConfig, GateMode, LatencySignal, TierConfig
 from scheduler.service.quota import FailMode, QuotaSettings
 
-DEMO_BACKEND = "demo"
+DEMO_BACKEND = "demo"  # a model's backend list may name the built-in demo server
 DEFAULT_REDIS_TIMEOUT_S = 0.1  # each Redis call on the request path; then the fail mode
 MAX_COUNT = 2**53 - 1  # quota counts and credits: exact as doubles, in Lua and in Python
-MAX_PERIOD_S = 366 * 86_400.0  # a model's backend list may name the built-in demo server
+MAX_PERIOD_S = 366 * 86_400.0  # the longest quota period
+MAX_TTL_S = 90 * 86_400.0  # upgrades and credits last at most 90 days
 DEMO_KEYS = {"sk-demo-free": "free", "sk-demo-pro": "pro", "sk-demo-enterprise": "enterprise"}
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from scheduler.core import AIMDConfig
-from scheduler.service.config import Settings
+from scheduler.service.config import MAX_COUNT, MAX_PERIOD_S, MAX_TTL_S, Settings
 
 GAINS = [f.name for f in dataclasses.fields(AIMDConfig)]
 
@@ -96,11 +96,11 @@ def _admin(
 
 _QUOTA_FIELDS = {
     "algorithm": {"type": "string", "enum": ["gcra", "sliding_log", "sliding_counter"]},
-    "period_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 366 * 86_400},
-    "requests": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
-    "tokens": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
-    "request_burst": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
-    "token_burst": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
+    "period_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_PERIOD_S},
+    "requests": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
+    "tokens": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
+    "request_burst": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
+    "token_burst": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
 }
 
 
@@ -112,7 +112,7 @@ def _admin_paths(tiers: list[str]) -> dict[str, Any]:
         "required": ["expires_in_s"],
         "properties": {
             **_QUOTA_FIELDS,
-            "expires_in_s": {"type": "number", "minimum": 0.001, "maximum": 90 * 86_400},
+            "expires_in_s": {"type": "number", "minimum": 0.001, "maximum": MAX_TTL_S},
         },
         "minProperties": 2,
         "additionalProperties": False,
@@ -130,8 +130,8 @@ def _admin_paths(tiers: list[str]) -> dict[str, Any]:
         "type": "object",
         "required": ["amount"],
         "properties": {
-            "amount": {"type": "integer", "minimum": 1, "maximum": 2**53 - 1},
-            "ttl_s": {"type": "number", "minimum": 0.001, "maximum": 90 * 86_400},
+            "amount": {"type": "integer", "minimum": 1, "maximum": MAX_COUNT},
+            "ttl_s": {"type": "number", "minimum": 0.001, "maximum": MAX_TTL_S},
         },
         "additionalProperties": False,
     }

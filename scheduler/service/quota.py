@@ -125,8 +125,6 @@ class QuotaGuard:
         self._spent_until: dict[str, float] = {}
         self._unreachable = False  # the last failure: refused connection (True) or timeout
         self._failing_since: float | None = None
-        self.fail_open_decisions = 0
-        self.fail_closed_decisions = 0
         self.redis_errors = 0
 
     @property
@@ -165,17 +163,14 @@ class QuotaGuard:
                 self._remember(key_id, decision, now)
                 return _from_decision(decision, quotas.period_s)
         if fail_mode is FailMode.CLOSED:
-            self.fail_closed_decisions += 1
             return Verdict(False, Source.CLOSED, retry_after_s=self.breaker.config.open_s)
         spent_until = self._spent_until.get(key_id, -math.inf)
         if spent_until > now:  # Redis said this key is used up: that still holds
-            self.fail_open_decisions += 1
             return Verdict(False, Source.LOCAL, retry_after_s=spent_until - now)
         if not self._redis_down(now):
             # slow, not gone (our own loop under load, or a pause just begun): the script may
             # have run, so admitting here could count the request twice; retry in a second
-            return Verdict(False, Source.CLOSED, retry_after_s=1.0)
-        self.fail_open_decisions += 1
+            return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0)
         return self._local_take(key_id, requests, tokens, token_cost, now, quotas.period_s)
 
     def _redis_down(self, now: float) -> bool:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -128,8 +129,6 @@ def demo_backend(settings: Settings) -> Iterator[str]:
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
-    import socket
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:
