@@ -1,18 +1,9 @@
-"""OpenAI-compatible HTTP backends on httpx2, and pools of them.
-
-Exception tree (the upstream is to blame for all of these; the caller's mistakes never
-reach this module):
-
-    BackendError
-    ├── BackendUnavailable   no healthy backend, or the connection failed (nothing was sent)
-    ├── BackendTimeout       connected, but the backend did not answer in time
-    └── BackendBroken        the response broke off or made no sense
-
-A 429 or 503 from the backend is not an exception: it is a response the service reads as
-"backend saturated". httpx2's exceptions are translated here and nowhere else.
+"""OpenAI-compatible HTTP backends and pools of them, on `backends.http_client`.
 
 A pool chooses the backend with the fewest requests in flight among the healthy ones. A
-backend whose connection fails is taken out of rotation and probed back by `probe_forever`.
+backend that cannot be connected to is taken out of rotation and probed back by
+`probe_forever`. A 429 or 503 from a backend is not an exception: it is a response the
+service reads as "backend saturated".
 """
 
 from __future__ import annotations
@@ -20,146 +11,47 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 
-import httpx2
 import trio
 from opentelemetry import propagate
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "transfer-encoding",
-        "content-length",
-        "content-encoding",
-        "upgrade",
-        "te",
-        "trailer",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "server",
-        "date",
-    }
-)
-
-
-class BackendError(Exception):
-    """The upstream failed us."""
-
-
-class BackendUnavailable(BackendError):
-    pass
-
-
-class BackendTimeout(BackendError):
-    pass
-
-
-class BackendBroken(BackendError):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class BackendLimits:
-    connect_timeout_s: float = 2.0
-    read_timeout_s: float = 300.0
-    max_connections: int = 512
-    eject_s: float = 2.0  # first ejection; doubles up to max_eject_s while probes fail
-    max_eject_s: float = 30.0
-
-
-def make_client(limits: BackendLimits) -> httpx2.AsyncClient:
-    """One client per process: its pool keeps connections to every backend alive."""
-    return httpx2.AsyncClient(
-        timeout=httpx2.Timeout(
-            limits.read_timeout_s, connect=limits.connect_timeout_s, pool=limits.read_timeout_s
-        ),
-        limits=httpx2.Limits(
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_connections,
-        ),
-        headers={"accept-encoding": "identity"},
-    )
-
-
-class Upstream:
-    """A backend's response, streamed: read `status_code`/`headers`, then the body."""
-
-    def __init__(self, response: httpx2.Response) -> None:
-        self._response = response
-
-    @property
-    def status_code(self) -> int:
-        return self._response.status_code
-
-    def headers(self) -> dict[str, str]:
-        return {k: v for k, v in self._response.headers.items() if k.lower() not in HOP_BY_HOP}
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.aiter_raw():
-                yield chunk
-        except httpx2.TimeoutException as exc:
-            raise BackendTimeout("backend stopped sending in time") from exc
-        except httpx2.HTTPError as exc:
-            raise BackendBroken(f"backend response broke off: {exc}") from exc
-
-    async def read(self) -> bytes:
-        if self._response.is_stream_consumed:  # a call made with stream=False
-            return self._response.content
-        return b"".join([chunk async for chunk in self.chunks()])
+from backends.http_client import BackendError, BackendUnavailable, HttpClient, Response
 
 
 class HttpBackend:
     """One OpenAI-compatible server at `url`."""
 
-    def __init__(self, url: str, client: httpx2.AsyncClient, limits: BackendLimits) -> None:
+    def __init__(self, url: str, client: HttpClient) -> None:
         self.url = url.rstrip("/")
         self._client = client
-        self._limits = limits
+        self._limits = client.limits
+        self._pool, path = client.pool_for(self.url)
+        self._path = path.rstrip("/")
         self.inflight = 0
         self.healthy = True
-        self._eject_s = limits.eject_s
+        self._eject_s = self._limits.eject_s
         self.retry_at = -math.inf
 
     @asynccontextmanager
     async def post(
-        self,
-        path: str,
-        body: bytes,
-        headers: dict[str, str],
-        *,
-        stream: bool = True,
-        timeout_s: float | None = None,
-    ) -> AsyncIterator[Upstream]:
-        """POST `body` and yield the response, streamed unless `stream` is False (then it
-        is read whole first, which is cheaper); the connection is released on exit."""
+        self, path: str, body: bytes, headers: dict[str, str], *, timeout_s: float | None = None
+    ) -> AsyncIterator[Response]:
+        """POST `body` and yield the response once its head is in; `timeout_s` bounds each
+        read. The connection goes back to the pool on exit if the body was read whole."""
         headers = dict(headers)
         propagate.inject(headers)
-        timeout = httpx2.Timeout(
-            self._limits.read_timeout_s if timeout_s is None else timeout_s,
-            connect=self._limits.connect_timeout_s,
-        )
-        request = self._client.build_request(
-            "POST", self.url + path, content=body, headers=headers, timeout=timeout
-        )
+        read_timeout_s = self._limits.read_timeout_s if timeout_s is None else timeout_s
         self.inflight += 1
         try:
-            try:
-                response = await self._client.send(request, stream=stream)
-            except (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout) as exc:
-                self.eject()
-                raise BackendUnavailable(f"cannot reach backend {self.url}: {exc}") from exc
-            except httpx2.TimeoutException as exc:
-                raise BackendTimeout(f"backend {self.url} did not answer in time") from exc
-            except httpx2.HTTPError as exc:
-                raise BackendBroken(f"backend {self.url} failed: {exc}") from exc
-            try:
-                yield Upstream(response)
-            finally:
-                with trio.CancelScope(shield=True):
-                    await response.aclose()
+            async with AsyncExitStack() as stack:
+                try:
+                    response = await stack.enter_async_context(
+                        self._pool.stream("POST", self._path + path, headers, body, read_timeout_s)
+                    )
+                except BackendUnavailable:
+                    self.eject()
+                    raise
+                yield response
         finally:
             self.inflight -= 1
 
@@ -171,12 +63,12 @@ class HttpBackend:
     async def probe(self) -> bool:
         """GET /v1/models; a backend that answers 2xx is healthy again."""
         try:
-            response = await self._client.get(
-                self.url + "/v1/models", timeout=self._limits.connect_timeout_s
+            status, _ = await self._client.get(
+                self.url + "/v1/models", timeout_s=self._limits.connect_timeout_s
             )
-        except httpx2.HTTPError:
+        except BackendError:
             return False
-        if response.status_code < 300:
+        if status < 300:
             self.healthy = True
             self._eject_s = self._limits.eject_s
             return True
@@ -216,9 +108,8 @@ class BackendPool:
         body: bytes,
         headers: dict[str, str],
         *,
-        stream: bool = True,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[Upstream]:
+    ) -> AsyncIterator[Response]:
         """POST to the least busy backend; a failed connection moves on to the next one."""
         tried: set[str] = set()
         while True:
@@ -227,7 +118,7 @@ class BackendPool:
             stack = AsyncExitStack()
             try:
                 upstream = await stack.enter_async_context(
-                    backend.post(path, body, headers, stream=stream, timeout_s=timeout_s)
+                    backend.post(path, body, headers, timeout_s=timeout_s)
                 )
             except BackendUnavailable:
                 if not any(b.healthy and b.url not in tried for b in self.backends):

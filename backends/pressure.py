@@ -9,7 +9,7 @@ staleness) and `backends.pressure_metrics` (vLLM, Triton and DCGM names); this m
 fetches, parses and records.
 
 A failed scrape is not an exception to the caller: it is recorded (`ScrapeError`, translated
-from httpx2's exceptions here and nowhere else) and the model turns it into staleness, so the
+from the HTTP client's errors here and nowhere else) and the model turns it into staleness, so the
 probe's loop never dies of an upstream's trouble. An HTTP 404 is not a failure: the server
 publishes no metrics, which the model reports as `known=False` (pressure 0, left out of the
 pool's aggregate); set `enabled = false` for such backends to skip the probe altogether.
@@ -29,9 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import httpx2
 import trio
 
+from backends.http_client import BackendError, BackendTimeout, HttpClient
 from backends.pressure_config import ProbeConfig, probe_config_from_mapping
 from backends.pressure_metrics import Exporter, parse_scrape
 from backends.pressure_model import (
@@ -59,7 +59,7 @@ __all__ = [
     "probe_config_from_mapping",
 ]
 
-_ACCEPT = {"accept": "text/plain;version=0.0.4", "accept-encoding": "identity"}
+_ACCEPT = {"accept": "text/plain;version=0.0.4"}
 _NO_METRICS = frozenset({404, 410})
 
 
@@ -129,7 +129,7 @@ class MetricsProbe(ModelProbe):
     def __init__(
         self,
         url: str,
-        client: httpx2.AsyncClient,
+        client: HttpClient,
         config: ProbeConfig | None = None,
         *,
         name: str | None = None,
@@ -150,20 +150,20 @@ class MetricsProbe(ModelProbe):
             raise ScrapeError(f"{self.metrics_url}: not Prometheus text ({exc})") from exc
 
     async def _fetch(self) -> str | None:
-        """The metrics text, None on 404/410; httpx2's errors become ScrapeError here."""
+        """The metrics text, None on 404/410; the client's errors become ScrapeError here."""
         try:
-            response = await self._client.get(
-                self.metrics_url, headers=_ACCEPT, timeout=self.config.timeout_s
+            status, body = await self._client.get(
+                self.metrics_url, headers=_ACCEPT, timeout_s=self.config.timeout_s
             )
-        except httpx2.TimeoutException as exc:
+        except BackendTimeout as exc:
             raise ScrapeError(f"{self.metrics_url}: timed out") from exc
-        except httpx2.HTTPError as exc:
+        except BackendError as exc:
             raise ScrapeError(f"{self.metrics_url}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code in _NO_METRICS:
+        if status in _NO_METRICS:
             return None
-        if response.status_code != 200:
-            raise ScrapeError(f"{self.metrics_url}: HTTP {response.status_code}")
-        return response.text
+        if status != 200:
+            raise ScrapeError(f"{self.metrics_url}: HTTP {status}")
+        return body.decode("utf-8", "replace")
 
 
 class Aggregate(enum.Enum):
@@ -198,7 +198,7 @@ class PoolPressure:
     def for_backends(
         cls,
         configs: Sequence[tuple[str, ProbeConfig]],
-        client: httpx2.AsyncClient,
+        client: HttpClient,
         *,
         aggregate: Aggregate = Aggregate.MEAN,
     ) -> PoolPressure:

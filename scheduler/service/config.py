@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from backends.gpu_model import GpuConfig
-from backends.http import BackendLimits
+from backends.http_client import BackendLimits
 from backends.pressure_config import ProbeConfig, probe_config_from_mapping
 from backends.redis_quota import ALGORITHM_KINDS
 from policies.ladder import ShedLadder

@@ -20,7 +20,8 @@ from typing import Any
 import coredis
 import trio
 
-from backends.http import BackendPool, HttpBackend, make_client
+from backends.http import BackendPool, HttpBackend
+from backends.http_client import HttpClient
 from backends.pressure import PoolPressure
 from backends.redis_cache import ResponseCache
 from backends.redis_quota import QuotaStoreError, RedisQuotaStore
@@ -66,7 +67,7 @@ class Replica:
         )
         self.metrics = GatewayMetrics.from_settings(settings)
         self._gateway: Gateway | None = None
-        self._client = make_client(settings.backend_limits)
+        self._client = HttpClient(settings.backend_limits)
         self._redis: coredis.Redis[bytes] | None = None
         self._cache: ResponseCache | None = None
         self._gains_version = 0
@@ -95,9 +96,7 @@ class Replica:
             core, tick_s=lambda: self.controller.config.tick_s, pressure=self.current_pressure
         )
         pools = {
-            m.name: BackendPool(
-                [HttpBackend(url, self._client, settings.backend_limits) for url in m.backends]
-            )
+            m.name: BackendPool([HttpBackend(url, self._client) for url in m.backends])
             for m in settings.models
         }
         if settings.redis_url:
@@ -229,7 +228,7 @@ class Replica:
 
     async def stop(self) -> None:
         self.metrics.close()
-        await self._client.aclose()
+        self._client.close()
 
     async def readiness(self) -> dict[str, Any]:
         checks: dict[str, Any] = {}

@@ -6,8 +6,8 @@ OTLP/HTTP, `console` prints them, and with none of these nothing is set up: the 
 tracer costs next to nothing. Tests install their own provider (an in-memory exporter).
 
 The backend call's span is current while the request is sent, so `traceparent` carries its
-trace to the backend (httpx2 is not covered by the httpx instrumentor: `backends.http` injects
-the context itself).
+trace to the backend (`backends.http` injects the context itself: no instrumentor covers
+our HTTP client).
 """
 
 from __future__ import annotations

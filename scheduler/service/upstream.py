@@ -20,7 +20,8 @@ import trio
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from backends.http import BackendError, BackendPool, BackendTimeout, BackendUnavailable, Upstream
+from backends.http import BackendPool
+from backends.http_client import BackendError, BackendTimeout, BackendUnavailable, Response
 from scheduler.core import Outcome
 from scheduler.service.errors import ApiError, overloaded
 from scheduler.service.metrics import BackendErrorKind, backend_error_kind
@@ -105,7 +106,7 @@ async def call_whole(
         # `timeout_s` bounds the whole call, not each read: a backend dripping bytes is late too
         with trace.use_span(span, end_on_exit=False), _deadline(started_at + target.timeout_s):
             async with target.pool.post(
-                target.path, raw, headers, stream=False, timeout_s=target.timeout_s
+                target.path, raw, headers, timeout_s=target.timeout_s
             ) as up:
                 body = await up.read()
                 status = up.status_code
@@ -114,7 +115,7 @@ async def call_whole(
                     failed = backend_error_kind(status=status)
                     raise error
                 usage = _usage(body)
-                return Reply(status, up.headers(), body)
+                return Reply(status, up.end_to_end_headers(), body)
     except BackendError as exc:
         failed = backend_error_kind(exc)
         if isinstance(exc, BackendTimeout | BackendUnavailable):
@@ -159,7 +160,7 @@ async def _stream_chunks(
                 await up.read()
                 raise error
             outcome = Outcome.IGNORED  # until the stream ends well
-            yield json.dumps([up.status_code, up.headers()]).encode()
+            yield json.dumps([up.status_code, up.end_to_end_headers()]).encode()
             async for chunk in up.chunks():
                 if math.isnan(ttft):
                     ttft = trio.current_time() - started_at
@@ -194,7 +195,7 @@ def _deadline(deadline_at: float) -> Iterator[None]:
         raise BackendTimeout("the backend did not answer before the request's deadline") from exc
 
 
-def judge(up: Upstream) -> tuple[Outcome, ApiError | None]:
+def judge(up: Response) -> tuple[Outcome, ApiError | None]:
     """How a backend status counts for the controller, and what the client gets instead."""
     status = up.status_code
     if status < 400:

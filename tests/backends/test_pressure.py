@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import socket
 from collections.abc import Iterator
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from backends.demo import DemoConfig, serve_demo_backend
 from backends.gpu_model import GpuConfig
+from backends.http_client import BackendLimits, HttpClient
 from backends.pressure import (
     Aggregate,
     MetricsProbe,
@@ -549,11 +551,15 @@ async def test_pressure_rises_under_load_and_falls_after_it() -> None:
     config = probe_config_from_mapping(
         {"interval_s": 0.02, "stale_after_s": 1.0, "waiting_saturation": 2}
     )
-    with trio.fail_after(8):
-        async with httpx2.AsyncClient(timeout=10) as client, trio.open_nursery() as nursery:
+    with trio.fail_after(8), ExitStack() as stack:
+        async with (
+            httpx2.AsyncClient(timeout=10) as client,
+            trio.open_nursery() as nursery,
+        ):
             port = await nursery.start(serve_demo_backend, DemoConfig(gpu=LOADED_GPU))
             url = f"http://127.0.0.1:{port}"
-            pool = PoolPressure.for_backends([(url, config)], client)
+            probes = stack.enter_context(closing(HttpClient(BackendLimits())))
+            pool = PoolPressure.for_backends([(url, config)], probes)
             probe = pool.probes[0]
             assert isinstance(probe, MetricsProbe)
             nursery.start_soon(pool.run)
@@ -590,16 +596,15 @@ def closed_port() -> Iterator[int]:
 
 async def test_an_unreachable_backend_is_saturated(closed_port: int) -> None:
     with trio.fail_after(5):
-        async with httpx2.AsyncClient() as client:
-            probe = MetricsProbe(f"http://127.0.0.1:{closed_port}", client)
-            reading = await probe.scrape_once(trio.current_time())
+        probe = MetricsProbe(f"http://127.0.0.1:{closed_port}", HttpClient(BackendLimits()))
+        reading = await probe.scrape_once(trio.current_time())
     assert (reading.pressure, reading.stale, reading.failures) == (1.0, True, 1)
-    assert reading.last_error is not None and "ConnectError" in reading.last_error
+    assert reading.last_error is not None and "BackendUnavailable" in reading.last_error
 
 
 async def test_a_missing_metrics_path_is_unknown_and_junk_is_a_failure() -> None:
-    with trio.fail_after(5):
-        async with httpx2.AsyncClient() as client, trio.open_nursery() as nursery:
+    with trio.fail_after(5), closing(HttpClient(BackendLimits())) as client:
+        async with trio.open_nursery() as nursery:
             port = await nursery.start(serve_demo_backend, DemoConfig(gpu=LOADED_GPU))
             url = f"http://127.0.0.1:{port}"
             missing = MetricsProbe(url, client, ProbeConfig(metrics_url=f"{url}/nothing"))

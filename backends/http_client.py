@@ -1,0 +1,328 @@
+"""A small HTTP/1.1 client on trio and h11: keep-alive connections, one pool per origin.
+
+Why our own: the gateway's own work per request is a few hundred microseconds, and httpx2's
+pool spent about as much again choosing a connection (it scans every connection for every
+request, polling each one's socket). Here an origin keeps a stack of idle connections: taking
+one is a pop and one non-blocking poll of its socket. h11 speaks the protocol. The figures
+are in bench/RESULTS.md.
+
+Exception tree (the upstream is to blame for all of these; the caller's mistakes never reach
+this module). trio's, h11's and the socket's exceptions are translated here and nowhere else:
+
+    BackendError
+    ├── BackendUnavailable   the connection could not be made (nothing was sent)
+    ├── BackendTimeout       connected, but the server did not answer in time
+    └── BackendBroken        the connection broke, or the response made no sense
+
+Keep-alive races: a server may close an idle connection just as we reuse it. A reused
+connection that fails before any byte of the response has arrived is retried once on a new
+connection (browsers do the same); a new connection is never retried. Idle connections are
+closed after `keepalive_s`, before the usual 5 s server-side keep-alive timeouts.
+
+A response that is not read to its end (a client went away mid-stream) closes its
+connection: that is how the upstream call is closed.
+"""
+
+from __future__ import annotations
+
+import select
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+RECEIVE_BYTES = 65536
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "content-encoding",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "server",
+        "date",
+    }
+)
+_OWN_HEADERS = frozenset({"host", "accept-encoding", "content-length", "transfer-encoding"})
+_NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class BackendError(Exception):
+    """The upstream failed us."""
+
+
+class BackendUnavailable(BackendError):
+    pass
+
+
+class BackendTimeout(BackendError):
+    pass
+
+
+class BackendBroken(BackendError):
+    pass
+
+
+class _Retry(Exception):
+    """A reused connection died before the response began: try once on a new one."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackendLimits:
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 300.0  # between two reads of one response
+    max_connections: int = 512  # per backend
+    keepalive_s: float = 4.0  # an idle connection older than this is closed, not reused
+    eject_s: float = 2.0  # first ejection; doubles up to max_eject_s while probes fail
+    max_eject_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, url: str) -> tuple[Origin, str]:
+        """The origin of `url` and its path (with the query), "/" when empty."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http(s) URL, got {url!r}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        path = parts.path or "/"
+        return cls(parts.scheme, parts.hostname, port), path + (
+            f"?{parts.query}" * bool(parts.query)
+        )
+
+    @property
+    def host_header(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+class _Connection:
+    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType) -> None:
+        self.stream = stream
+        self.socket = sock
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.idle_since = 0.0
+
+    def dropped(self) -> bool:
+        """An idle connection with anything to read has been closed by the server (or sent
+        what it should not have): either way it cannot carry a request."""
+        try:
+            readable, _, _ = select.select([self.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def close(self) -> None:
+        self.socket.close()
+
+
+class Response:
+    """A response, streamed: read `status_code` and `headers`, then the body once."""
+
+    def __init__(self, conn: _Connection, head: h11.Response, read_timeout_s: float) -> None:
+        self._conn = conn
+        self.status_code: int = head.status_code
+        self.headers: list[tuple[bytes, bytes]] = list(head.headers)  # names in lower case
+        self._read_timeout_s = read_timeout_s
+        self.complete = False
+
+    def end_to_end_headers(self) -> dict[str, str]:
+        """The headers a proxy passes on (RFC 9110 §7.6.1: not the hop-by-hop ones)."""
+        return {
+            name.decode("latin-1"): value.decode("latin-1")
+            for name, value in self.headers
+            if name.decode("latin-1") not in HOP_BY_HOP
+        }
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        while True:
+            event = await _next_event(conn, self._read_timeout_s)
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                self.complete = True
+                return
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+
+class OriginPool:
+    """Keep-alive connections to one origin; at most `limits.max_connections` open."""
+
+    def __init__(
+        self, origin: Origin, limits: BackendLimits, ssl_context: ssl.SSLContext | None
+    ) -> None:
+        self.origin = origin
+        self._limits = limits
+        self._ssl_context = ssl_context
+        self._idle: deque[_Connection] = deque()
+        self._slots = trio.Semaphore(limits.max_connections)
+
+    @asynccontextmanager
+    async def stream(
+        self, method: str, target: str, headers: dict[str, str], body: bytes, read_timeout_s: float
+    ) -> AsyncIterator[Response]:
+        """Send the request and yield the response once its head has arrived."""
+        # this client cannot decompress, and it owns the framing headers
+        head = [("host", self.origin.host_header), ("accept-encoding", "identity")]
+        head += [(k, v) for k, v in headers.items() if k.lower() not in _OWN_HEADERS]
+        if body or method not in ("GET", "HEAD"):
+            head.append(("content-length", str(len(body))))
+        request = h11.Request(method=method, target=target, headers=head)
+        async with self._slots:
+            conn = self._take_idle()
+            response: Response | None = None
+            try:
+                try:
+                    response = await self._exchange(conn, request, body, read_timeout_s)
+                except _Retry:
+                    conn = None
+                    response = await self._exchange(conn, request, body, read_timeout_s)
+                yield response
+            finally:
+                if response is not None and response.complete:
+                    self._give_back(response._conn)
+                elif response is not None:
+                    response._conn.close()
+
+    async def _exchange(
+        self, conn: _Connection | None, request: h11.Request, body: bytes, read_timeout_s: float
+    ) -> Response:
+        reused = conn is not None
+        if conn is None:
+            conn = await self._connect()
+        try:
+            data = conn.h11.send(request) or b""
+            if body:
+                data += conn.h11.send(h11.Data(data=body)) or b""
+            data += conn.h11.send(h11.EndOfMessage()) or b""
+            try:
+                await conn.stream.send_all(data)
+            except _NETWORK_ERRORS as exc:
+                if reused:
+                    raise _Retry from exc
+                raise BackendBroken(f"{self.origin.host_header}: sending failed: {exc}") from exc
+            event = await _next_event(conn, read_timeout_s, retry=reused)
+            while isinstance(event, h11.InformationalResponse):  # 1xx: the real one follows
+                event = await _next_event(conn, read_timeout_s)
+            if not isinstance(event, h11.Response):
+                raise BackendBroken(f"{self.origin.host_header}: no response head")
+            return Response(conn, event, read_timeout_s)
+        except BaseException:
+            conn.close()
+            raise
+
+    def _take_idle(self) -> _Connection | None:
+        expired_at = trio.current_time() - self._limits.keepalive_s
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.idle_since >= expired_at and not conn.dropped():
+                return conn
+            conn.close()
+        return None
+
+    def _give_back(self, conn: _Connection) -> None:
+        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+            conn.h11.start_next_cycle()
+            now = trio.current_time()
+            conn.idle_since = now
+            self._idle.append(conn)
+            while self._idle[0].idle_since < now - self._limits.keepalive_s:
+                self._idle.popleft().close()
+        else:
+            conn.close()  # the server asked to close, or the exchange went wrong
+
+    async def _connect(self) -> _Connection:
+        host, port = self.origin.host, self.origin.port
+        try:
+            with trio.fail_after(self._limits.connect_timeout_s):
+                tcp = await trio.open_tcp_stream(host, port)
+                stream: trio.abc.Stream = tcp
+                if self.origin.scheme == "https":
+                    context = self._ssl_context or ssl.create_default_context()
+                    stream = trio.SSLStream(tcp, context, server_hostname=host)
+                    await stream.do_handshake()
+        except trio.TooSlowError as exc:
+            raise BackendUnavailable(f"{self.origin.host_header}: connecting timed out") from exc
+        except _NETWORK_ERRORS as exc:
+            raise BackendUnavailable(f"{self.origin.host_header}: cannot connect: {exc}") from exc
+        return _Connection(stream, tcp.socket)
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+
+async def _next_event(conn: _Connection, read_timeout_s: float, *, retry: bool = False) -> object:
+    """The next h11 event, reading as needed; `retry`: a connection that ends before any
+    byte arrives raises _Retry."""
+    try:
+        while True:
+            event = conn.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.fail_after(read_timeout_s):
+                data = await conn.stream.receive_some(RECEIVE_BYTES)
+            if retry and not data:
+                raise _Retry
+            retry = False
+            conn.h11.receive_data(bytes(data))  # the same object when it is bytes already
+    except trio.TooSlowError as exc:
+        raise BackendTimeout("the backend stopped sending in time") from exc
+    except _NETWORK_ERRORS as exc:
+        if retry:
+            raise _Retry from exc
+        raise BackendBroken(f"the connection to the backend broke: {exc}") from exc
+    except h11.RemoteProtocolError as exc:
+        raise BackendBroken(f"the backend's response made no sense: {exc}") from exc
+
+
+class HttpClient:
+    """HTTP/1.1 to any number of origins, a pool each; close it when done."""
+
+    def __init__(self, limits: BackendLimits, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.limits = limits
+        self._ssl_context = ssl_context
+        self._pools: dict[Origin, OriginPool] = {}
+
+    def pool_for(self, url: str) -> tuple[OriginPool, str]:
+        """The pool for `url`'s origin and the request target (path and query)."""
+        origin, target = Origin.of(url)
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = OriginPool(origin, self.limits, self._ssl_context)
+        return pool, target
+
+    async def get(
+        self, url: str, *, headers: dict[str, str] | None = None, timeout_s: float
+    ) -> tuple[int, bytes]:
+        """GET `url` whole within `timeout_s` (connecting included): (status, body)."""
+        pool, target = self.pool_for(url)
+        try:
+            with trio.fail_after(timeout_s):
+                async with pool.stream("GET", target, headers or {}, b"", timeout_s) as response:
+                    return response.status_code, await response.read()
+        except trio.TooSlowError as exc:
+            raise BackendTimeout(f"{url}: no answer in {timeout_s} s") from exc
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
