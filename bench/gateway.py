@@ -1,8 +1,10 @@
 """Throughput and added latency of the gateway against a bare passthrough, in one run.
 
 Starts, each as its own process on loopback: the demo backend with zero decode time, the
-gateway in front of it (`scheduler serve`, embedded Redis), and `bench/passthrough.py` (a
-bare quart-trio + httpx2 proxy of the same request). Then, for each target:
+gateway in front of it (`scheduler serve`, embedded Redis), and `bench/passthrough.py` twice
+(a bare quart-trio proxy of the same request: through httpx2, the goal's baseline, and
+through the gateway's own HTTP client, which leaves only the gateway's own work as the
+difference). Then, for each target:
 1. closed loop: `--clients` connections send requests back to back for `--seconds`;
 2. open loop at half of the passthrough's closed-loop rate, to compare p50 latency.
 The load generator is a minimal trio + h11 client so that it is not the bottleneck.
@@ -196,10 +198,10 @@ def pct(values: list[float], q: float) -> float:
 
 def measure(clients: int, seconds: float) -> dict[str, dict[str, float]]:
     """Closed-loop throughput and latency of each target, then p50/p99 at half of the
-    passthrough's throughput. Targets: the bare passthrough, the gateway for a key with no
+    passthrough's throughput. Targets: the bare passthroughs (httpx2, h11), the gateway for a key with no
     quota, and the gateway for a key whose every request runs the Redis quota script."""
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        demo_port, pass_port, gw_port = free_port(), free_port(), free_port()
+        demo_port, pass_port, h11_port, gw_port = (free_port() for _ in range(4))
         demo = f"http://127.0.0.1:{demo_port}"
         zero = ["--decode-base-s", "0", "--decode-per-seq-s", "0", "--max-batch", "100000"]
         zero += ["--max-waiting", "100000", "--kv-capacity-tokens", str(10**9)]
@@ -209,7 +211,9 @@ def measure(clients: int, seconds: float) -> dict[str, dict[str, float]]:
             demo_port,
         )
         passthrough = [sys.executable, str(ROOT / "bench" / "passthrough.py")]
-        start(stack, [*passthrough, "--port", str(pass_port), "--upstream", demo], pass_port)
+        for port, client in ((pass_port, "httpx2"), (h11_port, "h11")):
+            args = ["--port", str(port), "--upstream", demo, "--client", client]
+            start(stack, [*passthrough, *args], port)
         config = Path(tmp) / "gateway.toml"
         config.write_text(GATEWAY_TOML.replace("{demo}", demo))
         env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
@@ -218,6 +222,7 @@ def measure(clients: int, seconds: float) -> dict[str, dict[str, float]]:
         start(stack, serve, gw_port, env)
         targets = {
             "passthrough": (pass_port, None),
+            "passthrough-h11": (h11_port, None),
             "gateway": (gw_port, "sk-bench"),
             "gateway+quota": (gw_port, "sk-bench-quota"),
         }
@@ -256,6 +261,9 @@ def main() -> None:
         added = (results[name]["half_p50"] - base["half_p50"]) * 1e3
         print(f"{name} adds {added:.2f} ms at p50 at half load (goal: under 1 ms)")
     print(f"non-200 answers (not counted as throughput): {dict(FAILURES) or 'none'}")
+    for name in ("gateway+quota", "gateway"):
+        ratio = results[name]["rps"] / results["passthrough-h11"]["rps"]
+        print(f"{name}/passthrough-h11 throughput ratio: {ratio:.2f} (the gateway's own cost)")
     for name in ("gateway+quota", "gateway"):
         ratio = results[name]["rps"] / base["rps"]
         print(f"{name}/passthrough throughput ratio: {ratio:.2f} (goal: at least 0.80)")

@@ -4,7 +4,9 @@
 - sim: simulated requests per second (goal 60,000/s: one hour at 1,000 req/s in a minute);
 - gateway: throughput against a bare quart-trio + httpx2 passthrough measured in the same
   run (goal 0.80), and the p50 it adds at half the passthrough's throughput (goal < 1 ms),
-  without and with the per-request Redis quota script.
+  without and with the per-request Redis quota script; and against the same passthrough
+  through the gateway's own HTTP client (passthrough-h11), which leaves the gateway's own
+  work as the only difference.
 
 Run as `python bench/run.py [--seconds S]`; the table is printed last.
 """
@@ -48,11 +50,18 @@ def main() -> None:
     results = gateway.measure(64, args.seconds)
     base = results["passthrough"]
     rows.append(("passthrough req/s", f"{base['rps']:,.0f}", "baseline", 1.0))
+    h11 = results["passthrough-h11"]
+    rows.append(
+        ("passthrough-h11 req/s", f"{h11['rps']:,.0f}", "passthrough", h11["rps"] / base["rps"])
+    )
     for name in ("gateway", "gateway+quota"):
         r = results[name]
         rows.append(
             (f"{name} req/s", f"{r['rps']:,.0f}", "passthrough, goal 0.80", r["rps"] / base["rps"])
         )
+    for name in ("gateway", "gateway+quota"):
+        r = results[name]
+        rows.append((f"{name} req/s", f"{r['rps']:,.0f}", "passthrough-h11", r["rps"] / h11["rps"]))
     for name in ("gateway", "gateway+quota"):
         added_ms = (results[name]["half_p50"] - base["half_p50"]) * 1e3
         rows.append(
