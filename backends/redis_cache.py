@@ -41,6 +41,8 @@ import coredis.exceptions
 import msgpack  # type: ignore[import-untyped]
 import trio
 
+from backends.redis_pipeliner import RedisPipeliner
+
 T = TypeVar("T")
 
 MiB = 1024 * 1024
@@ -194,7 +196,9 @@ class ResponseCache:
         prefix: str = "cache",
         timeout_s: float | None = None,
         max_bytes: int = MiB,
+        pipeliner: RedisPipeliner | None = None,
     ) -> None:
+        """`pipeliner`: send `get` and `put` through it (the service does), else alone."""
         if not prefix:
             raise ValueError("prefix must be non-empty")
         if timeout_s is not None and not timeout_s > 0:
@@ -205,6 +209,7 @@ class ResponseCache:
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._max_bytes = max_bytes
+        self._pipeliner = pipeliner
 
     def key(self, scope: str, route: str, body: Mapping[str, Any]) -> str:
         """The Redis key of the entry for `body` on `route` under `scope`."""
@@ -243,7 +248,7 @@ class ResponseCache:
         }
         value: bytes = msgpack.packb(entry, use_bin_type=True)
         ttl_ms = max(1, math.ceil((fresh_s + stale_s) * 1000))
-        await self._call(lambda: self._redis.set(key, value, px=ttl_ms))
+        await self._command(lambda redis: redis.set(key, value, px=ttl_ms))
 
     async def get(
         self, scope: str, route: str, body: Mapping[str, Any], *, now_unix: float
@@ -251,18 +256,21 @@ class ResponseCache:
         """The cached response for `body` under `scope`, or None (absent, expired, undecodable)."""
         _check_time("now_unix", now_unix)
         key = self.key(scope, route, body)
-        raw = await self._call(lambda: self._redis.get(key))
+        raw = await self._command(lambda redis: redis.get(key))
         if raw is None:
             return None
         return _decode(raw, _scope_digest(scope), now_unix)
 
-    async def _call(self, request: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis request; the one place where coredis' and trio's errors are translated."""
+    async def _command(self, command: Callable[[Any], Awaitable[T]]) -> T:
+        """Run one command (`command` is given the client, or the pipeline when there is a
+        pipeliner); the one place where coredis' and trio's errors are translated."""
+        pipeliner = self._pipeliner
         try:
-            if self._timeout_s is None:
-                return await request()
-            with trio.fail_after(self._timeout_s):
-                return await request()
+            with trio.fail_after(math.inf if self._timeout_s is None else self._timeout_s):
+                if pipeliner is None:
+                    return await command(self._redis)
+                reply: T = await pipeliner.execute(command)
+                return reply
         except trio.TooSlowError as exc:
             raise CacheUnavailable(f"redis did not answer within {self._timeout_s} s") from exc
         except _UNAVAILABLE as exc:

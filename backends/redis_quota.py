@@ -46,6 +46,7 @@ import trio
 from coredis.commands.script import Script
 
 from backends.redis_lua import ADD_CREDITS_SCRIPT, SETTLE_SCRIPT, TAKE_SCRIPT
+from backends.redis_pipeliner import RedisPipeliner
 from policies.ratelimit import (
     GCRA,
     CounterState,
@@ -144,7 +145,9 @@ class RedisQuotaStore:
         prefix: str = "quota",
         min_ttl_s: float = 0.001,
         timeout_s: float | None = None,
+        pipeliner: RedisPipeliner | None = None,
     ) -> None:
+        """`pipeliner`: send `take` and `settle` through it (the service does), else alone."""
         if not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must be non-empty and hold no braces, got {prefix!r}")
         if not math.isfinite(min_ttl_s) or min_ttl_s < 0:
@@ -155,6 +158,7 @@ class RedisQuotaStore:
         self._prefix = prefix
         self._floor_ms = max(1, math.ceil(min_ttl_s * 1000))
         self._timeout_s = timeout_s
+        self._pipeliner = pipeliner
         self._take: Script[Any] = redis.register_script(TAKE_SCRIPT)
         self._settle: Script[Any] = redis.register_script(SETTLE_SCRIPT)
         self._add_credits: Script[Any] = redis.register_script(ADD_CREDITS_SCRIPT)
@@ -198,7 +202,7 @@ class RedisQuotaStore:
             self.key(key_id, f"tokens:{tokens.algorithm if tokens else 'none'}"),
             self.key(key_id, "credits"),
         ]
-        reply: Any = await self._call(lambda: self._take(keys=keys, args=args))
+        reply: Any = await self._run(self._take, keys, args)
         return _parse_take(reply, credits_asked=burst_credits)
 
     async def settle(
@@ -225,7 +229,7 @@ class RedisQuotaStore:
         args: list[str | int] = [_now_arg(now), self._floor_ms, *_spec_args(tokens, 0)[:4]]
         args += [reserved - actual, 1 if paid_with_credits else 0]
         keys = [self.state_key(key_id, "tokens", tokens), self.key(key_id, "credits")]
-        await self._call(lambda: self._settle(keys=keys, args=args))
+        await self._run(self._settle, keys, args)
 
     async def add_credits(self, key_id: str, amount: int, *, ttl_s: float) -> int:
         """Add `amount` credits (tokens) to `key_id`'s balance; return the new balance.
@@ -265,6 +269,12 @@ class RedisQuotaStore:
         if window is None or float(period) != spec.quota.period_s:
             return None
         return CounterState(int(window), int(current), int(previous))
+
+    async def _run(self, script: Script[Any], keys: list[str], args: list[str | int]) -> Any:
+        pipeliner = self._pipeliner
+        if pipeliner is None:
+            return await self._call(lambda: script(keys=keys, args=args))
+        return await self._call(partial(pipeliner.evalsha, script, keys, args))
 
     async def _call(self, request: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis request; the one place where coredis' and trio's errors are translated."""

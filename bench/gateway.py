@@ -198,8 +198,9 @@ def pct(values: list[float], q: float) -> float:
 
 def measure(clients: int, seconds: float) -> dict[str, dict[str, float]]:
     """Closed-loop throughput and latency of each target, then p50/p99 at half of the
-    passthrough's throughput. Targets: the bare passthroughs (httpx2, h11), the gateway for a key with no
-    quota, and the gateway for a key whose every request runs the Redis quota script."""
+    passthrough's throughput. Targets: the bare passthroughs (httpx2, h11), the gateway for
+    a key with no quota, and the gateway for a key whose every request runs the Redis quota
+    script."""
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         demo_port, pass_port, h11_port, gw_port = (free_port() for _ in range(4))
         demo = f"http://127.0.0.1:{demo_port}"

@@ -24,6 +24,7 @@ from backends.http import BackendPool, HttpBackend
 from backends.http_client import HttpClient
 from backends.pressure import PoolPressure
 from backends.redis_cache import ResponseCache
+from backends.redis_pipeliner import RedisPipeliner
 from backends.redis_quota import QuotaStoreError, RedisQuotaStore
 from policies.breaker import BreakerConfig, BreakerState, CircuitBreaker
 from scheduler.core import AIMDConfig, AIMDController, Scheduler, SchedulerConfig
@@ -137,17 +138,20 @@ class Replica:
 
     async def _hold_redis(self, url: str, *, task_status: trio.TaskStatus[None]) -> None:
         """coredis's client runs its own tasks: one task enters and leaves its context."""
-        async with coredis.Redis.from_url(url) as redis:
+        async with coredis.Redis.from_url(url) as redis, trio.open_nursery() as nursery:
+            pipeliner = RedisPipeliner(redis)
+            await nursery.start(pipeliner.run)
             self._redis = redis
-            self.registry.redis = redis
+            self.registry.redis, self.registry.pipeliner = redis, pipeliner
             # no timeout of its own: the quota guard times each call (adaptively)
             self.quota.store = store = RedisQuotaStore(
-                redis, prefix=f"{self.settings.redis_prefix}:quota"
+                redis, prefix=f"{self.settings.redis_prefix}:quota", pipeliner=pipeliner
             )
             self._cache = ResponseCache(
                 redis,
                 prefix=f"{self.settings.redis_prefix}:cache",
                 timeout_s=self.settings.redis_timeout_s,
+                pipeliner=pipeliner,
             )
             # warm up: scripts loaded and a connection open before the first request, so a
             # cold burst does not time out on script compiles and connection set-up
@@ -165,6 +169,7 @@ class Replica:
                 await trio.sleep_forever()
             finally:
                 self._redis = self.registry.redis = self.quota.store = None
+                self.registry.pipeliner = None
 
     def current_pressure(self) -> float:
         """The backends' pressure for the controller: the most loaded model's pool."""

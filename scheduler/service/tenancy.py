@@ -24,6 +24,7 @@ import coredis
 import coredis.exceptions
 import trio
 
+from backends.redis_pipeliner import RedisPipeliner
 from policies.breaker import CircuitBreaker
 from scheduler.service.config import KeySettings, key_id
 from scheduler.service.quota import AdaptiveTimeout, QuotaSettings
@@ -108,6 +109,7 @@ class KeyRegistry:
         self._breaker = breaker  # shared with the quota path: one view of Redis' health
         self._fetching: dict[str, trio.Event] = {}
         self.redis: coredis.Redis[bytes] | None = None
+        self.pipeliner: RedisPipeliner | None = None  # set with `redis`: lookups use it
 
     def _key(self, key_id: str, role: str) -> str:
         return f"{self._prefix}:{{{key_id}}}:{role}"
@@ -146,14 +148,12 @@ class KeyRegistry:
             done.set()
 
     async def _fetch(self, kid: str, stale: KeyRecord | None, now: float) -> KeyRecord | None:
-        assert self.redis is not None
         breaker = self._breaker
         try:
             started = trio.current_time()
             with trio.fail_after(self._timeout.current()):
-                meta = _decode(await self.redis.hgetall(self._key(kid, "meta")))
-                upgrade = _decode(await self.redis.hgetall(self._key(kid, "upgrade")))
-            self._timeout.observe((trio.current_time() - started) / 2)
+                meta, upgrade = await self._read(kid)
+            self._timeout.observe(trio.current_time() - started)
         except REDIS_ERRORS as exc:
             if breaker is not None:
                 breaker.record_failure(now=now)
@@ -167,6 +167,15 @@ class KeyRegistry:
             self._cache = {k: v for k, v in self._cache.items() if now - v[1] < self._cache_s}
         self._cache[kid] = (record, now)
         return record
+
+    async def _read(self, kid: str) -> tuple[dict[str, str], dict[str, str]]:
+        """The key's meta and upgrade hashes, in one round trip."""
+        assert self.pipeliner is not None, "set with `redis`"
+        meta_key, upgrade_key = self._key(kid, "meta"), self._key(kid, "upgrade")
+        meta, upgrade = await self.pipeliner.execute_each(
+            [lambda pipe: pipe.hgetall(meta_key), lambda pipe: pipe.hgetall(upgrade_key)]
+        )
+        return _decode(meta), _decode(upgrade)
 
     def _record(self, kid: str, meta: dict[str, str], upgrade: dict[str, str]) -> KeyRecord | None:
         base = self._static.get(kid)

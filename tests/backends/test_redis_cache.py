@@ -38,6 +38,7 @@ from backends.redis_cache import (
     request_digest,
     split_words,
 )
+from backends.redis_pipeliner import RedisPipeliner
 
 DEADLINE_S = 5.0
 CHAT = "/v1/chat/completions"
@@ -55,9 +56,14 @@ EXCLUDED += ["prompt_cache_key", "cache_salt", "service_tier", "x_request_id"]
 
 @asynccontextmanager
 async def open_cache(redis_url: str, **options: Any) -> AsyncIterator[ResponseCache]:
-    """A cache on its own client and prefix (coredis: entered and left by this one task)."""
-    async with coredis.Redis.from_url(redis_url) as redis:
-        yield ResponseCache(redis, prefix=f"test-{uuid.uuid4().hex[:10]}", **options)
+    """A cache on its own client and prefix (coredis: entered and left by this one task),
+    pipelined as in the service; the caches built alone below cover the direct calls."""
+    async with coredis.Redis.from_url(redis_url) as redis, trio.open_nursery() as nursery:
+        pipeliner = RedisPipeliner(redis)
+        await nursery.start(pipeliner.run)
+        prefix = f"test-{uuid.uuid4().hex[:10]}"
+        yield ResponseCache(redis, prefix=prefix, pipeliner=pipeliner, **options)
+        nursery.cancel_scope.cancel()
 
 
 async def put(cache: ResponseCache, scope: str, response: bytes, **options: Any) -> None:

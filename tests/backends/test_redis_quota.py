@@ -21,6 +21,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from backends.redis_pipeliner import RedisPipeliner
 from backends.redis_quota import (
     ALGORITHM_KINDS,
     AlgorithmKind,
@@ -38,10 +39,14 @@ EPOCH = 1.7e9  # Redis TIME's scale, where a float's ulp is about 2.4e-7 s
 
 @asynccontextmanager
 async def open_store(redis_url: str, **options: Any) -> AsyncIterator[RedisQuotaStore]:
-    """A store on its own client and prefix (coredis: entered and left by this one task)."""
-    async with coredis.Redis.from_url(redis_url) as redis:
+    """A store on its own client and prefix (coredis: entered and left by this one task),
+    pipelined as in the service; the stores built alone below cover the direct calls."""
+    async with coredis.Redis.from_url(redis_url) as redis, trio.open_nursery() as nursery:
+        pipeliner = RedisPipeliner(redis)
+        await nursery.start(pipeliner.run)
         prefix = f"test-{uuid.uuid4().hex[:10]}"
-        yield RedisQuotaStore(redis, prefix=prefix, **options)
+        yield RedisQuotaStore(redis, prefix=prefix, pipeliner=pipeliner, **options)
+        nursery.cancel_scope.cancel()
 
 
 def fresh_key() -> str:

@@ -1,0 +1,131 @@
+"""The pipeliner against a real Redis: concurrent callers share round trips, each gets its
+own reply or error, and a failed round trip fails only its own callers, in the same terms as
+a direct call."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import coredis
+import coredis.exceptions
+import pytest
+import trio
+
+from backends.redis_pipeliner import RedisPipeliner
+from scheduler.service.redis_embedded import free_port
+
+DEADLINE_S = 10.0
+
+
+@asynccontextmanager
+async def open_pipeliner(url: str, **options: float) -> AsyncIterator[RedisPipeliner]:
+    async with coredis.Redis.from_url(url) as redis, trio.open_nursery() as nursery:
+        pipeliner = RedisPipeliner(redis, **options)  # type: ignore[arg-type]
+        await nursery.start(pipeliner.run)
+        yield pipeliner
+        nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_callers_share_round_trips_and_get_their_own_replies(
+    redis_url: str,
+) -> None:
+    prefix = uuid.uuid4().hex
+    replies: dict[int, object] = {}
+    with trio.fail_after(DEADLINE_S):
+        async with open_pipeliner(redis_url) as pipeliner:
+
+            async def caller(i: int) -> None:
+                key = f"{prefix}:{i}"
+                await pipeliner.execute(lambda pipe: pipe.set(key, str(i)))
+                replies[i] = await pipeliner.execute(lambda pipe: pipe.get(key))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(caller, i)
+            assert pipeliner.commands == 400
+            assert pipeliner.round_trips <= 40  # 400 alone; batches of 10 and more
+    assert replies == {i: str(i).encode() for i in range(200)}
+
+
+async def test_a_commands_own_error_reaches_only_its_caller(redis_url: str) -> None:
+    key = uuid.uuid4().hex
+    with trio.fail_after(DEADLINE_S):
+        async with open_pipeliner(redis_url) as pipeliner:
+            await pipeliner.execute(lambda pipe: pipe.set(key, "text"))
+            good, bad = None, None
+
+            async def wrong_type() -> None:
+                nonlocal bad
+                with pytest.raises(coredis.exceptions.WrongTypeError) as raised:
+                    await pipeliner.execute(lambda pipe: pipe.hgetall(key))
+                bad = raised.value
+
+            async def right_type() -> None:
+                nonlocal good
+                good = await pipeliner.execute(lambda pipe: pipe.get(key))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wrong_type)
+                nursery.start_soon(right_type)
+            assert pipeliner.round_trips == 2  # the SET, then both together
+    assert good == b"text" and bad is not None
+
+
+async def test_scripts_survive_a_script_flush(redis_url: str) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with coredis.Redis.from_url(redis_url) as redis:
+            script = redis.register_script("return ARGV[1] + 1")
+            async with open_pipeliner(redis_url) as pipeliner:
+                assert await pipeliner.evalsha(script, [], [41]) == 42
+                await redis.script_flush()
+                assert await pipeliner.evalsha(script, [], [1]) == 2  # loaded again
+
+
+async def test_a_caller_that_gives_up_before_sending_takes_its_command_back(
+    redis_url: str,
+) -> None:
+    key = uuid.uuid4().hex
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            coredis.Redis.from_url(redis_url) as redis,
+            open_pipeliner(redis_url) as pipeliner,
+            trio.open_nursery() as nursery,
+        ):
+            await pipeliner.execute(lambda pipe: pipe.ping())  # connected before the pause
+            await redis.client_pause(400)
+            nursery.start_soon(pipeliner.execute, lambda pipe: pipe.ping())
+            while pipeliner.commands < 2:  # until that PING is out (and held by the pause)
+                await trio.sleep(0.001)
+            with trio.move_on_after(0.05):  # queued behind it, then given up
+                await pipeliner.execute(lambda pipe: pipe.set(key, "1"))
+            assert await pipeliner.execute(lambda pipe: pipe.exists([key])) == 0
+            assert pipeliner.commands == 3  # the two PINGs and the EXISTS
+
+
+async def test_an_unreachable_redis_fails_each_caller_as_a_direct_call_would() -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with open_pipeliner(f"redis://127.0.0.1:{free_port()}") as pipeliner:
+
+            async def caller() -> None:
+                with pytest.raises(coredis.exceptions.ConnectionError):
+                    await pipeliner.execute(lambda pipe: pipe.ping())
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(caller)
+
+
+async def test_a_round_trip_over_its_timeout_fails_as_too_slow(redis_url: str) -> None:
+    with trio.fail_after(DEADLINE_S):
+        async with (
+            coredis.Redis.from_url(redis_url) as redis,
+            open_pipeliner(redis_url, timeout_s=0.1) as pipeliner,
+        ):
+            await pipeliner.execute(lambda pipe: pipe.ping())  # connected before the pause
+            await redis.client_pause(600)
+            with pytest.raises(trio.TooSlowError):
+                await pipeliner.execute(lambda pipe: pipe.ping())
+            await redis.ping()  # returns when the pause is over
+            assert await pipeliner.execute(lambda pipe: pipe.ping())
