@@ -100,10 +100,10 @@ class Origin:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected an http(s) URL, got {url!r}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        path = parts.path or "/"
-        return cls(parts.scheme, parts.hostname, port), path + (
-            f"?{parts.query}" * bool(parts.query)
-        )
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        return cls(parts.scheme, parts.hostname, port), target
 
     @property
     def host_header(self) -> str:

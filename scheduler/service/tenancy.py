@@ -225,46 +225,55 @@ class KeyRegistry:
             m.decode() if isinstance(m, bytes) else str(m)
             for m in await redis.smembers(f"{self._prefix}:keys")
         }
+        kids = sorted(ids | set(self._static))
         records = []
-        for kid in sorted(ids | set(self._static)):
-            meta = _decode(await redis.hgetall(self._key(kid, "meta")))
-            upgrade = _decode(await redis.hgetall(self._key(kid, "upgrade")))
-            record = self._record(kid, meta, upgrade)
-            if record is not None:
-                records.append(record)
+        for start in range(0, len(kids), 500):  # a round trip per 500 keys
+            chunk = kids[start : start + 500]
+            async with redis.pipeline(transaction=False) as pipe:
+                replies = [
+                    (pipe.hgetall(self._key(kid, "meta")), pipe.hgetall(self._key(kid, "upgrade")))
+                    for kid in chunk
+                ]
+            for kid, (meta, upgrade) in zip(chunk, replies, strict=True):
+                record = self._record(kid, _decode(await meta), _decode(await upgrade))
+                if record is not None:
+                    records.append(record)
         return records
 
     async def exists(self, kid: str) -> bool:
         redis = self._need_redis()
         return kid in self._static or bool(await redis.exists([self._key(kid, "meta")]))
 
-    async def _base_meta(self, kid: str) -> None:
+    def _base_meta(self, pipe: Any, kid: str) -> None:
         """Config keys get a meta hash the first time the admin API changes them."""
         base = self._static.get(kid)
         if base is not None:
-            redis = self._need_redis()
-            await redis.hsetnx(self._key(kid, "meta"), "tenant", base.tenant)
-            await redis.hsetnx(self._key(kid, "meta"), "tier", base.tier)
+            pipe.hsetnx(self._key(kid, "meta"), "tenant", base.tenant)
+            pipe.hsetnx(self._key(kid, "meta"), "tier", base.tier)
 
     async def revoke(self, kid: str) -> None:
-        await self._base_meta(kid)
-        await self._need_redis().hset(self._key(kid, "meta"), {"revoked": "1"})
+        async with self._need_redis().pipeline(transaction=True) as pipe:
+            self._base_meta(pipe, kid)
+            pipe.hset(self._key(kid, "meta"), {"revoked": "1"})
         self._cache.pop(kid, None)
 
     async def set_override(self, kid: str, fields: dict[str, Any]) -> None:
-        """Replace the key's quota override (an empty dict clears it)."""
-        redis = self._need_redis()
-        await self._base_meta(kid)
-        await redis.hdel(self._key(kid, "meta"), ["q_" + f for f in QUOTA_FIELDS])
-        if fields:
-            await redis.hset(self._key(kid, "meta"), {"q_" + k: str(v) for k, v in fields.items()})
+        """Replace the key's quota override (an empty dict clears it), in one transaction:
+        a lookup never sees the old override half-replaced."""
+        meta = self._key(kid, "meta")
+        async with self._need_redis().pipeline(transaction=True) as pipe:
+            self._base_meta(pipe, kid)
+            pipe.hdel(meta, ["q_" + f for f in QUOTA_FIELDS])
+            if fields:
+                pipe.hset(meta, {"q_" + k: str(v) for k, v in fields.items()})
         self._cache.pop(kid, None)
 
     async def set_upgrade(self, kid: str, fields: dict[str, Any], *, expires_in_s: float) -> None:
         """A temporary quota upgrade that Redis forgets after `expires_in_s`."""
         redis = self._need_redis()
         key = self._key(kid, "upgrade")
-        await redis.delete([key])
-        await redis.hset(key, {k: str(v) for k, v in fields.items()})
-        await redis.pexpire(key, max(1, math.ceil(expires_in_s * 1000)))
+        async with redis.pipeline(transaction=True) as pipe:  # never seen half-written
+            pipe.delete([key])
+            pipe.hset(key, {k: str(v) for k, v in fields.items()})
+            pipe.pexpire(key, max(1, math.ceil(expires_in_s * 1000)))
         self._cache.pop(kid, None)
