@@ -231,6 +231,19 @@ class RedisQuotaStore:
         keys = [self.state_key(key_id, "tokens", tokens), self.key(key_id, "credits")]
         await self._run(self._settle, keys, args)
 
+    async def give_back_request(
+        self, key_id: str, *, requests: QuotaSpec, credits: int = 0, now: float | None = None
+    ) -> None:
+        """Give back the request taken at admission, for a call the backends failed to answer:
+        one unit to the request quota or, for a request admitted on burst credits, `credits`
+        to a balance that has not expired."""
+        _check_units(credits=credits)
+        paid = 1 if credits else 0
+        args: list[str | int] = [_now_arg(now), self._floor_ms, *_spec_args(requests, 0)[:4]]
+        args += [credits or 1, paid]
+        keys = [self.state_key(key_id, "requests", requests), self.key(key_id, "credits")]
+        await self._run(self._settle, keys, args)
+
     async def add_credits(self, key_id: str, amount: int, *, ttl_s: float) -> int:
         """Add `amount` credits (tokens) to `key_id`'s balance; return the new balance.
 

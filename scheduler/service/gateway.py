@@ -205,8 +205,13 @@ class Gateway:
                     "scheduler.queued_s": decision.queued_s,
                 },
             )
-            self._settle(record, tier, verdict, call, used=0)
-            return await self._walk_ladder(decision, record, tier, call, raw, headers, meter)
+            try:
+                reply = await self._walk_ladder(decision, record, tier, call, raw, headers, meter)
+            except ApiError:  # no answer at all: the request is given back too
+                self._settle(record, tier, verdict, call, used=0, failed=True)
+                raise
+            self._settle(record, tier, verdict, call, used=0, failed=False)
+            return reply
         span.add_event(
             "queue.admitted",
             {"scheduler.queued_s": decision.queued_s, "scheduler.bypass": record.bypass},
@@ -241,8 +246,11 @@ class Gateway:
             used = ended.total_tokens
             if used is None:
                 used = call.prompt_tokens + ended.output_tokens
-            # a call with no 2xx answer used nothing of the caller's token quota
-            self._settle(record, tier, verdict, call, used=used if 200 <= ended.status < 300 else 0)
+            # DESIGN §2.6: a call the backends failed to answer (no answer, 429, 5xx) uses up
+            # none of the caller's quota; any other answer but a 2xx used no tokens
+            failed = ended.status == 0 or ended.status == 429 or ended.status >= 500
+            ok = 200 <= ended.status < 300
+            self._settle(record, tier, verdict, call, used=used if ok else 0, failed=failed)
             if ended.body and not call.stream:
                 self._cache_put(record, call, ended.body)
             meter.backend_done(model=call.model, error=ended.error, now=trio.current_time())
@@ -257,25 +265,38 @@ class Gateway:
         call: InferenceCall,
         *,
         used: int,
+        failed: bool,
     ) -> None:
-        """Give back the tokens reserved at admission that the response did not use."""
-        if verdict is None or verdict.source is not Source.REDIS or verdict.tokens is None:
+        """Give back the tokens reserved at admission that the response did not use and, when
+        the backends `failed`, the request too."""
+        quotas = record.quotas(tier.quotas)
+        if verdict is None or not verdict.allowed:
+            return
+        if verdict.source is Source.LOCAL:
+            if failed:
+                self.quota.give_back_local(
+                    record.key_id, quotas, int(call.cost), now=trio.current_time()
+                )
             return
         store = self.quota.store
-        _, tokens = record.quotas(tier.quotas).specs()
-        if store is None or tokens is None:
+        if verdict.source is not Source.REDIS or store is None:
             return
-        reserved = int(call.cost)
+        requests, tokens = quotas.specs()
+        reserved, credits = int(call.cost), verdict.credits_spent
 
         async def settle() -> None:
             try:
-                await store.settle(
-                    record.key_id,
-                    tokens=tokens,
-                    reserved=reserved,
-                    actual=used,
-                    paid_with_credits=verdict.credits_spent > 0,
-                )
+                if tokens is not None and verdict.tokens is not None:
+                    await store.settle(
+                        record.key_id,
+                        tokens=tokens,
+                        reserved=reserved,
+                        actual=used,
+                        paid_with_credits=credits > 0,
+                    )
+                if failed and requests is not None and (credits == 0 or tokens is None):
+                    # credits spent with a token quota went back with the tokens just now
+                    await store.give_back_request(record.key_id, requests=requests, credits=credits)
             except Exception:  # the reservation then expires with its window
                 self.quota.redis_errors += 1
 

@@ -173,6 +173,16 @@ class QuotaGuard:
             return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0)
         return self._local_take(key_id, requests, tokens, token_cost, now, quotas.period_s)
 
+    def give_back_local(
+        self, key_id: str, quotas: QuotaSettings, token_cost: int, *, now: float
+    ) -> None:
+        """Give back what the local limiter took for a call the backends failed to answer."""
+        requests, tokens = quotas.specs()
+        if requests is not None:
+            self._limiter(requests).refund(key_id, now=now, cost=1)
+        if tokens is not None and token_cost:
+            self._limiter(tokens).refund(key_id, now=now, cost=token_cost)
+
     def _redis_down(self, now: float) -> bool:
         """Redis refuses connections, or has not answered for DOWN_AFTER_S."""
         failing_since = self._failing_since

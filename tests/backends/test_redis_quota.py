@@ -323,6 +323,32 @@ async def test_settle_of_a_credit_paid_request_goes_to_the_balance(redis_url: st
             )  # what credits could not cover
 
 
+@pytest.mark.parametrize("algorithm", ["gcra", "sliding_log", "sliding_counter"])
+async def test_a_request_given_back_is_as_if_never_taken(redis_url: str, algorithm: str) -> None:
+    now = EPOCH
+    spec = QuotaSpec(algorithm, Quota(limit=3, period_s=60.0))  # type: ignore[arg-type]
+    with trio.fail_after(DEADLINE_S):
+        async with open_store(redis_url) as store:
+            key = fresh_key()
+
+            async def take() -> RateDecision:
+                decision = await store.take(key, requests=spec, tokens=None, token_cost=0, now=now)
+                assert decision.requests is not None
+                return decision.requests
+
+            assert [(await take()).remaining for _ in range(3)] == [2, 1, 0]
+            assert not (await take()).allowed
+            await store.give_back_request(key, requests=spec, now=now)
+            assert (await take()).remaining == 0  # the unit given back, taken again
+            assert not (await take()).allowed
+            await store.add_credits(key, 10, ttl_s=60.0)
+            paid = await store.take(key, requests=spec, tokens=None, token_cost=4, now=now)
+            assert (paid.allowed, paid.credits_spent, await store.credits(key)) == (True, 4, 6)
+            await store.give_back_request(key, requests=spec, credits=4, now=now)
+            assert await store.credits(key) == 10
+            assert not (await take()).allowed  # the base quota was never touched
+
+
 async def test_credits_expire_at_the_later_grant(redis_url: str) -> None:
     with trio.fail_after(DEADLINE_S):
         async with coredis.Redis.from_url(redis_url) as redis:

@@ -8,15 +8,17 @@ request quota, and every test checks the same contract:
 - no 500, and no 5xx but 502 (the backend failed), 503 (no capacity, no backend) and 504
   (the backend did not answer in time); every error is OpenAI-shaped;
 - every 429 and 503 carries Retry-After;
-- the quota is taken exactly once per request the gateway decided, whatever the backend did:
-  with an exact (sliding log) request quota the `x-ratelimit-remaining-requests` values of a
-  run are exactly limit-1, limit-2, ... with no gap (a retried or double-counted take would
-  leave one). The request quota is spent at admission and not given back on a failed call;
-  the reserved tokens are (see `test_a_failed_call_gives_back_its_reserved_tokens`).
+- the quota is kept exactly (DESIGN §2.6): with an exact request quota (a sliding log over a
+  minute, which nothing leaves within a test) Redis ends up holding one unit per request
+  that got an answer from a backend, and none for the ones the backends failed to answer
+  (502, 503, 504: given back) or the quota refused (429); a retried or double-counted take
+  would leave one too many. The reserved tokens are given back too
+  (`test_a_failed_call_uses_none_of_the_quota`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -26,12 +28,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import coredis
 import httpx2
 import pytest
 import trio
 
 from backends.demo import DemoConfig, serve_demo_backend
-from scheduler.service.config import load_settings
+from backends.redis_quota import RedisQuotaStore
+from scheduler.service.config import Settings, key_id, load_settings
 from tests.conftest import FAST_GPU, start_demo, start_gateway
 from tests.support.fault_proxy import Fault, FaultProxy, serve_fault_proxy
 
@@ -125,6 +129,7 @@ class Rig:
     key: str  # metered: `limit` requests a minute
     open_key: str  # no quota
     limit: int
+    settings: Settings
     answers: list[Answer] = dataclasses.field(default_factory=list)  # the metered key's
 
     async def fire(
@@ -161,6 +166,23 @@ class Rig:
             self.answers += done
         return done
 
+    async def held(self) -> tuple[int, int]:
+        """The (requests, tokens) the metered key holds in Redis now."""
+        settings = self.settings
+        assert settings.redis_url is not None
+        requests, tokens = settings.tier("metered").quotas.specs()
+        kid = key_id(self.key, settings.key_secret)
+        async with coredis.Redis.from_url(settings.redis_url) as redis:
+            store = RedisQuotaStore(redis, prefix=f"{settings.redis_prefix}:quota")
+            assert requests is not None
+            states = [await store.state(kid, slot="requests", spec=requests)]
+            states.append(await store.state(kid, slot="tokens", spec=tokens) if tokens else None)
+        held = []
+        for state in states:
+            assert state is None or isinstance(state, tuple), state  # a sliding log
+            held.append(sum(entry.cost for entry in state or ()))
+        return held[0], held[1]
+
     async def limit_now(self, client: httpx2.AsyncClient) -> float:
         r = await client.get(self.gateway + "/admin/v1/controller", headers=ADMIN)
         assert r.status_code == 200, r.text
@@ -194,7 +216,7 @@ async def start_rig(
     )
     settings = load_settings(path, env={"SCHEDULER_ADMIN_TOKEN": TOKEN}, overrides={"port": 0})
     settings = dataclasses.replace(settings, redis_url=redis_url)
-    return Rig(await start_gateway(nursery, settings), key, open_key, limit)
+    return Rig(await start_gateway(nursery, settings), key, open_key, limit, settings)
 
 
 async def proxied(
@@ -222,35 +244,36 @@ def check_contract(answers: list[Answer], *, deadline_s: float) -> Counter[int]:
     return statuses
 
 
-def check_quota_taken_once(rig: Rig) -> int:
-    """Each decided request took one unit of the request quota in Redis, refused ones none.
+async def check_quota_kept(rig: Rig) -> int:
+    """Redis holds one request unit per answer a backend gave (2xx, or its own 4xx but 429),
+    none for the calls the backends failed (502, 503, 504) or the quota refused (429).
 
-    Redis decides unless a call misses the gateway's 50 ms Redis timeout (a loop stall: this
+    Redis decides unless a call misses the gateway's Redis timeout (a loop stall: this
     machine runs other suites too); that request is then decided by the fail-open limiter
-    (`x-ratelimit-source: local`), and its take may or may not have reached Redis. So: Redis'
-    answers are distinct, and Redis never counted more takes than there were requests; with
-    no local decision, the remaining values are exactly limit-1, limit-2, ... with no gap.
+    (`x-ratelimit-source: local`), its take may or may not have reached Redis, and it is
+    given back locally. So with local decisions Redis holds between the units of its own
+    answers and that many more. Give-backs run in the background: up to 2 s to land.
     Returns the number of local decisions.
     """
-    remaining, local = [], 0
+    local = sum(a.headers.get("x-ratelimit-source") == "local" for a in rig.answers)
+    served = sum(
+        a.headers.get("x-ratelimit-source") != "local"
+        and (200 <= a.status < 300 or (400 <= a.status < 500 and a.status != 429))
+        for a in rig.answers
+    )
     for a in rig.answers:
         assert a.headers["x-ratelimit-limit-requests"] == str(rig.limit), a.headers
-        left = int(a.headers["x-ratelimit-remaining-requests"])
-        if a.headers.get("x-ratelimit-source") == "local":
-            local += 1
-        elif a.status == 429:
-            assert left == 0, a.headers
-        else:
-            remaining.append(left)
-    remaining.sort(reverse=True)
-    assert len(set(remaining)) == len(remaining), remaining
-    if local == 0:
-        assert remaining == list(range(rig.limit - 1, rig.limit - 1 - len(remaining), -1)), (
-            remaining
-        )
-    elif remaining:
-        assert remaining[0] <= rig.limit - 1, remaining
-        assert remaining[-1] >= rig.limit - len(remaining) - local, (remaining, local)
+        if a.status == 429:
+            assert a.headers["x-ratelimit-remaining-requests"] == "0", a.headers
+
+    async def kept() -> bool:
+        held, _ = await rig.held()
+        return served <= held <= served + local
+
+    with contextlib.suppress(trio.TooSlowError):
+        await eventually(kept, within_s=2.0)
+    held, _ = await rig.held()
+    assert served <= held <= served + local, (held, served, local)
     return local
 
 
@@ -288,7 +311,7 @@ async def test_a_hanging_backend_is_answered_504_at_the_request_timeout(
     assert proxy.statistics().hung[CHAT] == statuses[504]
     assert limit_after < INITIAL_LIMIT  # timeouts count as drops: the controller backed off
     assert {a.status for a in after} == {200}
-    check_quota_taken_once(rig)
+    await check_quota_kept(rig)
 
 
 async def test_backend_500s_become_502_and_never_500(
@@ -298,20 +321,21 @@ async def test_backend_500s_become_502_and_never_500(
     async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
         with trio.fail_after(20):
             proxy.mode = Fault.ERROR_500
-            answers = await rig.fire(client, 36)  # six more than the quota holds
+            answers = await rig.fire(client, 36)  # more than the quota holds
             proxy.mode = Fault.PASS
             after = await rig.fire(client, 5, key=rig.open_key)
 
     statuses = check_contract(answers, deadline_s=1.0)
-    assert set(statuses) == {502, 429}, statuses
+    assert set(statuses) <= {502, 429}, statuses
     for a in answers:
         if a.status == 502:
             assert a.error()["type"] == "server_error"
             assert a.error()["code"] == "bad_gateway"
     assert proxy.statistics().failed_500[CHAT] == statuses[502]  # each call made once
     assert {a.status for a in after} == {200}
-    if check_quota_taken_once(rig) == 0:  # all decided by Redis: exactly the quota
-        assert statuses == Counter({502: 30, 429: 6}), statuses
+    await check_quota_kept(rig)
+    # each failed call gave its unit back at once, so more failed than the quota holds
+    assert statuses[502] > rig.limit, statuses
 
 
 async def test_a_slow_backend_still_answers_and_the_limit_backs_off(
@@ -338,7 +362,7 @@ async def test_a_slow_backend_still_answers_and_the_limit_backs_off(
     assert statuses == Counter({200: 40}), statuses
     assert all(a.elapsed_s >= 0.5 for a in answers)
     assert min(limits) <= 0.5 * before, (before, limits)  # multiplied down, more than once
-    check_quota_taken_once(rig)
+    await check_quota_kept(rig)
 
 
 async def _true(value: bool) -> bool:
@@ -415,7 +439,7 @@ async def test_a_backend_that_goes_away_is_ejected_then_back_within_seconds(
         assert a.error()["code"] == "overloaded"
     assert recovered_s <= 3.0, recovered_s  # eject_s 0.25 doubling to 1 s, probed every 0.5 s
     assert {a.status for a in after} == {200}
-    check_quota_taken_once(rig)
+    await check_quota_kept(rig)
 
 
 @pytest.mark.parametrize(
@@ -425,27 +449,29 @@ async def test_a_backend_that_goes_away_is_ejected_then_back_within_seconds(
         pytest.param(Fault.REFUSE, id="503-unavailable"),
     ],
 )
-async def test_a_failed_call_gives_back_its_reserved_tokens(
+async def test_a_failed_call_uses_none_of_the_quota(
     nursery: trio.Nursery, redis_url: str, tmp_path: Path, fault: Fault
 ) -> None:
-    """DESIGN §2.6: a backend failure never uses up the caller's quota. The request quota is
-    spent at admission (one per decided request); the tokens reserved are all given back."""
+    """DESIGN §2.6: a backend failure never uses up the caller's quota: the request and the
+    tokens reserved at admission are both given back, so more failed calls than the quota
+    holds, one after another, all reach the backends and none is refused."""
     rig, proxy = await proxied(nursery, redis_url, tmp_path, limit=10, tokens=100_000)
+    local = 0
+
+    async def given_back() -> bool:
+        requests, tokens = await rig.held()
+        return requests <= local and (tokens == 0 or local > 0)
+
     async with httpx2.AsyncClient(timeout=HTTP_TIMEOUT_S) as client:
-        with trio.fail_after(10):
+        with trio.fail_after(20):
             proxy.mode = fault
-            remaining: list[int] = []
-            for _ in range(8):  # the same estimate each time: prompts of equal length
+            for _ in range(15):
                 (a,) = await rig.fire(client, 1)
                 check_contract([a], deadline_s=2.0)
                 assert a.status in (502, 503), a
-                if a.headers.get("x-ratelimit-source") != "local":  # Redis' count only
-                    remaining.append(int(a.headers["x-ratelimit-remaining-tokens"]))
-                if len(remaining) == 3:
-                    break
-                await trio.sleep(0.3)  # the settlement runs in the background
-    check_quota_taken_once(rig)
-    assert len(remaining) == 3 and remaining[0] == remaining[1] == remaining[2], remaining
+                local += a.headers.get("x-ratelimit-source") == "local"
+                await eventually(given_back, within_s=2.0)  # in the background, at once
+    await check_quota_kept(rig)
 
 
 async def test_a_dripping_backend_is_cut_at_the_request_timeout(
