@@ -21,8 +21,7 @@ Errors, split by who is to blame:
     CacheError              Redis answered with an error (a bug, or a foreign key type)
     └── CacheUnavailable    Redis could not be reached in time: the caller treats it as a miss
 
-`completion_to_sse` turns a cached non-streamed completion into the server-sent events of the
-same answer streamed, for a client that asked for `stream: true`.
+Entries are whole completions; `backends.openai_stream` turns them into a stream and back.
 """
 
 from __future__ import annotations
@@ -30,10 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import Any, TypeVar
 
 import coredis
@@ -208,7 +205,7 @@ class ResponseCache:
         self._redis = redis
         self._prefix = prefix
         self._timeout_s = timeout_s
-        self._max_bytes = max_bytes
+        self.max_bytes = max_bytes
         self._pipeliner = pipeliner
 
     def key(self, scope: str, route: str, body: Mapping[str, Any]) -> str:
@@ -236,7 +233,7 @@ class ResponseCache:
             raise ValueError("fresh_s + stale_s must be > 0")
         if not isinstance(response, bytes):
             raise ValueError(f"response must be bytes, got {type(response).__name__}")
-        if len(response) > self._max_bytes:
+        if len(response) > self.max_bytes:
             return
         key = self.key(scope, route, body)
         entry = {
@@ -300,96 +297,3 @@ def _decode(raw: bytes | str, scope_digest: str, now_unix: float) -> CacheHit | 
         stale=now_unix >= fresh_until,
         age_s=max(0.0, now_unix - created),
     )
-
-
-# --- a cached completion as a stream -----------------------------------------------------------
-
-CHAT_ROUTE = "/v1/chat/completions"
-COMPLETIONS_ROUTE = "/v1/completions"
-DONE_EVENT = b"data: [DONE]\n\n"
-_WORD = re.compile(r"\s*\S+\s*|\s+")
-
-
-def completion_to_sse(
-    route: str, body: bytes, *, include_usage: bool = False, max_pieces: int = 8
-) -> list[bytes]:
-    """The SSE events (`data: ...\\n\\n` each, `data: [DONE]` last) of a cached completion.
-
-    Chat (`/v1/chat/completions`): per choice, a chunk with the assistant role, the content in
-    at most `max_pieces` pieces cut between words, the refusal, tool or function calls in one
-    chunk each, and a last chunk with the `finish_reason` (and the choice's logprobs, if any).
-    Completions (`/v1/completions`): per choice, the text in pieces, then the `finish_reason`.
-    `include_usage` adds the usage chunk a client asks for with `stream_options`.
-    Raises ValueError for another route or a body that is not a completion.
-    """
-    if route not in (CHAT_ROUTE, COMPLETIONS_ROUTE):
-        raise ValueError(f"only {CHAT_ROUTE} and {COMPLETIONS_ROUTE} stream, got {route!r}")
-    if max_pieces < 1:
-        raise ValueError(f"max_pieces must be >= 1, got {max_pieces!r}")
-    completion = json.loads(body)
-    if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
-        raise ValueError("the cached body is not a completion (no 'choices' list)")
-    chat = route == CHAT_ROUTE
-    head = {
-        "id": completion.get("id", ""),
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": completion.get("created", 0),
-        "model": completion.get("model", ""),
-    }
-    head |= {k: completion[k] for k in ("system_fingerprint", "service_tier") if k in completion}
-    events: list[bytes] = []
-    for choice in completion["choices"]:
-        if not isinstance(choice, dict) or not isinstance(choice.get("message", {}), dict):
-            raise ValueError(f"the cached body holds a malformed choice: {choice!r}")
-        pieces = _chat_choices(choice, max_pieces) if chat else _text_choices(choice, max_pieces)
-        events += [_event({**head, "choices": [piece]}) for piece in pieces]
-    if include_usage and completion.get("usage") is not None:
-        events.append(_event({**head, "choices": [], "usage": completion["usage"]}))
-    events.append(DONE_EVENT)
-    return events
-
-
-def split_words(text: str, max_pieces: int) -> list[str]:
-    """`text` in at most `max_pieces` non-empty pieces cut between words; they join to `text`."""
-    words = _WORD.findall(text)
-    if not words:
-        return []
-    count = min(max_pieces, len(words))
-    bounds = [i * len(words) // count for i in range(count + 1)]
-    return ["".join(words[a:b]) for a, b in pairwise(bounds)]
-
-
-def _chat_choices(choice: Mapping[str, Any], max_pieces: int) -> list[dict[str, Any]]:
-    index = choice.get("index", 0)
-    message = choice.get("message") or {}
-    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
-    content = message.get("content")
-    if isinstance(content, str):
-        deltas += [{"content": piece} for piece in split_words(content, max_pieces)]
-    if message.get("refusal"):
-        deltas.append({"refusal": message["refusal"]})
-    if message.get("tool_calls"):
-        calls = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-        deltas.append({"tool_calls": calls})
-    if message.get("function_call"):
-        deltas.append({"function_call": message["function_call"]})
-    chunks = [_choice(index, "delta", delta) for delta in deltas]
-    last = _choice(index, "delta", {}, choice.get("finish_reason") or "stop")
-    return [*chunks, {**last, "logprobs": choice.get("logprobs")}]
-
-
-def _text_choices(choice: Mapping[str, Any], max_pieces: int) -> list[dict[str, Any]]:
-    index = choice.get("index", 0)
-    text = choice.get("text")
-    pieces = split_words(text, max_pieces) if isinstance(text, str) else []
-    chunks = [_choice(index, "text", piece) for piece in pieces]
-    last = _choice(index, "text", "", choice.get("finish_reason") or "stop")
-    return [*chunks, {**last, "logprobs": choice.get("logprobs")}]
-
-
-def _choice(index: int, field: str, value: Any, finish_reason: str | None = None) -> dict[str, Any]:
-    return {"index": index, field: value, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _event(chunk: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"

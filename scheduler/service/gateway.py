@@ -21,7 +21,8 @@ import trio
 from opentelemetry import trace
 
 from backends.http import BackendPool
-from backends.redis_cache import CacheError, CacheHit, ResponseCache, completion_to_sse
+from backends.openai_stream import completion_to_sse, sse_to_completion
+from backends.redis_cache import CacheError, CacheHit, ResponseCache
 from policies.ladder import CacheState, Step
 from scheduler.core import Admit, Outcome, Request, Sample, Shed, ShedReason
 from scheduler.service.config import ModelSettings, Settings, TierSettings
@@ -223,7 +224,9 @@ class Gateway:
         meter.outcome = outcome
         forward = _forwarded(headers)
         on_end = self._on_end(decision, record, tier, call, verdict, meter)
-        target = Target(pool, PATHS[call.route], call.model, self.settings.server.request_timeout_s)
+        timeout_s = self.settings.server.request_timeout_s
+        keep_bytes = self._stream_keep_bytes(call)
+        target = Target(pool, PATHS[call.route], call.model, timeout_s, keep_bytes)
         if call.stream:
             return await call_stream(target, raw, forward, call.prompt_tokens, on_end)
         return await call_whole(target, raw, forward, call.prompt_tokens, on_end)
@@ -251,7 +254,7 @@ class Gateway:
             failed = ended.status == 0 or ended.status == 429 or ended.status >= 500
             ok = 200 <= ended.status < 300
             self._settle(record, tier, verdict, call, used=used if ok else 0, failed=failed)
-            if ended.body and not call.stream:
+            if ended.body:
                 self._cache_put(record, call, ended.body)
             meter.backend_done(model=call.model, error=ended.error, now=trio.current_time())
 
@@ -309,11 +312,32 @@ class Gateway:
             return f"shared:{model.name}"
         return f"tenant:{record.tenant}"
 
-    def _cache_put(self, record: KeyRecord, call: InferenceCall, body: bytes) -> None:
+    def _caching(self, call: InferenceCall) -> tuple[ResponseCache, ModelSettings] | None:
+        """The cache and the model, if this call's answer is to be cached."""
         model = self.settings.model(call.model)
         cache = self.cache
         if cache is None or model is None or model.cache_fresh_s <= 0 or not self.quota.redis_up:
+            return None
+        return cache, model
+
+    def _stream_keep_bytes(self, call: InferenceCall) -> int:
+        """How much of a streamed answer to keep for the cache (0: none)."""
+        caching = self._caching(call)
+        if caching is None or not call.stream or call.route == "embeddings":
+            return 0
+        return caching[0].max_bytes
+
+    def _cache_put(self, record: KeyRecord, call: InferenceCall, body: bytes) -> None:
+        """Store a whole answer, or the completion a streamed one's events add up to."""
+        caching = self._caching(call)
+        if caching is None:
             return
+        cache, model = caching
+        if call.stream:
+            try:
+                body = sse_to_completion(PATHS[call.route], body)
+            except ValueError:  # not a stream that ended well
+                return
         scope = self._scope(record, model)
 
         async def put() -> None:

@@ -49,7 +49,7 @@ class Ended:
     output_tokens: int
     total_tokens: int | None  # from the response's usage, when it said
     status: int = 0
-    body: bytes = b""  # a whole 2xx body, for the cache
+    body: bytes = b""  # a whole 2xx body (a stream's events, when kept), for the cache
     error: BackendErrorKind | None = None
 
 
@@ -69,6 +69,7 @@ class Target:
     path: str
     model: str
     timeout_s: float
+    keep_bytes: int = 0  # a stream's events are kept up to this size, for the cache
 
 
 def _client_span(target: Target, prompt_tokens: int) -> trace.Span:
@@ -144,6 +145,8 @@ async def _stream_chunks(
     started_at = trio.current_time()
     outcome, ttft, events, total, status = Outcome.IGNORED, math.nan, 0, None, 0
     failed: BackendErrorKind | None = None
+    kept: list[bytes] | None = [] if target.keep_bytes else None
+    kept_bytes = 0
     span = _client_span(target, prompt_tokens)
     try:
         async with AsyncExitStack() as stack:
@@ -167,6 +170,12 @@ async def _stream_chunks(
                 events += chunk.count(b"data:")
                 if b'"usage"' in chunk:
                     total = _stream_usage(chunk) or total
+                if kept is not None:
+                    kept_bytes += len(chunk)
+                    if kept_bytes <= target.keep_bytes:
+                        kept.append(chunk)
+                    else:
+                        kept = None  # too long to cache
                 yield chunk
             outcome = Outcome.COMPLETED
     except BackendError as exc:
@@ -180,7 +189,9 @@ async def _stream_chunks(
     finally:
         latency = trio.current_time() - started_at
         first = None if math.isnan(ttft) else ttft
-        ended = Ended(outcome, latency, first, max(0, events - 1), total, status, error=failed)
+        whole = outcome is Outcome.COMPLETED and 200 <= status < 300
+        body = b"".join(kept) if whole and kept is not None else b""
+        ended = Ended(outcome, latency, first, max(0, events - 1), total, status, body, failed)
         _end_span(span, ended)
         on_end(ended)
 

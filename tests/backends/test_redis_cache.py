@@ -1,6 +1,5 @@
 """The response cache on a real redis-server: the canonical request, scope isolation, fresh to
-stale to gone, the stored value, size bounds, errors; and cached completions as SSE streams
-read by the official `openai` SDK.
+stale to gone, the stored value, size bounds, errors.
 
 Cache times are explicit unix seconds (`now_unix`); only the Redis TTL runs in real time, and
 the one test that waits for it polls under a deadline.
@@ -17,15 +16,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import coredis
-import httpx2
 import msgpack  # type: ignore[import-untyped]
-import openai
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-from openai.lib.streaming.chat import ChatCompletionStreamState
-from openai.types.chat import ChatCompletionChunk
 
 from backends.redis_cache import (
     CACHE_KEY_FIELDS,
@@ -34,11 +29,9 @@ from backends.redis_cache import (
     CacheUnavailable,
     ResponseCache,
     canonical_request,
-    completion_to_sse,
     request_digest,
-    split_words,
 )
-from backends.redis_pipeliner import RedisPipeliner
+from tests.conftest import open_pipelined
 
 DEADLINE_S = 5.0
 CHAT = "/v1/chat/completions"
@@ -58,12 +51,9 @@ EXCLUDED += ["prompt_cache_key", "cache_salt", "service_tier", "x_request_id"]
 async def open_cache(redis_url: str, **options: Any) -> AsyncIterator[ResponseCache]:
     """A cache on its own client and prefix (coredis: entered and left by this one task),
     pipelined as in the service; the caches built alone below cover the direct calls."""
-    async with coredis.Redis.from_url(redis_url) as redis, trio.open_nursery() as nursery:
-        pipeliner = RedisPipeliner(redis)
-        await nursery.start(pipeliner.run)
+    async with open_pipelined(redis_url) as (redis, pipeliner):
         prefix = f"test-{uuid.uuid4().hex[:10]}"
         yield ResponseCache(redis, prefix=prefix, pipeliner=pipeliner, **options)
-        nursery.cancel_scope.cancel()
 
 
 async def put(cache: ResponseCache, scope: str, response: bytes, **options: Any) -> None:
@@ -285,158 +275,3 @@ async def test_arguments_are_validated() -> None:
         await put(cache, "t", b"x", stale_s=-1.0)
     with pytest.raises(ValueError, match=r"fresh_s \+ stale_s"):
         await put(cache, "t", b"x", fresh_s=0.0, stale_s=0.0)
-
-
-# --- cached completions as SSE streams ----------------------------------------------------------
-
-TEXT = "The quick brown fox jumps over the lazy dog, and then it naps in the warm sun."
-CHAT_COMPLETION: dict[str, Any] = {
-    "id": "chatcmpl-1",
-    "object": "chat.completion",
-    "created": 1_700_000_000,
-    "model": "llama-3-8b",
-    "system_fingerprint": "fp_1",
-    "choices": [
-        {
-            "index": 0,
-            "message": {"role": "assistant", "content": TEXT},
-            "logprobs": None,
-            "finish_reason": "length",
-        }
-    ],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 18, "total_tokens": 23},
-}
-TOOL_COMPLETION: dict[str, Any] = CHAT_COMPLETION | {
-    "choices": [
-        {
-            "index": 0,
-            "message": {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
-                    }
-                ],
-            },
-            "finish_reason": "tool_calls",
-        }
-    ]
-}
-TEXT_COMPLETION: dict[str, Any] = {
-    "id": "cmpl-1",
-    "object": "text_completion",
-    "created": 1_700_000_000,
-    "model": "llama-3-8b",
-    "choices": [
-        {"index": 0, "text": TEXT, "logprobs": None, "finish_reason": "stop"},
-        {"index": 1, "text": " Short.", "logprobs": None, "finish_reason": "length"},
-    ],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 20, "total_tokens": 25},
-}
-
-
-def sdk_client(events: list[bytes]) -> openai.OpenAI:
-    """The official SDK, reading `events` as the body of every response."""
-
-    def respond(request: httpx2.Request) -> httpx2.Response:
-        headers = {"content-type": "text/event-stream"}
-        return httpx2.Response(200, headers=headers, content=b"".join(events))
-
-    transport = httpx2.MockTransport(respond)
-    http_client = httpx2.Client(transport=transport)
-    return openai.OpenAI(
-        api_key="k", base_url="http://gateway/v1", http_client=http_client, max_retries=0
-    )
-
-
-def stream_chat(events: list[bytes]) -> list[ChatCompletionChunk]:
-    client = sdk_client(events)
-    stream = client.chat.completions.create(
-        model="llama-3-8b", messages=[{"role": "user", "content": "hi"}], stream=True
-    )
-    return list(stream)
-
-
-def test_every_event_is_one_complete_data_event() -> None:
-    events = completion_to_sse(CHAT, json.dumps(CHAT_COMPLETION).encode())
-    assert events[-1] == b"data: [DONE]\n\n"
-    for event in events[:-1]:
-        assert event.startswith(b"data: ") and event.endswith(b"\n\n")
-        assert event.count(b"\n") == 2
-        chunk = ChatCompletionChunk.model_validate(json.loads(event[6:]))
-        assert chunk.object == "chat.completion.chunk"
-
-
-def test_a_chat_completion_streams_through_the_sdk_and_reassembles() -> None:
-    events = completion_to_sse(CHAT, json.dumps(CHAT_COMPLETION).encode())
-    chunks = stream_chat(events)
-    first, *middle, last = chunks
-    assert first.choices[0].delta.role == "assistant"
-    assert first.choices[0].delta.content == ""
-    assert 3 <= len(middle) <= 8
-    assert all(c.choices[0].finish_reason is None for c in [first, *middle])
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == TEXT
-    assert last.choices[0].finish_reason == "length"
-    assert {(c.id, c.model, c.created, c.system_fingerprint) for c in chunks} == {
-        ("chatcmpl-1", "llama-3-8b", 1_700_000_000, "fp_1")
-    }
-    state = ChatCompletionStreamState()
-    for chunk in chunks:
-        state.handle_chunk(chunk)
-    final = state.current_completion_snapshot  # get_final_completion refuses "length"
-    assert final.choices[0].message.content == TEXT
-    assert final.choices[0].finish_reason == "length"
-
-
-def test_tool_calls_stream_through_the_sdk_and_reassemble() -> None:
-    events = completion_to_sse(CHAT, json.dumps(TOOL_COMPLETION).encode())
-    state = ChatCompletionStreamState()
-    for chunk in stream_chat(events):
-        state.handle_chunk(chunk)
-    choice = state.get_final_completion().choices[0]
-    assert choice.finish_reason == "tool_calls"
-    assert not choice.message.content
-    (call,) = choice.message.tool_calls or []
-    assert call.id == "call_1"
-    assert call.type == "function"
-    assert call.function.name == "weather"
-    assert call.function.arguments == '{"city": "Paris"}'
-
-
-def test_usage_comes_last_when_asked_for() -> None:
-    body = json.dumps(CHAT_COMPLETION).encode()
-    assert all(c.usage is None for c in stream_chat(completion_to_sse(CHAT, body)))
-    *_, usage_chunk = stream_chat(completion_to_sse(CHAT, body, include_usage=True))
-    assert usage_chunk.choices == []
-    assert usage_chunk.usage is not None and usage_chunk.usage.total_tokens == 23
-
-
-def test_a_text_completion_streams_through_the_sdk_per_choice() -> None:
-    events = completion_to_sse(COMPLETIONS, json.dumps(TEXT_COMPLETION).encode())
-    client = sdk_client(events)
-    chunks = list(client.completions.create(model="llama-3-8b", prompt="hi", stream=True))
-    assert {c.object for c in chunks} == {"text_completion"}
-    for original in TEXT_COMPLETION["choices"]:
-        mine = [c.choices[0] for c in chunks if c.choices[0].index == original["index"]]
-        assert "".join(c.text for c in mine) == original["text"]
-        assert [c.finish_reason for c in mine][-1] == original["finish_reason"]
-        assert all(c.finish_reason is None for c in mine[:-1])
-
-
-def test_only_completions_stream() -> None:
-    with pytest.raises(ValueError, match="stream"):
-        completion_to_sse("/v1/embeddings", b'{"data": []}')
-    with pytest.raises(ValueError, match="choices"):
-        completion_to_sse(CHAT, b'{"error": {"message": "no"}}')
-
-
-@given(text=st.text(st.sampled_from("ab \n\t")), max_pieces=st.integers(1, 10))
-def test_split_words_joins_back_in_few_non_empty_pieces(text: str, max_pieces: int) -> None:
-    pieces = split_words(text, max_pieces)
-    assert "".join(pieces) == text
-    assert len(pieces) <= max_pieces
-    assert all(pieces)
-    assert all(not p[:1].isspace() or i == 0 for i, p in enumerate(pieces))

@@ -15,17 +15,15 @@ import trio
 
 from backends.redis_pipeliner import RedisPipeliner
 from scheduler.service.redis_embedded import free_port
+from tests.conftest import open_pipelined
 
 DEADLINE_S = 10.0
 
 
 @asynccontextmanager
 async def open_pipeliner(url: str, **options: float) -> AsyncIterator[RedisPipeliner]:
-    async with coredis.Redis.from_url(url) as redis, trio.open_nursery() as nursery:
-        pipeliner = RedisPipeliner(redis, **options)  # type: ignore[arg-type]
-        await nursery.start(pipeliner.run)
+    async with open_pipelined(url, **options) as (_, pipeliner):
         yield pipeliner
-        nursery.cancel_scope.cancel()
 
 
 async def test_concurrent_callers_share_round_trips_and_get_their_own_replies(

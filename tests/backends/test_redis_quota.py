@@ -21,7 +21,6 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.redis_pipeliner import RedisPipeliner
 from backends.redis_quota import (
     ALGORITHM_KINDS,
     AlgorithmKind,
@@ -31,6 +30,7 @@ from backends.redis_quota import (
     RedisQuotaStore,
 )
 from policies.ratelimit import TIME_EPSILON_S, CounterState, Quota, RateDecision
+from tests.conftest import open_pipelined
 from tests.policies.scenarios import quotas
 
 DEADLINE_S = 10.0
@@ -41,12 +41,9 @@ EPOCH = 1.7e9  # Redis TIME's scale, where a float's ulp is about 2.4e-7 s
 async def open_store(redis_url: str, **options: Any) -> AsyncIterator[RedisQuotaStore]:
     """A store on its own client and prefix (coredis: entered and left by this one task),
     pipelined as in the service; the stores built alone below cover the direct calls."""
-    async with coredis.Redis.from_url(redis_url) as redis, trio.open_nursery() as nursery:
-        pipeliner = RedisPipeliner(redis)
-        await nursery.start(pipeliner.run)
+    async with open_pipelined(redis_url) as (redis, pipeliner):
         prefix = f"test-{uuid.uuid4().hex[:10]}"
         yield RedisQuotaStore(redis, prefix=prefix, pipeliner=pipeliner, **options)
-        nursery.cancel_scope.cancel()
 
 
 def fresh_key() -> str:

@@ -24,6 +24,7 @@ import coredis
 import httpx2
 import pytest
 import trio
+from openai.types.chat import ChatCompletion
 
 from backends.gpu_model import GpuConfig
 from backends.redis_cache import ResponseCache
@@ -380,3 +381,25 @@ async def test_a_shed_stream_is_served_the_cached_answer_as_events(
     assert events[-1] == "[DONE]"
     text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
     assert text == first.json()["choices"][0]["message"]["content"]
+
+
+async def test_a_streamed_answer_is_cached_and_served_whole_when_shed(
+    cached_tier: CachedTier, redis_url: str
+) -> None:
+    tier = cached_tier
+    question = chat("name three rivers", max_tokens=6)
+    async with (
+        coredis.Redis.from_url(redis_url) as redis,
+        httpx2.AsyncClient(timeout=10) as client,
+    ):
+        with trio.fail_after(30):
+            first = await cache_first_answer(tier, client, redis, {**question, "stream": True})
+            async with tier.queue_full(client):
+                whole = await client.post(tier.url, json=question, headers=tier.auth(tier.key_a))
+    events = [line[6:] for line in first.text.splitlines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    streamed = "".join(c["delta"].get("content") or "" for k in chunks for c in k["choices"])
+    assert whole.status_code == 200, whole.text
+    assert whole.headers["x-scheduler-cache"] == "fresh"
+    completion = ChatCompletion.model_validate(whole.json())
+    assert completion.choices[0].message.content == streamed != ""

@@ -6,11 +6,10 @@ from __future__ import annotations
 import gc
 import uuid
 
-import coredis
 import trio
 
-from backends.redis_pipeliner import RedisPipeliner
 from scheduler.service.tenancy import KeyRegistry
+from tests.conftest import open_pipelined
 
 DEADLINE_S = 10.0
 
@@ -19,9 +18,7 @@ async def test_looked_up_records_are_cached_as_untracked_values(redis_url: str) 
     """Why it matters: a cache of 100,000 records as objects made each full collection take
     about 70 ms on this machine, longer than the Redis timeout of every call in flight."""
     with trio.fail_after(DEADLINE_S):
-        async with coredis.Redis.from_url(redis_url) as redis, trio.open_nursery() as nursery:
-            pipeliner = RedisPipeliner(redis)
-            await nursery.start(pipeliner.run)
+        async with open_pipelined(redis_url) as (redis, pipeliner):
             registry = KeyRegistry((), b"secret", prefix=f"test-{uuid.uuid4().hex[:8]}")
             registry.redis, registry.pipeliner = redis, pipeliner
             created = [
@@ -38,4 +35,3 @@ async def test_looked_up_records_are_cached_as_untracked_values(redis_url: str) 
                 gc.collect()
             assert not [v for v in registry._cache.values() if gc.is_tracked(v)]
             assert pipeliner.round_trips == len(created)  # one per lookup, both hashes in it
-            nursery.cancel_scope.cancel()
