@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -24,12 +25,21 @@ from scheduler.service.openai_body import read_call
 from scheduler.service.openapi import openapi_document
 from scheduler.service.replica import Replica
 from scheduler.service.tracing import tracer
+from scheduler.service.upstream import Reply
 
 log = logging.getLogger("scheduler.service")
 
 
 def _error_response(error: ApiError) -> Response:
     return Response(error.body(), status=error.status, headers=error.headers())
+
+
+async def _ending(span: trace.Span, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        span.end()
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -55,24 +65,33 @@ def create_app(replica: Replica) -> QuartTrio:
 
     async def inference(route: str) -> Response:
         headers = {k.lower(): v for k, v in request.headers.items()}
-        span_name = f"{request.method} {request.path}"
-        with tracer().start_as_current_span(
-            span_name,
+        span = tracer().start_span(
+            f"{request.method} {request.path}",
             context=propagate.extract(headers),
             kind=SpanKind.SERVER,
             attributes={"http.request.method": request.method, "url.path": request.path},
-            record_exception=False,
-        ) as span:
-            try:
-                response = await answer(route, headers, span)
-            except ApiError as error:
-                span.set_attribute("http.response.status_code", error.status)
-                span.set_attribute("error.type", error.code or error.type)
-                raise
-            span.set_attribute("http.response.status_code", response.status_code)
-            return response
+        )
+        try:
+            with trace.use_span(span, record_exception=False):
+                reply = await answer(route, headers, span)
+        except ApiError as error:
+            span.set_attribute("http.response.status_code", error.status)
+            span.set_attribute("error.type", error.code or error.type)
+            span.end()
+            raise
+        except BaseException:
+            span.end()
+            raise
+        span.set_attribute("http.response.status_code", reply.status)
+        if isinstance(reply.body, bytes):
+            span.end()
+            return Response(reply.body, status=reply.status, headers=reply.headers)
+        # a stream: the span lasts until its last byte is sent (or the client goes away)
+        response = Response(_ending(span, reply.body), status=reply.status, headers=reply.headers)
+        response.timeout = None
+        return response
 
-    async def answer(route: str, headers: dict[str, str], span: trace.Span) -> Response:
+    async def answer(route: str, headers: dict[str, str], span: trace.Span) -> Reply:
         gateway = replica.gateway
         # the body first: answering before it is read would leave it in the connection
         raw = await request.get_data(cache=False, as_text=False)
@@ -82,11 +101,7 @@ def create_app(replica: Replica) -> QuartTrio:
         call = read_call(route, raw, default_max_tokens=settings.server.default_max_tokens)
         span.set_attribute("gen_ai.request.model", call.model)
         span.set_attribute("scheduler.stream", call.stream)
-        reply = await gateway.serve(key, call, raw, headers)
-        response = Response(reply.body, status=reply.status, headers=reply.headers)
-        if not isinstance(reply.body, bytes):
-            response.timeout = None
-        return response
+        return await gateway.serve(key, call, raw, headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:

@@ -51,6 +51,9 @@ async def test_one_request_one_trace_into_the_backend(
     assert client_span.attributes is not None
     assert client_span.attributes["gen_ai.request.model"] == "demo-small"
     assert client_span.attributes["gen_ai.usage.output_tokens"] == 5 or stream
+    # the server span covers the whole answer, a stream's last byte included
+    assert server.end_time is not None and client_span.end_time is not None
+    assert server.end_time >= client_span.end_time
     trace_hex = f"{server.context.trace_id:032x}"
     assert any(trace_hex in parent for parent in seen["traceparents"]), seen
     for span in spans:  # the key never reaches a trace
