@@ -21,6 +21,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from backends.openai_errors import OpenAIError
+
 CHARS_PER_TOKEN = 4
 _TEXT = """the quick brown fox jumps over lazy dog while model serves tokens from a warm cache
 batch decode prefill kernel tensor stream every request gets its fair share of gpu time"""
@@ -28,35 +30,14 @@ _WORDS = tuple(_TEXT.split())
 _FILLER_LENGTH = 4096
 
 
-class DemoError(Exception):
-    """An error response: `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.retry_after_s = retry_after_s
-
-    def body(self) -> bytes:
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return json.dumps({"error": error}).encode()
+class DemoError(OpenAIError):
+    """An error response, its headers as ASGI wants them."""
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", b"application/json")]
-        if self.retry_after_s is not None:
-            headers.append((b"retry-after", str(max(1, math.ceil(self.retry_after_s))).encode()))
+        retry_after = self.retry_after()
+        if retry_after is not None:
+            headers.append((b"retry-after", retry_after.encode()))
         return headers
 
 

@@ -10,48 +10,17 @@ a traceback, reaches a client.
 
 from __future__ import annotations
 
-import json
-import math
+from backends.openai_errors import OpenAIError
 
 
-class ApiError(Exception):
+class ApiError(OpenAIError):
     """An error response. `retry_after_s` becomes a `Retry-After` header (whole seconds)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        retry_after_s: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.code = code
-        self.param = param
-        self.retry_after_s = retry_after_s
-        self.extra_headers: dict[str, str] = {}  # e.g. the rate-limit fields
-
-    def body(self) -> bytes:
-        return json.dumps(
-            {
-                "error": {
-                    "message": self.message,
-                    "type": self.type,
-                    "param": self.param,
-                    "code": self.code,
-                }
-            }
-        ).encode()
 
     def headers(self) -> dict[str, str]:
         headers = {**self.extra_headers, "content-type": "application/json"}
-        if self.retry_after_s is not None:
-            headers["retry-after"] = str(max(1, math.ceil(self.retry_after_s)))
+        retry_after = self.retry_after()
+        if retry_after is not None:
+            headers["retry-after"] = retry_after
         return headers
 
 
