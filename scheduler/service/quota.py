@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -30,6 +31,8 @@ from backends.redis_quota import (
 from policies.breaker import BreakerState, CircuitBreaker
 from policies.ratelimit import MemoryLimiter, Quota, RateDecision
 
+T = TypeVar("T")
+SPENT_KEYS_MAX = 100_000  # keys remembered as used up, for the fail-open limiter
 DOWN_AFTER_S = 2.0  # Redis answering nothing for this long is down, not just slow
 
 
@@ -203,8 +206,8 @@ class QuotaGuard:
         if until <= now:
             self._spent_until.pop(key_id, None)
             return
-        if len(self._spent_until) >= 100_000:
-            self._spent_until = {k: t for k, t in self._spent_until.items() if t > now}
+        if len(self._spent_until) >= SPENT_KEYS_MAX and key_id not in self._spent_until:
+            self._spent_until = _pruned(self._spent_until, lambda t: t > now)
         self._spent_until[key_id] = until
 
     def _local_take(
@@ -245,6 +248,15 @@ class QuotaGuard:
             share = QuotaSpec(spec.algorithm, spec.quota.per_replica(self.replicas))
             limiter = self._local[spec] = MemoryLimiter(share.rate_algorithm())
         return limiter
+
+
+def _pruned(entries: dict[str, T], keep: Callable[[T], bool]) -> dict[str, T]:
+    """The entries `keep` holds for; if that is still nine tenths of them, only the newer
+    half: a full map costs one pass per tenth of its size, not one per insertion."""
+    kept = {k: v for k, v in entries.items() if keep(v)}
+    if len(kept) >= len(entries) * 9 // 10:
+        kept = dict(list(kept.items())[len(kept) // 2 :])
+    return kept
 
 
 def _from_decision(decision: QuotaDecision, period_s: float) -> Verdict:

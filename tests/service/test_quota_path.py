@@ -31,6 +31,7 @@ from backends.redis_cache import ResponseCache
 from scheduler.service.config import Settings, load_settings
 from scheduler.service.gateway import PATHS
 from scheduler.service.openai_body import read_call
+from scheduler.service.quota import _pruned
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
 
@@ -403,3 +404,12 @@ async def test_a_streamed_answer_is_cached_and_served_whole_when_shed(
     assert whole.headers["x-scheduler-cache"] == "fresh"
     completion = ChatCompletion.model_validate(whole.json())
     assert completion.choices[0].message.content == streamed != ""
+
+
+def test_a_full_map_of_spent_keys_is_pruned_in_passes_not_per_insertion() -> None:
+    """The fail-open limiter's memory of used-up keys is bounded; pruning keeps the live
+    entries, or the newer half of them when nearly all are live, so that the next pass is
+    many insertions away."""
+    entries = {f"k{i}": float(i) for i in range(100)}
+    assert list(_pruned(entries, lambda t: t >= 50)) == [f"k{i}" for i in range(50, 100)]
+    assert list(_pruned(entries, lambda t: t >= 5)) == [f"k{i}" for i in range(52, 100)]
