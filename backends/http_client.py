@@ -15,9 +15,11 @@ this module). trio's, h11's and the socket's exceptions are translated here and 
     └── BackendBroken        the connection broke, or the response made no sense
 
 Keep-alive races: a server may close an idle connection just as we reuse it. A reused
-connection that fails before any byte of the response has arrived is retried once on a new
-connection (browsers do the same); a new connection is never retried. Idle connections are
-closed after `keepalive_s`, before the usual 5 s server-side keep-alive timeouts.
+connection that fails before any byte of the response has arrived, within `retry_window_s`
+of sending, is retried once on a new connection (browsers do the same; the window keeps a
+backend that died an hour into a generation from being asked twice); a new connection is
+never retried. An idle connection older than `keepalive_s` is not reused (it is closed when
+next met), before the usual 5 s server-side keep-alive timeouts.
 
 A response that is not read to its end (a client went away mid-stream) closes its
 connection: that is how the upstream call is closed.
@@ -25,6 +27,7 @@ connection: that is how the upstream call is closed.
 
 from __future__ import annotations
 
+import math
 import select
 import ssl
 from collections import deque
@@ -83,8 +86,21 @@ class BackendLimits:
     read_timeout_s: float = 300.0  # between two reads of one response
     max_connections: int = 512  # per backend
     keepalive_s: float = 4.0  # an idle connection older than this is closed, not reused
+    retry_window_s: float = 1.0  # a reused connection dying this soon is the keep-alive race
     eject_s: float = 2.0  # first ejection; doubles up to max_eject_s while probes fail
     max_eject_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ValueError(f"backend.max_connections must be >= 1, got {self.max_connections}")
+        for name in ("connect_timeout_s", "read_timeout_s", "eject_s", "max_eject_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"backend.{name} must be a finite number > 0, got {value}")
+        for name in ("keepalive_s", "retry_window_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"backend.{name} must be a finite number >= 0, got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +138,9 @@ class _Connection:
     def dropped(self) -> bool:
         """An idle connection with anything to read has been closed by the server (or sent
         what it should not have): either way it cannot carry a request."""
-        try:
-            readable, _, _ = select.select([self.socket.fileno()], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        return bool(readable)
+        poller = select.poll()  # not select.select: it cannot take descriptors over 1023
+        poller.register(self.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     def close(self) -> None:
         self.socket.close()
@@ -170,6 +184,7 @@ class OriginPool:
     def __init__(
         self, origin: Origin, limits: BackendLimits, ssl_context: ssl.SSLContext | None
     ) -> None:
+        """`ssl_context`: for an https origin, None for http."""
         self.origin = origin
         self._limits = limits
         self._ssl_context = ssl_context
@@ -220,7 +235,9 @@ class OriginPool:
                 if reused:
                     raise _Retry from exc
                 raise BackendBroken(f"{self.origin.host_header}: sending failed: {exc}") from exc
-            event = await _next_event(conn, read_timeout_s, retry=reused)
+            retry_window_s = self._limits.retry_window_s if reused else -math.inf
+            retry_until = trio.current_time() + retry_window_s
+            event = await _next_event(conn, read_timeout_s, retry_until=retry_until)
             while isinstance(event, h11.InformationalResponse):  # 1xx: the real one follows
                 event = await _next_event(conn, read_timeout_s)
             if not isinstance(event, h11.Response):
@@ -252,18 +269,25 @@ class OriginPool:
 
     async def _connect(self) -> _Connection:
         host, port = self.origin.host, self.origin.port
+        tcp: trio.SocketStream | None = None
         try:
             with trio.fail_after(self._limits.connect_timeout_s):
                 tcp = await trio.open_tcp_stream(host, port)
                 stream: trio.abc.Stream = tcp
-                if self.origin.scheme == "https":
-                    context = self._ssl_context or ssl.create_default_context()
-                    stream = trio.SSLStream(tcp, context, server_hostname=host)
+                if self._ssl_context is not None:
+                    stream = trio.SSLStream(tcp, self._ssl_context, server_hostname=host)
                     await stream.do_handshake()
-        except trio.TooSlowError as exc:
-            raise BackendUnavailable(f"{self.origin.host_header}: connecting timed out") from exc
-        except _NETWORK_ERRORS as exc:
-            raise BackendUnavailable(f"{self.origin.host_header}: cannot connect: {exc}") from exc
+        except BaseException as exc:
+            if tcp is not None:
+                tcp.socket.close()  # a handshake that failed, timed out or was cancelled
+            if isinstance(exc, trio.TooSlowError):
+                raise BackendUnavailable(
+                    f"{self.origin.host_header}: connecting timed out"
+                ) from exc
+            if isinstance(exc, _NETWORK_ERRORS):
+                message = f"{self.origin.host_header}: cannot connect: {exc}"
+                raise BackendUnavailable(message) from exc
+            raise
         return _Connection(stream, tcp.socket)
 
     def close(self) -> None:
@@ -271,9 +295,12 @@ class OriginPool:
             self._idle.pop().close()
 
 
-async def _next_event(conn: _Connection, read_timeout_s: float, *, retry: bool = False) -> object:
-    """The next h11 event, reading as needed; `retry`: a connection that ends before any
-    byte arrives raises _Retry."""
+async def _next_event(
+    conn: _Connection, read_timeout_s: float, *, retry_until: float = -math.inf
+) -> object:
+    """The next h11 event, reading as needed; a connection that ends before any byte
+    arrives, until `retry_until`, raises _Retry."""
+    retry = True
     try:
         while True:
             event = conn.h11.next_event()
@@ -281,14 +308,14 @@ async def _next_event(conn: _Connection, read_timeout_s: float, *, retry: bool =
                 return event
             with trio.fail_after(read_timeout_s):
                 data = await conn.stream.receive_some(RECEIVE_BYTES)
-            if retry and not data:
+            if not data and retry and trio.current_time() <= retry_until:
                 raise _Retry
             retry = False
             conn.h11.receive_data(bytes(data))  # the same object when it is bytes already
     except trio.TooSlowError as exc:
         raise BackendTimeout("the backend stopped sending in time") from exc
     except _NETWORK_ERRORS as exc:
-        if retry:
+        if retry and trio.current_time() <= retry_until:
             raise _Retry from exc
         raise BackendBroken(f"the connection to the backend broke: {exc}") from exc
     except h11.RemoteProtocolError as exc:
@@ -308,7 +335,10 @@ class HttpClient:
         origin, target = Origin.of(url)
         pool = self._pools.get(origin)
         if pool is None:
-            pool = self._pools[origin] = OriginPool(origin, self.limits, self._ssl_context)
+            context = None
+            if origin.scheme == "https":  # the system's CAs, loaded once and only if needed
+                context = self._ssl_context = self._ssl_context or ssl.create_default_context()
+            pool = self._pools[origin] = OriginPool(origin, self.limits, context)
         return pool, target
 
     async def get(

@@ -113,13 +113,20 @@ def _event(chunk: dict[str, Any]) -> bytes:
 def sse_to_completion(route: str, stream: bytes) -> bytes:
     """The whole completion (JSON) that the events of a streamed answer add up to.
 
-    Raises ValueError for another route, or a stream that did not end well: no `[DONE]`, a
-    choice without a `finish_reason`, an event that is not a JSON object, an error event.
-    Lines other than `data:` (comments, `event:`) are skipped; logprobs are not kept.
+    Raises ValueError for another route, or a stream that did not end well or is not what
+    OpenAI sends: no `[DONE]`, a choice without a `finish_reason`, an event that is not a JSON
+    object, an error event, a field of the wrong type. Lines other than `data:` (comments,
+    `event:`) are skipped; logprobs are not kept (a caller that wants them must not cache).
     """
     if route not in (CHAT_ROUTE, COMPLETIONS_ROUTE):
         raise ValueError(f"only {CHAT_ROUTE} and {COMPLETIONS_ROUTE} stream, got {route!r}")
-    chat = route == CHAT_ROUTE
+    try:
+        return _joined(route == CHAT_ROUTE, stream)
+    except (AttributeError, TypeError, KeyError) as exc:  # a field of an unexpected type
+        raise ValueError(f"not a completion stream: {exc!r}") from exc
+
+
+def _joined(chat: bool, stream: bytes) -> bytes:
     head: dict[str, Any] = {}
     choices: dict[int, dict[str, Any]] = {}
     usage: Any = None

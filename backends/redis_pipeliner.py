@@ -74,7 +74,8 @@ class RedisPipeliner:
         return (await self.execute_each([command]))[0]
 
     async def execute_each(self, commands: Sequence[Command]) -> list[Any]:
-        """Queue the commands together (they go in the same round trip); their replies."""
+        """Queue the commands together (one round trip, unless a batch fills up between
+        them); their replies, in order."""
         pending = [_Pending(command) for command in commands]
         self._queue.extend(pending)
         self._wakeup.set()
@@ -92,7 +93,8 @@ class RedisPipeliner:
         try:
             return await self.execute(lambda pipe: pipe.evalsha(script.sha, keys=keys, args=args))
         except coredis.exceptions.NoScriptError:
-            return await script(keys=keys, args=args)
+            with trio.fail_after(self._timeout_s):
+                return await script(keys=keys, args=args)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -290,14 +290,19 @@ class RedisQuotaStore:
         return await self._call(partial(pipeliner.evalsha, script, keys, args))
 
     async def _call(self, request: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis request; the one place where coredis' and trio's errors are translated."""
+        """Run one Redis request; the one place where coredis' and trio's errors are translated.
+
+        Without a `timeout_s` of its own the caller times the call, and a `trio.TooSlowError`
+        (the pipeliner's round trip ran out) passes through as what it is: slow, not gone."""
         try:
             if self._timeout_s is None:
                 return await request()
-            with trio.fail_after(self._timeout_s):
-                return await request()
-        except trio.TooSlowError as exc:
-            raise QuotaStoreUnavailable(f"redis did not answer within {self._timeout_s} s") from exc
+            try:
+                with trio.fail_after(self._timeout_s):
+                    return await request()
+            except trio.TooSlowError as exc:
+                message = f"redis did not answer within {self._timeout_s} s"
+                raise QuotaStoreUnavailable(message) from exc
         except _UNAVAILABLE as exc:
             raise QuotaStoreUnavailable(f"redis is unreachable: {exc}") from exc
         except coredis.exceptions.RedisError as exc:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 from opentelemetry import propagate, trace
@@ -34,10 +35,15 @@ def _error_response(error: ApiError) -> Response:
     return Response(error.body(), status=error.status, headers=error.headers())
 
 
-async def _ending(span: trace.Span, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _ending(
+    span: trace.Span, body: AsyncGenerator[bytes, None]
+) -> AsyncGenerator[bytes, None]:
+    """`body`, then the end of the server span; closing this closes `body` at once (the
+    upstream call and the admission ticket with it)."""
     try:
-        async for chunk in body:
-            yield chunk
+        async with aclosing(body):
+            async for chunk in body:
+                yield chunk
     finally:
         span.end()
 

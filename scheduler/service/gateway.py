@@ -15,7 +15,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import trio
 from opentelemetry import trace
@@ -208,7 +208,7 @@ class Gateway:
             )
             try:
                 reply = await self._walk_ladder(decision, record, tier, call, raw, headers, meter)
-            except ApiError:  # no answer at all: the request is given back too
+            except BaseException:  # no answer (a 503, or the client left): given back too
                 self._settle(record, tier, verdict, call, used=0, failed=True)
                 raise
             self._settle(record, tier, verdict, call, used=0, failed=False)
@@ -325,6 +325,8 @@ class Gateway:
         caching = self._caching(call)
         if caching is None or not call.stream or call.route == "embeddings":
             return 0
+        if call.body.get("logprobs") not in (None, False):
+            return 0  # a joined stream keeps no logprobs: its entry would answer without them
         return caching[0].max_bytes
 
     def _cache_put(self, record: KeyRecord, call: InferenceCall, body: bytes) -> None:
@@ -336,7 +338,7 @@ class Gateway:
         if call.stream:
             try:
                 body = sse_to_completion(PATHS[call.route], body)
-            except ValueError:  # not a stream that ended well
+            except Exception:  # not a stream that ended well (this runs in `on_end`: no raise)
                 return
         scope = self._scope(record, model)
 
@@ -461,6 +463,6 @@ def _forwarded(headers: dict[str, str]) -> dict[str, str]:
     return forward
 
 
-async def _events(events: list[bytes]) -> AsyncIterator[bytes]:
+async def _events(events: list[bytes]) -> AsyncGenerator[bytes, None]:
     for event in events:
         yield event

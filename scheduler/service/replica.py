@@ -139,7 +139,8 @@ class Replica:
     async def _hold_redis(self, url: str, *, task_status: trio.TaskStatus[None]) -> None:
         """coredis's client runs its own tasks: one task enters and leaves its context."""
         async with coredis.Redis.from_url(url) as redis, trio.open_nursery() as nursery:
-            pipeliner = RedisPipeliner(redis)
+            # its round trips time out after every caller's deadline, never before
+            pipeliner = RedisPipeliner(redis, timeout_s=2 * self.redis_timeout.ceiling_s)
             await nursery.start(pipeliner.run)
             self._redis = redis
             self.registry.redis, self.registry.pipeliner = redis, pipeliner

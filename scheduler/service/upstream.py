@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ class Reply:
 
     status: int
     headers: dict[str, str]
-    body: bytes | AsyncIterator[bytes]
+    body: bytes | AsyncGenerator[bytes, None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +141,7 @@ async def call_stream(
 
 async def _stream_chunks(
     target: Target, raw: bytes, headers: dict[str, str], prompt_tokens: int, on_end: OnEnd
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     started_at = trio.current_time()
     outcome, ttft, events, total, status = Outcome.IGNORED, math.nan, 0, None, 0
     failed: BackendErrorKind | None = None

@@ -170,6 +170,24 @@ async def test_a_reused_connection_that_dies_before_answering_is_retried_once() 
     assert seen.connections == 1
 
 
+async def test_a_reused_connection_that_dies_late_is_not_sent_again() -> None:
+    """A backend that worked on the request for a while and then died is not asked twice."""
+
+    async def die_late(n: int, stream: trio.SocketStream, conn: h11.Connection) -> bool:
+        if n == 2:
+            await trio.sleep(0.3)  # longer than the retry window: not the keep-alive race
+            return False
+        await answer(stream, conn)
+        return True
+
+    with trio.fail_after(10), closing(client(retry_window_s=0.1)) as http:
+        async with scripted_server(die_late) as (url, seen):
+            assert await post(http, url, b"a") == (200, b"ok")
+            with pytest.raises(BackendBroken):
+                await post(http, url, b"b")
+    assert (seen.requests, seen.connections) == ([b"a", b"b"], 1)
+
+
 async def test_a_response_left_half_read_closes_its_connection() -> None:
     """How a client that goes away mid-stream closes the upstream call."""
 

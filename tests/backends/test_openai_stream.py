@@ -250,8 +250,23 @@ def test_tool_call_arguments_in_pieces_are_joined_per_call() -> None:
         b'data: {"error": {"message": "backend failed"}}\n\ndata: [DONE]\n\n',
         b"data: not json\n\ndata: [DONE]\n\n",
         b"data: [DONE]\n\n",
+        b'data: {"choices": [{"delta": {"tool_calls": ["x"]}, "finish_reason": "stop"}]}\n\n'
+        b"data: [DONE]\n\n",
+        b'data: {"choices": [{"delta": {"tool_calls": [{"function": "f"}]}, "finish_reason": "s"}]}'
+        b"\n\ndata: [DONE]\n\n",
+        b'data: {"choices": [{"index": [1], "delta": {}, "finish_reason": "stop"}]}\n\n'
+        b"data: [DONE]\n\n",
     ],
-    ids=["no-done", "no-finish-reason", "error-event", "not-json", "empty"],
+    ids=[
+        "no-done",
+        "no-finish-reason",
+        "error-event",
+        "not-json",
+        "empty",
+        "tool-call-not-an-object",
+        "function-not-an-object",
+        "index-not-a-number",
+    ],
 )
 def test_a_stream_that_did_not_end_well_is_not_a_completion(stream: bytes) -> None:
     with pytest.raises(ValueError):

@@ -84,6 +84,9 @@ def test_a_full_config(tmp_path: Path) -> None:
         ("[server]\nport = 70000\n", "server.port"),
         ("[sever]\nport = 1\n", "sever"),
         ("[demo_backend]\nmax_batch = 0\n", "demo_backend.max_batch"),
+        ("[backend_limits]\nmax_connections = 0\n", "backend_limits.max_connections"),
+        ("[backend_limits]\nread_timeout_s = -1.0\n", "backend_limits.read_timeout_s"),
+        ("[backend_limits]\nretry_window_s = nan\n", "backend_limits.retry_window_s"),
     ],
 )
 def test_mistakes_name_the_field(tmp_path: Path, text: str, field: str) -> None:
