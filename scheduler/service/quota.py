@@ -206,7 +206,8 @@ class QuotaGuard:
         if until <= now:
             self._spent_until.pop(key_id, None)
             return
-        if len(self._spent_until) >= SPENT_KEYS_MAX and key_id not in self._spent_until:
+        self._spent_until.pop(key_id, None)  # re-inserted last: the order is of updates
+        if len(self._spent_until) >= SPENT_KEYS_MAX:
             self._spent_until = _pruned(self._spent_until, lambda t: t > now)
         self._spent_until[key_id] = until
 
