@@ -276,10 +276,14 @@ class Gateway:
         if verdict is None or not verdict.allowed:
             return
         if verdict.source is Source.LOCAL:
-            if failed:
-                self.quota.give_back_local(
-                    record.key_id, quotas, int(call.cost), now=trio.current_time()
-                )
+            self.quota.settle_local(
+                record.key_id,
+                quotas,
+                reserved=int(call.cost),
+                used=used,
+                failed=failed,
+                now=trio.current_time(),
+            )
             return
         store = self.quota.store
         if verdict.source is not Source.REDIS or store is None:

@@ -176,15 +176,25 @@ class QuotaGuard:
             return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0)
         return self._local_take(key_id, requests, tokens, token_cost, now, quotas.period_s)
 
-    def give_back_local(
-        self, key_id: str, quotas: QuotaSettings, token_cost: int, *, now: float
+    def settle_local(
+        self,
+        key_id: str,
+        quotas: QuotaSettings,
+        *,
+        reserved: int,
+        used: int,
+        failed: bool,
+        now: float,
     ) -> None:
-        """Give back what the local limiter took for a call the backends failed to answer."""
+        """Settle what the local limiter took: the unused tokens back or, for a call the
+        backends `failed` to answer, the request and every token (a use over the estimate
+        is not taken: the local limiter is a stand-in while Redis is out)."""
         requests, tokens = quotas.specs()
-        if requests is not None:
+        if failed and requests is not None:
             self._limiter(requests).refund(key_id, now=now, cost=1)
-        if tokens is not None and token_cost:
-            self._limiter(tokens).refund(key_id, now=now, cost=token_cost)
+        unused = reserved if failed else max(0, reserved - used)
+        if tokens is not None and unused:
+            self._limiter(tokens).refund(key_id, now=now, cost=unused)
 
     def _redis_down(self, now: float) -> bool:
         """Redis refuses connections, or has not answered for DOWN_AFTER_S."""

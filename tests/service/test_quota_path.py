@@ -28,10 +28,19 @@ from openai.types.chat import ChatCompletion
 
 from backends.gpu_model import GpuConfig
 from backends.redis_cache import ResponseCache
+from policies.breaker import CircuitBreaker
 from scheduler.service.config import Settings, load_settings
 from scheduler.service.gateway import PATHS
 from scheduler.service.openai_body import read_call
-from scheduler.service.quota import _pruned
+from scheduler.service.quota import (
+    AdaptiveTimeout,
+    FailMode,
+    QuotaGuard,
+    QuotaSettings,
+    Source,
+    Verdict,
+    _pruned,
+)
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
 
@@ -413,3 +422,23 @@ def test_a_full_map_of_spent_keys_is_pruned_in_passes_not_per_insertion() -> Non
     entries = {f"k{i}": float(i) for i in range(100)}
     assert list(_pruned(entries, lambda t: t >= 50)) == [f"k{i}" for i in range(50, 100)]
     assert list(_pruned(entries, lambda t: t >= 5)) == [f"k{i}" for i in range(52, 100)]
+
+
+async def test_the_fail_open_limiter_settles_like_redis() -> None:
+    """With Redis out the local limiter decides; its token reservation is settled to the real
+    usage, and a call the backends failed gives back the request and every token."""
+    guard = QuotaGuard(None, CircuitBreaker(), replicas=1, timeout=AdaptiveTimeout(0.1))
+    quotas = QuotaSettings(algorithm="sliding_log", requests=2, tokens=100)
+
+    async def take(cost: int) -> Verdict:
+        return await guard.check("k", quotas, FailMode.OPEN, token_cost=cost, now=0.0)
+
+    first = await take(80)
+    assert first.source is Source.LOCAL and first.allowed
+    assert not (await take(80)).allowed  # 160 > 100 tokens
+    guard.settle_local("k", quotas, reserved=80, used=30, failed=False, now=0.0)
+    second = await take(60)  # 30 + 60 <= 100
+    assert second.allowed and second.requests is not None and second.requests.remaining == 0
+    guard.settle_local("k", quotas, reserved=60, used=0, failed=True, now=0.0)
+    third = await take(70)  # the failed call's request and 60 tokens came back
+    assert third.allowed and third.tokens is not None and third.tokens.remaining == 0
