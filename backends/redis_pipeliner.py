@@ -61,7 +61,7 @@ class RedisPipeliner:
     ) -> None:
         if max_batch < 1 or not timeout_s > 0:
             raise ValueError("max_batch must be >= 1 and timeout_s > 0")
-        self._redis = redis
+        self.redis = redis
         self._max_batch = max_batch
         self._timeout_s = timeout_s
         self._queue: list[_Pending] = []
@@ -112,7 +112,7 @@ class RedisPipeliner:
         self.commands += len(batch)
         try:
             with trio.fail_after(self._timeout_s):
-                async with self._redis.pipeline(transaction=False, raise_on_error=False) as pipe:
+                async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
                     requests = [p.command(pipe) for p in batch]
             for p, request in zip(batch, requests, strict=True):
                 try:

@@ -80,12 +80,10 @@ def create_app(replica: Replica) -> QuartTrio:
         try:
             with trace.use_span(span, record_exception=False):
                 reply = await answer(route, headers, span)
-        except ApiError as error:
-            span.set_attribute("http.response.status_code", error.status)
-            span.set_attribute("error.type", error.code or error.type)
-            span.end()
-            raise
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ApiError):
+                span.set_attribute("http.response.status_code", exc.status)
+                span.set_attribute("error.type", exc.code or exc.type)
             span.end()
             raise
         span.set_attribute("http.response.status_code", reply.status)

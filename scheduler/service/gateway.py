@@ -272,9 +272,9 @@ class Gateway:
     ) -> None:
         """Give back the tokens reserved at admission that the response did not use and, when
         the backends `failed`, the request too."""
-        quotas = record.quotas(tier.quotas)
         if verdict is None or not verdict.allowed:
             return
+        quotas = record.quotas(tier.quotas)
         if verdict.source is Source.LOCAL:
             self.quota.settle_local(
                 record.key_id,

@@ -143,7 +143,7 @@ class Replica:
             pipeliner = RedisPipeliner(redis, timeout_s=2 * self.redis_timeout.ceiling_s)
             await nursery.start(pipeliner.run)
             self._redis = redis
-            self.registry.redis, self.registry.pipeliner = redis, pipeliner
+            self.registry.pipeliner = pipeliner
             # no timeout of its own: the quota guard times each call (adaptively)
             self.quota.store = store = RedisQuotaStore(
                 redis, prefix=f"{self.settings.redis_prefix}:quota", pipeliner=pipeliner
@@ -169,8 +169,7 @@ class Replica:
             try:
                 await trio.sleep_forever()
             finally:
-                self._redis = self.registry.redis = self.quota.store = None
-                self.registry.pipeliner = None
+                self._redis = self.registry.pipeliner = self.quota.store = None
 
     def current_pressure(self) -> float:
         """The backends' pressure for the controller: the most loaded model's pool."""

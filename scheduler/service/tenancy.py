@@ -124,8 +124,11 @@ class KeyRegistry:
         self._cache: dict[str, tuple[_Packed | None, float]] = {}
         self._breaker = breaker  # shared with the quota path: one view of Redis' health
         self._fetching: dict[str, trio.Event] = {}
-        self.redis: coredis.Redis[bytes] | None = None
-        self.pipeliner: RedisPipeliner | None = None  # set with `redis`: lookups use it
+        self.pipeliner: RedisPipeliner | None = None  # Redis, when connected
+
+    @property
+    def redis(self) -> coredis.Redis[Any] | None:
+        return None if self.pipeliner is None else self.pipeliner.redis
 
     def _key(self, key_id: str, role: str) -> str:
         return f"{self._prefix}:{{{key_id}}}:{role}"
@@ -150,7 +153,7 @@ class KeyRegistry:
                 raise KeysUnavailable("the key could not be looked up in time")
             return stale if cached is None else _unpack(cached[0])
         breaker = self._breaker
-        if self.redis is None:
+        if self.pipeliner is None:
             return stale
         if breaker is not None and not breaker.allow(now=now):
             if stale is None:
@@ -186,7 +189,7 @@ class KeyRegistry:
 
     async def _read(self, kid: str) -> tuple[dict[str, str], dict[str, str]]:
         """The key's meta and upgrade hashes, in one round trip."""
-        assert self.pipeliner is not None, "set with `redis`"
+        assert self.pipeliner is not None, "lookup() checks it"
         meta_key, upgrade_key = self._key(kid, "meta"), self._key(kid, "upgrade")
         meta, upgrade = await self.pipeliner.execute_each(
             [lambda pipe: pipe.hgetall(meta_key), lambda pipe: pipe.hgetall(upgrade_key)]

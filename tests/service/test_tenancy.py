@@ -18,9 +18,9 @@ async def test_looked_up_records_are_cached_as_untracked_values(redis_url: str) 
     """Why it matters: a cache of 100,000 records as objects made each full collection take
     about 70 ms on this machine, longer than the Redis timeout of every call in flight."""
     with trio.fail_after(DEADLINE_S):
-        async with open_pipelined(redis_url) as (redis, pipeliner):
+        async with open_pipelined(redis_url) as (_, pipeliner):
             registry = KeyRegistry((), b"secret", prefix=f"test-{uuid.uuid4().hex[:8]}")
-            registry.redis, registry.pipeliner = redis, pipeliner
+            registry.pipeliner = pipeliner
             created = [
                 await registry.create(f"t{i}", "pro", bypass=False, created_unix=0.0)
                 for i in range(20)
