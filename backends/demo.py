@@ -71,25 +71,41 @@ _GPU_HELP = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m backends.demo") -> argparse.ArgumentParser:
+    """The command line; `prog` is how it was called (`scheduler demo-backend` passes its own)."""
     parser = argparse.ArgumentParser(
-        prog="python -m backends.demo",
+        prog=prog,
         description="A demo OpenAI-compatible GPU server that behaves like vLLM.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8001, help="listen port (default 8001)")
     parser.add_argument(
-        "--model", action="append", dest="models", help="a model name to serve (repeatable)"
+        "--model",
+        action="append",
+        dest="models",
+        metavar="NAME",
+        help=f"a model name to serve (repeatable; default {DemoConfig.model_names[0]})",
+    )
+    default_tokens = DemoConfig.default_output_tokens
+    parser.add_argument(
+        "--default-output-tokens",
+        type=int,
+        default=default_tokens,
+        metavar="N",
+        help=f"tokens generated when a request sets no max_tokens (default {default_tokens})",
     )
     parser.add_argument(
-        "--default-output-tokens", type=int, default=DemoConfig.default_output_tokens
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the generated text and ids, so that runs repeat (default 0)",
     )
-    parser.add_argument("--seed", type=int, default=0)
     for field in dataclasses.fields(GpuConfig):
         default = getattr(GpuConfig(), field.name)
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
             type=type(default),
+            metavar="S" if field.name.endswith("_s") else "N",
             default=default,
             help=f"{_GPU_HELP.get(field.name, '')} (default {default})",
         )
@@ -106,9 +122,9 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """Serve in the foreground until Ctrl-C or SIGTERM; 1 if the port cannot be bound."""
-    parser = build_parser()
+    parser = build_parser(prog) if prog else build_parser()
     args = parser.parse_args(argv)
     try:
         config = config_from_args(args)

@@ -1,21 +1,33 @@
 """OpenAI-compatible HTTP backends and pools of them, on `backends.http_client`.
 
-A pool chooses the backend with the fewest requests in flight among the healthy ones. A
-backend that cannot be connected to is taken out of rotation and probed back by
-`probe_forever`. A 429 or 503 from a backend is not an exception: it is a response the
-service reads as "backend saturated".
+A pool chooses the backend with the fewest requests in flight among the healthy ones. Health
+is known before any request fails: from start-up, `probe_forever` sends each backend a GET of
+/v1/models every `PROBE_INTERVAL_S`. A backend that cannot be connected to (by a probe or by a
+request) is taken out of rotation; once out, it is probed again after `eject_s`, doubling up
+to `max_eject_s` while it fails, and comes back on a 2xx. Only "cannot connect" ejects: a
+backend that connects but answers slowly is busy (or hung), which the request timeout and the
+controller deal with, and a probe stuck behind a saturated backend must not take it out.
+Each change is logged once (WARNING out, INFO back), on the `scheduler.service.backends` logger.
+
+A 429 or 503 from a backend is not an exception: it is a response the service reads as
+"backend saturated".
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 
 import trio
 from opentelemetry import propagate
 
 from backends.http_client import BackendError, BackendUnavailable, HttpClient, Response
+
+log = logging.getLogger("scheduler.service.backends")
+PROBE_INTERVAL_S = 0.5
 
 
 class HttpBackend:
@@ -31,6 +43,9 @@ class HttpBackend:
         self.healthy = True
         self._eject_s = self._limits.eject_s
         self.retry_at = -math.inf
+        # longer than the connect timeout, so that a connection that cannot be made is told
+        # (BackendUnavailable) from a server that connects but does not answer
+        self._probe_timeout_s = 2 * self._limits.connect_timeout_s
 
     @asynccontextmanager
     async def post(
@@ -48,31 +63,61 @@ class HttpBackend:
                     response = await stack.enter_async_context(
                         self._pool.stream("POST", self._path + path, headers, body, read_timeout_s)
                     )
-                except BackendUnavailable:
-                    self.eject()
+                except BackendUnavailable as exc:
+                    self.eject(str(exc))
                     raise
                 yield response
         finally:
             self.inflight -= 1
 
-    def eject(self) -> None:
+    def eject(self, reason: str) -> None:
+        """Take this backend out of rotation; one already out keeps its probe schedule (a
+        burst of failed requests must not push its return back)."""
+        if not self.healthy:
+            return
         self.healthy = False
+        self._eject_s = self._limits.eject_s
+        self._probe_later()
+        log.warning("backend %s ejected: %s", self.url, reason)
+
+    def _probe_later(self) -> None:
         self.retry_at = trio.current_time() + self._eject_s
         self._eject_s = min(self._limits.max_eject_s, self._eject_s * 2)
 
+    def _readmit(self) -> None:
+        self.healthy = True
+        self.retry_at = -math.inf
+        log.info("backend %s back in rotation", self.url)
+
     async def probe(self) -> bool:
-        """GET /v1/models; a backend that answers 2xx is healthy again."""
+        """GET /v1/models and update the health from it; returns whether healthy after.
+
+        In rotation: ejected if it cannot be connected to. Out: back on a 2xx, else probed
+        again later."""
         try:
             status, _ = await self._client.get(
-                self.url + "/v1/models", timeout_s=self._limits.connect_timeout_s
+                self.url + "/v1/models", timeout_s=self._probe_timeout_s
             )
-        except BackendError:
+        except BackendUnavailable as exc:
+            if self.healthy:
+                self.eject(str(exc))
+            else:
+                self._probe_later()
             return False
-        if status < 300:
-            self.healthy = True
-            self._eject_s = self._limits.eject_s
-            return True
-        return False
+        except BackendError:  # connected, but no sensible answer in time: busy, or hung
+            status = 0
+        if status and status < 300 and not self.healthy:
+            self._readmit()
+        elif not self.healthy:
+            self._probe_later()
+        return self.healthy
+
+    async def probe_forever(self, *, interval_s: float = PROBE_INTERVAL_S) -> None:
+        """Probe every `interval_s` while in rotation; once out, at its `retry_at`."""
+        while True:
+            await trio.sleep(interval_s)
+            if self.healthy or trio.current_time() >= self.retry_at:
+                await self.probe()
 
 
 class BackendPool:
@@ -90,6 +135,10 @@ class BackendPool:
     @property
     def any_healthy(self) -> bool:
         return any(b.healthy for b in self.backends)
+
+    @property
+    def healthy_count(self) -> int:
+        return sum(b.healthy for b in self.backends)
 
     def choose(self, exclude: frozenset[str] = frozenset()) -> HttpBackend:
         best: HttpBackend | None = None
@@ -128,11 +177,19 @@ class BackendPool:
                 yield upstream
             return
 
-    async def probe_forever(self, *, interval_s: float = 0.5) -> None:
-        """Bring ejected backends back once they answer again."""
-        while True:
-            now = trio.current_time()
+    async def probe_forever(
+        self,
+        *,
+        interval_s: float = PROBE_INTERVAL_S,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Probe every backend, all at once; reports started when each has been probed once
+        (so a backend down at start-up is known before the first request), then keeps each
+        one's probe going."""
+        async with trio.open_nursery() as first:
             for backend in self.backends:
-                if not backend.healthy and now >= backend.retry_at and not await backend.probe():
-                    backend.eject()
-            await trio.sleep(interval_s)
+                first.start_soon(backend.probe)
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            for backend in self.backends:
+                nursery.start_soon(partial(backend.probe_forever, interval_s=interval_s))

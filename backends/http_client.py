@@ -13,6 +13,7 @@ this module). trio's, h11's and the socket's exceptions are translated here and 
     ├── BackendUnavailable   the connection could not be made (nothing was sent)
     ├── BackendTimeout       connected, but the server did not answer in time
     └── BackendBroken        the connection broke, or the response made no sense
+        └── BackendTooLarge  a whole response (`read()`) larger than `max_response_bytes`
 
 Keep-alive races: a server may close an idle connection just as we reuse it. A reused
 connection that fails before any byte of the response has arrived, within `retry_window_s`
@@ -76,6 +77,10 @@ class BackendBroken(BackendError):
     pass
 
 
+class BackendTooLarge(BackendBroken):
+    """A response read whole ran past `BackendLimits.max_response_bytes` (it is not kept)."""
+
+
 class _Retry(Exception):
     """A reused connection died before the response began: try once on a new one."""
 
@@ -89,10 +94,15 @@ class BackendLimits:
     retry_window_s: float = 1.0  # a reused connection dying this soon is the keep-alive race
     eject_s: float = 2.0  # first ejection; doubles up to max_eject_s while probes fail
     max_eject_s: float = 30.0
+    max_response_bytes: int = 16 * 1024 * 1024  # a whole (non-streamed) response, at most
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ValueError(f"backend.max_connections must be >= 1, got {self.max_connections}")
+        if self.max_response_bytes < 1024:
+            raise ValueError(
+                f"backend.max_response_bytes must be >= 1024, got {self.max_response_bytes}"
+            )
         for name in ("connect_timeout_s", "read_timeout_s", "eject_s", "max_eject_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
@@ -149,8 +159,11 @@ class _Connection:
 class Response:
     """A response, streamed: read `status_code` and `headers`, then the body once."""
 
-    def __init__(self, conn: _Connection, head: h11.Response, read_timeout_s: float) -> None:
+    def __init__(
+        self, conn: _Connection, head: h11.Response, read_timeout_s: float, max_bytes: int
+    ) -> None:
         self._conn = conn
+        self._max_bytes = max_bytes
         self.status_code: int = head.status_code
         self.headers: list[tuple[bytes, bytes]] = list(head.headers)  # names in lower case
         self._read_timeout_s = read_timeout_s
@@ -175,7 +188,15 @@ class Response:
                 return
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
+        """The whole body; BackendTooLarge past `max_response_bytes` (memory stays bounded:
+        what was read is dropped, and the connection closes, the rest unread)."""
+        parts, size = [], 0
+        async for chunk in self.chunks():
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise BackendTooLarge(f"the response is larger than {self._max_bytes} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
 
 
 class OriginPool:
@@ -242,7 +263,7 @@ class OriginPool:
                 event = await _next_event(conn, read_timeout_s)
             if not isinstance(event, h11.Response):
                 raise BackendBroken(f"{self.origin.host_header}: no response head")
-            return Response(conn, event, read_timeout_s)
+            return Response(conn, event, read_timeout_s, self._limits.max_response_bytes)
         except BaseException:
             conn.close()
             raise

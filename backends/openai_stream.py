@@ -1,5 +1,7 @@
 """OpenAI's streamed answers (server-sent events) to and from whole completions.
 
+    check_completion    whether a whole answer is one OpenAI would send (only those are
+                        cached: never an HTML page or a JSON error behind a 200)
     completion_to_sse   a whole completion as the events of the same answer streamed: how a
                         cached answer is served to a client that asked for `stream: true`
     sse_to_completion   the events of a streamed answer as the whole completion: how a
@@ -23,6 +25,35 @@ CHAT_ROUTE = "/v1/chat/completions"
 COMPLETIONS_ROUTE = "/v1/completions"
 DONE_EVENT = b"data: [DONE]\n\n"
 _WORD = re.compile(r"\s*\S+\s*|\s+")
+
+
+EMBEDDINGS_ROUTE = "/v1/embeddings"
+_CHOICE_FIELD = {CHAT_ROUTE: "message", COMPLETIONS_ROUTE: "text"}
+
+
+def check_completion(route: str, body: bytes) -> None:
+    """Raises ValueError unless `body` is a whole answer of `route`'s kind: a JSON object with
+    a non-empty `choices` list whose entries carry a `message` object (chat) or a `text`
+    (completions), or a `data` list of embeddings."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(answer, dict):
+        raise ValueError("not a JSON object")
+    if route == EMBEDDINGS_ROUTE:
+        data = answer.get("data")
+        if not (isinstance(data, list) and all(isinstance(d, dict) for d in data) and data):
+            raise ValueError("an embeddings answer without a `data` list")
+        return
+    field, choices = _CHOICE_FIELD.get(route), answer.get("choices")
+    if field is None:
+        raise ValueError(f"no answers are known for {route!r}")
+    if not (isinstance(choices, list) and choices):
+        raise ValueError("an answer without `choices`")
+    kind = dict if field == "message" else str
+    if not all(isinstance(c, dict) and isinstance(c.get(field), kind) for c in choices):
+        raise ValueError(f"a choice without its `{field}`")
 
 
 def completion_to_sse(

@@ -63,7 +63,7 @@ local function gcra_decision(q, allowed, tat, now, retry)
   local room = now + EPS + tau - tat
   local remaining = math.floor(room / interval)
   if remaining > q.burst then remaining = q.burst end
-  return {allowed, q.limit, nonneg(remaining), retry, nonneg(tat - now)}
+  return {allowed, q.limit, nonneg(remaining), retry, math.min(tau, nonneg(tat - now))}
 end
 
 local function gcra_tat(state, now)
@@ -134,7 +134,7 @@ end
 local function log_decision(q, allowed, last_at, used, now, retry)
   local reset = 0
   if last_at ~= nil then reset = last_at + q.period - now end
-  return {allowed, q.limit, nonneg(q.limit - used), retry, nonneg(reset)}
+  return {allowed, q.limit, nonneg(q.limit - used), retry, math.min(q.period, nonneg(reset))}
 end
 
 local function log_expire(key, q, last_at, now, floor_ms)
@@ -246,10 +246,15 @@ local function counter_threshold(q, window, previous, free)
   return window * q.period + q.period * (1 - free / previous)
 end
 
-local function counter_reset(q, s, now)
+local function counter_ttl(q, s, now)
   if s.c > 0 then return nonneg((s.w + 2) * q.period - now) end
   if s.p > 0 then return nonneg((s.w + 1) * q.period - now) end
   return 0
+end
+
+local function counter_reset(q, s, now)
+  if s.c == 0 and s.p == 0 then return 0 end
+  return math.min(q.period, nonneg((s.w + 1) * q.period - now))
 end
 
 local function counter_decision(q, allowed, s, now, retry)
@@ -265,7 +270,7 @@ local function counter_write(key, q, s, now, floor_ms)
   redis.call('HSET', key, 'w', string.format('%d', s.w), 'c', string.format('%d', s.c),
     'p', string.format('%d', s.p), 'period', fmt(q.period))
   local eff, rolled = counter_roll(q, s, now)
-  expire(key, counter_reset(q, rolled, eff), floor_ms)
+  expire(key, counter_ttl(q, rolled, eff), floor_ms)
 end
 
 function counter.load(key, q)

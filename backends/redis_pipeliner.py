@@ -14,6 +14,15 @@ its caller; when the whole round trip fails, every caller in it gets a fresh
 `coredis.exceptions.ConnectionError` (or `trio.TooSlowError` if it took longer than
 `timeout_s`), so callers translate them as they would a direct call's.
 
+A caller may bound its wait (`timeout_s`) on Redis's time, not on this process's: a deadline
+also passes while our own event loop is behind (a CPU-bound burst, a collector pause), and a
+reply that came back in a millisecond then sits unread in the socket. So `LoopLag`, a task that
+sleeps in short ticks, sums how late each tick wakes; a wait whose deadline passes is extended
+by the loop lag since it began, and fails (`trio.TooSlowError`) only when Redis had its whole
+`timeout_s` of time the loop was there to read the reply, or when the pipeliner's own round
+trip timeout ran out. A Redis that stops answering is still found out in `timeout_s` while the
+loop keeps up; under CPU saturation a call is slower, not failed.
+
 Scripts go as EVALSHA (coredis would check every script with SCRIPT EXISTS first, a round
 trip per pipeline); a script Redis no longer knows (a restart, SCRIPT FLUSH) is sent once
 more on its own, which loads it.
@@ -21,6 +30,7 @@ more on its own, which loads it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +40,33 @@ import trio
 from coredis.commands.script import Script
 
 Command = Callable[[Any], Any]  # given the pipeline, queues one command on it
+LAG_TICK_S = 0.005  # how often LoopLag looks: a late wake-up of this task is the loop's lag
+
+
+class LoopLag:
+    """How far behind this process's event loop has been: the sum of how late a task that
+    sleeps `tick_s` at a time woke up (`total_s`, only growing). Start `run` in a nursery."""
+
+    def __init__(self, tick_s: float = LAG_TICK_S) -> None:
+        self.tick_s = tick_s
+        self.total_s = 0.0
+        self.ticked_at = -math.inf
+        self._ticked = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            asleep_at = trio.current_time()
+            await trio.sleep(self.tick_s)
+            self.ticked_at = trio.current_time()
+            self.total_s += max(0.0, self.ticked_at - asleep_at - self.tick_s)
+            self._ticked.set()
+            self._ticked = trio.Event()
+
+    async def wait_ticked_after(self, at: float) -> None:
+        """Wait until `total_s` accounts for the loop up to time `at` (a tick after it)."""
+        while self.ticked_at < at:
+            await self._ticked.wait()
 
 
 class _Pending:
@@ -66,38 +103,81 @@ class RedisPipeliner:
         self._timeout_s = timeout_s
         self._queue: list[_Pending] = []
         self._wakeup = trio.Event()
+        self.lag = LoopLag()
         self.round_trips = 0
         self.commands = 0
 
-    async def execute(self, command: Command) -> Any:
-        """Queue `command(pipeline)` and return its reply."""
-        return (await self.execute_each([command]))[0]
+    async def execute(self, command: Command, *, timeout_s: float | None = None) -> Any:
+        """Queue `command(pipeline)` and return its reply (see `execute_each`)."""
+        return (await self.execute_each([command], timeout_s=timeout_s))[0]
 
-    async def execute_each(self, commands: Sequence[Command]) -> list[Any]:
+    async def execute_each(
+        self, commands: Sequence[Command], *, timeout_s: float | None = None
+    ) -> list[Any]:
         """Queue the commands together (one round trip, unless a batch fills up between
-        them); their replies, in order."""
+        them); their replies, in order. With `timeout_s`, raise `trio.TooSlowError` when
+        Redis has not answered within that much of its own time (the module docstring)."""
         pending = [_Pending(command) for command in commands]
         self._queue.extend(pending)
         self._wakeup.set()
         try:
-            for p in pending:
-                await p.done.wait()
+            if timeout_s is None:
+                for p in pending:
+                    await p.done.wait()
+            else:
+                await self._wait_answered(pending, timeout_s)
         except BaseException:
             for p in pending:
                 p.abandoned = True
             raise
         return [p.unwrap() for p in pending]
 
-    async def evalsha(self, script: Script[Any], keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def _wait_answered(self, pending: list[_Pending], timeout_s: float) -> None:
+        """Wait for every reply, for `timeout_s` plus the loop's lag meanwhile, and never
+        longer than the round trip's own timeout."""
+        started_at = trio.current_time()
+        lag_at_start_s = self.lag.total_s
+        last_at = started_at + self._timeout_s
+        deadline_at = started_at + timeout_s
+        for p in pending:
+            while not p.done.is_set():
+                with trio.move_on_at(min(deadline_at, last_at)):
+                    await p.done.wait()
+                    break
+                # the deadline passed: first let the lag monitor see the loop up to now
+                with trio.move_on_at(last_at):
+                    await self.lag.wait_ticked_after(trio.current_time())
+                lag_s = self.lag.total_s - lag_at_start_s
+                deadline_at = started_at + timeout_s + lag_s
+                if not p.done.is_set() and min(deadline_at, last_at) <= trio.current_time():
+                    raise trio.TooSlowError
+
+    async def evalsha(
+        self,
+        script: Script[Any],
+        keys: Sequence[Any],
+        args: Sequence[Any],
+        *,
+        timeout_s: float | None = None,
+    ) -> Any:
         """Run `script` in a pipeline; on NOSCRIPT, once more on its own (which loads it)."""
+
+        def command(pipe: Any) -> Any:
+            return pipe.evalsha(script.sha, keys=keys, args=args)
+
         try:
-            return await self.execute(lambda pipe: pipe.evalsha(script.sha, keys=keys, args=args))
-        except coredis.exceptions.NoScriptError:
+            return await self.execute(command, timeout_s=timeout_s)
+        except coredis.exceptions.NoScriptError:  # Redis answers: bounded as a round trip
             with trio.fail_after(self._timeout_s):
                 return await script(keys=keys, args=args)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.lag.run)
+            task_status.started()
+            await self._send_forever()
+
+    async def _send_forever(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()

@@ -26,8 +26,10 @@ safe direction, and is gone when the state expires (the window passes, or the GC
 
 Errors, split by who is to blame:
 
-    QuotaStoreError              Redis answered with an error (a bug, or a foreign key type)
-    └── QuotaStoreUnavailable    Redis could not be reached in time: the tier's fail mode applies
+    QuotaStoreError              Redis answered with an error (OOM, MISCONF, a script error, a
+    │                            foreign key type): it did not take the quota
+    └── QuotaStoreUnavailable    Redis could not be reached in time
+Either is a Redis failure to the caller (the service's tier fail mode applies).
 
 Over quota is not an error: it is a `QuotaDecision` with `allowed=False`.
 """
@@ -187,11 +189,14 @@ class RedisQuotaStore:
         token_cost: int,
         burst_credits: bool = True,
         now: float | None = None,
+        timeout_s: float | None = None,
     ) -> QuotaDecision:
         """Check and take 1 request and `token_cost` tokens for `key_id`, both or neither.
 
         When a base quota refuses and `burst_credits` is on, the request is admitted on
         `max(1, token_cost)` credits if the balance holds them. `token_cost` 0 peeks the tokens.
+        `timeout_s` bounds Redis's time for this call (through the pipeliner: not counting
+        our own event loop's lag) and raises `trio.TooSlowError`: slow, maybe run, not gone.
         """
         _check_units(token_cost=token_cost)
         credit_cost = max(1, token_cost) if burst_credits else 0
@@ -202,7 +207,7 @@ class RedisQuotaStore:
             self.key(key_id, f"tokens:{tokens.algorithm if tokens else 'none'}"),
             self.key(key_id, "credits"),
         ]
-        reply: Any = await self._run(self._take, keys, args)
+        reply: Any = await self._run(self._take, keys, args, timeout_s=timeout_s)
         return _parse_take(reply, credits_asked=burst_credits)
 
     async def settle(
@@ -283,11 +288,25 @@ class RedisQuotaStore:
             return None
         return CounterState(int(window), int(current), int(previous))
 
-    async def _run(self, script: Script[Any], keys: list[str], args: list[str | int]) -> Any:
+    async def _run(
+        self,
+        script: Script[Any],
+        keys: list[str],
+        args: list[str | int],
+        *,
+        timeout_s: float | None = None,
+    ) -> Any:
         pipeliner = self._pipeliner
-        if pipeliner is None:
-            return await self._call(lambda: script(keys=keys, args=args))
-        return await self._call(partial(pipeliner.evalsha, script, keys, args))
+        if pipeliner is not None:
+            return await self._call(
+                partial(pipeliner.evalsha, script, keys, args, timeout_s=timeout_s)
+            )
+
+        async def alone() -> Any:
+            with trio.fail_after(math.inf if timeout_s is None else timeout_s):
+                return await script(keys=keys, args=args)
+
+        return await self._call(alone)
 
     async def _call(self, request: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis request; the one place where coredis' and trio's errors are translated.

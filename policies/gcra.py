@@ -29,7 +29,9 @@ class GCRA:
     """GCRA over a state that is the TAT (`float`), or `None` for an idle key.
 
     Admits at most `burst + (t2 - t1 + TIME_EPSILON_S) / T` units at times in any interval
-    [t1, t2]; with the default `burst = limit`, at most `2 * limit` in any `period_s` window.
+    [t1, t2], so `burst + limit - 1` in a window of `period_s` (see `policies.ratelimit`);
+    with the default `burst = limit`, `2 * limit - 1`. A decision's `reset_after_s` is the
+    time until the bucket is full again: at most `T * burst` (`period_s` by default).
     """
 
     __slots__ = ("_interval_s", "_quota", "_tolerance_s")
@@ -99,5 +101,6 @@ class GCRA:
             limit=self._quota.limit,
             remaining=remaining,
             retry_after_s=retry_s,
-            reset_after_s=max(0.0, tat - now),
+            # the TAT may run up to TIME_EPSILON_S past tau: never report more than tau
+            reset_after_s=min(self._tolerance_s, max(0.0, tat - now)),
         )

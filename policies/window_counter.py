@@ -10,8 +10,14 @@ part of it still inside the sliding one (Cloudflare's and `limits`' "moving wind
 Windows are aligned on the clock: window k is [k * period_s, (k + 1) * period_s) and the state
 stores the index k, an integer, so Python and the Lua twin agree on window boundaries without
 comparing floats. From an idle start it admits exactly `limit` units at one instant; over any
-sliding window it admits at most `2 * limit` (each fixed window holds at most `limit`), which is
-its documented looseness.
+sliding window of `period_s` it admits at most `2 * limit - 1` (each fixed window holds at most
+`limit`, and the previous window's units still weigh on the next until its very end), which is
+its documented looseness (see `policies.ratelimit` for the exact statement).
+
+The decision's `reset_after_s` is the end of the current fixed window, never more than
+`period_s` away: then the previous window's units are gone and the current window's begin to
+age out. (Back to the idle state takes until the end of the next window, up to `2 * period_s`:
+that is `ttl_s`, how long the state must be kept, not what a client is told to wait.)
 
 To avoid dividing by a weight, the rule "estimate + cost <= limit" is evaluated as a time: with
 free = limit - current - cost, the take is allowed from `threshold_at = k * period_s +
@@ -96,7 +102,12 @@ class SlidingWindowCounter:
         if state is None:
             return 0.0
         now, rolled = self._roll(state, now)
-        return self._reset_after_s(rolled, now)
+        period_s = self._quota.period_s
+        if rolled.current > 0:
+            return max(0.0, (rolled.window + 2) * period_s - now)
+        if rolled.previous > 0:
+            return max(0.0, (rolled.window + 1) * period_s - now)
+        return 0.0
 
     def _roll(self, state: CounterState | None, now: float) -> tuple[float, CounterState]:
         """The effective `now` and the state moved to the window containing it."""
@@ -120,12 +131,12 @@ class SlidingWindowCounter:
         return window * period_s + period_s * (1 - free / previous)
 
     def _reset_after_s(self, state: CounterState, now: float) -> float:
+        """Until the current fixed window ends (see the module docstring): <= period_s."""
+        if state.current == 0 and state.previous == 0:
+            return 0.0
+        # a `now` within TIME_EPSILON_S of a window's end already counts in the next window
         period_s = self._quota.period_s
-        if state.current > 0:
-            return max(0.0, (state.window + 2) * period_s - now)
-        if state.previous > 0:
-            return max(0.0, (state.window + 1) * period_s - now)
-        return 0.0
+        return min(period_s, max(0.0, (state.window + 1) * period_s - now))
 
     def _decision(
         self, allowed: bool, state: CounterState, now: float, retry_s: float

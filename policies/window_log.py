@@ -123,7 +123,7 @@ class SlidingWindowLog:
             limit=self._quota.limit,
             remaining=max(0, self._quota.limit - used),
             retry_after_s=retry_s,
-            reset_after_s=max(0.0, reset_s),
+            reset_after_s=min(self._quota.period_s, max(0.0, reset_s)),  # float rounding
         )
 
 

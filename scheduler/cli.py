@@ -27,14 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo-backend"]:
         from backends.demo import main as demo_main
 
-        return demo_main(argv[1:])
+        return demo_main(argv[1:], prog="scheduler demo-backend")
     if argv[:1] == ["sim"]:
         from sim.cli import main as sim_main
 
-        return sim_main(argv[1:])
+        return sim_main(argv[1:], prog="scheduler sim")
     args = build_parser().parse_args(argv)
     from scheduler.service.config import ConfigError
-    from scheduler.service.serve import run
+    from scheduler.service.serve import ListenError, run
 
     overrides = {"host": args.host, "port": args.port, "workers": args.workers}
     if args.redis_url:
@@ -46,5 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"scheduler: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print(f"scheduler: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0

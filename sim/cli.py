@@ -6,8 +6,9 @@
     python -m sim spike --sweep backends=1..16 --out out/
     python -m sim spike --sweep increase_step=1,2,4 --sweep decrease_factor=0.5,0.7,0.9
 
-Tables go to stdout, errors and the progress bar to stderr (the bar only on a terminal, or
-with --progress). Exit status 2 for a bad scenario or option.
+Tables go to stdout, errors and progress to stderr: a bar redrawn in place on a terminal (or
+with --progress), a line every 10% otherwise (a log or a pipe), nothing with --no-progress.
+Exit status 2 for a bad scenario or option.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from sim.compare import best, compare_controllers, compare_table, gate_mode_verdict
 from sim.engine import SimResult, simulate
@@ -39,9 +40,9 @@ from sim.sweep import (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m sim") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sim",
+        prog=prog,
         description="Simulate the scheduler on a scenario in virtual time.",
     )
     parser.add_argument("scenario", help="a scenario TOML file, or the name of a shipped one")
@@ -59,23 +60,54 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="AIMD rate, AIMD window, fixed and gradient side by side",
     )
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar (default: on a terminal; elsewhere a line every 10%%)",
+    )
     return parser
+
+
+class _ProgressLines:
+    """Progress for a log or a pipe, where a bar redrawn with \r would be one endless line:
+    a line at each tenth done, with the wall time so far."""
+
+    def __init__(self, stream: TextIO, label: str) -> None:
+        self._stream = stream
+        self._label = label
+        self._tenths = -1
+        self._started = time.perf_counter()
+
+    def __call__(self, fraction: float) -> None:
+        tenths = max(0, min(10, int(fraction * 10)))
+        if tenths == self._tenths:
+            return
+        self._tenths = tenths
+        wall_s = time.perf_counter() - self._started
+        self._stream.write(f"{self._label}: {10 * tenths}% ({wall_s:.0f} s)\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        pass
 
 
 class _Progress:
     """Hands out one progress bar per run, closing the previous one."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._bar: ProgressBar | None = None
+    def __init__(self, wanted: bool | None) -> None:
+        """`wanted`: True a bar, False nothing, None a bar on a terminal and lines elsewhere."""
+        self.enabled = wanted is not False
+        self.bar = wanted or (wanted is None and sys.stderr.isatty())
+        self._bar: ProgressBar | _ProgressLines | None = None
 
     def __call__(self, label: str, index: int, total: int) -> Callable[[float], None] | None:
         self.close()
         if not self.enabled:
             return None
         suffix = f" ({index + 1}/{total})" if total > 1 else ""
-        self._bar = ProgressBar(sys.stderr, f"{label}{suffix}")
+        kind = ProgressBar if self.bar else _ProgressLines
+        self._bar = kind(sys.stderr, f"{label}{suffix}")
         return self._bar
 
     def close(self) -> None:
@@ -84,8 +116,8 @@ class _Progress:
             self._bar = None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    args = (build_parser(prog) if prog else build_parser()).parse_args(argv)
     try:
         scenario = load_scenario(args.scenario)
         sweeps = [parse_sweep(text) for text in args.sweep]
@@ -93,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else None
-    progress = _Progress(args.progress or sys.stderr.isatty())
+    progress = _Progress(args.progress)
     try:
         if args.compare_controllers:
             _compare(scenario, args.seed, out, progress)

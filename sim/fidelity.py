@@ -60,7 +60,7 @@ from scheduler.service.config import load_settings
 from scheduler.service.serve import serve_replica
 from sim.engine import SimResult, simulate
 from sim.engine.arrivals import ArrivalRow, TierArrivals
-from sim.engine.model import ControllerKind, QuotaAlgorithm, QuotaUnit, Scenario
+from sim.engine.model import ControllerKind, QuotaUnit, Scenario
 from sim.engine.results import Percentiles, percentile
 from sim.report import format_table
 
@@ -69,11 +69,6 @@ ADMIN_TOKEN = "fidelity-admin"
 SHED_HEADER = "x-scheduler-shed"
 _START_DELAY_S = 0.5  # between the gateway's readiness and the schedule's time 0
 _CLIENT_TIMEOUT_S = 600.0
-_QUOTA_ALGORITHMS = {
-    QuotaAlgorithm.GCRA: "gcra",
-    QuotaAlgorithm.SLIDING_WINDOW_LOG: "sliding_log",
-    QuotaAlgorithm.SLIDING_WINDOW_COUNTER: "sliding_counter",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +189,7 @@ def gateway_config(
             q = tier.quota
             unit = "requests" if q.unit is QuotaUnit.REQUESTS else "tokens"
             quota: dict[str, object] = {
-                "algorithm": _QUOTA_ALGORITHMS[q.algorithm],
+                "algorithm": q.algorithm.value,  # the service spells them the same
                 "period_s": q.period_s,
                 unit: q.limit,
                 ("request_burst" if unit == "requests" else "token_burst"): q.burst or 0,

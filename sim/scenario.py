@@ -184,7 +184,7 @@ def _sizes(t: Table, key: str, default: int) -> SizeDist:
 
 def _quota(q: Table) -> QuotaSpec:
     algorithm = QuotaAlgorithm(
-        q.text("algorithm", "gcra", choices=tuple(a.value for a in QuotaAlgorithm))
+        q.text("algorithm", "sliding_log", choices=tuple(a.value for a in QuotaAlgorithm))
     )
     limit = q.integer("limit", ge=1)
     spec = QuotaSpec(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -55,8 +56,12 @@ async def start_demo(nursery: trio.Nursery, gpu: GpuConfig = FAST_GPU) -> str:
 
 
 def gateway_settings(demo_url: str, redis_url: str, **server: object) -> Settings:
+    """The demo's settings on `demo_url`, with Redis keys of their own: each gateway starts
+    with the demo keys' full quotas, whatever other tests spent on the session's Redis."""
     settings = load_settings(None, env={}, overrides={"port": 0, **server})
-    return dataclasses.replace(with_demo_url(settings, demo_url), redis_url=redis_url)
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    settings = dataclasses.replace(settings, redis_url=redis_url, redis_prefix=prefix)
+    return with_demo_url(settings, demo_url)
 
 
 async def start_gateway(nursery: trio.Nursery, settings: Settings) -> str:

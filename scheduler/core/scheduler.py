@@ -170,6 +170,10 @@ class Scheduler:
         """Refuse new arrivals from now on; queued requests still leave by admission or expiry."""
         self._draining = True
 
+    def undrain(self) -> None:
+        """Take new arrivals again (an operator's drain undone)."""
+        self._draining = False
+
     def statistics(self) -> SchedulerStats:
         queue = self._queue.statistics()
         depths = {t.name: t.depth for t in queue.tiers}

@@ -3,20 +3,33 @@
 Authenticated by its own token (`SCHEDULER_ADMIN_TOKEN`); without one the whole API is off
 (404). Changes live in Redis, so every replica sees them: key records within the registry's
 cache time (0.5 s), controller gains at the next gains poll (0.5 s), this replica at once.
-Bodies are validated like the config file: a bad field is refused with a 400 that names it.
+Bodies are validated like the config file: a bad field, or one no route knows, is refused
+with a 400 that names it.
+
+Every route that needs Redis does its Redis work within the Redis timeout (the adaptive one,
+at least `redis.timeout_s`); a Redis that is down, paused or refusing is a 503 with
+`Retry-After`, translated in one place (`_redis_bound`). A gains change is published to
+Redis first and applied here only once Redis took it: everywhere or nowhere. Routes that need
+no Redis (reading the controller, drain) keep working during an outage.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hmac
 import json
 import math
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any, ParamSpec
 
+import trio
 from quart import Blueprint, Response, request
 
+from backends.redis_quota import QuotaStoreError
 from scheduler.core import AIMDConfig, LatencySignal
 from scheduler.service.config import (
     MAX_COUNT,
@@ -30,10 +43,43 @@ from scheduler.service.errors import ApiError, bad_request
 from scheduler.service.openai_body import parse_body
 from scheduler.service.quota import QuotaSettings
 from scheduler.service.replica import Replica
-from scheduler.service.tenancy import QUOTA_FIELDS
+from scheduler.service.tenancy import QUOTA_FIELDS, REDIS_ERRORS, KeysUnavailable
 
 GAIN_FIELDS = {f.name: f for f in dataclasses.fields(AIMDConfig)}
 MAX_NUMBER = 1e9  # no gain needs more
+KEY_FIELDS = ("tenant", "tier", "bypass")
+REDIS_FAILURES = (*REDIS_ERRORS, KeysUnavailable, QuotaStoreError)
+P = ParamSpec("P")
+
+
+def redis_unavailable() -> ApiError:
+    return ApiError(
+        503,
+        "Redis is unavailable: the admin API cannot read or change shared state now.",
+        type="server_error",
+        code="redis_unavailable",
+        retry_after_s=1,
+    )
+
+
+@contextmanager
+def _redis_bound(deadline_at: float) -> Iterator[None]:
+    """Redis work by `deadline_at`; a Redis that is late, gone or refusing becomes a 503."""
+    try:
+        with trio.fail_at(deadline_at):
+            yield
+    except REDIS_FAILURES as exc:
+        raise redis_unavailable() from exc
+
+
+def _refuse_unknown(body: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    """A field the route does not know is a 400 naming it (a typo must not pass unseen)."""
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise bad_request(f"{where}.{name}: unknown field{hint}", param=name)
 
 
 def _utf8(text: str) -> bool:
@@ -77,7 +123,8 @@ def _validated(make: Any, *args: Any) -> Any:
 
 def quota_fields(body: dict[str, Any], where: str) -> dict[str, Any]:
     """Validated quota fields of a body, only those given (for overrides and upgrades)."""
-    given = dict(body)  # the table refuses unknown fields
+    _refuse_unknown(body, QUOTA_FIELDS, where)
+    given = dict(body)
     settings = _validated(quota_settings, Table(given, where), QuotaSettings())
     return {k: getattr(settings, k) for k in given}
 
@@ -113,19 +160,34 @@ def create_admin(replica: Replica) -> Blueprint:
         ):
             raise ApiError(401, "A valid admin token is required.", code="invalid_admin_token")
         if replica.registry.redis is None and request.path.startswith("/admin/v1/keys"):
-            raise ApiError(503, "Redis is not connected.", type="server_error", retry_after_s=1)
+            raise redis_unavailable()
+
+    def uses_redis(route: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable[Response]]:
+        """The route's work within the Redis timeout (its body read first, outside it: a slow
+        client is not a slow Redis)."""
+
+        @wraps(route)
+        async def bounded(*args: P.args, **kwargs: P.kwargs) -> Response:
+            await request.get_data()  # cached: `_body()` reads it again
+            with _redis_bound(trio.current_time() + replica.redis_timeout.current()):
+                return await route(*args, **kwargs)
+
+        return bounded
 
     async def known(key_id: str) -> None:
         if not await replica.registry.exists(key_id):
             raise ApiError(404, f"No key with id {key_id!r}.", code="key_not_found")
 
     @admin.get("/keys")
+    @uses_redis
     async def list_keys() -> Response:
         return _json({"data": [r.public() for r in await replica.registry.list()]})
 
     @admin.post("/keys")
+    @uses_redis
     async def create_key() -> Response:
         body = await _body()
+        _refuse_unknown(body, KEY_FIELDS, "key")
         tenant, tier = body.get("tenant"), body.get("tier")
         if not isinstance(tenant, str) or not 0 < len(tenant) <= 256 or not _utf8(tenant):
             raise bad_request("'tenant' must be a string of 1 to 256 characters.", param="tenant")
@@ -143,19 +205,22 @@ def create_admin(replica: Replica) -> Blueprint:
         return _json({"key": clear, **record.public()}, 201)
 
     @admin.get("/keys/<key_id>")
+    @uses_redis
     async def get_key(key_id: str) -> Response:
         await known(key_id)
-        record = await replica.registry.lookup(key_id, now=-1e18)  # always fresh
+        record = await replica.registry.refresh(key_id, now=trio.current_time())
         assert record is not None
         return _json(record.public())
 
     @admin.delete("/keys/<key_id>")
+    @uses_redis
     async def revoke_key(key_id: str) -> Response:
         await known(key_id)
         await replica.registry.revoke(key_id)
         return _json({"key_id": key_id, "revoked": True})
 
     @admin.put("/keys/<key_id>/quota")
+    @uses_redis
     async def set_quota(key_id: str) -> Response:
         await known(key_id)
         fields = quota_fields(await _body(), "quota")
@@ -163,6 +228,7 @@ def create_admin(replica: Replica) -> Blueprint:
         return _json({"key_id": key_id, "quota_override": fields})
 
     @admin.post("/keys/<key_id>/upgrades")
+    @uses_redis
     async def upgrade(key_id: str) -> Response:
         await known(key_id)
         body = await _body()
@@ -175,9 +241,6 @@ def create_admin(replica: Replica) -> Blueprint:
             raise bad_request(
                 "'expires_in_s' must be a number of seconds in (0, 90 days].", param="expires_in_s"
             )
-        unknown = sorted(set(body) - set(QUOTA_FIELDS))
-        if unknown:
-            raise bad_request(f"upgrade.{unknown[0]}: unknown field", param=unknown[0])
         fields = quota_fields(body, "upgrade")
         if not fields:
             raise bad_request("An upgrade needs at least one quota field.")
@@ -185,19 +248,18 @@ def create_admin(replica: Replica) -> Blueprint:
         return _json({"key_id": key_id, "upgrade": fields, "expires_in_s": expires_in_s}, 201)
 
     @admin.post("/keys/<key_id>/credits")
+    @uses_redis
     async def credits(key_id: str) -> Response:
         await known(key_id)
         body = await _body()
-        unknown = sorted(set(body) - {"amount", "ttl_s"})
-        if unknown:
-            raise bad_request(f"credits.{unknown[0]}: unknown field", param=unknown[0])
+        _refuse_unknown(body, ("amount", "ttl_s"), "credits")
         amount = _number(body.get("amount"), "credits.amount", low=1, high=MAX_COUNT)
         if not amount.is_integer():
             raise bad_request("credits.amount: expected a whole number of tokens", param="amount")
         ttl_s = _number(body.get("ttl_s", 86_400), "credits.ttl_s", low=0.001, high=MAX_TTL_S)
         store = replica.quota.store
         if store is None:
-            raise ApiError(503, "Redis is not connected.", type="server_error", retry_after_s=1)
+            raise redis_unavailable()
         if await store.credits(key_id) + amount > MAX_COUNT:
             raise bad_request(f"credits.amount: the balance would pass {MAX_COUNT}")
         balance = await store.add_credits(key_id, int(amount), ttl_s=ttl_s)
@@ -216,18 +278,27 @@ def create_admin(replica: Replica) -> Blueprint:
         )
 
     @admin.put("/controller")
+    @uses_redis
     async def set_controller() -> Response:
         changes = gain_changes(await _body())
         try:
             config = dataclasses.replace(replica.controller.config, **changes)
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
-        await replica.publish_gains(config)
+        # the route's own deadline: Redis refuses the write past it (see scheduler.service.gains)
+        await replica.publish_gains(config, deadline_at=trio.current_effective_deadline())
         return _json({"gains": gains_to_dict(config)})
 
     @admin.post("/drain")
     async def drain() -> Response:
-        replica.drain()
+        """Every worker of this process refuses new requests (503) until undrained."""
+        replica.drain_flag.set()
         return _json({"draining": True})
+
+    @admin.post("/undrain")
+    async def undrain() -> Response:
+        """Take new requests again (not once shutting down: that drain is for good)."""
+        replica.drain_flag.clear()
+        return _json({"draining": replica.gateway.dispatcher.draining})
 
     return admin

@@ -14,12 +14,16 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
+import trio
+from hypercorn.typing import ASGISendCallable, ASGISendEvent
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from quart_trio.asgi import TrioASGIHTTPConnection
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from scheduler.service import http1
 from scheduler.service.admin import create_admin
 from scheduler.service.errors import ApiError
 from scheduler.service.openai_body import read_call
@@ -29,6 +33,31 @@ from scheduler.service.tracing import tracer
 from scheduler.service.upstream import Reply
 
 log = logging.getLogger("scheduler.service")
+
+
+class _ClosingConnection(TrioASGIHTTPConnection):
+    """quart-trio's HTTP connection, with the last send of a response shielded.
+
+    Why: for an answer that closes its connection (`Connection: close`), hypercorn closes the
+    socket from inside that last send, after telling the app the client's side is done; the
+    app then cancels its own tasks, the close among them, and the socket stays open: the
+    client waits for an end that never comes."""
+
+    async def handle_request(  # type: ignore[override]
+        self, nursery: trio.Nursery, request: Any, send: ASGISendCallable
+    ) -> None:
+        async def send_shielding_the_end(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
+        await super().handle_request(nursery, request, send_shielding_the_end)
+
+
+class _App(QuartTrio):
+    asgi_http_class = _ClosingConnection
 
 
 def _error_response(error: ApiError) -> Response:
@@ -54,7 +83,11 @@ def _json(data: Any, status: int = 200) -> Response:
 
 def create_app(replica: Replica) -> QuartTrio:
     """The quart-trio app for one replica."""
-    app = QuartTrio("scheduler")
+    app = _App("scheduler")
+    # a path is matched as sent: werkzeug would otherwise answer `/v1//models` with a 308 and
+    # an HTML page (a redirect no OpenAI client follows for a POST); unknown paths get our 404
+    app.url_map.merge_slashes = False
+    http1.install()  # OpenAI-shaped refusals before the app, bare LF refused, half-close
     settings = replica.settings
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as the backend takes
@@ -122,11 +155,18 @@ def create_app(replica: Replica) -> QuartTrio:
     @app.get("/v1/models")
     async def models() -> Response:
         await replica.gateway.authenticate(request.headers.get("authorization"))
-        data = [
-            {"id": m.name, "object": "model", "created": created, "owned_by": "scheduler"}
-            for m in settings.models
-        ]
-        return _json({"object": "list", "data": data})
+        return _json({"object": "list", "data": [model_entry(m.name) for m in settings.models]})
+
+    @app.get("/v1/models/<path:model>")  # a model name may hold a slash (org/name)
+    async def model(model: str) -> Response:
+        await replica.gateway.authenticate(request.headers.get("authorization"))
+        if not any(m.name == model for m in settings.models):
+            message = f"The model '{model}' does not exist or you do not have access to it."
+            raise ApiError(404, message, param="model", code="model_not_found")
+        return _json(model_entry(model))
+
+    def model_entry(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "scheduler"}
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -139,15 +179,37 @@ def create_app(replica: Replica) -> QuartTrio:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        checks = await replica.readiness()
-        ready = all(bool(v.get("ok")) for v in checks.values())
-        return _json({"ready": ready, "checks": checks}, 200 if ready else 503)
+        readiness = await replica.readiness()
+        return _json(readiness, 200 if readiness["ready"] else 503)
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
         return _json(openapi_document(settings))
 
     app.register_blueprint(create_admin(replica))
+
+    @app.before_request
+    async def refuse_ambiguous_framing() -> None:
+        """Content-Length and Transfer-Encoding both: the body's end is ambiguous (request
+        smuggling's trick), so RFC 9112 has the connection closed; refused, read, closed."""
+        if "content-length" in request.headers and "transfer-encoding" in request.headers:
+            error = ApiError(400, "Content-Length and Transfer-Encoding must not both be sent.")
+            error.extra_headers["Connection"] = "close"
+            raise error
+
+    @app.after_request
+    async def read_the_rest(response: Response) -> Response:
+        """An answer ready before the request's body was read (a 401, 404 or 405, the admin
+        API off) first reads that body to its end, so that the connection can carry the
+        next request. (Closing instead does not work: hypercorn closes such a connection from
+        the app's own task, which quart-trio cancels as the client's side ends, so the
+        socket would stay open and the client's next request would hang.) A body over
+        `max_body_bytes` is not read: that answer closes the connection."""
+        try:
+            await request.get_data(cache=False)
+        except RequestEntityTooLarge:
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
@@ -164,8 +226,6 @@ def create_app(replica: Replica) -> QuartTrio:
         message = messages.get(status, error.description or error.name)
         kind = "invalid_request_error" if status < 500 else "server_error"
         response = _error_response(ApiError(status, message, type=kind))
-        if status == 413:  # the rest of the body was not read: this connection is done
-            response.headers["Connection"] = "close"
         if status == 405 and error.get_response().headers.get("Allow"):
             response.headers["Allow"] = error.get_response().headers["Allow"]
         return response

@@ -9,16 +9,18 @@ defaults run the demo: three tiers, three demo keys, the built-in demo backend.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import hmac
 import math
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from backends.gpu_model import GpuConfig
 from backends.http_client import BackendLimits
@@ -78,6 +80,8 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     default_max_tokens: int = 256
     request_timeout_s: float = 300.0
+    # a stream's first body byte comes within this (then `request_timeout_s` bounds the rest)
+    first_byte_timeout_s: float = 60.0
     drain_timeout_s: float = 30.0
 
 
@@ -154,9 +158,16 @@ class Table:
         return Table(self.get(name, dict, {}), self.where(name))
 
     def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
+        self.only(self.used)
+
+    def only(self, known: Collection[str]) -> None:
+        """Refuse a field not in `known`, before any other check of the table: a typo
+        (`backend =`) is named as such, not as the field it failed to set being missing."""
+        unknown = sorted(set(self.data) - set(known))
         if unknown:
-            raise ConfigError(f"{self.where(unknown[0])}: unknown field")
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{self.where(unknown[0])}: unknown field{hint}")
 
 
 def _check(ok: bool, where: str, rule: str) -> None:
@@ -176,15 +187,30 @@ def _build(make: Callable[[], T], where: str) -> T:
         raise ConfigError(f"{where}.{message}") from exc
 
 
+# The tiers when the file names none (and the zero-config demo): each with per-key quotas, so
+# the first thing this gateway is for, "N requests per minute per key", shows at once.
 DEFAULT_TIERS = {
-    "enterprise": {"weight": 8, "max_wait_s": 30.0, "max_depth": 2000, "slo_s": 30.0},
-    "pro": {"weight": 3, "max_wait_s": 15.0, "max_depth": 1000, "slo_s": 20.0},
+    "enterprise": {
+        "weight": 8,
+        "max_wait_s": 30.0,
+        "max_depth": 2000,
+        "slo_s": 30.0,
+        "quota": {"requests": 1000, "tokens": 1_000_000},
+    },
+    "pro": {
+        "weight": 3,
+        "max_wait_s": 15.0,
+        "max_depth": 1000,
+        "slo_s": 20.0,
+        "quota": {"requests": 100, "tokens": 100_000},
+    },
     "free": {
         "weight": 1,
         "max_wait_s": 5.0,
         "max_depth": 500,
         "slo_s": 10.0,
         "shed_on_overload": True,
+        "quota": {"requests": 10, "tokens": 10_000},
     },
 }
 
@@ -254,10 +280,12 @@ def quota_settings(table: Table, base: QuotaSettings | None = None) -> QuotaSett
 
 
 def _keys(
-    root: Table, tiers: set[str], secret: bytes, env: Mapping[str, str]
+    root: Table, tiers: set[str], secret: bytes, env: Mapping[str, str], *, demo: bool
 ) -> tuple[KeySettings, ...]:
+    """The `[[keys]]` of the file; the public demo keys only with no file at all (a file
+    without keys has none: the admin API may create them)."""
     default = [{"key": k, "tenant": f"demo-{t}", "tier": t} for k, t in DEMO_KEYS.items()]
-    raw = root.get("keys", list, default)
+    raw = root.get("keys", list, default if demo else [])
     keys = []
     for i, body in enumerate(raw):
         where = f"keys[{i}]"
@@ -279,6 +307,17 @@ def _keys(
     return tuple(keys)
 
 
+_MODEL_FIELDS = (
+    "backends",
+    "fallback",
+    "shared_cache",
+    "cache_fresh_s",
+    "cache_stale_s",
+    "max_inflight",
+    "pressure",
+)
+
+
 def _models(root: Table) -> tuple[ModelSettings, ...]:
     raw = root.get("models", dict, {"demo-small": {"backends": [DEMO_BACKEND]}})
     _check(bool(raw), "models", "at least one model is required")
@@ -286,6 +325,7 @@ def _models(root: Table) -> tuple[ModelSettings, ...]:
     for name, body in raw.items():
         _check(isinstance(body, dict), f"models.{name}", "expected a table")
         t = Table(body, f"models.{name}")
+        t.only(_MODEL_FIELDS)
         backends = t.get("backends", list, [])
         _check(bool(backends), t.where("backends"), "at least one backend URL is required")
         for url in backends:
@@ -316,6 +356,31 @@ def _models(root: Table) -> tuple[ModelSettings, ...]:
         models.append(model)
         t.done()
     return tuple(models)
+
+
+def _check_redis_url(url: str, where: str) -> None:
+    """One Redis server: `redis://[user:password@]host[:port][/db]`, `rediss://` or
+    `unix:///path` (a Redis Cluster or Sentinel URL is not understood yet)."""
+    if not url:
+        return
+    parts = urlsplit(url)
+    _check(
+        parts.scheme in ("redis", "rediss", "unix"),
+        where,
+        f"expected a redis://, rediss:// or unix:// URL, got scheme {parts.scheme!r}",
+    )
+    if parts.scheme == "unix":
+        _check(bool(parts.path), where, "a unix:// URL needs a socket path")
+        return
+    _check("," not in parts.netloc, where, "expected one host (host:port), got several")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: the port must be a number from 1 to 65535") from None
+    _check(bool(parts.hostname), where, "a host is required")
+    _check(port is None or port > 0, where, "the port must be a number from 1 to 65535")
+    db = parts.path.strip("/")
+    _check(not db or db.isdigit(), where, f"the database must be a number, got {db!r}")
 
 
 def _probe(data: dict[str, Any], where: str) -> ProbeConfig:
@@ -395,11 +460,15 @@ def load_settings(
     _check(server.default_max_tokens >= 1, "server.default_max_tokens", "must be >= 1")
     tiers = _tiers(root)
     secret = env.get("SCHEDULER_KEY_SECRET", "").encode() or b"scheduler-dev-secret"
-    keys = _keys(root, {t.core.name for t in tiers}, secret, env)
+    keys = _keys(root, {t.core.name for t in tiers}, secret, env, demo=path is None)
     models = _models(root)
     controller, gate = _controller(root)
     redis_table = root.table("redis")
-    redis_url = env.get("SCHEDULER_REDIS_URL") or redis_table.get("url", str, "") or None
+    redis_url = redis_table.get("url", str, "")
+    _check_redis_url(redis_url, "redis.url")
+    if env.get("SCHEDULER_REDIS_URL"):
+        redis_url = env["SCHEDULER_REDIS_URL"]
+        _check_redis_url(redis_url, "SCHEDULER_REDIS_URL (--redis-url)")
     redis_timeout_s = redis_table.get("timeout_s", float, DEFAULT_REDIS_TIMEOUT_S)
     redis_prefix = redis_table.get("prefix", str, "sched")
     _check(
@@ -417,6 +486,11 @@ def load_settings(
         "server.request_timeout_s",
         "must be > 0",
     )
+    _check(
+        math.isfinite(server.first_byte_timeout_s) and server.first_byte_timeout_s > 0,
+        "server.first_byte_timeout_s",
+        "must be > 0",
+    )
     return Settings(
         server=server,
         tiers=tiers,
@@ -426,10 +500,30 @@ def load_settings(
         gate=gate,
         backend_limits=limits,
         demo=demo,
-        redis_url=redis_url,
+        redis_url=redis_url or None,
         redis_timeout_s=redis_timeout_s,
         redis_prefix=redis_prefix,
         key_secret=secret,
         admin_token=env.get("SCHEDULER_ADMIN_TOKEN", ""),
         source=None if path is None else str(path),
     )
+
+
+def startup_lines(settings: Settings) -> list[str]:
+    """What `scheduler serve` says about its tenancy at start-up: each tier's quotas, and a
+    word when no key can get in (keys may still come through the admin API)."""
+    lines = []
+    for tier in settings.tiers:
+        q = tier.quotas
+        parts = [f"{q.requests} requests"] if q.requests else []
+        parts += [f"{q.tokens} tokens"] if q.tokens else []
+        quota = f"{' and '.join(parts)} per {q.period_s:g} s per key ({q.algorithm})"
+        lines.append(f"tier {tier.core.name}: {quota if parts else 'no quota'}")
+    if not settings.keys:
+        admin = (
+            "create them through the admin API"
+            if settings.admin_token
+            else "set SCHEDULER_ADMIN_TOKEN to create them through the admin API"
+        )
+        lines.append(f"no API keys configured: every inference request gets 401; {admin}")
+    return lines

@@ -74,11 +74,18 @@ class Dispatcher:
     """Carries the core's decisions out to waiting handlers."""
 
     def __init__(
-        self, core: Scheduler, *, tick_s: Callable[[], float], pressure: Callable[[], float]
+        self,
+        core: Scheduler,
+        *,
+        tick_s: Callable[[], float],
+        pressure: Callable[[], float],
+        drained: Callable[[], bool] = lambda: False,
     ) -> None:
         self.core = core
         self._tick_s = tick_s
         self._pressure = pressure
+        self._drained = drained
+        self._shutting_down = False
         self._send, self._receive = trio.open_memory_channel[_Message](math.inf)
         self._waiters: dict[int, Waiter] = {}
         self.on_tick: list[Callable[[float], None]] = []
@@ -98,8 +105,22 @@ class Dispatcher:
         self._send.send_nowait(_Finish(ticket, sample))
 
     def drain(self) -> None:
-        """Refuse new arrivals from now on (shutdown)."""
+        """Refuse new arrivals from now on, for good (shutdown)."""
+        self._shutting_down = True
         self._send.send_nowait(_Drain())
+
+    @property
+    def draining(self) -> bool:
+        """Refusing new arrivals: shutting down, or drained by an operator (`drained()`, which
+        every worker process reads from the same shared memory, so that all agree at once)."""
+        return self._shutting_down or self._drained()
+
+    def _follow_drain(self) -> None:
+        if self.draining != self.core.draining:
+            if self.draining:
+                self.core.drain()
+            else:
+                self.core.undrain()
 
     async def wait_decision(self, waiter: Waiter) -> Admit | Shed:
         """Wait for admission or shedding; if cancelled meanwhile, hand the seat back."""
@@ -132,6 +153,7 @@ class Dispatcher:
                 self._waiters.pop(shed.request.id).settle(shed)
             self._admit(now)
             if now >= next_tick_at:
+                self._follow_drain()
                 core.tick(now=now, pressure=self._pressure())
                 for hook in self.on_tick:
                     hook(now)
@@ -145,6 +167,7 @@ class Dispatcher:
     def _handle(self, message: _Message) -> None:
         now = trio.current_time()
         core = self.core
+        self._follow_drain()
         if isinstance(message, _Submit):
             waiter = message.waiter
             decision: Decision
@@ -157,7 +180,7 @@ class Dispatcher:
             else:
                 waiter.settle(decision)
         elif isinstance(message, _Drain):
-            core.drain()
+            pass  # a wake-up: `_follow_drain` above did it
         elif isinstance(message, _Finish):
             if message.sample is None:
                 core.ignore(message.ticket)

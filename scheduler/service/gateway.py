@@ -16,12 +16,13 @@ import json
 import math
 import time
 from collections.abc import AsyncGenerator
+from functools import partial
 
 import trio
 from opentelemetry import trace
 
 from backends.http import BackendPool
-from backends.openai_stream import completion_to_sse, sse_to_completion
+from backends.openai_stream import check_completion, completion_to_sse, sse_to_completion
 from backends.redis_cache import CacheError, CacheHit, ResponseCache
 from policies.ladder import CacheState, Step
 from scheduler.core import Admit, Outcome, Request, Sample, Shed, ShedReason
@@ -44,7 +45,7 @@ SHED_MESSAGES = {
     ShedReason.DEADLINE: ("The request waited too long in the queue; the service is busy.", 2.0),
     ShedReason.QUEUE_FULL: ("The service's queue for your tier is full.", 1.0),
     ShedReason.OVERLOAD: ("The service is overloaded; lower tiers are shed first.", 1.0),
-    ShedReason.DRAINING: ("This replica is shutting down.", 5.0),
+    ShedReason.DRAINING: ("This replica is draining: retry on another.", 5.0),
 }
 
 
@@ -195,7 +196,13 @@ class Gateway:
         dispatcher = self.dispatcher
         span = trace.get_current_span()
         span.add_event("queue.enter", {"scheduler.tier": record.tier, "scheduler.cost": call.cost})
-        decision = await dispatcher.wait_decision(dispatcher.submit(request, bypass=record.bypass))
+        try:
+            decision = await dispatcher.wait_decision(
+                dispatcher.submit(request, bypass=record.bypass)
+            )
+        except BaseException:  # the client left while queued: never sent, so given back
+            self._settle(record, tier, verdict, call, used=0, failed=True)
+            raise
         if not record.bypass:
             meter.queue_wait_s = decision.queued_s
         if isinstance(decision, Shed):
@@ -206,12 +213,17 @@ class Gateway:
                     "scheduler.queued_s": decision.queued_s,
                 },
             )
+            settle_fallback = partial(self._settle_ended, record, tier, verdict, call)
             try:
-                reply = await self._walk_ladder(decision, record, tier, call, raw, headers, meter)
+                reply = await self._walk_ladder(
+                    decision, record, tier, call, raw, headers, meter, settle_fallback
+                )
             except BaseException:  # no answer (a 503, or the client left): given back too
-                self._settle(record, tier, verdict, call, used=0, failed=True)
+                if meter.outcome != "shed_fallback":  # a fallback call settles when it ends
+                    self._settle(record, tier, verdict, call, used=0, failed=True)
                 raise
-            self._settle(record, tier, verdict, call, used=0, failed=False)
+            if meter.outcome != "shed_fallback":  # a cached answer: no tokens used
+                self._settle(record, tier, verdict, call, used=0, failed=False)
             return reply
         span.add_event(
             "queue.admitted",
@@ -226,7 +238,8 @@ class Gateway:
         on_end = self._on_end(decision, record, tier, call, verdict, meter)
         timeout_s = self.settings.server.request_timeout_s
         keep_bytes = self._stream_keep_bytes(call)
-        target = Target(pool, PATHS[call.route], call.model, timeout_s, keep_bytes)
+        first_byte_s = self.settings.server.first_byte_timeout_s
+        target = Target(pool, PATHS[call.route], call.model, timeout_s, keep_bytes, first_byte_s)
         if call.stream:
             return await call_stream(target, raw, forward, call.prompt_tokens, on_end)
         return await call_whole(target, raw, forward, call.prompt_tokens, on_end)
@@ -246,19 +259,39 @@ class Gateway:
             else:
                 sample = Sample(ended.latency_s, ended.outcome, ended.ttft_s, ended.output_tokens)
                 self.dispatcher.finish(admit.ticket, sample)
-            used = ended.total_tokens
-            if used is None:
-                used = call.prompt_tokens + ended.output_tokens
-            # DESIGN §2.6: a call the backends failed to answer (no answer, 429, 5xx) uses up
-            # none of the caller's quota; any other answer but a 2xx used no tokens
-            failed = ended.status == 0 or ended.status == 429 or ended.status >= 500
-            ok = 200 <= ended.status < 300
-            self._settle(record, tier, verdict, call, used=used if ok else 0, failed=failed)
+            self._settle_ended(record, tier, verdict, call, ended)
             if ended.body:
                 self._cache_put(record, call, ended.body)
             meter.backend_done(model=call.model, error=ended.error, now=trio.current_time())
 
         return on_end
+
+    def _settle_ended(
+        self,
+        record: KeyRecord,
+        tier: TierSettings,
+        verdict: Verdict | None,
+        call: InferenceCall,
+        ended: Ended,
+    ) -> None:
+        """Settle an admitted request by how its backend call ended (README "Quotas"):
+
+        - the client went away after the call was sent: the backend worked on it, so it keeps
+          its request unit and the tokens produced (a stream's, counted so far) or, when that
+          is unknown (a whole answer never read), its reservation;
+        - the backends failed it (no answer, 429, 5xx): everything back (DESIGN §2.6);
+        - any other answer: the tokens a 2xx used, none for the backend's own 4xx.
+        """
+        used = ended.total_tokens
+        if used is None:
+            used = call.prompt_tokens + ended.output_tokens
+        if ended.abandoned:
+            used = used if call.stream else int(call.cost)
+            self._settle(record, tier, verdict, call, used=used, failed=False)
+            return
+        failed = ended.status == 0 or ended.status == 429 or ended.status >= 500
+        ok = 200 <= ended.status < 300
+        self._settle(record, tier, verdict, call, used=used if ok else 0, failed=failed)
 
     def _settle(
         self,
@@ -339,11 +372,12 @@ class Gateway:
         if caching is None:
             return
         cache, model = caching
-        if call.stream:
-            try:
+        try:  # only a well-formed answer: never an HTML page, a stream cut short, ...
+            if call.stream:
                 body = sse_to_completion(PATHS[call.route], body)
-            except Exception:  # not a stream that ended well (this runs in `on_end`: no raise)
-                return
+            check_completion(PATHS[call.route], body)
+        except Exception:  # not a whole answer (this runs in `on_end`: no raise)
+            return
         scope = self._scope(record, model)
 
         async def put() -> None:
@@ -369,15 +403,23 @@ class Gateway:
         raw: bytes,
         headers: dict[str, str],
         meter: RequestMeter,
+        settle: OnEnd,
     ) -> Reply:
         model = self.settings.model(call.model)
-        hit = (
-            await self._cache_get(record, call, model) if Step.CACHE in tier.ladder.steps else None
-        )
+        # a draining replica answers nothing more (no cache, no fallback): its 503 sends the
+        # client, and the load balancer, to another replica
+        steps = () if shed.reason is ShedReason.DRAINING else tier.ladder.steps
+        hit = await self._cache_get(record, call, model) if Step.CACHE in steps else None
+        events: list[bytes] | None = None
+        if hit is not None and call.stream:
+            try:
+                events = completion_to_sse(PATHS[call.route], hit.body)
+            except ValueError:  # not a completion that can be replayed as a stream: a miss
+                hit = None
         cache_state = (
             CacheState.MISS if hit is None else CacheState.STALE if hit.stale else CacheState.FRESH
         )
-        fallback = self._fallback_pool(model)
+        fallback = self._fallback_pool(model) if steps else None
         step = tier.ladder.choose(cache=cache_state, fallback_has_headroom=fallback is not None)
         trace.get_current_span().add_event(
             "ladder.step", {"scheduler.step": step.value, "scheduler.cache": cache_state.value}
@@ -386,19 +428,13 @@ class Gateway:
         if step is Step.CACHE and hit is not None:
             extra = {**shed_header, "x-scheduler-cache": "stale" if hit.stale else "fresh"}
             extra["age"] = str(int(hit.age_s))
-            if not call.stream:
-                meter.outcome = "shed_cache"
+            meter.outcome = "shed_cache"
+            if events is None:
                 return Reply(200, {"content-type": hit.content_type, **extra}, hit.body)
-            try:
-                events = completion_to_sse(PATHS[call.route], hit.body)
-            except ValueError:  # not a completion we can replay as a stream: a miss
-                events = None
-            if events is not None:
-                meter.outcome = "shed_cache"
-                return Reply(200, {"content-type": "text/event-stream", **extra}, _events(events))
+            return Reply(200, {"content-type": "text/event-stream", **extra}, _events(events))
         if step is Step.FALLBACK and fallback is not None and model is not None:
             meter.outcome = "shed_fallback"
-            return await self._fallback(fallback, call, headers, shed_header, meter)
+            return await self._fallback(fallback, call, headers, shed_header, meter, settle)
         meter.outcome = "refused_overload"
         message, retry_after_s = SHED_MESSAGES[shed.reason]
         error = overloaded(message, retry_after_s)
@@ -437,14 +473,23 @@ class Gateway:
         headers: dict[str, str],
         extra: dict[str, str],
         meter: RequestMeter,
+        settle: OnEnd,
     ) -> Reply:
         target, pool = fallback
         body = json.dumps({**call.body, "model": target.name}).encode()
         forward = _forwarded(headers)
-        to = Target(pool, PATHS[call.route], target.name, self.settings.server.request_timeout_s)
+        server = self.settings.server
+        to = Target(
+            pool,
+            PATHS[call.route],
+            target.name,
+            server.request_timeout_s,
+            first_byte_timeout_s=server.first_byte_timeout_s,
+        )
         extra = {**extra, "x-scheduler-degraded": f"fallback:{target.name}"}
 
         def on_end(ended: Ended) -> None:  # outside the gate: nothing to release
+            settle(ended)
             meter.backend_done(model=target.name, error=ended.error, now=trio.current_time())
 
         if call.stream:

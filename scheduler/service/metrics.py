@@ -1,7 +1,7 @@
 """Prometheus metrics of one gateway process, and how `/metrics` renders them.
 
-Why two modes: hypercorn's `--workers N` runs N processes behind one port, so a scrape lands
-on any one of them and must still see all of them.
+Why two modes: `--workers N` runs N processes behind one port, so a scrape lands on any one
+of them and must still see all of them.
 
 - Single process (`PROMETHEUS_MULTIPROC_DIR` unset; tests, `--workers 1`): each
   `GatewayMetrics` owns a private `CollectorRegistry`, so several gateways in one process
@@ -14,7 +14,8 @@ on any one of them and must still see all of them.
   vs in-flight" stays comparable), the latency signal, pressure and the congestion flag take
   the worst live worker (`livemax`), Redis up the worst too (`livemin`), the breaker the most
   open (`livemax`), and per-tier config values are the same everywhere (`max`). A worker
-  calls `close()` on shutdown so its live gauges leave the merge.
+  calls `close()` on shutdown so its live gauges leave the merge; for one that died, the
+  supervisor does it (`mark_process_dead`).
 
 Series stay bounded: labels are configured tiers, models and routes (anything else is
 counted as `other`) and fixed enums; never an API key or a tenant.
@@ -107,12 +108,15 @@ def backend_error_kind(
 def multiprocess_dir() -> Iterator[str]:
     """A fresh directory for the workers' metric files, in `PROMETHEUS_MULTIPROC_DIR`.
 
-    Enter it in the parent before the workers are spawned; it is removed (and the variable
-    restored) on exit, so no run ever merges a previous run's files.
+    Enter it in the parent before the workers are forked; it is removed (and the variable
+    restored) on exit, so no run ever merges a previous run's files. prometheus_client picks
+    its value class from the variable when imported, which the parent did long before: it is
+    picked again here, so that the forked workers write their metrics to files.
     """
     path = tempfile.mkdtemp(prefix="scheduler-metrics-")
     previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = path
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     try:
         yield path
     finally:
@@ -120,6 +124,7 @@ def multiprocess_dir() -> Iterator[str]:
             os.environ.pop(MULTIPROC_ENV, None)
         else:
             os.environ[MULTIPROC_ENV] = previous
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -230,6 +235,10 @@ class GatewayMetrics:
             "Quota decisions taken without Redis, by the tier's fail mode.",
             ("tier", "mode"),
         )
+        self._gains_rejected = counter(
+            p + "gains_rejected",
+            "Controller-gains documents in Redis that could not be applied (malformed).",
+        )
         self._redis_up = gauge(p + "redis_up", "1 while Redis answers.", "livemin")
         self._breaker = gauge(
             p + "breaker_state", "Redis breaker: 0 closed, 1 half-open, 2 open.", "livemax"
@@ -296,6 +305,10 @@ class GatewayMetrics:
     def fail_mode_decision(self, tier: str, mode: FailMode) -> None:
         """A quota decision taken by the tier's fail mode because Redis was out."""
         self._fail_mode.labels(self._tier(tier), mode.value).inc()
+
+    def gains_rejected(self) -> None:
+        """A gains document from Redis was malformed and left unapplied."""
+        self._gains_rejected.inc()
 
     # -- snapshots, every controller tick ------------------------------------------------
 

@@ -8,6 +8,7 @@ would refuse anyway, with OpenAI's error messages, before they cost a queue slot
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,13 @@ from scheduler.service.errors import bad_request
 
 CHARS_PER_TOKEN = 4  # the usual rough estimate for English text
 MAX_TOKENS_CAP = 1_000_000
+# Why 64: OpenAI's own bodies nest about 6 deep (messages[i].content[j].image_url.url), and the
+# JSON Schemas in `tools` and `response_format` add two levels per nested object, so 64 leaves
+# room for a schema nested ~28 objects deep; anything deeper is no real request. What reads the
+# body after parsing (the cache key's json.dumps, msgpack, logging) recurses, and Python's
+# recursion limit (1000, less the stack already in use) is hit near 950 levels: a 976-deep
+# `stop` was once a 500. 64 is far below that, whatever the stack's depth at the time.
+MAX_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +55,53 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"We could not parse the JSON body of your request: {reason}") from exc
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    _check_tree(body)
     return body
+
+
+def _check_tree(body: dict[str, Any]) -> None:
+    """Refuse what parsed but cannot be kept: nesting past MAX_JSON_DEPTH, and numbers too big
+    for a float (`1e999999` parses as infinity, which no backend and no JSON encoder accepts).
+    A quick pass finds whether there is an offender; only then is it named (a path for every
+    item would cost more than parsing the body)."""
+    if not _has_offender(body):
+        return
+    for name, value in body.items():
+        if _has_offender({name: value}):
+            where = _non_finite_at(value, name)
+            if where is not None:
+                raise bad_request(f"'{where}' must be a finite number.", param=where)
+            message = f"The body nests more than {MAX_JSON_DEPTH} levels deep (in '{name}')."
+            raise bad_request(message, param=name)
+
+
+def _has_offender(body: dict[str, Any]) -> bool:
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        for value in node.values() if isinstance(node, dict) else node:
+            kind = type(value)  # json.loads makes exactly these types
+            if kind is float and not math.isfinite(value):
+                return True
+            if kind is dict or kind is list:
+                if depth >= MAX_JSON_DEPTH:
+                    return True
+                stack.append((value, depth + 1))
+    return False
+
+
+def _non_finite_at(value: Any, where: str) -> str | None:
+    """The path of the first infinite number in `value` (at `where`), if any."""
+    stack: list[tuple[Any, str]] = [(value, where)]
+    while stack:
+        item, at = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return at
+        if isinstance(item, dict):
+            stack.extend((v, f"{at}.{k}") for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((v, f"{at}[{i}]") for i, v in reversed(list(enumerate(item))))
+    return None
 
 
 def _text_tokens(value: Any) -> int:

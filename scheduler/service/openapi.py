@@ -82,7 +82,7 @@ def _admin(
             "400": _error("Invalid body; the message names the field."),
             "401": _error("Missing or wrong admin token."),
             "413": _error("Body larger than the configured limit."),
-            "404": _error("Unknown key, or the admin API is off (no SCHEDULER_ADMIN_TOKEN)."),
+            "404": _error("Unknown key."),
             "503": _error("Redis is not connected.", retry=True),
         },
     }
@@ -125,6 +125,7 @@ def _admin_paths(tiers: list[str]) -> dict[str, Any]:
             "tier": {"type": "string", "enum": tiers},
             "bypass": {"type": "boolean"},
         },
+        "additionalProperties": False,  # the admin API refuses unknown fields
     }
     credits = {
         "type": "object",
@@ -240,7 +241,20 @@ def _request_schema(required: str, prompt: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_MODEL = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "model"},
+        "created": {"type": "integer"},
+        "owned_by": {"type": "string"},
+    },
+}
+
+
 def openapi_document(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of what a process with `settings` serves."""
     messages = {
         "type": "array",
         "minItems": 1,
@@ -335,7 +349,31 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
                     },
                 }
             },
-            **_admin_paths([t.core.name for t in settings.tiers]),
+            "/v1/models/{model}": {
+                "get": {
+                    "summary": "One model this gateway serves (the SDK's models.retrieve)",
+                    "security": [{"bearer": []}],
+                    "parameters": [
+                        {
+                            "name": "model",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "minLength": 1},
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The model.",
+                            "content": {"application/json": {"schema": _MODEL}},
+                        },
+                        "401": _error("Missing or unknown API key."),
+                        "404": _error("This gateway serves no such model."),
+                        "503": _error("The key could not be checked right now.", retry=True),
+                    },
+                }
+            },
+            # the admin routes only where they are served: with no admin token they answer 404
+            **(_admin_paths([t.core.name for t in settings.tiers]) if settings.admin_token else {}),
             "/openapi.json": {
                 "get": {
                     "summary": "This document",

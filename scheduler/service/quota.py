@@ -2,13 +2,16 @@
 
 Why a guard around the store: quotas must hold exactly across replicas, so Redis decides.
 But a request must never wait long on Redis: each call has a short (adaptive) timeout, and a
-circuit breaker stops calling Redis after a run of failures. While Redis is down (refusing
-connections, or silent for DOWN_AFTER_S), each tier follows its fail mode: `open` admits
-under a local in-process limiter at the key's quota divided by the replica count (so the
-fleet stays near the quota), except for keys Redis last said were used up, until their
-reset; `closed` refuses with a 503. A Redis that is only slow (a timeout, a pause just
-begun, or our own event loop behind under load) may still have run the script: admitting
-then could count a request twice and over-admit, so the answer is 503 "retry in 1 s".
+circuit breaker stops calling Redis after a run of failures. The timeout counts Redis's time,
+not our event loop's lag (the pipeliner discounts it, `backends.redis_pipeliner`): a gateway
+whose CPU is saturated answers slower, it does not take itself for a slow Redis and refuse.
+An error reply (OOM, MISCONF, READONLY, a script error) is a failure too, and a definite one.
+While Redis is down (refusing connections, answering errors, or silent for DOWN_AFTER_S),
+each tier follows its fail mode: `open` admits under a local in-process limiter at the key's
+quota divided by the replica count (so the fleet stays near the quota), except for keys Redis
+last said were used up, until their reset; `closed` refuses with a 503. A Redis that is only
+slow (a timeout, a pause just begun) may still have run the script: admitting then could
+count a request twice and over-admit, so the answer is 503 "retry in 1 s".
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from backends.redis_quota import (
     AlgorithmKind,
     QuotaDecision,
     QuotaSpec,
-    QuotaStoreUnavailable,
+    QuotaStoreError,
     RedisQuotaStore,
 )
 from policies.breaker import BreakerState, CircuitBreaker
@@ -41,9 +44,9 @@ class AdaptiveTimeout:
     duration of recent calls plus four deviations, within [floor_s, ceiling_s].
 
     Why adaptive: a call's duration includes the time this process's event loop takes to get
-    back to it. Under a burst that is tens of ms while Redis answered in one; a fixed short
-    timeout would then "detect" an outage that is our own load, fail over, and admit on a
-    local limiter beyond the global quota. A Redis that stops answering still trips it fast."""
+    back to it. Under a burst that is tens of ms while Redis answered in one. The pipeliner
+    does not count the loop's lag against the timeout; what is left of it (a busy loop that
+    still ticks on time) this absorbs. A Redis that stops answering still trips it fast."""
 
     def __init__(self, floor_s: float, ceiling_s: float = 1.0) -> None:
         self.floor_s = floor_s
@@ -69,7 +72,7 @@ class FailMode(enum.Enum):
 class QuotaSettings:
     """A key's request and token quotas over `period_s` (0 = no such quota)."""
 
-    algorithm: AlgorithmKind = "gcra"
+    algorithm: AlgorithmKind = "sliding_log"
     period_s: float = 60.0
     requests: int = 0
     tokens: int = 0
@@ -149,15 +152,20 @@ class QuotaGuard:
         if self.store is not None and self.breaker.allow(now=now):
             try:
                 started = trio.current_time()
-                with trio.fail_after(self.timeout.current()):
-                    decision = await self.store.take(
-                        key_id, requests=requests, tokens=tokens, token_cost=token_cost
-                    )
+                decision = await self.store.take(
+                    key_id,
+                    requests=requests,
+                    tokens=tokens,
+                    token_cost=token_cost,
+                    timeout_s=self.timeout.current(),
+                )
                 self.timeout.observe(trio.current_time() - started)
-            except (QuotaStoreUnavailable, trio.TooSlowError) as exc:
+            except (QuotaStoreError, trio.TooSlowError) as exc:
+                # an error reply (OOM, MISCONF, a script error) is Redis failing, as a refused
+                # connection is, and it is as definite: the script did not take the quota
                 self.redis_errors += 1
                 self.breaker.record_failure(now=now)
-                self._unreachable = isinstance(exc, QuotaStoreUnavailable)
+                self._unreachable = isinstance(exc, QuotaStoreError)
                 if self._failing_since is None:
                     self._failing_since = now
             else:

@@ -26,34 +26,39 @@ from backends.pressure import PoolPressure
 from backends.redis_cache import ResponseCache
 from backends.redis_pipeliner import RedisPipeliner
 from backends.redis_quota import QuotaStoreError, RedisQuotaStore
-from policies.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from policies.breaker import BreakerConfig, CircuitBreaker
 from scheduler.core import AIMDConfig, AIMDController, Scheduler, SchedulerConfig
 from scheduler.service.config import (
     ConfigError,
     Settings,
     gains_from_dict,
-    gains_to_dict,
     load_settings,
 )
 from scheduler.service.dispatcher import Dispatcher
+from scheduler.service.gains import publish_gains
 from scheduler.service.gateway import Gateway
+from scheduler.service.health import REDIS_ERRORS, RedisHealth
 from scheduler.service.metrics import GatewayMetrics
-from scheduler.service.quota import AdaptiveTimeout, QuotaGuard
+from scheduler.service.quota import AdaptiveTimeout, FailMode, QuotaGuard
+from scheduler.service.supervisor import DrainFlag
 from scheduler.service.tenancy import KeyRegistry
+from scheduler.service.tracing import flush_tracing, start_tracing
 
 log = logging.getLogger("scheduler.service")
 READY_TIMEOUT_S = 0.2
 GAINS_KEY = "control:gains"  # {"version": n, "gains": {...}}, written by the admin API
 GAINS_POLL_S = 0.5
 WARM_CONNECTIONS = 32
-REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
 
 class Replica:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, drain_flag: DrainFlag | None = None) -> None:
         self.settings = settings
+        # the operator's drain, shared by every worker process of a `--workers N` gateway
+        self.drain_flag = drain_flag or DrainFlag()
         self.controller = AIMDController(settings.controller)
         self.breaker = CircuitBreaker(BreakerConfig(failure_threshold=3, open_s=0.5))
+        self.redis_health = RedisHealth(self.breaker)
         self.redis_timeout = AdaptiveTimeout(settings.redis_timeout_s)
         self.registry = KeyRegistry(
             settings.keys,
@@ -72,6 +77,7 @@ class Replica:
         self._redis: coredis.Redis[bytes] | None = None
         self._cache: ResponseCache | None = None
         self._gains_version = 0
+        self._gains_rejected = b""  # the last malformed gains document seen (logged once)
         self.pressure: dict[str, PoolPressure] = {}
 
     @property
@@ -81,6 +87,7 @@ class Replica:
         return self._gateway
 
     async def start(self, nursery: trio.Nursery) -> None:
+        start_tracing()  # in every serving process: the OTEL_* variables' exporters
         settings = self.settings
         core = Scheduler(
             SchedulerConfig(tuple(t.core for t in settings.tiers), settings.gate),
@@ -94,7 +101,10 @@ class Replica:
             for m in settings.models
         }
         dispatcher = Dispatcher(
-            core, tick_s=lambda: self.controller.config.tick_s, pressure=self.current_pressure
+            core,
+            tick_s=lambda: self.controller.config.tick_s,
+            pressure=self.current_pressure,
+            drained=self.drain_flag.is_set,
         )
         pools = {
             m.name: BackendPool([HttpBackend(url, self._client) for url in m.backends])
@@ -102,6 +112,7 @@ class Replica:
         }
         if settings.redis_url:
             await nursery.start(self._hold_redis, settings.redis_url)
+            await nursery.start(self.redis_health.watch, lambda: self._redis)
             nursery.start_soon(self._follow_gains)
         await nursery.start(dispatcher.run)
 
@@ -113,10 +124,13 @@ class Replica:
                 up=self.quota.redis_up,
                 breaker=self.breaker.state,
             )
+            if settings.redis_url:
+                self.redis_health.observe(now=now)
 
         dispatcher.on_tick.append(export_metrics)
-        for pool in pools.values():
-            nursery.start_soon(pool.probe_forever)
+        async with trio.open_nursery() as starting:  # every backend probed once, together
+            for pool in pools.values():
+                starting.start_soon(nursery.start, pool.probe_forever)
         for probes in self.pressure.values():
             nursery.start_soon(probes.run)
         if settings.source is not None and threading.current_thread() is threading.main_thread():
@@ -176,17 +190,18 @@ class Replica:
         now = trio.current_time()
         return max((p.pressure(now) for p in self.pressure.values()), default=0.0)
 
-    async def publish_gains(self, config: AIMDConfig) -> None:
-        """Apply new gains here at once, and in Redis for the other replicas."""
+    async def publish_gains(self, config: AIMDConfig, *, deadline_at: float) -> None:
+        """Publish new gains in Redis for every replica, then apply them here: all or nothing.
+        Raises one of REDIS_ERRORS, nothing applied anywhere, when Redis cannot take them by
+        `deadline_at`; with no Redis configured they apply here alone."""
+        if self.settings.redis_url:
+            redis = self._redis
+            if redis is None:
+                raise ConnectionError("Redis is not connected")
+            self._gains_version = await publish_gains(
+                redis, self._gains_key, config, after=self._gains_version, deadline_at=deadline_at
+            )
         self.controller.configure(config)
-        redis = self._redis
-        if redis is None:
-            return
-        with trio.move_on_after(1.0):
-            version = await redis.incr(self._gains_key + ":version")
-            document = {"version": version, "gains": gains_to_dict(config)}
-            await redis.set(self._gains_key, json.dumps(document))
-            self._gains_version = version
 
     async def _follow_gains(self) -> None:
         """Take up gains another replica's admin API published."""
@@ -200,12 +215,24 @@ class Replica:
                     raw = await redis.get(self._gains_key)
             except REDIS_ERRORS:
                 continue
-            if not raw:
-                continue
+            if raw and raw != self._gains_rejected:
+                self._take_gains(raw)
+
+    def _take_gains(self, raw: bytes) -> None:
+        """Apply a newer gains document; a malformed one (say, written by a newer version
+        with a gain this one does not know) is logged once, counted, and left alone."""
+        try:
             document = json.loads(raw)
-            if document["version"] > self._gains_version:
-                self.controller.configure(gains_from_dict(document["gains"]))
-                self._gains_version = document["version"]
+            version, config = document["version"], gains_from_dict(document["gains"])
+            newer = version > self._gains_version
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            self._gains_rejected = raw
+            self.metrics.gains_rejected()
+            log.error("controller gains in Redis not applied (malformed: %s): %.200r", exc, raw)
+            return
+        if newer:
+            self.controller.configure(config)
+            self._gains_version = version
 
     async def _reload_gains_on_sighup(self, path: str) -> None:
         """SIGHUP: read the config file again and apply its controller gains (only those;
@@ -217,7 +244,11 @@ class Replica:
                 except ConfigError as exc:
                     log.error("SIGHUP: config not reloaded: %s", exc)
                     continue
-                await self.publish_gains(fresh.controller)
+                try:
+                    await self.publish_gains(fresh.controller, deadline_at=trio.current_time() + 1)
+                except REDIS_ERRORS as exc:
+                    log.error("SIGHUP: controller gains not reloaded, Redis failed: %r", exc)
+                    continue
                 log.warning("SIGHUP: controller gains reloaded from %s", path)
 
     def drain(self) -> None:
@@ -232,31 +263,45 @@ class Replica:
                 await trio.sleep(0.05)
 
     async def stop(self) -> None:
+        await trio.to_thread.run_sync(flush_tracing)  # the batched spans leave before exit
         self.metrics.close()
         self._client.close()
 
     async def readiness(self) -> dict[str, Any]:
-        checks: dict[str, Any] = {}
+        """`{"ready": bool, "checks": {...}}`: ready when this replica can serve traffic (not
+        draining, some model with a healthy backend, and Redis up unless some tier can admit
+        without it). A model without a healthy backend, or Redis down, is reported in the
+        checks without failing readiness while the replica can still serve."""
         gateway = self.gateway
-        checks["backends"] = {
-            "ok": all(pool.any_healthy for pool in gateway.pools.values()),
-            "models": {name: pool.any_healthy for name, pool in gateway.pools.items()},
+        models = {
+            name: {"healthy": pool.healthy_count, "total": len(pool.backends)}
+            for name, pool in gateway.pools.items()
         }
-        checks["draining"] = {"ok": not gateway.dispatcher.core.draining}
-        breaker = self.breaker.state
-        if self._redis is None:
-            checks["redis"] = {"ok": False, "error": "no Redis configured"}
-        else:
-            try:
-                with trio.fail_after(READY_TIMEOUT_S):
-                    await self._redis.ping()
-                checks["redis"] = {"ok": True, "breaker": breaker.value}
-            except (trio.TooSlowError, coredis.exceptions.RedisError, OSError) as exc:
-                checks["redis"] = {
-                    "ok": False,
-                    "error": type(exc).__name__,
-                    "breaker": breaker.value,
-                }
-        if breaker is not BreakerState.CLOSED:
-            checks["redis"]["ok"] = False
-        return checks
+        backends_ok = any(m["healthy"] for m in models.values())
+        draining = gateway.dispatcher.draining
+        redis = self._redis_check()
+        ready = backends_ok and not draining and (redis["ok"] or not redis["required"])
+        checks = {
+            "backends": {"ok": backends_ok, "models": models},
+            "draining": {"ok": not draining},
+            "redis": redis,
+        }
+        return {"ready": ready, "checks": checks}
+
+    def _redis_check(self) -> dict[str, Any]:
+        """Redis's state; `required` when no tier could admit a request without it (every
+        tier with a quota fails closed): only then does Redis down make the replica unready."""
+        required = not any(
+            t.fail_mode is FailMode.OPEN or t.quotas.unlimited for t in self.settings.tiers
+        )
+        if not self.settings.redis_url:
+            return {"ok": False, "required": required, "error": "no Redis configured"}
+        error = self.redis_health.error(now=trio.current_time())
+        check: dict[str, Any] = {
+            "ok": error is None,
+            "required": required,
+            "breaker": self.breaker.state.value,
+        }
+        if error is not None:
+            check["error"] = error
+        return check

@@ -1,16 +1,18 @@
-"""Serving: one replica in this process, or N worker processes, plus the demo's children.
+"""Serving: one replica in this process, or N supervised worker processes, plus the demo's
+children.
 
-`serve_replica(settings, ...)` is the programmatic entry point (tests and the single-process
-CLI use it). `run(settings)` is what `scheduler serve` does: it starts what the config asks
-for and nobody else provides (the embedded Redis, the demo backend) once, in the parent,
-then serves with one process or with hypercorn's N workers, each a replica of its own that
-rebuilds its settings from `SCHEDULER_REPLICA` in its environment.
+`serve_replica(settings, ...)` is the programmatic entry point (tests use it). `run(...)` is
+what `scheduler serve` does: it binds the listening socket first (a port in use or a bad host
+is one line, before anything says "serving"), starts what the config asks for and nobody else
+provides (the embedded Redis, the demo backend) once, then serves in this process or in
+`server.workers` processes forked by the `Supervisor`, each a replica of its own accepting on
+the same socket.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import os
 import signal
 import socket
@@ -19,20 +21,32 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from quart_trio import QuartTrio
+from prometheus_client import multiprocess
 
 from scheduler.service.app import create_app
-from scheduler.service.config import DEMO_BACKEND, DEMO_KEYS, Settings, load_settings
+from scheduler.service.config import (
+    DEMO_BACKEND,
+    DEMO_KEYS,
+    Settings,
+    load_settings,
+    startup_lines,
+)
 from scheduler.service.metrics import multiprocess_dir
 from scheduler.service.redis_embedded import EmbeddedRedis, free_port
 from scheduler.service.replica import Replica
+from scheduler.service.supervisor import DrainFlag, Supervisor, WorkerMain, WorkerPipes
 
-REPLICA_ENV = "SCHEDULER_REPLICA"
+BACKLOG = 1024
+
+
+class ListenError(Exception):
+    """The listening socket cannot be had (port in use, unknown host): said in one line."""
 
 
 def with_demo_url(settings: Settings, demo_url: str) -> Settings:
@@ -46,41 +60,57 @@ def with_demo_url(settings: Settings, demo_url: str) -> Settings:
     return dataclasses.replace(settings, models=models)
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
+def hypercorn_config(settings: Settings, listen_fd: int | None = None) -> HypercornConfig:
+    """Listening on `listen_fd` (a socket bound by `listen`, which hypercorn then owns) or,
+    without one, binding `server.host:server.port` itself."""
     config = HypercornConfig()
-    config.bind = [f"{settings.server.host}:{settings.server.port}"]
+    server = settings.server
+    config.bind = [f"fd://{listen_fd}" if listen_fd is not None else f"{server.host}:{server.port}"]
+    config.backlog = BACKLOG
     config.worker_class = "trio"
     config.accesslog = None
-    config.graceful_timeout = settings.server.drain_timeout_s
+    # the replica drains in-flight work itself; hypercorn's own grace period would otherwise
+    # wait out idle keep-alive connections, which have nothing left to finish
+    config.graceful_timeout = 1.0
     config.keep_alive_timeout = 75
     return config
 
 
-def build_app(settings: Settings) -> QuartTrio:
-    if settings.uses_demo_backend:
-        raise ValueError("the demo backend's URL must be resolved before building the app")
-    return create_app(Replica(settings))
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything else starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    except OSError as exc:  # socket.gaierror (an unknown host) is one too
+        # create_server appends the address to the reason; the line names it already
+        gai = isinstance(exc, socket.gaierror)
+        reason = (exc.strerror if gai or not exc.errno else os.strerror(exc.errno)) or str(exc)
+        reason = reason.lower()
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 async def serve_replica(
     settings: Settings,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    listen_fd: int | None = None,
+    drain_flag: DrainFlag | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve one replica until `shutdown_trigger` returns (or forever); reports the port.
 
     After the trigger the replica drains first: `/readyz` turns false, new requests get 503
     with `Retry-After`, and requests in flight (streams included) finish, up to
-    `server.drain_timeout_s`; only then does hypercorn close the connections."""
+    `server.drain_timeout_s`; only then does hypercorn close the connections. `listen_fd` and
+    `drain_flag` are given by `run`: the socket every worker accepts on, and the operator's
+    drain that every worker shares."""
     if settings.uses_demo_backend:
         raise ValueError("the demo backend's URL must be resolved before serving")
-    replica = Replica(settings)
+    replica = Replica(settings, drain_flag=drain_flag or DrainFlag())
     app = create_app(replica)
-    config = hypercorn_config(settings)
-    # the replica drains in-flight work itself; hypercorn's own grace period would otherwise
-    # wait out idle keep-alive connections, which have nothing left to finish
-    config.graceful_timeout = 1.0
+    config = hypercorn_config(settings, listen_fd)
     drained_trigger: Callable[[], Awaitable[None]] | None = None
     if shutdown_trigger is not None:
         trigger = shutdown_trigger
@@ -96,14 +126,6 @@ async def serve_replica(
             )
         )
         task_status.started(int(binds[0].rsplit(":", 1)[1]))
-
-
-def app_from_env() -> QuartTrio:
-    """The app of one of hypercorn's worker processes (see `run`)."""
-    args = json.loads(os.environ[REPLICA_ENV])
-    settings = load_settings(args["config"], overrides=args["server"])
-    settings = dataclasses.replace(settings, redis_url=args["redis_url"])
-    return build_app(with_demo_url(settings, args["demo_url"]) if args["demo_url"] else settings)
 
 
 @contextmanager
@@ -148,16 +170,67 @@ async def _until_signalled() -> None:
             return
 
 
+async def _until_stopped(parent_fd: int | None) -> None:
+    """Until SIGTERM or SIGINT, or, in a worker, until its parent is gone."""
+    async with trio.open_nursery() as nursery:
+
+        async def stop_after(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop_after, _until_signalled)
+        if parent_fd is not None:
+            nursery.start_soon(stop_after, partial(trio.lowlevel.wait_readable, parent_fd))
+
+
+def _serve_here(
+    settings: Settings, sock: socket.socket, drain_flag: DrainFlag, pipes: WorkerPipes | None
+) -> int:
+    """Serve in this process until stopped; tells `pipes` (a worker's) once serving."""
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    serve_replica,
+                    settings,
+                    shutdown_trigger=partial(
+                        _until_stopped, None if pipes is None else pipes.parent_fd
+                    ),
+                    listen_fd=os.dup(sock.fileno()),  # hypercorn closes its own
+                    drain_flag=drain_flag,
+                )
+            )
+            if pipes is not None:
+                pipes.serving()
+
+    trio.run(serve)
+    return 0
+
+
+def _log_to_stderr() -> None:
+    """The service's own state changes (a backend out or back, Redis lost or back) on stderr,
+    INFO and up; hypercorn logs through its own handler."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("scheduler")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def run(config_path: str | None, overrides: dict[str, Any]) -> int:
-    """`scheduler serve`: start the children the config needs, then serve until a signal."""
+    """`scheduler serve`: bind, start the children the config needs, then serve until a
+    signal (the workers supervised when there are several)."""
     settings = load_settings(config_path, overrides=overrides)
+    server = settings.server
+    _log_to_stderr()
     with ExitStack() as stack:
+        sock = stack.enter_context(listen(server.host, server.port))
         redis_url = settings.redis_url
         if not redis_url:
             redis_url = stack.enter_context(EmbeddedRedis()).url
             print(f"embedded Redis at {redis_url}", flush=True)
         settings = dataclasses.replace(settings, redis_url=redis_url)
-        demo_url = ""
         if settings.uses_demo_backend:
             demo_url = stack.enter_context(demo_backend(settings))
             settings = with_demo_url(settings, demo_url)
@@ -166,26 +239,21 @@ def run(config_path: str | None, overrides: dict[str, Any]) -> int:
             print("SCHEDULER_KEY_SECRET is not set: using the development secret", flush=True)
         if config_path is None:
             print("demo keys: " + ", ".join(DEMO_KEYS), flush=True)
-        server = settings.server
+        for line in startup_lines(settings):
+            print(line, flush=True)
         print(
             f"serving on http://{server.host}:{server.port} with {server.workers} worker(s)",
             flush=True,
         )
+        drain_flag = DrainFlag()
         if server.workers == 1:
-            trio.run(lambda: serve_replica(settings, shutdown_trigger=_until_signalled))
-            return 0
-        from hypercorn.run import run as hypercorn_run
-
+            return _serve_here(settings, sock, drain_flag, None)
         stack.enter_context(multiprocess_dir())  # one scrape of /metrics sees every worker
-        os.environ[REPLICA_ENV] = json.dumps(
-            {
-                "config": config_path,
-                "server": overrides,
-                "redis_url": redis_url,
-                "demo_url": demo_url,
-            }
+        worker: WorkerMain = partial(_serve_here, settings, sock, drain_flag)
+        supervisor = Supervisor(
+            server.workers,
+            worker,
+            stop_timeout_s=server.drain_timeout_s + 10,
+            on_death=multiprocess.mark_process_dead,
         )
-        config = hypercorn_config(settings)
-        config.workers = server.workers
-        config.application_path = "scheduler.service.serve:app_from_env()"
-        return hypercorn_run(config)
+        return supervisor.run()

@@ -166,12 +166,20 @@ class KeyRegistry:
             del self._fetching[kid]
             done.set()
 
+    async def refresh(self, kid: str, *, now: float) -> KeyRecord | None:
+        """The record as Redis has it now, not as cached (for the admin API); raises
+        KeysUnavailable when Redis cannot say."""
+        if self.pipeliner is None:
+            raise KeysUnavailable("Redis is not connected")
+        self._cache.pop(kid, None)
+        return await self._fetch(kid, None, now)
+
     async def _fetch(self, kid: str, stale: KeyRecord | None, now: float) -> KeyRecord | None:
         breaker = self._breaker
         try:
             started = trio.current_time()
-            with trio.fail_after(self._timeout.current()):
-                meta, upgrade = await self._read(kid)
+            # timed by the pipeliner on Redis's time, not our loop's lag (redis_pipeliner)
+            meta, upgrade = await self._read(kid, timeout_s=self._timeout.current())
             self._timeout.observe(trio.current_time() - started)
         except REDIS_ERRORS as exc:
             if breaker is not None:
@@ -187,12 +195,13 @@ class KeyRegistry:
         self._cache[kid] = (_pack(record), now)
         return record
 
-    async def _read(self, kid: str) -> tuple[dict[str, str], dict[str, str]]:
+    async def _read(self, kid: str, *, timeout_s: float) -> tuple[dict[str, str], dict[str, str]]:
         """The key's meta and upgrade hashes, in one round trip."""
         assert self.pipeliner is not None, "lookup() checks it"
         meta_key, upgrade_key = self._key(kid, "meta"), self._key(kid, "upgrade")
         meta, upgrade = await self.pipeliner.execute_each(
-            [lambda pipe: pipe.hgetall(meta_key), lambda pipe: pipe.hgetall(upgrade_key)]
+            [lambda pipe: pipe.hgetall(meta_key), lambda pipe: pipe.hgetall(upgrade_key)],
+            timeout_s=timeout_s,
         )
         return _decode(meta), _decode(upgrade)
 

@@ -6,13 +6,19 @@ started is closed by trio's finaliser even if the web framework never iterates i
 the handler starts it (it opens the upstream call and yields the status) before handing it
 to the response. `on_end` is called exactly once per call, whatever happened, with what the
 controller and the quota need to learn from it.
+
+Why a stream's bounds are set per read: a cancel scope must not stay open across a `yield`
+(the consumer's code would run inside it), so each read from the backend gets the stream's
+absolute deadline instead: `first_byte_timeout_s` until its first body byte, then
+`timeout_s` for the whole. A deadline that passes after the head was sent ends the client's
+stream with an SSE error event; before, it is a plain 504.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -21,7 +27,13 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from backends.http import BackendPool
-from backends.http_client import BackendError, BackendTimeout, BackendUnavailable, Response
+from backends.http_client import (
+    BackendError,
+    BackendTimeout,
+    BackendTooLarge,
+    BackendUnavailable,
+    Response,
+)
 from scheduler.core import Outcome
 from scheduler.service.errors import ApiError, overloaded
 from scheduler.service.metrics import BackendErrorKind, backend_error_kind
@@ -51,6 +63,9 @@ class Ended:
     status: int = 0
     body: bytes = b""  # a whole 2xx body (a stream's events, when kept), for the cache
     error: BackendErrorKind | None = None
+    # the client went away (cancelled, or stopped reading the stream) after the call was sent:
+    # the backend worked on it, unlike a call the backends failed
+    abandoned: bool = False
 
 
 OnEnd = Callable[[Ended], None]
@@ -68,8 +83,12 @@ class Target:
     pool: BackendPool
     path: str
     model: str
-    timeout_s: float
+    timeout_s: float  # the whole call, a stream's last byte included
     keep_bytes: int = 0  # a stream's events are kept up to this size, for the cache
+    first_byte_timeout_s: float = math.inf  # a stream's first body byte (within timeout_s)
+
+    def first_byte_at(self, started_at: float) -> float:
+        return started_at + min(self.timeout_s, self.first_byte_timeout_s)
 
 
 def _client_span(target: Target, prompt_tokens: int) -> trace.Span:
@@ -102,10 +121,12 @@ async def call_whole(
     outcome, status, body = Outcome.IGNORED, 0, b""
     usage: tuple[int, int | None] = (0, None)
     failed: BackendErrorKind | None = None
+    abandoned = False
     span = _client_span(target, prompt_tokens)
     try:
         # `timeout_s` bounds the whole call, not each read: a backend dripping bytes is late too
-        with trace.use_span(span, end_on_exit=False), _deadline(started_at + target.timeout_s):
+        whole_at = started_at + target.timeout_s
+        with trace.use_span(span, end_on_exit=False), _deadline(whole_at, WHOLE_LATE):
             async with target.pool.post(
                 target.path, raw, headers, timeout_s=target.timeout_s
             ) as up:
@@ -122,10 +143,15 @@ async def call_whole(
         if isinstance(exc, BackendTimeout | BackendUnavailable):
             outcome = Outcome.DROPPED
         raise backend_error(exc) from exc
+    except trio.Cancelled:  # the client went away while the backend worked on its request
+        abandoned = True
+        raise
     finally:
         latency = trio.current_time() - started_at
         ok_body = body if 200 <= status < 300 else b""
-        ended = Ended(outcome, latency, None, usage[0], usage[1], status, ok_body, failed)
+        ended = Ended(
+            outcome, latency, None, usage[0], usage[1], status, ok_body, failed, abandoned
+        )
         _end_span(span, ended)
         on_end(ended)
 
@@ -147,11 +173,12 @@ async def _stream_chunks(
     failed: BackendErrorKind | None = None
     kept: list[bytes] | None = [] if target.keep_bytes else None
     kept_bytes = 0
+    abandoned = head_sent = False
     span = _client_span(target, prompt_tokens)
     try:
         async with AsyncExitStack() as stack:
             # current only while the request is sent (traceparent), never across a yield
-            deadline = _deadline(started_at + target.timeout_s)  # for the headers
+            deadline = _deadline(target.first_byte_at(started_at), FIRST_BYTE_LATE)
             with trace.use_span(span, end_on_exit=False), deadline:
                 up = await stack.enter_async_context(
                     target.pool.post(target.path, raw, headers, timeout_s=target.timeout_s)
@@ -160,11 +187,14 @@ async def _stream_chunks(
             outcome, error = judge(up)
             if error is not None:
                 failed = backend_error_kind(status=status)
-                await up.read()
+                with _deadline(started_at + target.timeout_s, WHOLE_LATE):
+                    await up.read()
                 raise error
             outcome = Outcome.IGNORED  # until the stream ends well
             yield json.dumps([up.status_code, up.end_to_end_headers()]).encode()
-            async for chunk in up.chunks():
+            head_sent = True
+            pieces = up.chunks()
+            while chunk := await _next_chunk(pieces, target, started_at, math.isnan(ttft)):
                 if math.isnan(ttft):
                     ttft = trio.current_time() - started_at
                 events += chunk.count(b"data:")
@@ -182,28 +212,56 @@ async def _stream_chunks(
         failed = backend_error_kind(exc)
         if isinstance(exc, BackendTimeout | BackendUnavailable):
             outcome = Outcome.DROPPED
-        if math.isnan(ttft) and events == 0:
+        if not head_sent:
             raise backend_error(exc) from exc
         # the headers are gone already: end the stream with an SSE error event
         yield b"data: " + backend_error(exc).body() + b"\n\n"
+    except (trio.Cancelled, GeneratorExit):  # the client left: closed or stopped reading
+        abandoned = outcome is not Outcome.COMPLETED
+        raise
     finally:
         latency = trio.current_time() - started_at
         first = None if math.isnan(ttft) else ttft
         whole = outcome is Outcome.COMPLETED and 200 <= status < 300
         body = b"".join(kept) if whole and kept is not None else b""
-        ended = Ended(outcome, latency, first, max(0, events - 1), total, status, body, failed)
+        output = max(0, events - 1)  # less the closing `[DONE]`
+        ended = Ended(outcome, latency, first, output, total, status, body, failed, abandoned)
         _end_span(span, ended)
         on_end(ended)
 
 
+async def _next_chunk(
+    pieces: AsyncIterator[bytes], target: Target, started_at: float, before_first_byte: bool
+) -> bytes:
+    """The stream's next body chunk (b"" at its end), by the stream's deadline: the first
+    byte's until one came, then the whole stream's."""
+    if before_first_byte:
+        deadline = _deadline(target.first_byte_at(started_at), FIRST_BYTE_LATE)
+    else:
+        deadline = _deadline(started_at + target.timeout_s, WHOLE_LATE)
+    with deadline:
+        async for chunk in pieces:
+            if chunk:
+                return chunk
+    return b""
+
+
+class DeadlinePassed(BackendTimeout):
+    """One of the request's own bounds ran out; the message is written for the client."""
+
+
+WHOLE_LATE = "The backend did not finish its answer within server.request_timeout_s."
+FIRST_BYTE_LATE = "The backend sent no first byte within server.first_byte_timeout_s."
+
+
 @contextmanager
-def _deadline(deadline_at: float) -> Iterator[None]:
+def _deadline(deadline_at: float, message: str) -> Iterator[None]:
     """An absolute deadline on a backend call; running out is the backend's timeout."""
     try:
         with trio.fail_at(deadline_at):
             yield
     except trio.TooSlowError as exc:
-        raise BackendTimeout("the backend did not answer before the request's deadline") from exc
+        raise DeadlinePassed(message) from exc
 
 
 def judge(up: Response) -> tuple[Outcome, ApiError | None]:
@@ -221,11 +279,15 @@ def judge(up: Response) -> tuple[Outcome, ApiError | None]:
 
 def backend_error(exc: BackendError) -> ApiError:
     if isinstance(exc, BackendTimeout):
-        message = "The backend did not answer in time."
+        message = (
+            str(exc) if isinstance(exc, DeadlinePassed) else "The backend did not answer in time."
+        )
         return ApiError(504, message, type="server_error", code="timeout")
     if isinstance(exc, BackendUnavailable):
         return overloaded("No backend is available for this model right now.", 2.0)
     message = "The backend's response broke off."
+    if isinstance(exc, BackendTooLarge):
+        message = "The backend's answer is larger than backend_limits.max_response_bytes."
     return ApiError(502, message, type="server_error", code="bad_gateway")
 
 

@@ -83,8 +83,8 @@ class Arrivals:
 
 class QuotaAlgorithm(enum.Enum):
     GCRA = "gcra"
-    SLIDING_WINDOW_LOG = "sliding_window_log"
-    SLIDING_WINDOW_COUNTER = "sliding_window_counter"
+    SLIDING_LOG = "sliding_log"
+    SLIDING_COUNTER = "sliding_counter"
 
 
 class QuotaUnit(enum.Enum):
@@ -99,7 +99,7 @@ class QuotaSpec:
     limit: int
     period_s: float
     burst: int | None = None
-    algorithm: QuotaAlgorithm = QuotaAlgorithm.GCRA
+    algorithm: QuotaAlgorithm = QuotaAlgorithm.SLIDING_LOG
     unit: QuotaUnit = QuotaUnit.REQUESTS
 
 

@@ -29,7 +29,7 @@ def build_limiter(spec: QuotaSpec) -> MemoryLimiter[Any]:
     quota = Quota(spec.limit, spec.period_s, spec.burst)
     if spec.algorithm is QuotaAlgorithm.GCRA:
         return MemoryLimiter(GCRA(quota))
-    if spec.algorithm is QuotaAlgorithm.SLIDING_WINDOW_LOG:
+    if spec.algorithm is QuotaAlgorithm.SLIDING_LOG:
         return MemoryLimiter(SlidingWindowLog(quota))
     return MemoryLimiter(SlidingWindowCounter(quota))
 

@@ -18,7 +18,12 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from backends.demo import DemoConfig, serve_demo_backend
-from backends.openai_stream import completion_to_sse, split_words, sse_to_completion
+from backends.openai_stream import (
+    check_completion,
+    completion_to_sse,
+    split_words,
+    sse_to_completion,
+)
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -293,3 +298,26 @@ async def test_the_demo_backends_streams_join_into_what_it_answers_whole(
         for volatile in ("id", "created"):
             answer.pop(volatile, None)
     assert joined == whole
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "whole"),
+    [
+        ("/v1/chat/completions", b'{"choices": [{"message": {"content": "hi"}}]}', True),
+        ("/v1/completions", b'{"choices": [{"text": "hi"}]}', True),
+        ("/v1/embeddings", b'{"data": [{"embedding": [0.1]}]}', True),
+        ("/v1/chat/completions", b"<html><body>502 Bad Gateway</body></html>", False),
+        ("/v1/chat/completions", b'{"error": {"message": "overloaded"}}', False),
+        ("/v1/chat/completions", b'{"choices": []}', False),
+        ("/v1/chat/completions", b'{"choices": [{"text": "hi"}]}', False),
+        ("/v1/completions", b'{"choices": [{"text": null}]}', False),
+        ("/v1/embeddings", b'{"data": []}', False),
+        ("/v1/chat/completions", b"[" * 100_000, False),
+    ],
+)
+def test_only_whole_answers_pass_the_check(route: str, body: bytes, whole: bool) -> None:
+    if whole:
+        check_completion(route, body)
+    else:
+        with pytest.raises(ValueError):
+            check_completion(route, body)

@@ -197,6 +197,58 @@ async def test_redis_time_path_agrees_with_a_gcra_at_the_times_redis_used(redis_
     assert refused.requests is not None and refused.requests.remaining == 0
 
 
+# --- what each algorithm admits in a window, measured through Redis ------------------------------
+
+
+def window_schedule(start: float, period_s: float, interval_s: float) -> list[float]:
+    """Demand above any quota: a crowd at `start`, then a request every quarter interval for
+    three periods, with a second crowd halfway (all times exact floats at epoch scale)."""
+    crowd = [start] * 25
+    steady = [start + k * interval_s / 4 for k in range(1, int(12 * period_s / interval_s))]
+    middle = [start + 1.5 * period_s] * 10
+    return sorted(crowd + steady + middle)
+
+
+def max_in_any_window(admitted_at: list[float], period_s: float) -> int:
+    """The most admissions in a half-open window [s, s + period_s), over every s."""
+    return max(sum(1 for b in admitted_at if a <= b < a + period_s) for a in admitted_at)
+
+
+@pytest.mark.parametrize(
+    ("spec", "bound"),
+    [
+        (QuotaSpec("sliding_log", Quota(limit=10, period_s=60.0)), 10),  # exact
+        (QuotaSpec("gcra", Quota(limit=10, period_s=60.0)), 10 + 10 - 1),  # burst + limit - 1
+        (QuotaSpec("gcra", Quota(limit=10, period_s=60.0, burst=4)), 4 + 10 - 1),
+        (QuotaSpec("sliding_counter", Quota(limit=10, period_s=60.0)), 2 * 10 - 1),
+    ],
+    ids=["log", "gcra", "gcra-burst-4", "counter"],
+)
+async def test_the_most_a_window_holds_is_the_documented_bound(
+    redis_url: str, spec: QuotaSpec, bound: int
+) -> None:
+    # issue 11: "10 requests per minute" let 20 through in a minute under the default (GCRA)
+    period_s, interval_s = spec.quota.period_s, spec.quota.period_s / spec.quota.limit
+    start = EPOCH + 17.0  # not on a window boundary
+    reset_bound_s = interval_s * spec.quota.burst if spec.algorithm == "gcra" else period_s
+    admitted_at: list[float] = []
+    with trio.fail_after(DEADLINE_S * 3):
+        async with open_store(redis_url, min_ttl_s=600.0) as store:
+            key = fresh_key()
+            for at in window_schedule(start, period_s, interval_s):
+                decision = await store.take(key, requests=spec, tokens=None, token_cost=0, now=at)
+                assert decision.requests is not None
+                # the reset in the headers is never later than the window (the bucket's drain)
+                assert 0 <= decision.requests.reset_after_s <= reset_bound_s, (at, decision)
+                if decision.allowed:
+                    admitted_at.append(at)
+    most = max_in_any_window(admitted_at, period_s)
+    if spec.algorithm == "sliding_counter":
+        assert spec.quota.limit < most <= bound, most  # looser than the log, within its bound
+    else:
+        assert most == bound, most
+
+
 # --- the combined decision, credits, settling ---------------------------------------------------
 
 REQUESTS = QuotaSpec("sliding_log", Quota(limit=2, period_s=60.0))

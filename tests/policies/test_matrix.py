@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policies.ratelimit import Quota
+from policies.ratelimit import GCRA, Quota, RateAlgorithm
 from tests.policies.scenarios import (
     ALGORITHM_IDS,
     ALGORITHMS,
@@ -20,6 +21,14 @@ from tests.policies.scenarios import (
 )
 
 matrix = pytest.mark.parametrize("factory", ALGORITHMS, ids=ALGORITHM_IDS)
+
+
+def reset_bound_s(algorithm: RateAlgorithm[Any], quota: Quota) -> float:
+    """A reset is never later than the window; a GCRA's, than its bucket takes to drain
+    (one window with the default burst = limit)."""
+    if isinstance(algorithm, GCRA):
+        return algorithm.tolerance_s
+    return quota.period_s
 
 
 @matrix
@@ -53,7 +62,7 @@ def test_refused_takes_and_peeks_keep_the_state(
         if not decision.allowed or call.cost == 0:
             assert after is call.before
         assert decision.remaining >= 0
-        assert decision.reset_after_s >= 0
+        assert 0 <= decision.reset_after_s <= reset_bound_s(algorithm, quota)
         assert decision.limit == quota.limit
 
 
@@ -71,10 +80,16 @@ def test_after_the_ttl_a_state_is_as_good_as_none(
     state = algorithm.take(last.before, now=last.now, cost=last.cost)[1]
     expired_at = last.now + algorithm.ttl_s(state, now=last.now)
     assert algorithm.ttl_s(state, now=expired_at) <= 1e-9  # float rounding of now + ttl
-    assert (
-        algorithm.take(state, now=expired_at, cost=cost)[0]
-        == (algorithm.take(None, now=expired_at, cost=cost)[0])
+    kept = algorithm.take(state, now=expired_at, cost=cost)[0]
+    fresh = algorithm.take(None, now=expired_at, cost=cost)[0]
+    assert (kept.allowed, kept.limit, kept.remaining) == (
+        fresh.allowed,
+        fresh.limit,
+        fresh.remaining,
     )
+    # durations equal up to the rounding of `now + ttl` (a TAT may lie an ulp past it)
+    assert kept.retry_after_s == pytest.approx(fresh.retry_after_s, abs=1e-9)
+    assert kept.reset_after_s == pytest.approx(fresh.reset_after_s, abs=1e-9)
 
 
 @matrix

@@ -223,3 +223,31 @@ async def test_admin_api_is_off_without_a_token(nursery: trio.Nursery, redis_url
     async with httpx2.AsyncClient(timeout=10) as client:
         with trio.fail_after(10):
             assert (await client.get(url + "/admin/v1/keys", headers=ADMIN)).status_code == 404
+
+
+async def test_unknown_fields_in_admin_bodies_are_refused_by_name(
+    replicas: tuple[str, str],
+) -> None:
+    """A typo (`teir`) or a field from another version is a 400 naming it, never ignored."""
+    a, _ = replicas
+    async with httpx2.AsyncClient(timeout=10) as client:
+        with trio.fail_after(20):
+            keys = a + "/admin/v1/keys"
+            r = await client.post(keys, json={"tenant": "t", "tier": "pro"}, headers=ADMIN)
+            kid = r.json()["key_id"]
+            cases = [
+                ("POST", keys, {"tenant": "t", "tier": "pro", "colour": "red"}, "colour"),
+                ("PUT", f"{keys}/{kid}/quota", {"requests": 5, "burst": 9}, "burst"),
+                ("POST", f"{keys}/{kid}/upgrades", {"expires_in_s": 9, "rps": 1}, "rps"),
+                ("POST", f"{keys}/{kid}/credits", {"amount": 5, "ttl": 9}, "ttl"),
+                ("PUT", a + "/admin/v1/controller", {"increase_step": 2, "warp": 9}, "warp"),
+            ]
+            for method, url, body, field in cases:
+                r = await client.request(method, url, json=body, headers=ADMIN)
+                assert r.status_code == 400, (method, url, r.text)
+                error = r.json()["error"]
+                assert field in error["message"] and error["param"] == field, error
+            listed = (await client.get(keys, headers=ADMIN)).json()["data"]
+            assert [k["key_id"] for k in listed if k["tenant"] == "t"] == [kid]  # none made
+            gains = (await client.get(a + "/admin/v1/controller", headers=ADMIN)).json()["gains"]
+            assert gains["increase_step"] != 2  # the refused body changed nothing

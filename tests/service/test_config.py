@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.service.config import DEMO_BACKEND, ConfigError, key_id, load_settings
+from scheduler.service.config import (
+    DEMO_BACKEND,
+    ConfigError,
+    key_id,
+    load_settings,
+    startup_lines,
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -97,3 +103,49 @@ def test_mistakes_name_the_field(tmp_path: Path, text: str, field: str) -> None:
 def test_toml_syntax_errors_give_the_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="line 2"):
         load_settings(write(tmp_path, "[server]\nport = = 1\n"), env={})
+
+
+def test_a_config_file_without_keys_has_none(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 9000\n[models.x]\nbackends = ['http://127.0.0.1:9']\n")
+    settings = load_settings(path, env={"SCHEDULER_KEY_SECRET": "s3cret"})
+    assert settings.keys == ()
+    assert any("no API keys configured" in line for line in startup_lines(settings))
+
+
+def test_own_tiers_without_keys_name_nothing_the_user_did_not_write(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, "[tiers.gold]\nweight = 2\n"), env={})
+    assert [t.core.name for t in settings.tiers] == ["gold"] and settings.keys == ()
+
+
+def test_the_demo_tiers_have_quotas_and_say_so() -> None:
+    settings = load_settings(None, env={})
+    free = settings.tier("free").quotas
+    assert (free.requests, free.period_s) == (10, 60.0) and free.tokens > 0
+    for name in ("pro", "enterprise"):
+        quotas = settings.tier(name).quotas
+        assert quotas.requests > free.requests and quotas.tokens > free.tokens
+    lines = startup_lines(settings)
+    assert f"tier free: 10 requests and {free.tokens} tokens per 60 s per key" in lines[2]
+    assert not any("no API keys" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h1:7000,h2:7001/0",
+        "redis://127.0.0.1:six/0",
+        "http://127.0.0.1:6379",
+        "redis://127.0.0.1:6379/zero",
+        "redis://:6379",
+    ],
+)
+def test_a_redis_url_is_checked_at_start(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^redis\.url: "):
+        load_settings(write(tmp_path, f"[redis]\nurl = '{url}'\n"), env={})
+    with pytest.raises(ConfigError, match=r"^SCHEDULER_REDIS_URL \(--redis-url\): "):
+        load_settings(None, env={"SCHEDULER_REDIS_URL": url})
+
+
+def test_good_redis_urls_pass() -> None:
+    for url in ("redis://127.0.0.1:6379/0", "rediss://u:p@cache.local/2", "unix:///tmp/r.sock"):
+        assert load_settings(None, env={"SCHEDULER_REDIS_URL": url}).redis_url == url

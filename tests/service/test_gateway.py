@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -10,6 +12,7 @@ import openai
 import pytest
 import trio
 
+from scheduler.service.config import DEMO_KEYS, load_settings
 from tests.conftest import gateway_settings, start_demo, start_gateway
 
 PRO = {"authorization": "Bearer sk-demo-pro"}
@@ -172,3 +175,39 @@ async def test_a_client_that_leaves_mid_stream_closes_the_upstream_call(
             # the gateway's window got its slot back: more requests go through
             r = await client.post(gateway + "/v1/chat/completions", json=CHAT, headers=PRO)
             assert r.status_code == 200
+
+
+async def test_a_config_file_without_keys_lets_no_demo_key_in(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> None:
+    demo = await start_demo(nursery)
+    path = tmp_path / "prod.toml"
+    path.write_text(f"[server]\nport = 0\n[models.demo-small]\nbackends = ['{demo}']\n")
+    settings = load_settings(path, env={"SCHEDULER_KEY_SECRET": "s3cret"})
+    gateway = await start_gateway(nursery, dataclasses.replace(settings, redis_url=redis_url))
+    async with httpx2.AsyncClient(timeout=10) as client:
+        with trio.fail_after(20):
+            for key in DEMO_KEYS:
+                r = await client.post(
+                    gateway + "/v1/chat/completions",
+                    json=CHAT,
+                    headers={"authorization": f"Bearer {key}"},
+                )
+                assert assert_openai_error(r, 401)["code"] == "invalid_api_key"
+
+
+async def test_the_demo_shows_its_quotas(gateway: str) -> None:
+    """The README's curl example: rate-limit headers, and Free's 10 requests a minute."""
+    free = {"authorization": "Bearer sk-demo-free"}
+    url = gateway + "/v1/chat/completions"
+    async with httpx2.AsyncClient(timeout=10) as client:
+        with trio.fail_after(30):
+            r = await client.post(url, json=CHAT, headers=PRO)
+            assert r.status_code == 200, r.text
+            assert r.headers["x-ratelimit-limit-requests"] == "100"
+            assert r.headers["x-ratelimit-remaining-requests"] == "99"
+            assert "x-ratelimit-limit-tokens" in r.headers and "ratelimit-policy" in r.headers
+            statuses = [(await client.post(url, json=CHAT, headers=free)).status_code]
+            for _ in range(10):
+                statuses.append((await client.post(url, json=CHAT, headers=free)).status_code)
+    assert statuses == [200] * 10 + [429]

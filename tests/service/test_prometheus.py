@@ -1,8 +1,10 @@
 """A real Prometheus server scrapes the gateway's metrics and answers PromQL over them.
 
-The `scrape_url` fixture gives the `/metrics` URL after `EXPECTED` requests per tier were
-counted there. It serves a bare `GatewayMetrics` from a tiny trio HTTP server until the
-gateway has its own `/metrics` route; then `real_gateway` takes its place (one word).
+Prometheus first sees the `EXPECTED` requests per tier counted; then, with the gateway under
+a little load, every query of every panel of `dashboards/grafana.json` (Grafana's variables
+replaced by concrete values) must return at least one series with a finite value: a panel
+that stays empty on a live gateway is a broken panel (a metric never exported, a label that
+does not exist, a rate over a series that never moves, a quantile of nothing).
 Needs Debian's `prometheus` package (`apt-get install prometheus`); skipped without it.
 """
 
@@ -10,12 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import subprocess
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
-from functools import partial
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +28,9 @@ import httpx2
 import pytest
 import trio
 
-from scheduler.service.config import load_settings
-from scheduler.service.metrics import GatewayMetrics
 from scheduler.service.redis_embedded import free_port
 from tests.conftest import gateway_settings, start_demo, start_gateway
+from tests.service.test_cli import wait_ready
 from tests.service.test_metrics import dashboard_exprs
 
 pytestmark = pytest.mark.skipif(
@@ -34,67 +38,81 @@ pytestmark = pytest.mark.skipif(
     reason="the prometheus binary is not installed (apt-get install prometheus)",
 )
 
+SCHEDULER = str(Path(sys.executable).parent / "scheduler")
 EXPECTED = {"enterprise": 7, "free": 3}
 DEADLINE_S = 30.0
+SCRAPE_S = 1.0  # Prometheus's scrape interval in `running_prometheus`
+LOAD_ROUNDS = 20  # at most, one scrape apart
+LOAD_PER_ROUND = {"enterprise": 2, "pro": 1}  # within their quotas (free: 10 a minute)
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m"}
 
 
-async def fake_gateway(nursery: trio.Nursery) -> str:
-    """A trio HTTP server whose `/metrics` is a `GatewayMetrics` fed `EXPECTED`."""
-    metrics = GatewayMetrics.from_settings(load_settings(None, env={}))
-    for tier, count in EXPECTED.items():
-        for _ in range(count):
-            metrics.request_done(
-                tier=tier,
-                route="chat",
-                model="demo-small",
-                outcome="admitted",
-                latency_s=0.2,
-                queue_wait_s=0.0,
-            )
-
-    async def handle(stream: trio.SocketStream) -> None:
-        request = b""
-        with trio.move_on_after(5):
-            while b"\r\n\r\n" not in request and len(request) < 65536:
-                chunk = await stream.receive_some()
-                if not chunk:
-                    return
-                request += chunk
-        body, content_type = metrics.render()
-        found = request.startswith(b"GET /metrics ")
-        head = (
-            f"HTTP/1.1 {'200 OK' if found else '404 Not Found'}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body) if found else 0}\r\n"
-            "Connection: close\r\n\r\n"
-        )
-        await stream.send_all(head.encode() + (body if found else b""))
-        await stream.aclose()
-
-    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-    port = listeners[0].socket.getsockname()[1]
-    return f"http://127.0.0.1:{port}/metrics"
-
-
-async def real_gateway(nursery: trio.Nursery) -> str:
-    """The gateway itself (no Redis: quotas are unlimited by default), sent `EXPECTED`."""
-    gateway = await start_gateway(nursery, gateway_settings(await start_demo(nursery), ""))
+async def send_chats(client: httpx2.AsyncClient, gateway: str, counts: dict[str, int]) -> None:
+    """`counts[tier]` small chat completions with that tier's demo key, each a 200."""
     chat = {"model": "demo-small", "messages": [{"role": "user", "content": "hi"}]}
-    async with httpx2.AsyncClient(timeout=10) as client:
-        for tier, count in EXPECTED.items():
-            for _ in range(count):
-                response = await client.post(
-                    gateway + "/v1/chat/completions",
-                    json={**chat, "max_tokens": 4},
-                    headers={"authorization": f"Bearer sk-demo-{tier}"},
-                )
-                assert response.status_code == 200, response.text
-    return gateway + "/metrics"
+    for tier, count in counts.items():
+        for _ in range(count):
+            response = await client.post(
+                gateway + "/v1/chat/completions",
+                json={**chat, "max_tokens": 4},
+                headers={"authorization": f"Bearer sk-demo-{tier}"},
+            )
+            assert response.status_code == 200, response.text
 
 
-@pytest.fixture
-async def scrape_url(nursery: trio.Nursery) -> str:
-    return await real_gateway(nursery)
+def workers_config(prefix: str) -> str:
+    """The default tiers, the demo keys by name and Redis keys of this test's own."""
+    keys = "".join(
+        f'[[keys]]\nkey = "sk-demo-{tier}"\ntenant = "demo-{tier}"\ntier = "{tier}"\n'
+        for tier in ("free", "pro", "enterprise")
+    )
+    return f'[redis]\nprefix = "{prefix}"\n{keys}'
+
+
+@contextmanager
+def serving_workers(tmp_path: Path, redis_url: str, workers: int) -> Iterator[str]:
+    """`scheduler serve --workers N` (the demo backend its child): every scrape merges the
+    workers' metric files, which is what the dashboard sees in a real deployment."""
+    config = tmp_path / "workers.toml"
+    config.write_text(workers_config(f"test-{uuid.uuid4().hex[:12]}"))
+    port = free_port()
+    command = [SCHEDULER, "serve", "--config", str(config), "--port", str(port)]
+    command += ["--redis-url", redis_url, "--workers", str(workers)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SCHEDULER_", "OTEL_"))}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, process)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate(timeout=10)
+
+
+@pytest.fixture(params=[1, 2], ids=["in-process", "2-workers"])
+async def gateway(
+    request: pytest.FixtureRequest, nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> AsyncIterator[str]:
+    """The gateway (with Redis, as deployed: its panels show Redis up), sent `EXPECTED`:
+    one replica in this process, or `scheduler serve` with two workers."""
+    with ExitStack() as stack:
+        if request.param == 1:
+            settings = gateway_settings(await start_demo(nursery), redis_url)
+            url = await start_gateway(nursery, settings)
+        else:
+            url = await trio.to_thread.run_sync(
+                stack.enter_context, serving_workers(tmp_path, redis_url, request.param)
+            )
+        with trio.fail_after(DEADLINE_S):
+            async with httpx2.AsyncClient(timeout=10) as client:
+                await send_chats(client, url, EXPECTED)
+        yield url
 
 
 @asynccontextmanager
@@ -173,17 +191,42 @@ def with_variables(expr: str) -> str:
     return expr
 
 
+def finite_series(answer: dict[str, Any]) -> int:
+    """How many series of an instant query's answer have a finite value (what a panel draws)."""
+    if answer.get("status") != "success" or answer["data"]["resultType"] != "vector":
+        return 0
+    return sum(1 for r in answer["data"]["result"] if math.isfinite(float(r["value"][1])))
+
+
+async def empty_panels(client: httpx2.AsyncClient, base: str) -> dict[str, dict[str, Any]]:
+    """Every dashboard query that draws nothing right now, with Prometheus's answer."""
+    empty: dict[str, dict[str, Any]] = {}
+    for expr in dashboard_exprs():
+        answer = await query(client, base, with_variables(expr))
+        assert answer["status"] == "success", (expr, answer)
+        if not finite_series(answer):
+            empty[expr] = answer
+    return empty
+
+
 async def test_prometheus_scrapes_tier_counts_and_runs_the_dashboard(
-    tmp_path: Path, scrape_url: str
+    tmp_path: Path, gateway: str
 ) -> None:
     with trio.fail_after(DEADLINE_S + 30):
         async with (
-            running_prometheus(tmp_path, scrape_url) as base,
+            running_prometheus(tmp_path, gateway + "/metrics") as base,
             httpx2.AsyncClient(timeout=5) as client,
         ):
             await wait_for_counts(client, base, tmp_path / "prometheus.log")
-            for expr in dashboard_exprs():
-                answer = await query(client, base, with_variables(expr))
-                assert answer["status"] == "success", (expr, answer)
             answer = await query(client, base, "max(scheduler_tier_slo_seconds)")
             assert math.isclose(float(answer["data"]["result"][0]["value"][1]), 30.0)
+            # a little load while Prometheus scrapes, so rates and quantiles have samples
+            empty: dict[str, dict[str, Any]] = {}
+            with trio.move_on_after(DEADLINE_S):
+                for _ in range(LOAD_ROUNDS):
+                    await send_chats(client, gateway, LOAD_PER_ROUND)
+                    empty = await empty_panels(client, base)
+                    if not empty:
+                        break
+                    await trio.sleep(SCRAPE_S)
+            assert not empty, f"panels that draw nothing under load: {empty}"

@@ -28,8 +28,9 @@ from openai.types.chat import ChatCompletion
 
 from backends.gpu_model import GpuConfig
 from backends.redis_cache import ResponseCache
+from backends.redis_quota import RedisQuotaStore
 from policies.breaker import CircuitBreaker
-from scheduler.service.config import Settings, load_settings
+from scheduler.service.config import Settings, key_id, load_settings
 from scheduler.service.gateway import PATHS
 from scheduler.service.openai_body import read_call
 from scheduler.service.quota import (
@@ -442,3 +443,167 @@ async def test_the_fail_open_limiter_settles_like_redis() -> None:
     guard.settle_local("k", quotas, reserved=60, used=0, failed=True, now=0.0)
     third = await take(70)  # the failed call's request and 60 tokens came back
     assert third.allowed and third.tokens is not None and third.tokens.remaining == 0
+
+
+# --- what a request abandoned by its client is charged ------------------------------------------
+
+ABANDONED = """
+[tiers.metered]
+weight = 1
+max_wait_s = 30
+max_depth = 100
+[tiers.metered.quota]
+algorithm = "sliding_log"
+period_s = 3600
+requests = 5
+tokens = 100000
+
+[[keys]]
+key = "{key}"
+tenant = "t-{key}"
+tier = "metered"
+
+[models.demo-small]
+backends = ["demo"]
+
+[controller]
+initial_limit = 1
+min_limit = 1
+max_limit = 1
+"""
+SLOW_GPU = GpuConfig(max_batch=4, decode_base_s=0.01, decode_per_seq_s=0.0)  # 10 ms a token
+LONG = 400  # max_tokens of a long answer: 4 s of decoding
+
+
+@dataclasses.dataclass
+class Abandoning:
+    """A gateway whose one key has 5 requests an hour, in front of a slow demo backend that
+    serves one request at a time, and the means to read what Redis holds for that key."""
+
+    gateway: str
+    demo: str
+    key: str
+    settings: Settings
+
+    @property
+    def url(self) -> str:
+        return self.gateway + "/v1/chat/completions"
+
+    async def held(self) -> tuple[int, int]:
+        """The (requests, tokens) Redis holds for the key: its own count, not a header."""
+        requests, tokens = self.settings.tier("metered").quotas.specs()
+        assert requests is not None and tokens is not None
+        kid = key_id(self.key, self.settings.key_secret)
+        assert self.settings.redis_url is not None
+        async with coredis.Redis.from_url(self.settings.redis_url) as redis:
+            store = RedisQuotaStore(redis, prefix=f"{self.settings.redis_prefix}:quota")
+            states = [
+                await store.state(kid, slot="requests", spec=requests),
+                await store.state(kid, slot="tokens", spec=tokens),
+            ]
+        held = []
+        for state in states:
+            assert state is None or isinstance(state, tuple), state  # a sliding log
+            held.append(sum(entry.cost for entry in state or ()))
+        return held[0], held[1]
+
+    async def held_once_settled(self, requests: int) -> tuple[int, int]:
+        """What Redis holds once the background settlements landed (`requests` units)."""
+        with trio.move_on_after(3):
+            while (await self.held())[0] != requests:
+                await trio.sleep(0.05)
+        await trio.sleep(0.3)  # a token settlement runs next to the request's
+        return await self.held()
+
+    async def wait_running(self, client: httpx2.AsyncClient, count: int) -> None:
+        while await demo_running(client, self.demo) < count:
+            await trio.sleep(0.02)
+
+    async def abandon_whole(self, client: httpx2.AsyncClient, body: dict[str, Any]) -> None:
+        """Send `body` and close the connection once the backend is working on it."""
+
+        async def post() -> None:
+            async with httpx2.AsyncClient(timeout=30) as own:
+                await own.post(self.url, json=body, headers=self.auth)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(post)
+            await self.wait_running(client, 1)
+            await trio.sleep(0.3)
+            n.cancel_scope.cancel()  # the client goes away mid-flight
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture
+async def abandoning(nursery: trio.Nursery, redis_url: str, tmp_path: Path) -> Abandoning:
+    demo = await start_demo(nursery, SLOW_GPU)
+    key = fresh_key("abandon")
+    settings = settings_from(tmp_path, ABANDONED.format(key=key), demo, redis_url)
+    return Abandoning(await start_gateway(nursery, settings), demo, key, settings)
+
+
+async def test_a_request_abandoned_mid_flight_is_charged_its_reservation(
+    abandoning: Abandoning,
+) -> None:
+    # issue 11: 15 requests abandoned after 0.6 s each were all refunded (the key kept 4 of 5)
+    body = chat("a long story", max_tokens=LONG)
+    async with httpx2.AsyncClient(timeout=10) as client:
+        with trio.fail_after(30):
+            for _ in range(2):
+                await abandoning.abandon_whole(client, body)
+            held = await abandoning.held_once_settled(requests=2)
+    # both requests and, their answers never read, both reservations
+    assert held == (2, 2 * estimate(body)), held
+
+
+async def test_a_stream_abandoned_mid_flight_is_charged_what_it_produced(
+    abandoning: Abandoning,
+) -> None:
+    body = chat("a long story", max_tokens=LONG, stream=True)
+    async with httpx2.AsyncClient(timeout=10) as client:
+        with trio.fail_after(30):
+            async with client.stream(
+                "POST", abandoning.url, json=body, headers=abandoning.auth
+            ) as r:
+                assert r.status_code == 200
+                chunks = 0
+                async for _ in r.aiter_raw():
+                    chunks += 1
+                    if chunks >= 20:
+                        break  # the client goes away, leaving the stream unread
+            held = await abandoning.held_once_settled(requests=1)
+    requests, tokens = held
+    assert requests == 1, held
+    # the prompt and what was generated until the client left: more than nothing, far less
+    # than the reservation (a 400-token answer cut after ~20 events)
+    prompt = estimate(body) - LONG
+    assert prompt < tokens < prompt + LONG // 2, held
+
+
+async def test_a_request_abandoned_while_queued_is_given_back(abandoning: Abandoning) -> None:
+    long_body, queued_body = chat("a long story", max_tokens=LONG), chat("queued", max_tokens=8)
+
+    async def post(body: dict[str, Any]) -> None:
+        async with httpx2.AsyncClient(timeout=30) as own:
+            await own.post(abandoning.url, json=body, headers=abandoning.auth)
+
+    async with httpx2.AsyncClient(timeout=10) as client:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as n:
+                n.start_soon(post, long_body)  # holds the gate's one seat
+                await abandoning.wait_running(client, 1)
+                async with trio.open_nursery() as queued:
+                    queued.start_soon(post, queued_body)
+                    with trio.move_on_after(3):  # admitted and counted, then queued
+                        while (await abandoning.held())[0] < 2:
+                            await trio.sleep(0.02)
+                    assert (await abandoning.held())[0] == 2
+                    await trio.sleep(0.2)
+                    queued.cancel_scope.cancel()  # the client goes away while queued
+                held = await abandoning.held_once_settled(requests=1)
+                n.cancel_scope.cancel()
+    # the queued request never reached a backend: its unit and reservation are back
+    assert held == (1, estimate(long_body)), held

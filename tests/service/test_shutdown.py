@@ -1,4 +1,5 @@
-"""Graceful shutdown: SIGTERM under load drains, finishes what is in flight, then exits."""
+"""Graceful shutdown: SIGTERM under load drains, finishes what is in flight, then exits, with
+one process or with `--workers N` (every worker drains)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,37 @@ import time
 from pathlib import Path
 
 import httpx2
+import pytest
 import trio
 
 from scheduler.service.redis_embedded import free_port
 from tests.service.test_cli import wait_ready
 
 SCHEDULER = str(Path(sys.executable).parent / "scheduler")
-CONFIG = """
+KEY = "sk-shutdown-test"
+CONFIG = f"""
 [server]
 drain_timeout_s = 15
 [demo_backend]
-max_batch = 32
+max_batch = 64
 decode_base_s = 0.05
 decode_per_seq_s = 0.0
+[tiers.test]
+weight = 1
+max_wait_s = 10
+max_depth = 1000
+[[keys]]
+key = "{KEY}"
+tenant = "shutdown-test"
+tier = "test"
 """
+STREAMS = 20
+WHOLE = 5
+LATE = 10  # requests during the drain, each on a connection of its own (any worker)
 
 
-async def test_sigterm_drains_then_exits(tmp_path: Path, redis_url: str) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_sigterm_drains_then_exits(tmp_path: Path, redis_url: str, workers: int) -> None:
     config = tmp_path / "drain.toml"
     config.write_text(CONFIG)
     port = free_port()
@@ -41,6 +56,8 @@ async def test_sigterm_drains_then_exits(tmp_path: Path, redis_url: str) -> None
             str(port),
             "--redis-url",
             redis_url,
+            "--workers",
+            str(workers),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -50,7 +67,7 @@ async def test_sigterm_drains_then_exits(tmp_path: Path, redis_url: str) -> None
     url = f"http://127.0.0.1:{port}"
     try:
         await trio.to_thread.run_sync(wait_ready, url, process)
-        headers = {"authorization": "Bearer sk-demo-enterprise"}
+        headers = {"authorization": f"Bearer {KEY}"}
         # 40 tokens at 50 ms a step: about two seconds each
         body = {
             "model": "demo-small",
@@ -76,21 +93,29 @@ async def test_sigterm_drains_then_exits(tmp_path: Path, redis_url: str) -> None
         async with httpx2.AsyncClient(timeout=30, limits=limits) as client:
             with trio.fail_after(40):
                 async with trio.open_nursery() as nursery:
-                    for _ in range(5):
+                    for _ in range(WHOLE):
                         nursery.start_soon(whole, client)
+                    for _ in range(STREAMS):
                         nursery.start_soon(stream, client)
-                    await trio.sleep(0.5)  # all ten are in flight now
+                    await trio.sleep(0.5)  # all are in flight now
                     signalled_at = trio.current_time()
                     process.send_signal(signal.SIGTERM)
                     await trio.sleep(0.3)
-                    async with httpx2.AsyncClient(timeout=5) as other:
-                        ready = await other.get(url + "/readyz")
-                        late = await other.post(
-                            url + "/v1/chat/completions", json=body, headers=headers
-                        )
-                assert ready.status_code == 503
-                assert late.status_code == 503 and "retry-after" in late.headers
-                assert len(results) == 10
+                    ready: list[int] = []
+                    late: list[httpx2.Response] = []
+                    for _ in range(LATE):
+                        async with httpx2.AsyncClient(timeout=5) as other:
+                            ready.append((await other.get(url + "/readyz")).status_code)
+                        async with httpx2.AsyncClient(timeout=5) as other:
+                            late.append(
+                                await other.post(
+                                    url + "/v1/chat/completions", json=body, headers=headers
+                                )
+                            )
+                assert ready == [503] * LATE
+                for r in late:
+                    assert r.status_code == 503 and "retry-after" in r.headers, r.text
+                assert len(results) == WHOLE + STREAMS
                 for kind, status, text in results:
                     assert status == 200, (kind, text)
                     if kind == "stream":

@@ -68,7 +68,7 @@ prompt_tokens = 50
 output_tokens = 20
 
 [tiers.quota]
-algorithm = "sliding_window_counter"
+algorithm = "sliding_counter"
 limit = 3
 period_s = 1
 """

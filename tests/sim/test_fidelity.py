@@ -25,6 +25,7 @@ import pytest
 import trio
 
 from backends.demo_openai import Kind, parse_generation
+from backends.redis_quota import ALGORITHM_KINDS
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateMode
 from scheduler.service.config import Settings, load_settings
@@ -150,7 +151,7 @@ def test_the_gateway_config_follows_the_scenario(tmp_path: Path) -> None:
 
 def test_an_aimd_scenario_with_a_quota_keeps_its_gains_and_quota(tmp_path: Path) -> None:
     gains = AIMDConfig(initial_limit=12, min_limit=2, max_limit=40, target_latency_s=0.8)
-    quota = QuotaSpec(5, 1.0, 10, QuotaAlgorithm.SLIDING_WINDOW_COUNTER)
+    quota = QuotaSpec(5, 1.0, 10, QuotaAlgorithm.SLIDING_COUNTER)
     base = small()
     free = replace(base.tiers[2], quota=quota, shed_on_overload=True)
     scenario = replace(
@@ -168,6 +169,11 @@ def test_an_aimd_scenario_with_a_quota_keeps_its_gains_and_quota(tmp_path: Path)
         5,
         10,
     )
+
+
+def test_the_simulator_spells_the_algorithms_as_the_service_does() -> None:
+    # issue 11: scenarios said `sliding_window_log` where the service's config says `sliding_log`
+    assert {a.value for a in QuotaAlgorithm} == set(ALGORITHM_KINDS)
 
 
 def test_what_a_replay_cannot_reproduce_is_refused() -> None:

@@ -15,6 +15,7 @@ chunk by chunk. The fault is read when a request arrives; the test switches it a
     Fault.drip(d, n)       forward the head at once, then each body chunk in n pieces, d apart
     Fault.HANG             read the request and never answer, until the client leaves
     Fault.ERROR_500        answer 500 at once; the upstream is not called
+    Fault.HTML_200         answer 200 with an HTML page (a misrouted load balancer's), at once
     Fault.REFUSE           stop listening and drop every open connection: connects are refused
                            until the mode changes again, when the proxy listens on the same port
 
@@ -61,6 +62,7 @@ class FaultKind(enum.Enum):
     DRIP = "drip"
     HANG = "hang"
     ERROR_500 = "error_500"
+    HTML_200 = "html_200"
     REFUSE = "refuse"
 
 
@@ -75,6 +77,7 @@ class Fault:
     PASS: ClassVar[Fault]
     HANG: ClassVar[Fault]
     ERROR_500: ClassVar[Fault]
+    HTML_200: ClassVar[Fault]
     REFUSE: ClassVar[Fault]
 
     @staticmethod
@@ -89,6 +92,7 @@ class Fault:
 Fault.PASS = Fault(FaultKind.PASS)
 Fault.HANG = Fault(FaultKind.HANG)
 Fault.ERROR_500 = Fault(FaultKind.ERROR_500)
+Fault.HTML_200 = Fault(FaultKind.HTML_200)
 Fault.REFUSE = Fault(FaultKind.REFUSE)
 
 
@@ -220,6 +224,10 @@ class FaultProxy:
             self._failed[path] += 1
             await _send_error(conn, stream, 500, "Injected fault: internal server error.")
             return True
+        if fault.kind is FaultKind.HTML_200:
+            page = b"<html><body><h1>Welcome to nginx!</h1></body></html>"
+            await _send_body(conn, stream, 200, b"text/html", page)
+            return True
         if fault.kind is FaultKind.HANG:
             self._hung[path] += 1
             self._hanging[path] += 1
@@ -319,7 +327,13 @@ async def _send_error(
     conn: h11.Connection, stream: trio.SocketStream, status: int, message: str
 ) -> None:
     body = json.dumps({"error": {"message": message, "type": "server_error"}}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await _send_body(conn, stream, status, b"application/json", body)
+
+
+async def _send_body(
+    conn: h11.Connection, stream: trio.SocketStream, status: int, kind: bytes, body: bytes
+) -> None:
+    headers = [(b"content-type", kind), (b"content-length", b"%d" % len(body))]
     for event in (h11.Response(status_code=status, headers=headers), h11.Data(data=body)):
         await stream.send_all(conn.send(event) or b"")
     await stream.send_all(conn.send(h11.EndOfMessage()) or b"")

@@ -1,0 +1,102 @@
+"""Redis's health as this replica sees it, and one log line per change of it.
+
+Why a ping as well as the breaker: the breaker reflects what requests met (it opens after a
+few failed calls), but it changes only when requests call Redis, so with no traffic it would
+notice neither a Redis that went away nor one that came back (an open breaker stays open
+until the next call). A ping every `interval_s` covers the quiet times. Redis counts as up
+when the last ping answered and the breaker is not holding calls off (closed, or with its
+probe time passed: the next call will try Redis anyway).
+
+`observe(now=...)` decides the state and logs a change, once: WARNING for "unreachable at
+start-up" and "lost", INFO for "back". The replica calls it on the dispatcher's tick. Neither
+the URL (it may hold a password) nor anything of a request is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import coredis
+import trio
+
+from policies.breaker import BreakerState, CircuitBreaker
+
+log = logging.getLogger("scheduler.service.redis")
+REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
+PING_INTERVAL_S = 0.5
+PING_TIMEOUT_S = 0.2
+
+
+class RedisHealth:
+    """Whether Redis can be used now; owned by the replica (pinged by `watch`)."""
+
+    def __init__(
+        self,
+        breaker: CircuitBreaker,
+        *,
+        interval_s: float = PING_INTERVAL_S,
+        timeout_s: float = PING_TIMEOUT_S,
+    ) -> None:
+        self._breaker = breaker
+        self._interval_s = interval_s
+        self._timeout_s = timeout_s
+        self._ping_error: str | None = "not pinged yet"
+        self._pinged = False
+        self._logged_up: bool | None = None  # None: nothing logged yet
+
+    async def watch(
+        self,
+        redis: Callable[[], coredis.Redis[Any] | None],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Ping `redis()` now (reported started after it), then every `interval_s`."""
+        await self._ping(redis())
+        task_status.started()
+        while True:
+            await trio.sleep(self._interval_s)
+            await self._ping(redis())
+
+    async def _ping(self, redis: coredis.Redis[Any] | None) -> None:
+        if redis is None:  # the client is being closed (shutting down): no news
+            return
+        try:
+            with trio.fail_after(self._timeout_s):
+                await redis.ping()
+        except REDIS_ERRORS as exc:
+            self._ping_error = type(exc).__name__
+        else:
+            self._ping_error = None
+        self._pinged = True
+
+    def error(self, *, now: float) -> str | None:
+        """Why Redis is not usable at `now`, or None when it is."""
+        if self._ping_error is not None:
+            return self._ping_error
+        stats = self._breaker.statistics()
+        if stats.state is BreakerState.CLOSED or (
+            stats.probe_at is not None and now >= stats.probe_at
+        ):
+            return None
+        return f"calls failing (breaker {stats.state.value})"
+
+    def observe(self, *, now: float) -> None:
+        """Log a change of state since the last call, once."""
+        if not self._pinged:
+            return
+        error = self.error(now=now)
+        up = error is None
+        if up == self._logged_up or (up and self._logged_up is None):
+            self._logged_up = up
+            return
+        if self._logged_up is None:
+            log.warning(
+                "Redis unreachable at start-up (%s): each tier follows its fail_mode", error
+            )
+        elif up:
+            log.info("Redis back: quotas are decided by Redis again")
+        else:
+            log.warning("Redis lost (%s): each tier follows its fail_mode", error)
+        self._logged_up = up

@@ -1,0 +1,158 @@
+"""HTTP/1.1 where hypercorn and h11 are looser than RFC 9112 or than our clients need.
+
+Four changes, each in the one place that decides it (private names of hypercorn and h11, so
+`tests/service/test_http_surface.py` and `tests/service/test_keepalive.py` fail if an upgrade
+moves them; `install` then logs a warning and leaves that part as it was):
+
+- Refusals before the app: h11 refuses a request whose request line or headers break RFC 9112
+  (raw non-ASCII bytes in the path, a bare CR in a header, headers past the size limit), and
+  hypercorn answers by itself, with an empty body, because the request never becomes an ASGI
+  request. Its answer (`H11Protocol._send_error_response`) gets an OpenAI-shaped JSON body; the
+  status and the closing of the connection stay hypercorn's.
+- Bare LF: h11 takes a lone LF for a line end in the request head (RFC 9112 section 2.2 allows
+  that, but a proxy in front that does not would see other headers than we do: request
+  smuggling's raw material). A request head with a bare LF is refused: 400, connection closed.
+  Bodies are not looked at (they may hold any byte); chunked trailers keep h11's leniency.
+- Half-close: a client that sends its request and then shuts its sending side (`shutdown(WR)`,
+  `nc -N`) is still answered. hypercorn read the end of file as "client gone" and cancelled the
+  request; now, with a request being answered, the client is probed (see
+  `_answer_while_only_half_closed`): one that only half-closed gets its answer, then the
+  connection closes; one that is gone is still noticed at once, and its request cancelled.
+- Closed idle connections: a client closing an idle keep-alive connection is let go at once
+  (its socket and memory freed) instead of when hypercorn's keep-alive wait runs out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import socket
+from collections.abc import Callable
+from itertools import chain
+from typing import Any
+
+import h11
+import trio
+from h11 import _readers
+from hypercorn.events import Closed, RawData
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+
+from scheduler.service.errors import ApiError
+
+log = logging.getLogger("scheduler.service")
+_MESSAGES = {
+    400: "The request is not valid HTTP/1.1 (request line or headers).",
+    431: "The request's headers are too large.",
+}
+
+
+def error_body(status: int) -> bytes:
+    """The JSON body sent for a request refused at the HTTP level with `status`."""
+    message = _MESSAGES.get(status, "The request is not valid HTTP/1.1.")
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return ApiError(status, message, type=kind).body()
+
+
+async def _send_json_error_response(self: H11Protocol, status_code: int) -> None:
+    body = error_body(status_code)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    response = h11.Response(
+        status_code=status_code, headers=list(chain(headers, self.config.response_headers("h11")))
+    )
+    await self._send_h11_event(response)
+    await self._send_h11_event(h11.Data(data=body))
+    await self._send_h11_event(h11.EndOfMessage())
+
+
+_RESET_POLL_S = 0.05  # how often a half-closed connection is checked for the client's reset
+_BLANK_LINE = re.compile(b"\n\r?\n")
+_BARE_LF = re.compile(b"(?<!\r)\n")
+_read_request_head: Callable[[Any], h11.Request | None] = _readers.maybe_read_from_IDLE_client
+
+
+def _strict_request_head(buf: Any) -> h11.Request | None:
+    """h11's reader of a request head, refusing a bare LF in it."""
+    data = bytes(buf)
+    end = _BLANK_LINE.search(data)
+    if end is not None and _BARE_LF.search(data, 0, end.end()):
+        raise h11.LocalProtocolError("bare LF in the request head", error_status_hint=400)
+    head: h11.Request | None = _read_request_head(buf)
+    return head
+
+
+async def _read_data_until_closed(self: TCPServer) -> None:
+    """The read loop below, then hypercorn's keep-alive wait stopped: it runs in the
+    connection's nursery, so a client that closed an idle keep-alive connection would
+    otherwise leave its socket and its memory held until `keep_alive_timeout` (75 s)."""
+    await _read_data_answering_half_closed(self)
+    await self.idle_task.stop()
+
+
+async def _read_data_answering_half_closed(self: TCPServer) -> None:
+    """hypercorn's read loop, except at end of file while a request is being answered."""
+    while True:
+        try:
+            with trio.fail_after(self.config.read_timeout or math.inf):
+                data = await self.stream.receive_some(MAX_RECV)
+        except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+            break
+        await self.protocol.handle(RawData(bytes(data)))
+        if data == b"":
+            inner = getattr(self.protocol, "protocol", None)
+            if (
+                isinstance(inner, H11Protocol)
+                and inner.stream is not None
+                and await _answer_while_only_half_closed(self, inner)
+            ):
+                return  # answered; `H11Protocol._maybe_recycle` then closes
+            break
+    await self.protocol.handle(Closed())
+
+
+async def _answer_while_only_half_closed(server: TCPServer, protocol: H11Protocol) -> bool:
+    """End of file with a request being answered: the client either only stopped sending
+    (half-close) or closed its socket (gone: the request is to be cancelled, which frees its
+    seat and its backend). TCP shows both as the same FIN; the difference shows when data
+    reaches the client: a closed socket answers it with a reset. So the client gets an interim
+    `100 Continue` (every HTTP/1.1 client must accept an unexpected 1xx), and the socket is
+    watched for that reset (every `_RESET_POLL_S`) until the answer is done. Returns False
+    when the client is gone."""
+    connection = protocol.connection
+    if not isinstance(connection, h11.Connection) or connection.their_http_version != b"1.1":
+        return False  # HTTP/1.0 gets no 1xx: its end of file is taken for "gone"
+    try:
+        if connection.our_state is h11.SEND_RESPONSE:  # else the answer's own bytes probe
+            await protocol._send_h11_event(h11.InformationalResponse(status_code=100, headers=[]))
+        while protocol.stream is not None:
+            # a reset is not seen by reads (they keep seeing the end of file) but is left as
+            # the socket's pending error
+            if server.stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return False
+            await trio.sleep(_RESET_POLL_S)
+    except trio.ClosedResourceError:  # the answer is done, and the connection closed
+        return True
+    except (OSError, trio.BrokenResourceError):  # the reset: the client is gone
+        return False
+    return True
+
+
+def install() -> None:
+    """Install the four changes in this process (idempotent)."""
+    if hasattr(H11Protocol, "_send_error_response"):
+        H11Protocol._send_error_response = _send_json_error_response  # type: ignore[method-assign]
+    else:
+        log.warning("hypercorn changed: its HTTP-level 400s keep an empty body")
+    if _readers.READERS.get((h11.CLIENT, h11.IDLE)) in (_read_request_head, _strict_request_head):
+        _readers.READERS[(h11.CLIENT, h11.IDLE)] = _strict_request_head
+    else:
+        log.warning("h11 changed: bare LF in request heads is accepted")
+    if hasattr(TCPServer, "_read_data"):
+        TCPServer._read_data = _read_data_until_closed  # type: ignore[method-assign]
+    else:
+        log.warning("hypercorn changed: a half-closed request is not answered")
