@@ -83,7 +83,7 @@ def _admin(
             "401": _error("Missing or wrong admin token."),
             "413": _error("Body larger than the configured limit."),
             "404": _error("Unknown key."),
-            "503": _error("Redis is not connected.", retry=True),
+            "503": _error("Redis is unavailable (down, paused or refusing).", retry=True),
         },
     }
     if body is not None:
@@ -188,7 +188,8 @@ def _admin_paths(tiers: list[str]) -> dict[str, Any]:
                 required=False,
             ),
         },
-        "/admin/v1/drain": _admin("post", "Drain this replica", "Draining."),
+        "/admin/v1/drain": _admin("post", "Drain the process (every worker)", "Draining."),
+        "/admin/v1/undrain": _admin("post", "Take new requests again", "Whether draining."),
     }
 
 

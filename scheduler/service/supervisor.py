@@ -190,13 +190,11 @@ class Supervisor:
     def _reap(self, *, stopping: bool) -> str | None:
         """Collect the workers that exited; replace them, or say why not (give up)."""
         reason = None
-        while self._workers:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                break
-            worker = self._workers.pop(pid, None)
-            if worker is None:  # not ours (a child of the config's own, say)
+        for pid in list(self._workers):  # only ours: the embedded Redis is a child too
+            exited, status = os.waitpid(pid, os.WNOHANG)
+            if not exited:
                 continue
+            worker = self._workers.pop(pid)
             os.close(worker.ready_fd)
             self._on_death(pid)
             how = _describe(status)
