@@ -47,6 +47,7 @@ import dataclasses
 import json
 import math
 import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,7 +249,12 @@ async def run_live(
             path.write_text(config, encoding="utf-8")
             env = {"SCHEDULER_ADMIN_TOKEN": ADMIN_TOKEN}
             settings = load_settings(path, env=env, overrides={"port": 0})
-        settings = dataclasses.replace(settings, redis_url=redis_url, source=None)
+        # Redis keys of its own: a deployment's live gains or spent quotas on the same Redis
+        # would otherwise be this run's (the replica follows the gains document it finds)
+        prefix = f"fidelity-{uuid.uuid4().hex[:12]}"
+        settings = dataclasses.replace(
+            settings, redis_url=redis_url, redis_prefix=prefix, source=None
+        )
         port = await servers.start(serve_replica, settings)
         outcomes, limits = await _replay(f"http://127.0.0.1:{port}", scenario, schedule)
         servers.cancel_scope.cancel()

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import coredis
 import pytest
 import trio
 
@@ -29,7 +30,9 @@ from backends.redis_quota import ALGORITHM_KINDS
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateMode
 from scheduler.service.config import Settings, load_settings
+from scheduler.service.gains import publish_gains
 from scheduler.service.openai_body import read_call
+from scheduler.service.replica import GAINS_KEY
 from sim.engine import simulate
 from sim.engine.model import (
     BackendPool,
@@ -193,10 +196,20 @@ def test_what_a_replay_cannot_reproduce_is_refused() -> None:
 
 async def test_the_simulator_and_the_gateway_agree(redis_url: str) -> None:
     scenario = small()
-    with trio.fail_after(scenario.duration_s + 60):
-        fidelity = await run_fidelity(
-            scenario, redis_url=redis_url, tolerances=Tolerances(p95=0.25)
-        )
+    # A deployment on the same Redis has live gains of its own (CI: a limit of 21 against the
+    # scenario's 8 doubled every latency): the replayed gateway must follow its scenario only.
+    other = AIMDConfig(initial_limit=21, min_limit=21, max_limit=21)
+    gains_key = f"sched:{GAINS_KEY}"
+    async with coredis.Redis.from_url(redis_url) as redis:
+        await publish_gains(redis, gains_key, other, after=0, deadline_at=trio.current_time() + 5)
+    try:
+        with trio.fail_after(scenario.duration_s + 60):
+            fidelity = await run_fidelity(
+                scenario, redis_url=redis_url, tolerances=Tolerances(p95=0.25)
+            )
+    finally:
+        async with coredis.Redis.from_url(redis_url) as redis:
+            await redis.delete([gains_key])
     report = fidelity.report()
     print(report)  # shown with -s, and by pytest when the test fails
     assert fidelity.live[2].shed > 0.3 * fidelity.live[2].offered, report
