@@ -4,7 +4,10 @@ Why: on trio a coredis call costs about 200 us of this process's CPU, and a comm
 pipeline about 30 us (bench/RESULTS.md). Under load many requests wait on Redis at once, so
 one task sends every command queued while the previous round trip was out as one
 non-transactional pipeline and hands each caller its own reply or error. A caller alone is
-sent at once. A pipeline is not a transaction: each command is atomic on its own (the Lua
+sent at once. On a Redis Cluster each node has a lane of its own: the commands for one node go
+in one round trip, the nodes' round trips run concurrently, and a node that is slow or down
+holds up and fails only the commands for its own slots. A
+pipeline is not a transaction: each command is atomic on its own (the Lua
 scripts are), exactly as when sent alone.
 
 Callers keep their own deadlines. A caller that gives up before its command is sent takes
@@ -90,6 +93,16 @@ class _Pending:
         return self.reply
 
 
+class _Lane:
+    """The commands waiting for one Redis Cluster node."""
+
+    __slots__ = ("queue", "wakeup")
+
+    def __init__(self) -> None:
+        self.queue: list[_Pending] = []
+        self.wakeup = trio.Event()
+
+
 class RedisPipeliner:
     """Start `run` in a nursery, then `execute` from any task."""
 
@@ -103,6 +116,7 @@ class RedisPipeliner:
         self._timeout_s = timeout_s
         self._queue: list[_Pending] = []
         self._wakeup = trio.Event()
+        self._lanes: dict[str, _Lane] = {}  # a Redis Cluster's nodes, by name
         self.lag = LoopLag()
         self.round_trips = 0
         self.commands = 0
@@ -175,19 +189,63 @@ class RedisPipeliner:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.lag.run)
             task_status.started()
-            await self._send_forever()
+            await self._send_forever(nursery)
 
-    async def _send_forever(self) -> None:
+    async def _send_forever(self, nursery: trio.Nursery) -> None:
+        cluster = self.redis if isinstance(self.redis, coredis.RedisCluster) else None
         while True:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             while self._queue:
                 batch = [p for p in self._queue[: self._max_batch] if not p.abandoned]
                 del self._queue[: self._max_batch]
-                if batch:
-                    await self._send(batch)
+                if batch and cluster is None:
+                    await self._send_pipeline(batch)
+                elif batch and cluster is not None:
+                    self._to_lanes(batch, cluster, nursery)
 
-    async def _send(self, batch: list[_Pending]) -> None:
+    def _to_lanes(
+        self, batch: list[_Pending], cluster: coredis.RedisCluster[Any], nursery: trio.Nursery
+    ) -> None:
+        """A Redis Cluster: each node has a lane of its own, one pipeline in flight at a time,
+        so a node that is slow or down holds up and fails only the commands for its slots."""
+        for node, group in self._per_node(batch, cluster).items():
+            lane = self._lanes.get(node)
+            if lane is None:  # the nodes ever seen: a few, plus one per failover
+                lane = self._lanes[node] = _Lane()
+                nursery.start_soon(self._send_lane, lane)
+            lane.queue.extend(group)
+            lane.wakeup.set()
+
+    async def _send_lane(self, lane: _Lane) -> None:
+        while True:
+            await lane.wakeup.wait()
+            lane.wakeup = trio.Event()
+            while lane.queue:
+                batch = [p for p in lane.queue[: self._max_batch] if not p.abandoned]
+                del lane.queue[: self._max_batch]
+                if batch:
+                    await self._send_pipeline(batch)
+
+    @staticmethod
+    def _per_node(
+        batch: list[_Pending], cluster: coredis.RedisCluster[Any]
+    ) -> dict[str, list[_Pending]]:
+        """The batch grouped by the node that serves each command's slot (as the client's slot
+        map has it now; a command that meets MOVED or ASK is redirected by coredis)."""
+        probe: Any = cluster.pipeline(transaction=False)
+        layout = cluster.connection_pool.cluster_layout
+        groups: dict[str, list[_Pending]] = {}
+        for p in batch:
+            p.command(probe)
+            try:
+                node = layout.node_for_request(probe.command_stack[-1]).name
+            except coredis.exceptions.RedisError:
+                node = ""  # no single slot: its own pipeline, where coredis raises the error
+            groups.setdefault(node, []).append(p)
+        return groups
+
+    async def _send_pipeline(self, batch: list[_Pending]) -> None:
         self.round_trips += 1
         self.commands += len(batch)
         try:

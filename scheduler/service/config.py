@@ -20,12 +20,12 @@ from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from backends.gpu_model import GpuConfig
 from backends.http_client import BackendLimits
 from backends.pressure_config import ProbeConfig, probe_config_from_mapping
 from backends.redis_quota import ALGORITHM_KINDS
+from backends.redis_topology import RedisSecrets, parse_redis_url
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateConfig, GateMode, LatencySignal, TierConfig
 from scheduler.service.quota import FailMode, QuotaSettings
@@ -98,6 +98,7 @@ class Settings:
     redis_url: str | None = None
     redis_timeout_s: float = 0.1
     redis_prefix: str = "sched"  # every Redis key of this deployment starts with it
+    redis_secrets: RedisSecrets = field(default=RedisSecrets(), repr=False)  # from the env
     key_secret: bytes = field(default=b"", repr=False)
     admin_token: str = field(default="", repr=False)
     source: str | None = None  # the file these settings came from (SIGHUP reloads its gains)
@@ -359,28 +360,15 @@ def _models(root: Table) -> tuple[ModelSettings, ...]:
 
 
 def _check_redis_url(url: str, where: str) -> None:
-    """One Redis server: `redis://[user:password@]host[:port][/db]`, `rediss://` or
-    `unix:///path` (a Redis Cluster or Sentinel URL is not understood yet)."""
+    """A Redis URL of one of the three topologies (`backends.redis_topology`): one server
+    (`redis://`, `rediss://`, `unix://`), a Redis Cluster (`redis+cluster://h1:p1,h2:p2/`) or
+    Sentinel (`redis+sentinel://s1:p1,s2:p2/service_name[/db]`)."""
     if not url:
         return
-    parts = urlsplit(url)
-    _check(
-        parts.scheme in ("redis", "rediss", "unix"),
-        where,
-        f"expected a redis://, rediss:// or unix:// URL, got scheme {parts.scheme!r}",
-    )
-    if parts.scheme == "unix":
-        _check(bool(parts.path), where, "a unix:// URL needs a socket path")
-        return
-    _check("," not in parts.netloc, where, "expected one host (host:port), got several")
     try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError(f"{where}: the port must be a number from 1 to 65535") from None
-    _check(bool(parts.hostname), where, "a host is required")
-    _check(port is None or port > 0, where, "the port must be a number from 1 to 65535")
-    db = parts.path.strip("/")
-    _check(not db or db.isdigit(), where, f"the database must be a number, got {db!r}")
+        parse_redis_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _probe(data: dict[str, Any], where: str) -> ProbeConfig:
@@ -503,6 +491,7 @@ def load_settings(
         redis_url=redis_url or None,
         redis_timeout_s=redis_timeout_s,
         redis_prefix=redis_prefix,
+        redis_secrets=RedisSecrets.from_env(env),
         key_secret=secret,
         admin_token=env.get("SCHEDULER_ADMIN_TOKEN", ""),
         source=None if path is None else str(path),

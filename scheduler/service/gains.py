@@ -5,7 +5,8 @@ mean "not applied anywhere". A write that reaches a paused Redis after the API g
 otherwise be applied later, behind the operator's back (every replica follows the document).
 So a publish first reads Redis's clock, and the script refuses to write once Redis's clock is
 past the caller's deadline. The version lives in the document itself: one key, one slot
-(Redis Cluster), and the read-increment-write is one script.
+(Redis Cluster), and the read-increment-write is one script. The clock is read on that key's
+node too: on a cluster another node's clock may differ from the one that checks the deadline.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ async def publish_gains(
     document's; return that version. Raises trio.TooSlowError (nothing written) when the
     write cannot happen by `deadline_at` (trio time), or what Redis raised."""
     with trio.fail_at(deadline_at):
-        clock: Any = await redis.eval(CLOCK_SCRIPT)
+        # keyed: on a Redis Cluster, the clock of the node that checks the deadline
+        clock: Any = await redis.eval(CLOCK_SCRIPT, keys=[key])
         redis_now = int(clock[0]) + int(clock[1]) / 1e6
         # Redis's clock read before now: its deadline is at or before ours
         not_after = redis_now + (deadline_at - trio.current_time())

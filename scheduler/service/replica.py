@@ -26,6 +26,7 @@ from backends.pressure import PoolPressure
 from backends.redis_cache import ResponseCache
 from backends.redis_pipeliner import RedisPipeliner
 from backends.redis_quota import QuotaStoreError, RedisQuotaStore
+from backends.redis_topology import open_redis
 from policies.breaker import BreakerConfig, CircuitBreaker
 from scheduler.core import AIMDConfig, AIMDController, Scheduler, SchedulerConfig
 from scheduler.service.config import (
@@ -152,7 +153,8 @@ class Replica:
 
     async def _hold_redis(self, url: str, *, task_status: trio.TaskStatus[None]) -> None:
         """coredis's client runs its own tasks: one task enters and leaves its context."""
-        async with coredis.Redis.from_url(url) as redis, trio.open_nursery() as nursery:
+        opened = open_redis(url, self.settings.redis_secrets)  # single, cluster or sentinel
+        async with opened as redis, trio.open_nursery() as nursery:
             # its round trips time out after every caller's deadline, never before
             pipeliner = RedisPipeliner(redis, timeout_s=2 * self.redis_timeout.ceiling_s)
             await nursery.start(pipeliner.run)
