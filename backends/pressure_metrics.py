@@ -1,4 +1,4 @@
-"""Prometheus text from vLLM, Triton and DCGM, read into a `Scrape` (pure: no I/O, no clock).
+"""Prometheus text from vLLM, llama.cpp, Triton and DCGM, read into a `Scrape` (pure: no I/O).
 
 The metric names, and how their label sets (several models, engines, GPUs) are combined:
 
@@ -7,6 +7,10 @@ The metric names, and how their label sets (several models, engines, GPUs) are c
             vllm:kv_cache_usage_perc         max over engines (0..1 despite the name)
             vllm:gpu_cache_usage_perc        the same, older name; used when the new one is absent
             vllm:num_preemptions_total       summed (a counter; the model turns it into a rate)
+    llama   llamacpp:requests_deferred       added to waiting (tasks no free slot could take)
+    .cpp    llamacpp:requests_processing     added to running (busy slots); `--metrics` needed
+            no KV-cache usage: the llama.cpp we test against (llama-cpp-python 0.3.36's) exports
+            none (names read from the running server: tests/backends/test_llama_server.py)
     Triton  nv_inference_pending_request_count         summed over models, added to waiting
             nv_gpu_memory_used_bytes / nv_gpu_memory_total_bytes   per GPU, paired by labels
     DCGM    DCGM_FI_DEV_FB_USED / (DCGM_FI_DEV_FB_USED + DCGM_FI_DEV_FB_FREE)   per GPU (MiB)
@@ -32,6 +36,7 @@ class Exporter(enum.Enum):
     """A family of metrics the parser understands."""
 
     VLLM = "vllm"
+    LLAMACPP = "llamacpp"
     TRITON = "triton"
     DCGM = "dcgm"
 
@@ -43,6 +48,8 @@ VLLM_RUNNING = "vllm:num_requests_running"
 VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"
 VLLM_KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
 VLLM_PREEMPTIONS = "vllm:num_preemptions_total"
+LLAMACPP_DEFERRED = "llamacpp:requests_deferred"
+LLAMACPP_PROCESSING = "llamacpp:requests_processing"
 TRITON_PENDING = "nv_inference_pending_request_count"
 TRITON_MEMORY_USED = "nv_gpu_memory_used_bytes"
 TRITON_MEMORY_TOTAL = "nv_gpu_memory_total_bytes"
@@ -51,6 +58,7 @@ DCGM_FB_FREE = "DCGM_FI_DEV_FB_FREE"
 
 _NAMES = {
     Exporter.VLLM: (VLLM_WAITING, VLLM_RUNNING, VLLM_KV_USAGE, VLLM_KV_USAGE_OLD, VLLM_PREEMPTIONS),
+    Exporter.LLAMACPP: (LLAMACPP_DEFERRED, LLAMACPP_PROCESSING),
     Exporter.TRITON: (TRITON_PENDING, TRITON_MEMORY_USED, TRITON_MEMORY_TOTAL),
     Exporter.DCGM: (DCGM_FB_USED, DCGM_FB_FREE),
 }
@@ -114,8 +122,11 @@ def parse_scrape(text: str, *, at: float, exporters: frozenset[Exporter] = ALL_E
     return Scrape(
         at=at,
         kv_usage=kv_usage,
-        waiting=_add(_sum(s.get(VLLM_WAITING)), _sum(s.get(TRITON_PENDING))),
-        running=_sum(s.get(VLLM_RUNNING)),
+        waiting=_add(
+            _add(_sum(s.get(VLLM_WAITING)), _sum(s.get(LLAMACPP_DEFERRED))),
+            _sum(s.get(TRITON_PENDING)),
+        ),
+        running=_add(_sum(s.get(VLLM_RUNNING)), _sum(s.get(LLAMACPP_PROCESSING))),
         gpu_memory=max(memory, default=None),
         preemptions_total=_sum(s.get(VLLM_PREEMPTIONS)),
     )

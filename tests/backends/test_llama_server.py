@@ -1,0 +1,259 @@
+"""The gateway in front of a real engine: llama.cpp's `llama-server`, built from source.
+
+The engine runs a random-weight model (tests/support/llama_server.py): its text is noise, but
+its slots, batching, usage accounting and `/metrics` are llama.cpp's own. The server is built
+once per version into a cache (minutes on a fresh machine, nothing after) and started once for
+the session; each test starts its own gateway in front of it, from the README's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, closing
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+import trio
+
+from backends.http_client import BackendLimits, HttpClient
+from backends.pressure import MetricsProbe
+from backends.pressure_metrics import Exporter, parse_scrape
+from backends.pressure_model import Signal
+from scheduler.service.config import Settings, load_settings
+from tests.conftest import start_gateway
+from tests.support.llama_server import (
+    MODEL_ALIAS,
+    LlamaServer,
+    ServerOptions,
+    ensure_llama_server,
+    ensure_model,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+README_URL = "http://127.0.0.1:8081"  # where the README's config expects llama-server
+PARALLEL = 2
+# ignore_eos: a random model may well pick its end-of-text token early; the tests want
+# answers exactly as long as they ask for (llama.cpp's own field, passed through untouched)
+LONG = {"ignore_eos": True}
+
+
+@pytest.fixture(scope="session")
+def llama() -> Iterator[LlamaServer]:
+    """One llama-server for the session: 2 slots of 4096 tokens each."""
+    build = ensure_llama_server(log=print)
+    model = ensure_model(build)
+    options = ServerOptions(parallel=PARALLEL, ctx_size=PARALLEL * 4096)
+    with LlamaServer(build, model, options) as server:
+        yield server
+
+
+def readme_config() -> str:
+    """The README's llama.cpp config (the tests run exactly what it shows)."""
+    match = re.search(r"## In front of a real engine.*?```toml\n(.*?)```", README, re.S)
+    assert match is not None
+    return match.group(1)
+
+
+README = (ROOT / "README.md").read_text()
+
+
+def llama_settings(llama: LlamaServer, redis_url: str, key: str, tmp_path: Path) -> Settings:
+    config = tmp_path / "llama.toml"
+    config.write_text(readme_config().replace(README_URL, llama.url))
+    settings = load_settings(config, env={"LLAMA_KEY": key}, overrides={"port": 0})
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    return dataclasses.replace(settings, redis_url=redis_url, redis_prefix=prefix)
+
+
+@pytest.fixture
+async def gateway(
+    nursery: trio.Nursery, llama: LlamaServer, redis_url: str, tmp_path: Path
+) -> AsyncIterator[tuple[str, str]]:
+    """The gateway on the README's config, in front of llama-server; (URL, API key)."""
+    key = f"sk-llama-{uuid.uuid4().hex[:8]}"
+    yield await start_gateway(nursery, llama_settings(llama, redis_url, key, tmp_path)), key
+    await wait_slots_idle(llama, timeout_s=20)  # leave the engine as we found it
+
+
+async def busy_slots(llama: LlamaServer) -> int:
+    async with httpx2.AsyncClient(timeout=5) as client:
+        slots = (await client.get(llama.url + "/slots")).json()
+    return sum(1 for slot in slots if slot["is_processing"])
+
+
+async def wait_slots_idle(llama: LlamaServer, *, timeout_s: float) -> float:
+    """Seconds until no slot of llama-server is processing (fails after `timeout_s`)."""
+    started_at = trio.current_time()
+    with trio.fail_after(timeout_s):
+        while await busy_slots(llama):
+            await trio.sleep(0.05)
+    return trio.current_time() - started_at
+
+
+def chat(content: str = "hello there", max_tokens: int = 16, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL_ALIAS,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        **LONG,
+        **extra,
+    }
+
+
+async def test_openai_sdk_plain_and_streamed(gateway: tuple[str, str]) -> None:
+    url, key = gateway
+
+    def use_sdk() -> tuple[Any, list[Any]]:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+        messages: Any = [{"role": "user", "content": "hi"}]
+        whole = client.chat.completions.create(
+            model=MODEL_ALIAS, messages=messages, max_tokens=12, extra_body=LONG
+        )
+        stream = client.chat.completions.create(
+            model=MODEL_ALIAS, messages=messages, max_tokens=12, stream=True, extra_body=LONG
+        )
+        return whole, list(stream)
+
+    with trio.fail_after(60):
+        whole, chunks = await trio.to_thread.run_sync(use_sdk)
+    assert whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 12
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == ["length"]
+
+
+async def remaining_tokens(
+    client: httpx2.AsyncClient, url: str, body: dict[str, Any]
+) -> tuple[int, int]:
+    """(the remaining tokens this request's headers show, the usage llama.cpp reported)."""
+    response = await client.post(url + "/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    used = int(response.json()["usage"]["total_tokens"])
+    return int(response.headers["x-ratelimit-remaining-tokens"]), used
+
+
+async def test_the_usage_llama_reports_settles_the_token_quota(gateway: tuple[str, str]) -> None:
+    # The gateway reserves its estimate (prompt chars / 4 + max_tokens); llama.cpp reports its
+    # own count (the chat template's tokens included). After the first answer, the key holds
+    # exactly what llama.cpp reported: the second reservation, the same estimate, shows it.
+    url, key = gateway
+    body = chat(max_tokens=24)
+    headers = {"authorization": f"Bearer {key}"}
+    async with httpx2.AsyncClient(timeout=30, headers=headers) as client:
+        with trio.fail_after(60):
+            first = await client.post(url + "/v1/chat/completions", json=body)
+            assert first.status_code == 200, first.text
+            limit = int(first.headers["x-ratelimit-limit-tokens"])
+            reserved = limit - int(first.headers["x-ratelimit-remaining-tokens"])
+            used = first.json()["usage"]["total_tokens"]
+            assert used != reserved  # the test means something only if they differ
+            await trio.sleep(0.3)  # the settlement runs after the response, in the background
+            after_plain, second_used = await remaining_tokens(client, url, body)
+            assert limit - reserved - after_plain == used
+            streamed_used = await stream_usage(client, url, body)
+            await trio.sleep(0.3)
+            after_stream, _ = await remaining_tokens(client, url, body)
+    # the second request and the streamed one (usage from llama.cpp's last chunk) were
+    # settled the same way: between the two reservations, exactly their reported usage
+    assert after_plain - after_stream == second_used + streamed_used
+
+
+async def stream_usage(client: httpx2.AsyncClient, url: str, body: dict[str, Any]) -> int:
+    """Stream `body` with usage asked for; llama.cpp's reported total."""
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    total: int | None = None
+    async with client.stream("POST", url + "/v1/chat/completions", json=streamed) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and '"usage"' in line:
+                usage = json.loads(line[6:]).get("usage")
+                total = usage["total_tokens"] if usage else total
+    assert total is not None
+    return int(total)
+
+
+async def test_a_client_gone_mid_stream_frees_the_engine_slot(
+    gateway: tuple[str, str], llama: LlamaServer
+) -> None:
+    url, key = gateway
+    body = chat(max_tokens=3000, stream=True)
+    headers = {"authorization": f"Bearer {key}"}
+    async with httpx2.AsyncClient(timeout=30, headers=headers) as client:
+        with trio.fail_after(30):
+            async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                chunks, started_at = 0, trio.current_time()
+                async for line in r.aiter_lines():
+                    chunks += line.startswith("data: ")
+                    if chunks == 20:
+                        break
+                per_token_s = (trio.current_time() - started_at) / 19
+                assert await busy_slots(llama) == 1
+            # the client hung up: the rest of 3000 tokens would take the engine this long
+    left_s = per_token_s * (3000 - 20)
+    freed_s = await wait_slots_idle(llama, timeout_s=min(10.0, left_s / 2))
+    assert freed_s < left_s / 2, (freed_s, left_s)
+
+
+@asynccontextmanager
+async def held_streams(llama: LlamaServer, count: int) -> AsyncIterator[None]:
+    """`count` long generations sent straight to llama-server (the caller waits for what it
+    needs to see); ended by hanging up (llama.cpp cancels a task whose client is gone)."""
+    async with httpx2.AsyncClient(timeout=30) as client, trio.open_nursery() as nursery:
+
+        async def one() -> None:
+            body = chat(max_tokens=3000, stream=True)
+            async with client.stream("POST", llama.url + "/v1/chat/completions", json=body) as r:
+                async for _ in r.aiter_lines():
+                    pass
+
+        for _ in range(count):
+            nursery.start_soon(one)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_pressure_probe_reads_llama_cpp_metrics(
+    llama: LlamaServer, redis_url: str, tmp_path: Path
+) -> None:
+    # Names as the running server exports them, not as remembered: 3 long generations on 2
+    # slots is 2 processing and 1 deferred. The probe is configured as the README says.
+    (model,) = llama_settings(llama, redis_url, "sk-unused", tmp_path).models
+    config = model.pressure
+    with trio.fail_after(60), closing(HttpClient(BackendLimits())) as client:
+        probe = MetricsProbe(model.backends[0], client, config)
+        async with held_streams(llama, PARALLEL + 1):
+            with trio.fail_after(20):
+                while "llamacpp:requests_deferred 1" not in (text := await metrics_text(llama)):
+                    await trio.sleep(0.05)
+            reading = await probe.scrape_once(trio.current_time())
+        scrape = parse_scrape(text, at=0.0, exporters=frozenset({Exporter.LLAMACPP}))
+        assert (scrape.running, scrape.waiting, scrape.kv_usage) == (2.0, 1.0, None)
+        assert reading.known and not reading.stale
+        assert reading.scrape is not None and reading.scrape.running == 2.0
+        saturation = config.pressure.waiting_saturation
+        assert reading.signals[Signal.WAITING] == pytest.approx(1 / saturation)
+        assert reading.pressure == pytest.approx(1 / saturation)
+        await wait_slots_idle(llama, timeout_s=20)
+        idle = await probe.scrape_once(trio.current_time())
+    assert idle.scrape is not None
+    assert (idle.scrape.running, idle.scrape.waiting, idle.pressure) == (0.0, 0.0, 0.0)
+
+
+async def metrics_text(llama: LlamaServer) -> str:
+    async with httpx2.AsyncClient(timeout=5) as client:
+        response = await client.get(llama.url + "/metrics")
+    assert response.status_code == 200, response.text
+    return response.text
