@@ -180,8 +180,8 @@ async def _is_cluster_node(url: str, secrets: RedisSecrets, tls: dict[str, Any])
             async with coredis.Redis.from_url(url, **tls, **_auth(secrets)) as probe:
                 info: Any = await probe.info("cluster")
                 return bool(int(info.get("cluster_enabled", 0)))
-    except (coredis.exceptions.RedisError, OSError):
-        pass
+    except* (coredis.exceptions.RedisError, OSError):
+        pass  # coredis's pool raises them grouped, from its task group, as it is left
     return False
 
 
