@@ -141,6 +141,39 @@ class QuotaStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What one admitted request holds of its key's quotas until it settles: the request
+    unit and `reserved` tokens (or `credits_spent` credits, when the base quotas refused)."""
+
+    key_id: str
+    requests: QuotaSpec | None
+    tokens: QuotaSpec | None
+    reserved: int
+    credits_spent: int = 0
+
+    async def settle(
+        self, store: QuotaStore, *, used: int, failed: bool, now: float | None = None
+    ) -> None:
+        """Settle by how the call ended: the tokens to what it `used` (0 when it `failed`)
+        and, when the backends `failed` it, the request (or its credits) back too."""
+        credits = self.credits_spent
+        if self.tokens is not None:
+            await store.settle(
+                self.key_id,
+                tokens=self.tokens,
+                reserved=self.reserved,
+                actual=0 if failed else used,
+                paid_with_credits=credits > 0,
+                now=now,
+            )
+        if failed and self.requests is not None and (credits == 0 or self.tokens is None):
+            # credits spent with a token quota went back with the tokens just now
+            await store.give_back_request(
+                self.key_id, requests=self.requests, credits=credits, now=now
+            )
+
+
 class MemoryQuotaStore:
     """Quota states and burst credits in this process, told the time on every call."""
 

@@ -33,6 +33,7 @@ from scheduler.core.quota_store import (
     QuotaDecision,
     QuotaSpec,
     QuotaStore,
+    Reservation,
     completed,
 )
 
@@ -200,14 +201,8 @@ class QuotaGuard:
         backends `failed` to answer, the request and every token (a use over the estimate
         is not taken: the local limiter is a stand-in while Redis is out)."""
         requests, tokens = self._shares(quotas)
-        if failed and requests is not None:
-            completed(self._local.give_back_request(key_id, requests=requests, now=now))
-        actual = 0 if failed else min(used, reserved)
-        if tokens is not None:
-            local = self._local.settle(
-                key_id, tokens=tokens, reserved=reserved, actual=actual, now=now
-            )
-            completed(local)
+        reservation = Reservation(key_id, requests, tokens, reserved)
+        completed(reservation.settle(self._local, used=min(used, reserved), failed=failed, now=now))
 
     def _redis_down(self, now: float) -> bool:
         """Redis refuses connections, or has not answered for DOWN_AFTER_S."""

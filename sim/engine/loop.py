@@ -2,8 +2,9 @@
 virtual seconds.
 
 Why this shape: everything that decides is the real object (the `Scheduler` with its fair
-queue, gate and controller; the `policies` quota algorithms in a `MemoryLimiter`; the tiers'
-shed ladders; the `GpuModel` the demo server uses); this module only carries time and
+queue, gate and controller; the service's `QuotaStore` decisions in a `MemoryQuotaStore`; the
+tiers' shed ladders; the pool's pressure from `backends.pressure_model`; the `GpuModel` the demo
+server uses); this module only carries time and
 decisions between them, as the service's dispatcher does. It is written for speed, since a
 planner runs millions of requests:
 
@@ -18,10 +19,12 @@ planner runs millions of requests:
 - a backend wakes when its next request finishes (not for first tokens), is advanced once,
   and everything that finished by then is ended in one go.
 
-Each arrival: the key's quota (refused_by_quota), then `Scheduler.submit`; an admission goes
-to the live backend with the fewest requests in flight, and a backend that refuses it (its
-waiting room is full) makes it `Outcome.DROPPED`. Completions feed the controller a `Sample`
-of the backend call (admission to completion); the reported latency runs from arrival.
+Each arrival: the key's quota (refused_by_quota; a request that gets no answer, a 503 or a
+dropped call, gives its quota back as the gateway's settlement does), then `Scheduler.submit`;
+an admission goes to the live backend with the fewest requests in flight, and a backend that
+refuses it (its waiting room is full) makes it `Outcome.DROPPED`. Completions feed the
+controller a `Sample` of the backend call (admission to completion); the reported latency runs
+from arrival.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from sim.engine.model import ControllerSpec, Scenario
 from sim.engine.recorder import Recorder
 from sim.engine.results import SimResult
 from sim.engine.shedding import FallbackBackend, Shedding
-from sim.engine.state import Backend, TierState, pool_pressure
+from sim.engine.state import Backend, TierState, scrape
 
 ProgressFn = Callable[[float], None]
 """Told the fraction (0..1) of the scenario's duration simulated so far."""
@@ -192,10 +195,7 @@ class Simulation:
                     ts.grow_keys()
                     ts.key_offered[k] += 1
                 key = ts.key_names[k]
-                limiter = ts.limiter
-                if limiter is not None and not (
-                    limiter.take(key, now=now, cost=p + o if ts.quota_tokens else 1).allowed
-                ):
+                if ts.quotas is not None and not ts.take_quota(key, p + o, now):
                     ts.refused += 1
                     continue
                 rid += 1
@@ -211,8 +211,8 @@ class Simulation:
                     elif now + ts.max_wait_s < self._wake_at:  # its deadline may be the first
                         self._wake_at = now + ts.max_wait_s
                         self._push(self._wake_at, _WAKE, None)
-                else:
-                    shed(ts, decision.reason, p, o, now)
+                elif not shed(ts, decision.reason, p, o, now):
+                    ts.give_back(key, p + o, now)
                 if self._need_poll:
                     self._poll(now)
 
@@ -266,7 +266,8 @@ class Simulation:
         info, shed = self._info, self._shedding.shed
         for expired in self._sched.expire(now=now):
             ts, _, p, o = info.pop(expired.request.id)
-            shed(ts, expired.reason, p, o, now)
+            if not shed(ts, expired.reason, p, o, now):
+                ts.give_back(expired.request.key_id, p + o, now)
         self._poll(now)
         self._arm(now)
 
@@ -323,6 +324,7 @@ class Simulation:
     def _drop(self, ticket: Ticket, ts: TierState, now: float) -> None:
         self._sched.finish(ticket, Sample(now - ticket.admitted_at, _DROPPED))
         ts.dropped += 1
+        ts.give_back(ticket.request.key_id, int(ticket.request.cost), now)
         self._need_poll = True
 
     def _reschedule(self, backend: Backend, now: float) -> None:
@@ -361,7 +363,7 @@ class Simulation:
     # -- control, capacity and sampling -----------------------------------------------------
 
     def _tick(self, now: float) -> None:
-        self._pressure = pool_pressure(self._alive)
+        self._pressure = scrape(self._backends, now)
         self._sched.tick(now=now, pressure=self._pressure)
         self._push(now + self.controller_spec.tick_s, _TICK, None)
         self._poll(now)

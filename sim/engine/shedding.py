@@ -43,8 +43,9 @@ class Shedding:
         self._ids = itertools.count(1)
         self.inflight = 0
 
-    def shed(self, ts: TierState, reason: ShedReason, p: int, o: int, now: float) -> None:
-        """Count a shed request by `reason` and by the ladder step that served it."""
+    def shed(self, ts: TierState, reason: ShedReason, p: int, o: int, now: float) -> bool:
+        """Count a shed request by `reason` and by the ladder step that served it; whether
+        it got an answer (the cache or the fallback) rather than a 503."""
         ts.reasons[reason] += 1
         if ts.first_shed_at == math.inf:
             ts.first_shed_at = now
@@ -58,6 +59,8 @@ class Shedding:
             ts.fallback += 1
         else:
             ts.shed += 1
+            return False
+        return True
 
     def _target(self) -> FallbackBackend | None:
         """The least busy fallback backend, if it can start a request now."""
