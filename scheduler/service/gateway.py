@@ -24,7 +24,7 @@ from opentelemetry import trace
 from backends.http import BackendPool
 from backends.openai_stream import check_completion, completion_to_sse, sse_to_completion
 from backends.redis_cache import CacheError, CacheHit, ResponseCache
-from policies.ladder import CacheState, Step
+from policies.ladder import CacheState, Step, fallback_has_headroom
 from scheduler.core import Admit, Outcome, Request, Sample, Shed, ShedReason
 from scheduler.core.quota_store import Reservation
 from scheduler.service.config import ModelSettings, Settings, TierSettings
@@ -453,9 +453,11 @@ class Gateway:
             return None
         target = self.settings.model(model.fallback)
         pool = self.pools.get(model.fallback)
-        if target is None or pool is None or not pool.any_healthy:
+        if target is None or pool is None:
             return None
-        if pool.inflight >= target.max_inflight:
+        if not fallback_has_headroom(
+            any_healthy=pool.any_healthy, inflight=pool.inflight, max_inflight=target.max_inflight
+        ):
             return None
         return target, pool
 

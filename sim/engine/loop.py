@@ -46,6 +46,7 @@ from scheduler.core import (
     SchedulerConfig,
     Ticket,
     TierConfig,
+    request_cost,
 )
 from sim.engine.arrivals import ArrivalRow, TierArrivals
 from sim.engine.capacity import capacity_rps
@@ -54,7 +55,7 @@ from sim.engine.model import ControllerSpec, Scenario
 from sim.engine.recorder import Recorder
 from sim.engine.results import SimResult
 from sim.engine.shedding import FallbackBackend, Shedding
-from sim.engine.state import Backend, TierState, scrape
+from sim.engine.state import Backend, TierState, probe_config, scrape
 
 ProgressFn = Callable[[float], None]
 """Told the fraction (0..1) of the scenario's duration simulated so far."""
@@ -107,7 +108,8 @@ class Simulation:
             TierState(i, t, self._sources[i].key_names) for i, t in enumerate(scenario.tiers)
         ]
         pool = scenario.backends
-        self._backends = [Backend(i, pool.gpu, 0.0) for i in range(pool.count)]
+        probe = probe_config(pool.gpu, self.controller_spec.tick_s)
+        self._backends = [Backend(i, pool.gpu, 0.0, probe) for i in range(pool.count)]
         self._alive = list(self._backends)
         self._loads = [0] * pool.count  # in flight per backend; a lost one: _LOST
         self._lost: dict[int, list[Backend]] = {}
@@ -128,6 +130,11 @@ class Simulation:
         self._last_event_at = 0.0
         self._on_progress: ProgressFn | None = None
         self._ran = False
+
+    @property
+    def tiers(self) -> tuple[TierState, ...]:
+        """Each tier's running record, its quota store among them (to inspect after `run`)."""
+        return tuple(self._tiers)
 
     def run(self, *, on_progress: ProgressFn | None = None) -> SimResult:
         """Simulate the whole scenario, then drain what is queued or in flight."""
@@ -160,7 +167,7 @@ class Simulation:
         heap, pop, handle = self._heap, heapq.heappop, self._handle
         complete, reschedule = self._complete, self._reschedule
         tiers, info, sched = self._tiers, self._info, self._sched
-        submit, shed = sched.submit, self._shedding.shed
+        submit, shed, cost = sched.submit, self._shedding.shed, request_cost
         duration = self.scenario.duration_s
         rows: list[ArrivalRow] = []
         window_end = 0.0
@@ -195,11 +202,11 @@ class Simulation:
                     ts.grow_keys()
                     ts.key_offered[k] += 1
                 key = ts.key_names[k]
-                if ts.quotas is not None and not ts.take_quota(key, p + o, now):
+                if ts.quotas is not None and not ts.take_quota(key, int(cost(p, o)), now):
                     ts.refused += 1
                     continue
                 rid += 1
-                decision = submit(Request(rid, key, ts.name, key, "sim", p + o, now), now=now)
+                decision = submit(Request(rid, key, ts.name, key, "sim", cost(p, o), now), now=now)
                 if isinstance(decision, Admit):
                     ts.admitted += 1
                     ts.zero_waits += 1
@@ -212,7 +219,7 @@ class Simulation:
                         self._wake_at = now + ts.max_wait_s
                         self._push(self._wake_at, _WAKE, None)
                 elif not shed(ts, decision.reason, p, o, now):
-                    ts.give_back(key, p + o, now)
+                    ts.give_back(key, int(cost(p, o)), now)
                 if self._need_poll:
                     self._poll(now)
 
@@ -267,7 +274,7 @@ class Simulation:
         for expired in self._sched.expire(now=now):
             ts, _, p, o = info.pop(expired.request.id)
             if not shed(ts, expired.reason, p, o, now):
-                ts.give_back(expired.request.key_id, p + o, now)
+                ts.give_back(expired.request.key_id, int(expired.request.cost), now)
         self._poll(now)
         self._arm(now)
 

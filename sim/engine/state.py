@@ -14,7 +14,7 @@ from collections import deque
 
 from backends.gpu_model import GpuConfig, GpuModel
 from backends.gpu_model import Sequence as GpuSequence
-from backends.pressure_model import PressureModel, Scrape, pool_pressure
+from backends.pressure_model import PressureConfig, PressureModel, Scrape, pool_pressure
 from policies.ladder import ShedLadder
 from policies.ratelimit import Quota
 from scheduler.core import ShedReason, Ticket
@@ -187,12 +187,12 @@ class Backend:
         "wake_at",
     )
 
-    def __init__(self, index: int, config: GpuConfig, now: float) -> None:
+    def __init__(self, index: int, config: GpuConfig, now: float, probe: PressureConfig) -> None:
         self.index = index
         self.config = config
         self.gpu = GpuModel(config, now=now)
         self.alive = True
-        self.pressure = PressureModel()  # what the service's probe of this backend knows
+        self.pressure = PressureModel(probe)  # what the service's probe of this backend knows
         self.wake_at = _INF
         self.inflight: dict[int, Flight] = {}
         self.ends: list[tuple[float, int, GpuSequence]] = []
@@ -224,6 +224,15 @@ class Backend:
             started = pending.popleft()
             heapq.heappush(ends, (started.done_step, started.id, started))
         return self.gpu.time_of_step(ends[0][0]) if ends else _INF
+
+
+def probe_config(gpu: GpuConfig, tick_s: float) -> PressureConfig:
+    """The probe the simulated gateway has on each backend, as the fidelity rig configures
+    the live one (`sim.fidelity.gateway_config`): scraped every tick, stale after four ticks
+    (2 s at least), a full batch waiting reads as saturated."""
+    return PressureConfig(
+        waiting_saturation=float(gpu.max_batch), stale_after_s=max(2.0, 4 * tick_s)
+    )
 
 
 def scrape(backends: list[Backend], now: float) -> float:

@@ -130,7 +130,8 @@ async def replay(store: QuotaStore, algorithm: AlgorithmKind, seed: int) -> list
     """One random sequence of every call; what each call returned."""
     rng = random.Random(f"{seed}/{algorithm}")
     requests, tokens = specs(algorithm)
-    now, seen, last = 1_000.0, [], None
+    now, last = 1_000.0, None
+    seen: list[Any] = []
     for _ in range(120):
         now += rng.choice([0.0, 0.0, 0.5, 2.0, 7.5])
         key = rng.choice(["a", "b"])
