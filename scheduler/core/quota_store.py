@@ -211,7 +211,7 @@ class MemoryQuotaStore:
             for limiter in (self.limiter(slot, spec),)
         ]
         fits = all(decision.allowed for _, decision, _ in plans)
-        balance = self._balance(key_id, at)
+        balance = self._balance(key_id, at) if burst_credits else 0
         credit_cost = max(1, token_cost) if burst_credits else 0
         spent = 0
         if fits:
