@@ -143,3 +143,42 @@ def test_the_fair_queue_cost_is_the_services() -> None:
     for a in arrival_schedule(scenario(QuotaAlgorithm.GCRA, QuotaUnit.TOKENS)):
         call = InferenceCall("chat", "m", False, a.prompt_tokens, a.output_tokens, {})
         assert call.cost == request_cost(a.prompt_tokens, a.output_tokens)
+
+
+OVERLOADED = """
+name = "shed_gives_back"
+duration_s = 20
+seed = 3
+
+[backends]
+count = 1
+max_batch = 1
+
+[controller]
+kind = "fixed"
+fixed_limit = 1
+
+[[tiers]]
+name = "free"
+weight = 1
+max_wait_s = 0.05
+max_depth = 1
+slo_latency_s = 30
+rate_rps = 20
+keys = 1
+output_tokens = 200
+
+[tiers.quota]
+limit = 5
+period_s = 1
+"""
+
+
+def test_a_request_shed_to_a_503_gives_its_quota_back() -> None:
+    """The gateway settles a 503 as `failed`: the request is not counted in the key's quota.
+    Here one slot serves well under 5 requests a second of the 20 offered, and every other
+    request is shed, so the key never reaches its quota of 5 a second (the sim charged every
+    shed request before, and refused about three quarters of the arrivals)."""
+    result = Simulation(parse_scenario(OVERLOADED, source="shed.toml")).run().tier("free")
+    assert result.shed > result.offered // 2
+    assert result.refused_by_quota == 0
