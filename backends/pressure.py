@@ -14,17 +14,12 @@ probe's loop never dies of an upstream's trouble. An HTTP 404 is not a failure: 
 publishes no metrics, which the model reports as `known=False` (pressure 0, left out of the
 pool's aggregate); set `enabled = false` for such backends to skip the probe altogether.
 
-The pool's pressure is the mean over its backends by default: the controller's one limit
-covers the whole pool, and the least-busy routing in `backends.http` spreads load, so the
-mean is the share of the pool that is saturated. A backend that is down (stale, 1.0) then
-weighs 1/N instead of throttling the healthy ones to the minimum, which the max would do.
-`Aggregate.MAX` is there for pools where one hot backend must hold everyone back.
+The pool's pressure is `backends.pressure_model.pool_pressure` over its probes' readings (the
+mean by default, stale backends at 1.0), the same function the simulator calls.
 """
 
 from __future__ import annotations
 
-import enum
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,11 +30,13 @@ from backends.http_client import BackendError, BackendTimeout, HttpClient
 from backends.pressure_config import ProbeConfig, probe_config_from_mapping
 from backends.pressure_metrics import Exporter, parse_scrape
 from backends.pressure_model import (
+    Aggregate,
     PressureConfig,
     PressureModel,
     PressureReading,
     Scrape,
     Signal,
+    pool_pressure,
 )
 
 __all__ = [
@@ -166,13 +163,6 @@ class MetricsProbe(ModelProbe):
         return body.decode("utf-8", "replace")
 
 
-class Aggregate(enum.Enum):
-    """How a pool combines its backends' pressures."""
-
-    MEAN = "mean"
-    MAX = "max"
-
-
 @dataclass(frozen=True, slots=True)
 class PoolPressureStatistics:
     pressure: float  # what the controller sees
@@ -207,23 +197,15 @@ class PoolPressure:
         return cls(probes, aggregate=aggregate)
 
     def pressure(self, now: float) -> float:
-        return self._combine([probe.reading(now) for probe in self.probes])
+        return pool_pressure([probe.reading(now) for probe in self.probes], self.aggregate)
 
     def statistics(self, now: float | None = None) -> PoolPressureStatistics:
         """A snapshot per backend; `now` defaults to trio's clock."""
         now = trio.current_time() if now is None else now
         readings = {probe.name: probe.reading(now) for probe in self.probes}
         return PoolPressureStatistics(
-            self._combine(list(readings.values())), self.aggregate, readings
+            pool_pressure(list(readings.values()), self.aggregate), self.aggregate, readings
         )
-
-    def _combine(self, readings: list[PressureReading]) -> float:
-        counted = [r.pressure for r in readings if r.known or r.stale]
-        if not counted:
-            return 0.0
-        if self.aggregate is Aggregate.MAX:
-            return max(counted)
-        return min(1.0, math.fsum(counted) / len(counted))
 
     async def run(self) -> None:
         """Run every probe's loop until cancelled (start it in the service nursery)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 
@@ -213,3 +214,30 @@ class PressureModel:
             preemptions_per_s=self.preemptions_per_s(),
             scrape=last,
         )
+
+
+class Aggregate(enum.Enum):
+    """How a pool combines its backends' pressures (see `pool_pressure`)."""
+
+    MEAN = "mean"
+    MAX = "max"
+
+
+def pool_pressure(
+    readings: Sequence[PressureReading], aggregate: Aggregate = Aggregate.MEAN
+) -> float:
+    """A pool's pressure from its backends' readings: the service's and the simulator's.
+
+    Backends that are fresh but show no known signal are left out; a stale one counts as 1.0;
+    with none left, the pressure is 0.0. The mean by default: the controller's one limit
+    covers the whole pool and least-busy routing spreads load, so the mean is the share of the
+    pool that is saturated, and a backend that is down weighs 1/N instead of throttling the
+    healthy ones to the minimum, which the max would do. `Aggregate.MAX` is for pools where
+    one hot backend must hold everyone back.
+    """
+    counted = [r.pressure for r in readings if r.known or r.stale]
+    if not counted:
+        return 0.0
+    if aggregate is Aggregate.MAX:
+        return max(counted)
+    return min(1.0, math.fsum(counted) / len(counted))

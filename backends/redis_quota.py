@@ -38,9 +38,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, TypeVar
 
 import coredis
 import coredis.exceptions
@@ -49,21 +48,26 @@ from coredis.commands.script import Script
 
 from backends.redis_lua import ADD_CREDITS_SCRIPT, SETTLE_SCRIPT, TAKE_SCRIPT
 from backends.redis_pipeliner import RedisPipeliner
-from policies.ratelimit import (
-    GCRA,
-    CounterState,
-    LogEntry,
-    LogState,
-    Quota,
-    RateAlgorithm,
-    RateDecision,
-    SlidingWindowCounter,
-    SlidingWindowLog,
+from policies.ratelimit import CounterState, LogEntry, LogState, RateDecision
+from scheduler.core.quota_store import (
+    ALGORITHM_KINDS,
+    AlgorithmKind,
+    QuotaDecision,
+    QuotaSpec,
+    Slot,
 )
 
-AlgorithmKind = Literal["gcra", "sliding_log", "sliding_counter"]
-ALGORITHM_KINDS: tuple[AlgorithmKind, ...] = get_args(AlgorithmKind)
-Slot = Literal["requests", "tokens"]
+__all__ = [
+    "ALGORITHM_KINDS",
+    "AlgorithmKind",
+    "QuotaDecision",
+    "QuotaSpec",
+    "QuotaStoreError",
+    "QuotaStoreUnavailable",
+    "RedisQuotaStore",
+    "Slot",
+]
+
 RedisState = float | LogState | CounterState | None
 T = TypeVar("T")
 
@@ -85,54 +89,9 @@ class QuotaStoreUnavailable(QuotaStoreError):
     """Redis could not be reached, or did not answer within the store's timeout."""
 
 
-@dataclass(frozen=True, slots=True)
-class QuotaSpec:
-    """A quota and the algorithm enforcing it, e.g. `QuotaSpec("gcra", Quota(60, 60.0))`."""
-
-    algorithm: AlgorithmKind
-    quota: Quota
-
-    def __post_init__(self) -> None:
-        if self.algorithm not in ALGORITHM_KINDS:
-            raise ValueError(
-                f"quota.algorithm must be one of {', '.join(ALGORITHM_KINDS)}, "
-                f"got {self.algorithm!r}"
-            )
-        if not isinstance(self.quota, Quota):
-            raise ValueError(f"quota.quota must be a Quota, got {self.quota!r}")
-
-    def rate_algorithm(self) -> RateAlgorithm[Any]:
-        """The pure Python twin (for the fail-open local limiter and the simulator)."""
-        if self.algorithm == "gcra":
-            return GCRA(self.quota)
-        if self.algorithm == "sliding_log":
-            return SlidingWindowLog(self.quota)
-        return SlidingWindowCounter(self.quota)
-
-
-@dataclass(frozen=True, slots=True)
-class QuotaDecision:
-    """The outcome of one `take`.
-
-    - `allowed`: admitted, by the base quotas or by burst credits.
-    - `requests` / `tokens`: each base quota's decision (None when the key has no such quota).
-    - `credits_spent`: credits spent on this request (0 unless the base quotas refused).
-    - `credits_left`: the balance after this request, None when credits were not asked for.
-    - `retry_after_s`: 0 when allowed, else the longest `retry_after_s` of the refusing quotas.
-    - `decided_at`: the time the script decided at (Redis `TIME`, or the explicit `now`).
-    """
-
-    allowed: bool
-    requests: RateDecision | None
-    tokens: RateDecision | None
-    credits_spent: int
-    credits_left: int | None
-    retry_after_s: float
-    decided_at: float
-
-
 class RedisQuotaStore:
-    """Quota states and burst credits in Redis, one atomic script per call.
+    """Quota states and burst credits in Redis, one atomic script per call (a `QuotaStore`,
+    `scheduler.core.quota_store`, whose `MemoryQuotaStore` decides the same).
 
     `redis` is a connected coredis client, entered and left by one task that outlives the store.
     `min_ttl_s` floors every TTL written (Redis' own floor is 1 ms); keeping a state longer than
@@ -249,10 +208,13 @@ class RedisQuotaStore:
         keys = [self.state_key(key_id, "requests", requests), self.key(key_id, "credits")]
         await self._run(self._settle, keys, args)
 
-    async def add_credits(self, key_id: str, amount: int, *, ttl_s: float) -> int:
+    async def add_credits(
+        self, key_id: str, amount: int, *, ttl_s: float, now: float | None = None
+    ) -> int:
         """Add `amount` credits (tokens) to `key_id`'s balance; return the new balance.
 
-        The balance expires `ttl_s` from now, or later if it already did.
+        The balance expires `ttl_s` from now, or later if it already did. Its expiry is
+        Redis's own TTL clock, so `now` (the role's) changes nothing here.
         """
         _check_units(amount=amount)
         if amount < 1:
@@ -263,8 +225,9 @@ class RedisQuotaStore:
         args = [amount, max(1, math.ceil(ttl_s * 1000))]
         return int(await self._call(lambda: self._add_credits(keys=keys, args=args)))
 
-    async def credits(self, key_id: str) -> int:
-        """`key_id`'s burst credit balance (0 when it has none or it expired)."""
+    async def credits(self, key_id: str, *, now: float | None = None) -> int:
+        """`key_id`'s burst credit balance (0 when it has none or it expired; Redis's TTL
+        clock says when, whatever `now`)."""
         key = self.key(key_id, "credits")
         value = await self._call(lambda: self._redis.get(key))
         return 0 if value is None else int(value)

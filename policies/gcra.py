@@ -86,6 +86,12 @@ class GCRA:
             return state
         return max(now, state - self._interval_s * cost)
 
+    def force(self, state: float | None, *, now: float, cost: int) -> float | None:
+        """Take `cost` units without refusing (a reservation settled higher than estimated)."""
+        check_call(now=now, cost=cost)
+        tat = now if state is None else max(state, now)
+        return tat + self._interval_s * cost
+
     def ttl_s(self, state: float | None, *, now: float) -> float:
         """Time until the TAT is reached; after it the state is equivalent to `None`."""
         if state is None:

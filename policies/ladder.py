@@ -95,6 +95,12 @@ class ShedLadder:
         return Step.REJECT
 
 
+def fallback_has_headroom(*, any_healthy: bool, inflight: int, max_inflight: int) -> bool:
+    """Whether the fallback pool can take one more request: it has a healthy backend and
+    fewer than its `max_inflight` requests in flight (the service's pool and the simulator's)."""
+    return any_healthy and inflight < max_inflight
+
+
 def _parse_step(index: int, name: object) -> Step:
     if isinstance(name, str):
         try:

@@ -49,10 +49,25 @@ class MemoryLimiter(Generic[S]):
 
     def take(self, key: str, *, now: float, cost: int = 1) -> RateDecision:
         """Try to take `cost` units for `key` at `now`; cost 0 peeks."""
-        self._evict_due(now)
-        decision, state = self._algorithm.take(self._states.get(key), now=now, cost=cost)
-        self._store(key, state, now)
+        decision, state = self.decide(key, now=now, cost=cost)
+        self.put(key, state, now=now)
         return decision
+
+    def decide(self, key: str, *, now: float, cost: int = 1) -> tuple[RateDecision, S | None]:
+        """What `take` would decide, and the state it would store, without storing it (a
+        store that takes several quotas or none decides on all of them first)."""
+        self._evict_due(now)
+        return self._algorithm.take(self._states.get(key), now=now, cost=cost)
+
+    def put(self, key: str, state: S | None, *, now: float) -> None:
+        """Store the state `decide` returned for `key`."""
+        self._evict_due(now)
+        self._store(key, state, now)
+
+    def force(self, key: str, *, now: float, cost: int) -> None:
+        """Take `cost` units for `key` without refusing (a reservation that ran over)."""
+        self._evict_due(now)
+        self._store(key, self._algorithm.force(self._states.get(key), now=now, cost=cost), now)
 
     def refund(self, key: str, *, now: float, cost: int) -> None:
         """Give back `cost` units to `key` (nothing happens for an unknown key)."""

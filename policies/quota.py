@@ -123,6 +123,10 @@ class RateAlgorithm(Protocol[S]):
         """Give back `cost` units taken earlier (e.g. a token reservation settled lower)."""
         ...
 
+    def force(self, state: S | None, *, now: float, cost: int) -> S | None:
+        """Take `cost` units without refusing (a settled reservation that ran over)."""
+        ...
+
     def ttl_s(self, state: S | None, *, now: float) -> float:
         """How long `state` must be kept; after that it is equivalent to `None`."""
         ...

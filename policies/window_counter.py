@@ -97,6 +97,12 @@ class SlidingWindowCounter:
             rolled.window, rolled.current - from_current, rolled.previous - from_previous
         )
 
+    def force(self, state: CounterState | None, *, now: float, cost: int) -> CounterState | None:
+        """Take `cost` units without refusing, into the current window."""
+        check_call(now=now, cost=cost)
+        _, rolled = self._roll(state, now)
+        return CounterState(rolled.window, rolled.current + cost, rolled.previous)
+
     def ttl_s(self, state: CounterState | None, *, now: float) -> float:
         """Time until both counters have aged out; after it the state is equivalent to `None`."""
         if state is None:

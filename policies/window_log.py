@@ -89,6 +89,15 @@ class SlidingWindowLog:
             cost -= newest.cost
         return tuple(entries)
 
+    def force(self, state: LogState | None, *, now: float, cost: int) -> LogState | None:
+        """Take `cost` units without refusing, into the newest entry when the log is full."""
+        check_call(now=now, cost=cost)
+        now = _effective_now(state, now)
+        live = self._live(state, now)
+        if live and (live[-1].at == now or len(live) >= self._quota.limit):
+            return (*live[:-1], LogEntry(live[-1].at, live[-1].cost + cost))
+        return (*live, LogEntry(now, cost))
+
     def ttl_s(self, state: LogState | None, *, now: float) -> float:
         """Time until the newest entry expires; after it the state is equivalent to `None`."""
         if not state:

@@ -60,6 +60,51 @@ def imported_roots(path: Path) -> set[str]:
     return roots
 
 
+PROJECT = {"policies", "scheduler", "backends", "sim", "bench", "tests"}
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project modules `path` imports, dotted (`from a.b import c` counts `a.b`)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return {name for name in names if name.split(".")[0] in PROJECT}
+
+
+def module_path(name: str) -> Path:
+    base = ROOT.joinpath(*name.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
+def is_pure(path: Path) -> bool:
+    return any(path == ROOT / p or (ROOT / p) in path.parents for p in PURE)
+
+
+def test_pure_parts_import_only_pure_parts() -> None:
+    """The wall holds at any depth: a pure module (the simulator's engine among them) may
+    import the project only where the project is pure, so it can never reach I/O through a
+    service or adapter module."""
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(
+            name for name in project_imports(path) if not is_pure(module_path(name))
+        )
+        for path in pure_modules()
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_wall_sees_an_impure_project_import(tmp_path: Path) -> None:
+    sample = tmp_path / "m.py"
+    sample.write_text(
+        "from backends.redis_quota import QuotaSpec\nfrom scheduler.core import Gate\n"
+    )
+    impure = [n for n in project_imports(sample) if not is_pure(module_path(n))]
+    assert impure == ["backends.redis_quota"]
+
+
 def test_pure_parts_exist() -> None:
     found = {p.relative_to(ROOT).parts[0] for p in pure_modules()}
     assert {"policies", "scheduler"} <= found

@@ -20,6 +20,7 @@ from scheduler.core.request import (
     Request,
     Shed,
     ShedReason,
+    request_cost,
 )
 from scheduler.core.scheduler import Scheduler, SchedulerConfig, SchedulerStats
 from scheduler.core.wfq import TierConfig, WeightedFairQueue
@@ -51,4 +52,5 @@ __all__ = [
     "Ticket",
     "TierConfig",
     "WeightedFairQueue",
+    "request_cost",
 ]

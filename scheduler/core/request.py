@@ -36,6 +36,12 @@ class Request(NamedTuple):
     deadline_at: float = math.inf
 
 
+def request_cost(prompt_tokens: int, output_tokens: int) -> float:
+    """A request's cost in the fair queue and its token reservation: the prompt plus the
+    output it may produce (the service's `max_tokens`, the simulator's drawn size), at least 1."""
+    return float(max(1, prompt_tokens + output_tokens))
+
+
 class ShedReason(enum.Enum):
     """Why a request left the queue without being admitted."""
 

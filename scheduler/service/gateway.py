@@ -24,8 +24,9 @@ from opentelemetry import trace
 from backends.http import BackendPool
 from backends.openai_stream import check_completion, completion_to_sse, sse_to_completion
 from backends.redis_cache import CacheError, CacheHit, ResponseCache
-from policies.ladder import CacheState, Step
+from policies.ladder import CacheState, Step, fallback_has_headroom
 from scheduler.core import Admit, Outcome, Request, Sample, Shed, ShedReason
+from scheduler.core.quota_store import Reservation
 from scheduler.service.config import ModelSettings, Settings, TierSettings
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.errors import ApiError, overloaded
@@ -322,21 +323,13 @@ class Gateway:
         if verdict.source is not Source.REDIS or store is None:
             return
         requests, tokens = quotas.specs()
-        reserved, credits = int(call.cost), verdict.credits_spent
+        reservation = Reservation(
+            record.key_id, requests, tokens, int(call.cost), verdict.credits_spent
+        )
 
         async def settle() -> None:
             try:
-                if tokens is not None and verdict.tokens is not None:
-                    await store.settle(
-                        record.key_id,
-                        tokens=tokens,
-                        reserved=reserved,
-                        actual=used,
-                        paid_with_credits=credits > 0,
-                    )
-                if failed and requests is not None and (credits == 0 or tokens is None):
-                    # credits spent with a token quota went back with the tokens just now
-                    await store.give_back_request(record.key_id, requests=requests, credits=credits)
+                await reservation.settle(store, used=used, failed=failed)
             except Exception:  # the reservation then expires with its window
                 self.quota.redis_errors += 1
 
@@ -460,9 +453,11 @@ class Gateway:
             return None
         target = self.settings.model(model.fallback)
         pool = self.pools.get(model.fallback)
-        if target is None or pool is None or not pool.any_healthy:
+        if target is None or pool is None:
             return None
-        if pool.inflight >= target.max_inflight:
+        if not fallback_has_headroom(
+            any_healthy=pool.any_healthy, inflight=pool.inflight, max_inflight=target.max_inflight
+        ):
             return None
         return target, pool
 

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from scheduler.core import request_cost
 from scheduler.service.errors import bad_request
 
 CHARS_PER_TOKEN = 4  # the usual rough estimate for English text
@@ -38,7 +39,7 @@ class InferenceCall:
 
     @property
     def cost(self) -> float:
-        return float(max(1, self.prompt_tokens + self.max_tokens))
+        return request_cost(self.prompt_tokens, self.max_tokens)
 
 
 def _no_constants(name: str) -> Any:

@@ -20,19 +20,22 @@ import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
-from backends.redis_quota import (
+from backends.redis_quota import QuotaStoreError
+from policies.breaker import BreakerState, CircuitBreaker
+from policies.ratelimit import Quota, RateDecision
+from scheduler.core.quota_store import (
     AlgorithmKind,
+    MemoryQuotaStore,
     QuotaDecision,
     QuotaSpec,
-    QuotaStoreError,
-    RedisQuotaStore,
+    QuotaStore,
+    Reservation,
+    completed,
 )
-from policies.breaker import BreakerState, CircuitBreaker
-from policies.ratelimit import MemoryLimiter, Quota, RateDecision
 
 T = TypeVar("T")
 SPENT_KEYS_MAX = 100_000  # keys remembered as used up, for the fail-open limiter
@@ -117,7 +120,7 @@ class QuotaGuard:
 
     def __init__(
         self,
-        store: RedisQuotaStore | None,
+        store: QuotaStore | None,
         breaker: CircuitBreaker,
         *,
         replicas: int,
@@ -127,7 +130,7 @@ class QuotaGuard:
         self.breaker = breaker
         self.timeout = timeout
         self.replicas = replicas
-        self._local: dict[QuotaSpec, MemoryLimiter[Any]] = {}
+        self._local = MemoryQuotaStore()  # the fail-open limiter, on this replica's shares
         self._spent_until: dict[str, float] = {}
         self._unreachable = False  # the last failure: refused connection (True) or timeout
         self._failing_since: float | None = None
@@ -182,7 +185,7 @@ class QuotaGuard:
             # slow, not gone (our own loop under load, or a pause just begun): the script may
             # have run, so admitting here could count the request twice; retry in a second
             return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0)
-        return self._local_take(key_id, requests, tokens, token_cost, now, quotas.period_s)
+        return self._local_take(key_id, quotas, token_cost, now)
 
     def settle_local(
         self,
@@ -197,12 +200,9 @@ class QuotaGuard:
         """Settle what the local limiter took: the unused tokens back or, for a call the
         backends `failed` to answer, the request and every token (a use over the estimate
         is not taken: the local limiter is a stand-in while Redis is out)."""
-        requests, tokens = quotas.specs()
-        if failed and requests is not None:
-            self._limiter(requests).refund(key_id, now=now, cost=1)
-        unused = reserved if failed else max(0, reserved - used)
-        if tokens is not None and unused:
-            self._limiter(tokens).refund(key_id, now=now, cost=unused)
+        requests, tokens = self._shares(quotas)
+        reservation = Reservation(key_id, requests, tokens, reserved)
+        completed(reservation.settle(self._local, used=min(used, reserved), failed=failed, now=now))
 
     def _redis_down(self, now: float) -> bool:
         """Redis refuses connections, or has not answered for DOWN_AFTER_S."""
@@ -230,43 +230,36 @@ class QuotaGuard:
         self._spent_until[key_id] = until
 
     def _local_take(
-        self,
-        key_id: str,
-        requests: QuotaSpec | None,
-        tokens: QuotaSpec | None,
-        token_cost: int,
-        now: float,
-        period_s: float,
+        self, key_id: str, quotas: QuotaSettings, token_cost: int, now: float
     ) -> Verdict:
         """Both quotas or neither, like the Redis script, on this replica's share."""
-        request_d = token_d = None
-        if requests is not None:
-            request_d = self._limiter(requests).take(key_id, now=now, cost=1)
-            if not request_d.allowed:
-                return Verdict(
-                    False, Source.LOCAL, request_d, None, request_d.retry_after_s, period_s=period_s
-                )
-        if tokens is not None:
-            token_d = self._limiter(tokens).take(key_id, now=now, cost=token_cost)
-            if not token_d.allowed:
-                if requests is not None:
-                    self._limiter(requests).refund(key_id, now=now, cost=1)
-                return Verdict(
-                    False,
-                    Source.LOCAL,
-                    request_d,
-                    token_d,
-                    token_d.retry_after_s,
-                    period_s=period_s,
-                )
-        return Verdict(True, Source.LOCAL, request_d, token_d, period_s=period_s)
+        requests, tokens = self._shares(quotas)
+        take = self._local.take(
+            key_id,
+            requests=requests,
+            tokens=tokens,
+            token_cost=token_cost,
+            burst_credits=False,
+            now=now,
+        )
+        decision = completed(take)
+        return Verdict(
+            decision.allowed,
+            Source.LOCAL,
+            decision.requests,
+            decision.tokens,
+            decision.retry_after_s,
+            period_s=quotas.period_s,
+        )
 
-    def _limiter(self, spec: QuotaSpec) -> MemoryLimiter[Any]:
-        limiter = self._local.get(spec)
-        if limiter is None:
-            share = QuotaSpec(spec.algorithm, spec.quota.per_replica(self.replicas))
-            limiter = self._local[spec] = MemoryLimiter(share.rate_algorithm())
-        return limiter
+    def _shares(self, quotas: QuotaSettings) -> tuple[QuotaSpec | None, QuotaSpec | None]:
+        """The key's quotas, each at this replica's share of it."""
+
+        def share(spec: QuotaSpec | None) -> QuotaSpec | None:
+            return spec and QuotaSpec(spec.algorithm, spec.quota.per_replica(self.replicas))
+
+        requests, tokens = quotas.specs()
+        return share(requests), share(tokens)
 
 
 def _pruned(entries: dict[str, T], keep: Callable[[T], bool]) -> dict[str, T]:

@@ -2,8 +2,9 @@
 virtual seconds.
 
 Why this shape: everything that decides is the real object (the `Scheduler` with its fair
-queue, gate and controller; the `policies` quota algorithms in a `MemoryLimiter`; the tiers'
-shed ladders; the `GpuModel` the demo server uses); this module only carries time and
+queue, gate and controller; the service's `QuotaStore` decisions in a `MemoryQuotaStore`; the
+tiers' shed ladders; the pool's pressure from `backends.pressure_model`; the `GpuModel` the demo
+server uses); this module only carries time and
 decisions between them, as the service's dispatcher does. It is written for speed, since a
 planner runs millions of requests:
 
@@ -18,10 +19,12 @@ planner runs millions of requests:
 - a backend wakes when its next request finishes (not for first tokens), is advanced once,
   and everything that finished by then is ended in one go.
 
-Each arrival: the key's quota (refused_by_quota), then `Scheduler.submit`; an admission goes
-to the live backend with the fewest requests in flight, and a backend that refuses it (its
-waiting room is full) makes it `Outcome.DROPPED`. Completions feed the controller a `Sample`
-of the backend call (admission to completion); the reported latency runs from arrival.
+Each arrival: the key's quota (refused_by_quota; a request that gets no answer, a 503 or a
+dropped call, gives its quota back as the gateway's settlement does), then `Scheduler.submit`;
+an admission goes to the live backend with the fewest requests in flight, and a backend that
+refuses it (its waiting room is full) makes it `Outcome.DROPPED`. Completions feed the
+controller a `Sample` of the backend call (admission to completion); the reported latency runs
+from arrival.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from scheduler.core import (
     SchedulerConfig,
     Ticket,
     TierConfig,
+    request_cost,
 )
 from sim.engine.arrivals import ArrivalRow, TierArrivals
 from sim.engine.capacity import capacity_rps
@@ -51,7 +55,7 @@ from sim.engine.model import ControllerSpec, Scenario
 from sim.engine.recorder import Recorder
 from sim.engine.results import SimResult
 from sim.engine.shedding import FallbackBackend, Shedding
-from sim.engine.state import Backend, TierState, pool_pressure
+from sim.engine.state import Backend, TierState, probe_config, scrape
 
 ProgressFn = Callable[[float], None]
 """Told the fraction (0..1) of the scenario's duration simulated so far."""
@@ -104,7 +108,8 @@ class Simulation:
             TierState(i, t, self._sources[i].key_names) for i, t in enumerate(scenario.tiers)
         ]
         pool = scenario.backends
-        self._backends = [Backend(i, pool.gpu, 0.0) for i in range(pool.count)]
+        probe = probe_config(pool.gpu, self.controller_spec.tick_s)
+        self._backends = [Backend(i, pool.gpu, 0.0, probe) for i in range(pool.count)]
         self._alive = list(self._backends)
         self._loads = [0] * pool.count  # in flight per backend; a lost one: _LOST
         self._lost: dict[int, list[Backend]] = {}
@@ -125,6 +130,11 @@ class Simulation:
         self._last_event_at = 0.0
         self._on_progress: ProgressFn | None = None
         self._ran = False
+
+    @property
+    def tiers(self) -> tuple[TierState, ...]:
+        """Each tier's running record, its quota store among them (to inspect after `run`)."""
+        return tuple(self._tiers)
 
     def run(self, *, on_progress: ProgressFn | None = None) -> SimResult:
         """Simulate the whole scenario, then drain what is queued or in flight."""
@@ -157,7 +167,7 @@ class Simulation:
         heap, pop, handle = self._heap, heapq.heappop, self._handle
         complete, reschedule = self._complete, self._reschedule
         tiers, info, sched = self._tiers, self._info, self._sched
-        submit, shed = sched.submit, self._shedding.shed
+        submit, shed, cost = sched.submit, self._shedding.shed, request_cost
         duration = self.scenario.duration_s
         rows: list[ArrivalRow] = []
         window_end = 0.0
@@ -192,14 +202,11 @@ class Simulation:
                     ts.grow_keys()
                     ts.key_offered[k] += 1
                 key = ts.key_names[k]
-                limiter = ts.limiter
-                if limiter is not None and not (
-                    limiter.take(key, now=now, cost=p + o if ts.quota_tokens else 1).allowed
-                ):
+                if ts.quotas is not None and not ts.take_quota(key, int(cost(p, o)), now):
                     ts.refused += 1
                     continue
                 rid += 1
-                decision = submit(Request(rid, key, ts.name, key, "sim", p + o, now), now=now)
+                decision = submit(Request(rid, key, ts.name, key, "sim", cost(p, o), now), now=now)
                 if isinstance(decision, Admit):
                     ts.admitted += 1
                     ts.zero_waits += 1
@@ -211,8 +218,8 @@ class Simulation:
                     elif now + ts.max_wait_s < self._wake_at:  # its deadline may be the first
                         self._wake_at = now + ts.max_wait_s
                         self._push(self._wake_at, _WAKE, None)
-                else:
-                    shed(ts, decision.reason, p, o, now)
+                elif not shed(ts, decision.reason, p, o, now):
+                    ts.give_back(key, int(cost(p, o)), now)
                 if self._need_poll:
                     self._poll(now)
 
@@ -266,7 +273,8 @@ class Simulation:
         info, shed = self._info, self._shedding.shed
         for expired in self._sched.expire(now=now):
             ts, _, p, o = info.pop(expired.request.id)
-            shed(ts, expired.reason, p, o, now)
+            if not shed(ts, expired.reason, p, o, now):
+                ts.give_back(expired.request.key_id, int(expired.request.cost), now)
         self._poll(now)
         self._arm(now)
 
@@ -323,6 +331,7 @@ class Simulation:
     def _drop(self, ticket: Ticket, ts: TierState, now: float) -> None:
         self._sched.finish(ticket, Sample(now - ticket.admitted_at, _DROPPED))
         ts.dropped += 1
+        ts.give_back(ticket.request.key_id, int(ticket.request.cost), now)
         self._need_poll = True
 
     def _reschedule(self, backend: Backend, now: float) -> None:
@@ -361,7 +370,7 @@ class Simulation:
     # -- control, capacity and sampling -----------------------------------------------------
 
     def _tick(self, now: float) -> None:
-        self._pressure = pool_pressure(self._alive)
+        self._pressure = scrape(self._backends, now)
         self._sched.tick(now=now, pressure=self._pressure)
         self._push(now + self.controller_spec.tick_s, _TICK, None)
         self._poll(now)

@@ -3,7 +3,8 @@ walks it (`policies.ladder.ShedLadder.choose`), with the cache and fallback pool
 
 The cache holds the response with the tier's `cache_hit_ratio` (drawn per shed request, from
 its own seeded generator). The fallback pool is GPU models of its own: it has headroom when
-its least busy backend could start a request now, and a request degraded to it runs there,
+fewer requests than its batch slots are in flight (the gateway's rule, with `max_inflight`
+set to the slots), the least busy backend takes it, and a request degraded to it runs there,
 so its load is real; its outcome is counted when it is routed (`degraded_to_fallback`).
 """
 
@@ -15,7 +16,7 @@ import random
 from collections.abc import Callable
 
 from backends.gpu_model import GpuConfig, GpuModel
-from policies.ladder import CacheState, Step
+from policies.ladder import CacheState, Step, fallback_has_headroom
 from scheduler.core import ShedReason
 from sim.engine.state import TierState
 
@@ -43,8 +44,9 @@ class Shedding:
         self._ids = itertools.count(1)
         self.inflight = 0
 
-    def shed(self, ts: TierState, reason: ShedReason, p: int, o: int, now: float) -> None:
-        """Count a shed request by `reason` and by the ladder step that served it."""
+    def shed(self, ts: TierState, reason: ShedReason, p: int, o: int, now: float) -> bool:
+        """Count a shed request by `reason` and by the ladder step that served it; whether
+        it got an answer (the cache or the fallback) rather than a 503."""
         ts.reasons[reason] += 1
         if ts.first_shed_at == math.inf:
             ts.first_shed_at = now
@@ -58,11 +60,16 @@ class Shedding:
             ts.fallback += 1
         else:
             ts.shed += 1
+            return False
+        return True
 
     def _target(self) -> FallbackBackend | None:
-        """The least busy fallback backend, if it can start a request now."""
-        best = min(self._fallback, key=lambda b: len(b.inflight))
-        return best if len(best.inflight) < best.config.max_batch else None
+        """The least busy fallback backend, if the pool has headroom as the gateway judges
+        it (`policies.ladder.fallback_has_headroom`), its `max_inflight` being its slots."""
+        slots = sum(b.config.max_batch for b in self._fallback)
+        if not fallback_has_headroom(any_healthy=True, inflight=self.inflight, max_inflight=slots):
+            return None
+        return min(self._fallback, key=lambda b: len(b.inflight))
 
     def _submit(self, fb: FallbackBackend, p: int, o: int, now: float) -> bool:
         if fb.wake_at <= now:

@@ -11,27 +11,34 @@ import heapq
 import math
 from array import array
 from collections import deque
-from typing import Any
 
 from backends.gpu_model import GpuConfig, GpuModel
 from backends.gpu_model import Sequence as GpuSequence
+from backends.pressure_model import PressureConfig, PressureModel, Scrape, pool_pressure
 from policies.ladder import ShedLadder
-from policies.ratelimit import GCRA, MemoryLimiter, Quota, SlidingWindowCounter, SlidingWindowLog
+from policies.ratelimit import Quota
 from scheduler.core import ShedReason, Ticket
+from scheduler.core.quota_store import AlgorithmKind, MemoryQuotaStore, Reservation, completed
+from scheduler.core.quota_store import QuotaSpec as StoreSpec
 from sim.engine.model import QuotaAlgorithm, QuotaSpec, QuotaUnit, TierSpec
 from sim.engine.results import Percentiles, TierResult, jain_index
 
 _INF = math.inf
 
 
-def build_limiter(spec: QuotaSpec) -> MemoryLimiter[Any]:
-    """The tier's per-key quota: a `policies` algorithm in its in-memory store."""
-    quota = Quota(spec.limit, spec.period_s, spec.burst)
-    if spec.algorithm is QuotaAlgorithm.GCRA:
-        return MemoryLimiter(GCRA(quota))
-    if spec.algorithm is QuotaAlgorithm.SLIDING_LOG:
-        return MemoryLimiter(SlidingWindowLog(quota))
-    return MemoryLimiter(SlidingWindowCounter(quota))
+_ALGORITHMS: dict[QuotaAlgorithm, AlgorithmKind] = {
+    QuotaAlgorithm.GCRA: "gcra",
+    QuotaAlgorithm.SLIDING_LOG: "sliding_log",
+    QuotaAlgorithm.SLIDING_COUNTER: "sliding_counter",
+}
+
+
+def quota_specs(spec: QuotaSpec) -> tuple[StoreSpec | None, StoreSpec | None]:
+    """The tier's quota as the service's (request quota, token quota) pair."""
+    store_spec = StoreSpec(
+        _ALGORITHMS[spec.algorithm], Quota(spec.limit, spec.period_s, spec.burst)
+    )
+    return (store_spec, None) if spec.unit is QuotaUnit.REQUESTS else (None, store_spec)
 
 
 class TierState:
@@ -53,13 +60,14 @@ class TierState:
         "ladder",
         "last",
         "latencies",
-        "limiter",
         "max_wait_s",
         "name",
         "offered",
         "output_sum",
         "prompt_sum",
+        "quota_requests",
         "quota_tokens",
+        "quotas",
         "reasons",
         "refused",
         "shed",
@@ -77,8 +85,10 @@ class TierState:
         self.max_wait_s = spec.max_wait_s
         self.ladder: ShedLadder = spec.ladder
         self.cache_ratio = spec.cache_hit_ratio
-        self.limiter = build_limiter(spec.quota) if spec.quota is not None else None
-        self.quota_tokens = spec.quota is not None and spec.quota.unit is QuotaUnit.TOKENS
+        self.quotas = MemoryQuotaStore() if spec.quota is not None else None
+        self.quota_requests, self.quota_tokens = (
+            quota_specs(spec.quota) if spec.quota is not None else (None, None)
+        )
         self.key_names = key_names  # shared with the tier's arrivals, which may add trace keys
         self.key_offered = [0] * len(key_names)
         self.key_completed = [0] * len(key_names)
@@ -91,6 +101,29 @@ class TierState:
         self.waits: array[float] = array("d")  # queue waits > 0 (most are 0: counted apart)
         self.zero_waits = 0
         self.last = (0, 0, 0, 0)  # offered, admitted, goodput, not served: at the last sample
+
+    def take_quota(self, key: str, tokens: int, now: float) -> bool:
+        """The key's quota decision, as the service's guard takes it: 1 request and `tokens`
+        reserved (the sim knows the true size), both or neither, no burst credits."""
+        if self.quotas is None:
+            return True
+        take = self.quotas.take(
+            key,
+            requests=self.quota_requests,
+            tokens=self.quota_tokens,
+            token_cost=tokens,
+            burst_credits=False,
+            now=now,
+        )
+        return completed(take).allowed
+
+    def give_back(self, key: str, tokens: int, now: float) -> None:
+        """A request that got no answer (a 503 or a dropped call) settles as `failed`, as the
+        gateway settles it: the request and its reserved tokens go back."""
+        if self.quotas is None:
+            return
+        reservation = Reservation(key, self.quota_requests, self.quota_tokens, tokens)
+        completed(reservation.settle(self.quotas, used=0, failed=True, now=now))
 
     def not_served(self) -> int:
         return self.shed + self.cache + self.fallback + self.dropped
@@ -142,13 +175,24 @@ class Backend:
     until they start.
     """
 
-    __slots__ = ("alive", "config", "ends", "gpu", "index", "inflight", "pending", "wake_at")
+    __slots__ = (
+        "alive",
+        "config",
+        "ends",
+        "gpu",
+        "index",
+        "inflight",
+        "pending",
+        "pressure",
+        "wake_at",
+    )
 
-    def __init__(self, index: int, config: GpuConfig, now: float) -> None:
+    def __init__(self, index: int, config: GpuConfig, now: float, probe: PressureConfig) -> None:
         self.index = index
         self.config = config
         self.gpu = GpuModel(config, now=now)
         self.alive = True
+        self.pressure = PressureModel(probe)  # what the service's probe of this backend knows
         self.wake_at = _INF
         self.inflight: dict[int, Flight] = {}
         self.ends: list[tuple[float, int, GpuSequence]] = []
@@ -182,15 +226,25 @@ class Backend:
         return self.gpu.time_of_step(ends[0][0]) if ends else _INF
 
 
-def pool_pressure(alive: list[Backend]) -> float:
-    """The pool's 0..1 pressure, as a probe of vLLM's metrics would read it: for each live
-    backend the larger of its KV-cache use and its waiting requests over its batch size
-    (clipped to 1); the pool's is the largest. No live backend reads as 1 (a stale probe)."""
-    if not alive:
-        return 1.0
-    worst = 0.0
-    for backend in alive:
-        stats = backend.gpu.statistics()
-        waiting = stats.waiting / backend.config.max_batch
-        worst = max(worst, min(1.0, max(stats.kv_usage, waiting)))
-    return worst
+def probe_config(gpu: GpuConfig, tick_s: float) -> PressureConfig:
+    """The probe the simulated gateway has on each backend, as the fidelity rig configures
+    the live one (`sim.fidelity.gateway_config`): scraped every tick, stale after four ticks
+    (2 s at least), a full batch waiting reads as saturated."""
+    return PressureConfig(
+        waiting_saturation=float(gpu.max_batch), stale_after_s=max(2.0, 4 * tick_s)
+    )
+
+
+def scrape(backends: list[Backend], now: float) -> float:
+    """The pool's 0..1 pressure as the service's probes read it: each live backend is
+    scraped (its GPU model's KV-cache use, waiting and running, the numbers the demo server
+    exports), a lost one is not and turns stale, and `pool_pressure` aggregates them."""
+    for backend in backends:
+        if backend.alive:
+            stats = backend.gpu.statistics()
+            backend.pressure.observe(
+                Scrape(
+                    at=now, kv_usage=stats.kv_usage, waiting=stats.waiting, running=stats.running
+                )
+            )
+    return pool_pressure([b.pressure.reading(now=now) for b in backends])
