@@ -33,7 +33,8 @@ Each engine's names, where they are defined, and how their label sets are combin
              (tools/server/server-context.cpp: no unified cache unless `--kv-unified`), so
              one request cannot take another's cache: the slots are the capacity, and a
              deferred request is what a full cache would be elsewhere
-    Triton   core src/metrics.cc, labels model and version, or gpu_uuid
+    Triton   core src/metrics.cc (the families; GPU gauges labelled gpu_uuid) and
+             src/metric_model_reporter.cc (per-model labels model and version)
              nv_inference_pending_request_count         summed over models, added to waiting
              nv_gpu_memory_used_bytes / nv_gpu_memory_total_bytes   per GPU, paired by labels
     DCGM     dcgm-exporter etc/default-counters.csv, labels gpu, UUID, pci_bus_id, device,
