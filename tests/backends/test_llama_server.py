@@ -242,7 +242,7 @@ async def test_the_pressure_probe_reads_llama_cpp_metrics(
         scrape = parse_scrape(text, at=0.0, exporters=frozenset({Exporter.LLAMACPP}))
         assert (scrape.running, scrape.waiting, scrape.kv_usage) == (2.0, 1.0, None)
         assert "# TYPE llamacpp:requests_deferred gauge" in text
-        assert not [name for name in metric_names(text) if "kv" in name or "cache" in name]
+        assert not [name for name in metric_names(text) if "kv" in name or "usage" in name]
         assert reading.known and not reading.stale
         assert reading.scrape is not None and reading.scrape.running == 2.0
         saturation = config.pressure.waiting_saturation
