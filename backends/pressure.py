@@ -5,8 +5,8 @@
     ProbeConfig     per backend (backends.pressure_config, buildable from TOML)
 
 What the numbers mean lives in the pure `backends.pressure_model` (signals, saturation points,
-staleness) and `backends.pressure_metrics` (vLLM, Triton and DCGM names); this module only
-fetches, parses and records.
+staleness) and `backends.pressure_metrics` (the engines' and GPU exporters' names); this
+module only fetches, parses and records.
 
 A failed scrape is not an exception to the caller: it is recorded (`ScrapeError`, translated
 from the HTTP client's errors here and nowhere else) and the model turns it into staleness, so the

@@ -7,13 +7,13 @@ and the simulator drive with explicit times.
 How a scrape becomes a pressure in [0, 1] (1 = saturated, the controller backs off above its
 `pressure_threshold`), each enabled signal scaled to its own saturation point:
 
-    kv_cache     KV-cache usage / kv_saturation                     (vLLM)
-    waiting      waiting requests / waiting_saturation              (vLLM waiting, Triton pending)
+    kv_cache     KV-cache usage / kv_saturation                     (vLLM, SGLang)
+    waiting      waiting requests / waiting_saturation              (every engine's queue)
     gpu_memory   max GPU memory fraction / memory_saturation        (Triton, DCGM, NVML)
                  only when the scrape has no KV-cache usage: vLLM and TGI preallocate ~90 % of
                  GPU memory, so beside a KV-cache signal it reads "nearly full" whatever the load
     preemption   preemptions per second between the last two good scrapes
-                 / preemption_saturation_per_s                      (vLLM)
+                 / preemption_saturation_per_s                      (vLLM, SGLang)
 
 The pressure is the largest of them, not a weighted sum: any one of them alone means the
 server cannot take more (a full KV cache with an empty queue is still full).
@@ -23,7 +23,7 @@ older than `stale_after_s`, the pressure is 1.0. A failed scrape brings no new d
 dropped scrape changes nothing and a backend that keeps failing turns stale `stale_after_s`
 after its last good scrape.
 
-A backend that answers but shows none of the enabled signals (not vLLM, Triton or DCGM, or a
+A backend that answers but shows none of the enabled signals (none of the known exporters, or a
 server without `/metrics`) is reported as `known=False` with pressure 0.0: it tells us nothing
 either way, and a pool leaves it out of its aggregate rather than count it as idle or full.
 """

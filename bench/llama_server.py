@@ -1,6 +1,6 @@
 """llama.cpp's `llama-server` for benches: build it, write its random-weight model, run it.
 
-    python bench/llama_server.py build              # once per pinned version, then cached
+    python bench/llama_server.py build              # once per version and options, then cached
     python bench/llama_server.py model [--layers N --embedding N ...]   # prints the GGUF path
     python bench/llama_server.py run --port 8081 --parallel 4 --ctx-size 8192
 

@@ -1,12 +1,16 @@
 """The README's promises checked against the code: its config example loads, and CI runs
-exactly its test command."""
+exactly its test command, and its engine configs read their engines' metrics."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
+
+from backends.pressure_metrics import Exporter, parse_scrape
 from scheduler.service.config import load_settings
+from tests.backends.test_pressure import SGLANG, TGI, VLLM_V1
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -25,3 +29,28 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = re.findall(r"```sh\n# 2\. .*?\n(.*?)\n```", README, re.S)
     assert len(commands) == 1
     assert commands[0] in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize(
+    ("index", "exporter", "text", "waiting"),
+    [
+        (0, Exporter.VLLM, VLLM_V1, 5.0),
+        (1, Exporter.SGLANG, SGLANG, 5.0),
+        (2, Exporter.TGI, TGI, 5.0),
+    ],
+)
+def test_the_readme_engine_configs_read_their_engines_metrics(
+    tmp_path: Path, index: int, exporter: Exporter, text: str, waiting: float
+) -> None:
+    # The vLLM, SGLang and TGI configs of "In front of a real engine" load, name their
+    # engine's exporter, and that exporter reads the engine's own exposition text.
+    section = README.split("The other engines are configured", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```toml\n(.*?)```", section, re.S)
+    assert len(blocks) == 3
+    path = tmp_path / "engine.toml"
+    path.write_text(blocks[index])
+    (model,) = load_settings(path, env={}).models
+    assert model.pressure.exporters == frozenset({exporter})
+    assert model.pressure.url_for(model.backends[0]) == model.backends[0] + "/metrics"
+    scrape = parse_scrape(text, at=0.0, exporters=model.pressure.exporters)
+    assert scrape.waiting == waiting

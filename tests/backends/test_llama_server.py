@@ -241,6 +241,8 @@ async def test_the_pressure_probe_reads_llama_cpp_metrics(
             reading = await probe.scrape_once(trio.current_time())
         scrape = parse_scrape(text, at=0.0, exporters=frozenset({Exporter.LLAMACPP}))
         assert (scrape.running, scrape.waiting, scrape.kv_usage) == (2.0, 1.0, None)
+        assert "# TYPE llamacpp:requests_deferred gauge" in text
+        assert not [name for name in metric_names(text) if "kv" in name or "usage" in name]
         assert reading.known and not reading.stale
         assert reading.scrape is not None and reading.scrape.running == 2.0
         saturation = config.pressure.waiting_saturation
@@ -250,6 +252,20 @@ async def test_the_pressure_probe_reads_llama_cpp_metrics(
         idle = await probe.scrape_once(trio.current_time())
     assert idle.scrape is not None
     assert (idle.scrape.running, idle.scrape.waiting, idle.pressure) == (0.0, 0.0, 0.0)
+
+
+def metric_names(text: str) -> list[str]:
+    return re.findall(r"^# TYPE (\S+)", text, re.M)
+
+
+async def test_each_slot_owns_its_share_of_the_kv_cache(llama: LlamaServer) -> None:
+    # Why llama.cpp needs no KV-cache signal (backends/pressure_metrics.py): started with an
+    # explicit --parallel, it splits the context evenly between the slots, so a request can
+    # fill only its own slot's cache and the slots (busy, deferred) are the capacity.
+    async with httpx2.AsyncClient(timeout=5) as client:
+        slots = (await client.get(llama.url + "/slots")).json()
+    assert len(slots) == PARALLEL
+    assert {slot["n_ctx"] for slot in slots} == {llama.options.ctx_size // PARALLEL}
 
 
 async def metrics_text(llama: LlamaServer) -> str:

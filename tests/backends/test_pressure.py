@@ -1,6 +1,13 @@
-"""GPU-pressure probes: canned vLLM, Triton and DCGM scrapes read with explicit times, the
-model's signals and staleness, config from TOML tables, pools, and probes through real sockets
-against the demo GPU server (conditions waited for under a deadline, never slept for).
+"""GPU-pressure probes: canned vLLM, SGLang, TGI, llama.cpp, Triton and DCGM scrapes read with
+explicit times, the model's signals and staleness, config from TOML tables, pools, and probes
+through real sockets against the demo GPU server (conditions waited for under a deadline,
+never slept for).
+
+Each canned scrape is written as its engine writes it: the names and help texts of the source
+cited in backends/pressure_metrics.py, its label sets, and its exporter library's layout
+(prometheus_client for vLLM and SGLang, with `_total` counters and their `_created` series;
+the Rust metrics-exporter-prometheus for TGI, counters without `_total`, a blank line between
+families; llama.cpp's own `to_metrics()`).
 """
 
 from __future__ import annotations
@@ -46,6 +53,11 @@ vllm:num_requests_running{{engine="1",{LLAMA}}} 31.0
 # TYPE vllm:num_requests_waiting gauge
 vllm:num_requests_waiting{{engine="0",{LLAMA}}} 2.0
 vllm:num_requests_waiting{{engine="1",{LLAMA}}} 3.0
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.DEPRECATED: \
+Use vllm:kv_cache_usage_perc instead.
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{{engine="0",{LLAMA}}} 0.42
+vllm:gpu_cache_usage_perc{{engine="1",{LLAMA}}} 0.61
 # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.
 # TYPE vllm:kv_cache_usage_perc gauge
 vllm:kv_cache_usage_perc{{engine="0",{LLAMA}}} 0.42
@@ -54,6 +66,10 @@ vllm:kv_cache_usage_perc{{engine="1",{LLAMA}}} 0.61
 # TYPE vllm:num_preemptions_total counter
 vllm:num_preemptions_total{{engine="0",{LLAMA}}} 10.0
 vllm:num_preemptions_total{{engine="1",{LLAMA}}} 5.0
+# HELP vllm:num_preemptions_created Cumulative number of preemption from the engine.
+# TYPE vllm:num_preemptions_created gauge
+vllm:num_preemptions_created{{engine="0",{LLAMA}}} 1.7962520320320742e+09
+vllm:num_preemptions_created{{engine="1",{LLAMA}}} 1.7962520320321019e+09
 # HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
 # TYPE vllm:time_to_first_token_seconds histogram
 vllm:time_to_first_token_seconds_bucket{{engine="0",le="0.1",{LLAMA}}} 7.0
@@ -82,6 +98,110 @@ vllm:cpu_cache_usage_perc{{{LLAMA}}} 0.0
 # TYPE vllm:num_preemptions_total counter
 vllm:num_preemptions_total{{{LLAMA}}} 3.0
 """
+
+
+def sglang_ranks(dp: int, tp: int) -> str:
+    return (
+        f'dp_rank="{dp}",engine_type="unified",{LLAMA},moe_ep_rank="0",pp_rank="0",tp_rank="{tp}"'
+    )
+
+
+# Two DP ranks of two TP ranks each, every scheduler reporting
+# (--enable-metrics-for-all-schedulers): a DP rank's TP ranks repeat its numbers.
+SGLANG = "".join(
+    f"""\
+# HELP sglang:{name} {help_text}
+# TYPE sglang:{name} {kind}
+sglang:{name}{{{sglang_ranks(0, 0)}}} {first}
+sglang:{name}{{{sglang_ranks(0, 1)}}} {first}
+sglang:{name}{{{sglang_ranks(1, 2)}}} {second}
+sglang:{name}{{{sglang_ranks(1, 3)}}} {second}
+"""
+    for name, help_text, kind, first, second in [
+        ("num_running_reqs", "The number of running requests.", "gauge", "12.0", "9.0"),
+        ("token_usage", "The token usage.", "gauge", "0.57", "0.83"),
+        ("num_queue_reqs", "The number of requests in the waiting queue.", "gauge", "4.0", "1.0"),
+        ("cache_hit_rate", "The prefix cache hit rate.", "gauge", "0.31", "0.29"),
+        (
+            "num_retracted_requests_total",
+            "Total number of retracted requests.",
+            "counter",
+            "6.0",
+            "2.0",
+        ),
+    ]
+)
+
+TGI = """\
+# HELP tgi_request_count Total number of requests
+# TYPE tgi_request_count counter
+tgi_request_count 1031
+
+# HELP tgi_batch_inference_count Inference calls per method (prefill or decode)
+# TYPE tgi_batch_inference_count counter
+tgi_batch_inference_count{method="prefill"} 212
+tgi_batch_inference_count{method="decode"} 20913
+
+# HELP tgi_batch_current_size Current batch size
+# TYPE tgi_batch_current_size gauge
+tgi_batch_current_size 27
+
+# HELP tgi_queue_size Current queue size
+# TYPE tgi_queue_size gauge
+tgi_queue_size 5
+
+# HELP tgi_batch_current_max_tokens Maximum tokens for the current batch
+# TYPE tgi_batch_current_max_tokens gauge
+tgi_batch_current_max_tokens 41210
+
+# HELP tgi_request_queue_duration Time spent in the queue per request
+# TYPE tgi_request_queue_duration histogram
+tgi_request_queue_duration_bucket{le="0.00015"} 12
+tgi_request_queue_duration_bucket{le="0.000225"} 40
+tgi_request_queue_duration_bucket{le="+Inf"} 1031
+tgi_request_queue_duration_sum 96.2
+tgi_request_queue_duration_count 1031
+
+"""
+
+# As tools/server/server-task.cpp's to_metrics() writes it (counters, then gauges).
+LLAMA_CPP = "".join(
+    f"# HELP llamacpp:{name} {help_text}\n# TYPE llamacpp:{name} {kind}\nllamacpp:{name} {value}\n"
+    for name, help_text, kind, value in [
+        (
+            "prompt_tokens_total",
+            "Number of prompt tokens processed, excluding cached tokens",
+            "counter",
+            "3412",
+        ),
+        ("prompt_seconds_total", "Total time spent processing prompts", "counter", "4.1705"),
+        ("tokens_predicted_total", "Number of generation tokens processed", "counter", "9921"),
+        (
+            "n_decode_total",
+            "Total number of llama_decode() calls, excluding speculative "
+            "decoding and multimodal decoding",
+            "counter",
+            "5120",
+        ),
+        (
+            "n_tokens_max",
+            "Largest observed sequence length (prompt + generation)",
+            "counter",
+            "3041",
+        ),
+        ("prompt_tokens_seconds", "Average prompt throughput in tokens/s", "gauge", "818.2"),
+        ("predicted_tokens_seconds", "Average generation throughput in tokens/s", "gauge", "61.75"),
+        ("requests_processing", "Number of requests processing", "gauge", "2"),
+        ("requests_deferred", "Number of requests deferred", "gauge", "3"),
+        (
+            "n_busy_slots_per_decode",
+            "Average number of busy slots per llama_decode() call",
+            "gauge",
+            "1.9375",
+        ),
+    ]
+)
+
 
 TRITON = """\
 # HELP nv_inference_request_success Number of successful inference requests, all batch sizes
@@ -160,6 +280,27 @@ def test_the_current_kv_name_wins_when_both_are_exposed() -> None:
     assert parse_scrape(both, at=0.0).kv_usage == 0.61
 
 
+def test_sglang_counts_each_dp_rank_once_and_takes_the_fullest_kv_pool() -> None:
+    scrape = parse_scrape(SGLANG, at=2.0)
+    assert scrape == Scrape(at=2.0, kv_usage=0.83, waiting=5.0, running=21.0, preemptions_total=8.0)
+
+
+def test_tgi_queue_and_batch() -> None:
+    assert parse_scrape(TGI, at=3.0) == Scrape(at=3.0, waiting=5.0, running=27.0)
+
+
+def test_llama_cpp_deferred_requests_wait_and_busy_slots_run() -> None:
+    assert parse_scrape(LLAMA_CPP, at=4.0) == Scrape(at=4.0, waiting=3.0, running=2.0)
+
+
+def test_engines_behind_one_url_add_their_queues() -> None:
+    # A scrape that holds several engines' families (a shared exporter): queues add up,
+    # the fullest KV cache counts.
+    scrape = parse_scrape(VLLM_V1 + SGLANG + TGI + LLAMA_CPP, at=0.0)
+    assert (scrape.waiting, scrape.running, scrape.kv_usage) == (18.0, 105.0, 0.83)
+    assert scrape.preemptions_total == 23.0
+
+
 def test_triton_pending_requests_and_the_fullest_gpu() -> None:
     scrape = parse_scrape(TRITON, at=1.0)
     assert scrape == Scrape(at=1.0, waiting=6.0, gpu_memory=0.75)
@@ -172,6 +313,8 @@ def test_dcgm_memory_is_used_over_used_plus_free_on_the_fullest_gpu() -> None:
 
 def test_exporters_choose_which_families_are_read() -> None:
     assert not parse_scrape(DCGM, at=0.0, exporters=frozenset({Exporter.VLLM})).known
+    tgi_only = parse_scrape(SGLANG + TGI, at=0.0, exporters=frozenset({Exporter.TGI}))
+    assert (tgi_only.waiting, tgi_only.kv_usage) == (5.0, None)
     both = parse_scrape(VLLM_V1 + DCGM, at=0.0, exporters=frozenset({Exporter.DCGM}))
     assert (both.kv_usage, both.gpu_memory) == (None, 0.9)
 

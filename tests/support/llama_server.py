@@ -13,9 +13,10 @@ engine's own.
     with LlamaServer(build, model, parallel=2) as server:
         server.url                             # http://127.0.0.1:<free port>, healthy
 
-Everything lands in `~/.cache/inference-scheduler/llama-server-<version>/` (or under
-`$INFERENCE_SCHEDULER_CACHE`): the build runs in a temporary directory beside it and is renamed
-into place whole, under a file lock, so a second run (or a concurrent pytest process) reuses it.
+Everything lands in `~/.cache/inference-scheduler/llama-server-<version>-<digest>/` (the
+digest is of the build options; or under `$INFERENCE_SCHEDULER_CACHE`): the build runs in a
+temporary directory beside it and is renamed into place whole, under a file lock, so a second
+run (or a concurrent pytest process) reuses it.
 """
 
 from __future__ import annotations
@@ -48,8 +49,21 @@ VOCAB_NAME = "ggml-vocab-llama-spm.gguf"
 # directory), CPU only. The UI assets would be fetched from Hugging Face or built with npm:
 # both off, the server embeds none. OpenSSL is for HTTPS model downloads we never make;
 # OpenMP's spinning worker threads would fight everyone else for the 2 cores.
+#
+# Build time (CI builds it on every fresh machine): ggml, the tensor kernels that decide the
+# engine's speed, keeps -O3 (GGML_OPTIMIZED_FLAGS, set in ggml's own project scope through
+# CMAKE_PROJECT_ggml_INCLUDE); the rest (the server, its JSON, chat templates and HTTP,
+# multimodal code it links but we never call, the model loader and sampler) is most of the
+# compile time and runs per request or per token, not per multiply: -O1 there. GGML_NATIVE
+# (the default) builds one CPU variant for this machine, not GGML_CPU_ALL_VARIANTS' dozen;
+# the cache lives on the machine that built it. A unity build does not compile (upstream's
+# common/ and ggml-cpu/ sources clash when merged). Measured in the report of issue 15.
+OTHER_FLAGS = "-O1 -DNDEBUG"
+GGML_OPTIMIZED_FLAGS = "-O3 -DNDEBUG"
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release",
+    f"-DCMAKE_C_FLAGS_RELEASE={OTHER_FLAGS}",
+    f"-DCMAKE_CXX_FLAGS_RELEASE={OTHER_FLAGS}",
     "-DBUILD_SHARED_LIBS=OFF",
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
@@ -60,12 +74,26 @@ CMAKE_OPTIONS = (
     "-DLLAMA_USE_PREBUILT_UI=OFF",
     "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_LLGUIDANCE=OFF",
+    "-DGGML_NATIVE=ON",
     "-DGGML_OPENMP=OFF",
     "-DGGML_CUDA=OFF",
     "-DGGML_METAL=OFF",
     "-DGGML_VULKAN=OFF",
     "-DGGML_RPC=OFF",
 )
+GGML_PROJECT_INCLUDE = (
+    f'set(CMAKE_C_FLAGS_RELEASE "{GGML_OPTIMIZED_FLAGS}")\n'
+    f'set(CMAKE_CXX_FLAGS_RELEASE "{GGML_OPTIMIZED_FLAGS}")\n'
+)
+
+
+def build_key() -> str:
+    """The cache directory's name: the pinned version and a digest of how it is built, so a
+    change of options builds anew instead of reusing a binary built otherwise."""
+    recipe = "\n".join((*CMAKE_OPTIONS, GGML_PROJECT_INCLUDE))
+    digest = hashlib.sha256(recipe.encode()).hexdigest()[:8]
+    return f"llama-server-{LLAMA_CPP_PYTHON_VERSION}-{digest}"
+
 
 Log = Callable[[str], None]
 
@@ -121,10 +149,10 @@ def ensure_llama_server(
 ) -> LlamaBuild:
     """The cached build for the pinned version, building it first if there is none."""
     root = root or cache_root()
-    build = LlamaBuild(root / f"llama-server-{LLAMA_CPP_PYTHON_VERSION}", LLAMA_CPP_PYTHON_VERSION)
+    build = LlamaBuild(root / build_key(), LLAMA_CPP_PYTHON_VERSION)
     if build.is_complete():
         return build
-    with file_lock(root / f"llama-server-{LLAMA_CPP_PYTHON_VERSION}.lock"):
+    with file_lock(root / f"{build_key()}.lock"):
         if build.is_complete():  # another process built it while we waited
             return build
         with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as scratch:
@@ -141,7 +169,12 @@ def _build_in(scratch: Path, *, jobs: int, log: Log) -> Path:
     log(f"llama-server: downloaded and unpacked in {time.monotonic() - started_at:.1f} s")
     build_dir = scratch / "build"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []  # else cmake's Makefiles
-    _run(["cmake", "-S", str(source), "-B", str(build_dir), *generator, *CMAKE_OPTIONS], log)
+    ggml_include = scratch / "ggml-flags.cmake"
+    ggml_include.write_text(GGML_PROJECT_INCLUDE)
+    include = f"-DCMAKE_PROJECT_ggml_INCLUDE={ggml_include}"
+    _run(
+        ["cmake", "-S", str(source), "-B", str(build_dir), *generator, *CMAKE_OPTIONS, include], log
+    )
     compile_at = time.monotonic()
     target = ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs)]
     _run(target, log)
