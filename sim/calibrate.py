@@ -164,7 +164,6 @@ class Profiler:
         return kv_capacity_from_metrics(r.text) if r.status_code == 200 else None
 
 
-
 def _event(line: str) -> dict[str, Any] | None:
     if not line.startswith("data:"):
         return None
