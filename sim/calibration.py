@@ -8,7 +8,8 @@ very rules the simulator uses, and the error per point is the simulator's own er
 The fit, given the points:
 - `max_batch`: each measured concurrency is a candidate; for each, the decode costs come from
   a least-squares line of time per output token against min(concurrency, candidate), and the
-  prefill rate from the first-token times of the bursts that fit in the batch; the candidate
+  prefill terms (steps per prompt token, seconds per prompt token in the batch) from the
+  first-token times of the bursts that fit in the batch; the candidate
   whose model misses the points least wins. `saturation_concurrency` (where throughput stops
   growing) is reported beside it, from the throughputs alone;
 - `kv_capacity_tokens` and `max_waiting` are not timings: they come from the engine's metrics
@@ -20,13 +21,13 @@ Pure: measurements in, a `Fit` out; no I/O, no clock.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from backends.gpu_model import GpuConfig, GpuModel
 
 SATURATION_GAIN = 0.05  # throughput that grows by less than this is no longer growing
+MAX_PREFILL_TOKENS_PER_STEP = 2048.0  # a real engine's batch (llama.cpp's n_batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +133,16 @@ def _fit_for_batch(points: Sequence[Point], gpu: GpuConfig) -> Fit:
     decode = [(min(p.concurrency, gpu.max_batch), p.tpot_s) for p in points]
     slope, intercept = _line(decode)
     gpu = replace(gpu, decode_base_s=max(0.0, intercept), decode_per_seq_s=max(0.0, slope))
-    # TTFT = step_s(c) * (prompt / rate + 1) for a burst inside the batch
-    prefill = [
-        (float(p.prompt_tokens), p.ttft_s / gpu.step_s(p.concurrency) - 1)
+    # a burst of c inside the batch: TTFT - step_s(c) = prompt / rate * step_s(c)
+    #   + c * prompt * prefill_s_per_token (all c prompts are prefilled before any first token)
+    rows = [
+        (p.prompt_tokens * gpu.step_s(p.concurrency), p.concurrency * p.prompt_tokens, p)
         for p in points
-        if p.concurrency <= gpu.max_batch and p.prompt_tokens > 0 and gpu.step_s(p.concurrency)
+        if p.concurrency <= gpu.max_batch and p.prompt_tokens > 0
     ]
-    per_token = _through_origin(prefill)
-    if per_token > 0:
-        gpu = replace(gpu, prefill_tokens_per_step=1 / per_token)
+    samples = [(x1, x2, p.ttft_s - gpu.step_s(p.concurrency), p.ttft_s) for x1, x2, p in rows]
+    per_step, per_token = _prefill_terms(samples)
+    gpu = replace(gpu, prefill_tokens_per_step=1 / per_step, prefill_s_per_token=per_token)
     errors = tuple(predict_burst(gpu, p) for p in points)
     return Fit(gpu, errors, gpu.max_batch)
 
@@ -161,9 +163,32 @@ def _line(xy: Sequence[tuple[float, float]]) -> tuple[float, float]:
     return sxy / sxx, mean_y - sxy / sxx * mean_x
 
 
-def _through_origin(xy: Sequence[tuple[float, float]]) -> float:
-    """The slope through the origin: the median of y / x (robust to one slow burst)."""
-    return statistics.median(y / x for x, y in xy) if xy else 0.0
+def _prefill_terms(samples: Sequence[tuple[float, float, float, float]]) -> tuple[float, float]:
+    """Non-negative a, b with y = a x1 + b x2 in least squares of the relative error; each
+    sample is (x1, x2, y, measured). `a` is at least 1 / MAX_PREFILL_TOKENS_PER_STEP."""
+    floor = 1 / MAX_PREFILL_TOKENS_PER_STEP
+    if not samples:
+        return floor, 0.0
+    w = [1 / (m * m) for *_, m in samples]
+    s11 = sum(wi * x1 * x1 for wi, (x1, _, _, _) in zip(w, samples, strict=True))
+    s22 = sum(wi * x2 * x2 for wi, (_, x2, _, _) in zip(w, samples, strict=True))
+    s12 = sum(wi * x1 * x2 for wi, (x1, x2, _, _) in zip(w, samples, strict=True))
+    s1y = sum(wi * x1 * y for wi, (x1, _, y, _) in zip(w, samples, strict=True))
+    s2y = sum(wi * x2 * y for wi, (_, x2, y, _) in zip(w, samples, strict=True))
+    det = s11 * s22 - s12 * s12
+    if det > 1e-12 * s11 * s22:
+        a, b = (s1y * s22 - s2y * s12) / det, (s2y * s11 - s1y * s12) / det
+        if a >= floor and b >= 0:
+            return a, b
+    b = max(0.0, (s2y - floor * s12) / s22)  # a at its floor: all the cost per token
+    a_alone = s1y / s11  # or no cost per token: all of it in prefill steps
+    alone_error = sum(
+        wi * (y - a_alone * x1) ** 2 for wi, (x1, _, y, _) in zip(w, samples, strict=True)
+    )
+    floor_error = sum(
+        wi * (y - floor * x1 - b * x2) ** 2 for wi, (x1, x2, y, _) in zip(w, samples, strict=True)
+    )
+    return (floor, b) if floor_error <= alone_error or a_alone < floor else (a_alone, 0.0)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -218,6 +243,7 @@ def backends_section(fit: Fit, *, comment: str = "") -> str:
         f"decode_base_s = {gpu.decode_base_s:.6g}",
         f"decode_per_seq_s = {gpu.decode_per_seq_s:.6g}",
         f"prefill_tokens_per_step = {gpu.prefill_tokens_per_step:.6g}",
+        f"prefill_s_per_token = {gpu.prefill_s_per_token:.6g}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -44,13 +44,24 @@ def measured(gpu: GpuConfig, *, scale: float = 1.0) -> list[Point]:
     return points
 
 
-def test_the_fit_finds_the_model_that_made_the_measurements() -> None:
-    result = fit(measured(TRUE))
+ENGINE = GpuConfig(  # llama.cpp's way: a prompt in one step, paid per token by the batch
+    max_batch=4,
+    decode_base_s=0.004,
+    decode_per_seq_s=0.0015,
+    prefill_tokens_per_step=2048.0,
+    prefill_s_per_token=0.0005,
+)
+
+
+@pytest.mark.parametrize("gpu", [TRUE, ENGINE], ids=["per-step prefill", "per-token prefill"])
+def test_the_fit_finds_the_model_that_made_the_measurements(gpu: GpuConfig) -> None:
+    result = fit(measured(gpu))
     assert result.gpu.max_batch == 4
-    assert result.gpu.decode_base_s == pytest.approx(0.004, rel=1e-6)
-    assert result.gpu.decode_per_seq_s == pytest.approx(0.0015, rel=1e-6)
-    assert result.gpu.prefill_tokens_per_step == pytest.approx(64.0, rel=1e-6)
-    assert result.mean_error == pytest.approx(0.0, abs=1e-9)
+    assert result.gpu.decode_base_s == pytest.approx(gpu.decode_base_s, rel=1e-6)
+    assert result.gpu.decode_per_seq_s == pytest.approx(gpu.decode_per_seq_s, rel=1e-6)
+    assert result.gpu.prefill_tokens_per_step == pytest.approx(gpu.prefill_tokens_per_step)
+    assert result.gpu.prefill_s_per_token == pytest.approx(gpu.prefill_s_per_token, abs=1e-9)
+    assert result.mean_error == pytest.approx(0.0, abs=1e-6)
 
 
 def test_a_point_off_the_model_shows_in_its_error_and_barely_moves_the_fit() -> None:
