@@ -73,13 +73,13 @@ class Sequence:
 
     __slots__ = (
         "done_step",
-        "prefilled_step",
         "finished_at",
         "first_step",
         "first_token_at",
         "id",
         "kv_tokens",
         "output_tokens",
+        "prefilled_step",
         "prompt_tokens",
         "start_step",
         "started_at",
