@@ -221,6 +221,12 @@ class GpuModel:
         due = [h[0][0] for h in (self._prefills, self._firsts, self._ends) if h]
         return self.time_of_step(min(due)) if due else math.inf
 
+    def next_prefill_end_at(self) -> float:
+        """When the next costed prompt is done and steps speed up (`math.inf` if none): a
+        caller that wakes only for completions must wake then too, or it wakes late."""
+        self._drop_dead()
+        return self.time_of_step(self._prefills[0][0]) if self._prefills else math.inf
+
     def _drop_dead(self) -> None:
         for heap in (self._prefills, self._firsts, self._ends):
             while heap and heap[0][2].id not in self._running:
