@@ -208,6 +208,17 @@ async def calibrate(url: str, model: str, bounds: Bounds, log: Log) -> Fit:
     return fit(points, kv_capacity_tokens=kv)
 
 
+def _backend_error(exc: Exception) -> Exception:
+    """The first error the backend caused (a burst's nursery groups them); anything else is
+    a bug and propagates."""
+    while isinstance(exc, ExceptionGroup):
+        matched, rest = exc.split((httpx2.HTTPError, RuntimeError, ValueError))
+        if rest is not None or matched is None:
+            raise exc
+        exc = matched.exceptions[0]
+    return exc
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Profile an OpenAI-compatible backend and fit the simulator."
@@ -246,8 +257,8 @@ def main(argv: list[str] | None = None, *, prog: str = "scheduler calibrate") ->
     started = time.monotonic()
     try:
         result = trio.run(calibrate, args.url, args.model, bounds, log)
-    except (httpx2.HTTPError, RuntimeError, ValueError) as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+    except (httpx2.HTTPError, RuntimeError, ValueError, ExceptionGroup) as exc:
+        print(f"{prog}: {_backend_error(exc)}", file=sys.stderr)
         return 1
     print(format_table(ERROR_COLUMNS, error_table(result)))
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from scheduler.cli import main
+from scheduler.service.redis_embedded import free_port
 from sim.scenario import parse_scenario
 from tests.support.llama_server import (
     MODEL_ALIAS,
@@ -59,3 +60,10 @@ def test_calibrate_writes_a_backends_section_and_prints_its_error(
     gpu = parse_scenario(TIER + out.read_text(encoding="utf-8")).backends.gpu
     assert 1 <= gpu.max_batch <= 4
     assert 0 < gpu.step_s(1) < 0.5  # a random 8-layer model: milliseconds per token
+
+
+def test_calibrate_against_nothing_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["calibrate", "--url", url, "--model", "m", "--time-limit", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("scheduler calibrate: ")
