@@ -2,7 +2,7 @@
 
 Starts llama-server (as bench/fidelity_llama.py does: `--parallel 4`, one thread), calibrates
 the simulator on it to learn its capacity for this workload, then offers `--load` times that
-capacity (three tiers, 20/20/60 %, Free shed on overload) through the gateway for `--duration`
+capacity (three tiers, 10/20/70 %, Free shed on overload) through the gateway for `--duration`
 seconds, the same arrivals once with a fixed window of the engine's slots and once with AIMD.
 Per tier: offered, admitted, shed, goodput within the tier's SLO (as a fraction of offered and
 per second), p50/p95; and the controller's limit (mean over the run and its last half).
@@ -41,6 +41,9 @@ from tests.support.llama_server import (  # noqa: E402
     ensure_llama_server,
     ensure_model,
 )
+
+# Enterprise at 0.3x the capacity, Pro 0.6x, Free 2.1x: the engine can hold Enterprise alone
+SHARES = (0.1, 0.2, 0.7)
 
 
 def _log(message: str) -> None:
@@ -96,7 +99,7 @@ def main() -> int:
         print(f"fit: {fit.gpu} (mean error {100 * fit.mean_error:.1f}%)")
         for controller in ("fixed", "aimd"):
             text = scenario_text(
-                fit, duration_s=args.duration, load=args.load, controller=controller
+                fit, duration_s=args.duration, load=args.load, controller=controller, shares=SHARES
             )
             scenario = parse_scenario(text, source=f"closed_loop_{controller}.toml")
             schedule = arrival_schedule(scenario)

@@ -48,8 +48,15 @@ SIZES = f"""prompt_tokens = {{ dist = "lognormal", mean = {PROMPT_MEAN}, sigma =
 output_tokens = {{ dist = "lognormal", mean = {OUTPUT_MEAN}, sigma = 0.4, max = 64 }}"""
 
 
-def scenario_text(fit: Fit, *, duration_s: float, load: float, controller: str) -> str:
-    """The workload (not the calibration's bursts): Enterprise, Pro and Free at 20/20/60 % of
+def scenario_text(
+    fit: Fit,
+    *,
+    duration_s: float,
+    load: float,
+    controller: str,
+    shares: tuple[float, float, float] = (0.2, 0.2, 0.6),
+) -> str:
+    """The workload (not the calibration's bursts): Enterprise, Pro and Free at `shares` of
     `load` times the fitted capacity for these sizes."""
     capacity = fit.gpu.capacity_rps(OUTPUT_MEAN, PROMPT_MEAN)
     rate = load * capacity
@@ -63,10 +70,14 @@ def scenario_text(fit: Fit, *, duration_s: float, load: float, controller: str) 
             "target_latency_s = 1.5\npressure_threshold = 0.8\ncooldown_s = 2.0\ntick_s = 0.25\n"
         )
     tiers = ""
-    for name, weight, wait, slo, share, shed in (
-        ("enterprise", 8, 10, 5, 0.2, "false"),
-        ("pro", 3, 4, 6, 0.2, "false"),
-        ("free", 1, 2, 8, 0.6, "true"),
+    for (name, weight, wait, slo, shed), share in zip(
+        (
+            ("enterprise", 8, 10, 5, "false"),
+            ("pro", 3, 4, 6, "false"),
+            ("free", 1, 2, 8, "true"),
+        ),
+        shares,
+        strict=True,
     ):
         tiers += (
             f'\n[[tiers]]\nname = "{name}"\nweight = {weight}\nmax_wait_s = {wait}\n'
