@@ -6,12 +6,12 @@ run through `GpuModel`, so queueing beyond the batch, prefill and decode are pre
 very rules the simulator uses, and the error per point is the simulator's own error.
 
 The fit, given the points:
-- `max_batch`: each measured concurrency is a candidate; for each, the decode costs come from
-  a least-squares line of time per output token against min(concurrency, candidate), and the
-  prefill terms (steps per prompt token, seconds per prompt token in the batch) from the
-  first-token times of the bursts that fit in the batch; the candidate
-  whose model misses the points least wins. `saturation_concurrency` (where throughput stops
-  growing) is reported beside it, from the throughputs alone;
+- `max_batch` is the concurrency beyond which throughput stops growing (from the throughputs
+  alone: choosing the batch that minimised the timing error instead picked 8 for an engine of
+  4 slots once, on a noisy machine, and overestimated its capacity by half);
+- the decode costs come from a least-squares line of time per output token against
+  min(concurrency, max_batch), and the prefill terms (steps per prompt token, seconds per
+  prompt token in the batch) from the first-token times of the bursts that fit in the batch;
 - `kv_capacity_tokens` and `max_waiting` are not timings: they come from the engine's metrics
   when it tells them (the caller passes them), else stay at the model's defaults.
 
@@ -121,12 +121,8 @@ def fit(
         kv_capacity_tokens=kv_capacity_tokens or base.kv_capacity_tokens,
         max_waiting=base.max_waiting if max_waiting is None else max_waiting,
     )
-    fits = [
-        _fit_for_batch(points, replace(base, max_batch=c))
-        for c in sorted({p.concurrency for p in points})
-    ]
-    best = min(fits, key=lambda f: f.mean_error)
-    return replace(best, saturation_concurrency=saturation_concurrency(points))
+    knee = saturation_concurrency(points)
+    return _fit_for_batch(points, replace(base, max_batch=knee))
 
 
 def _fit_for_batch(points: Sequence[Point], gpu: GpuConfig) -> Fit:

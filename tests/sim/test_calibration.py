@@ -34,12 +34,13 @@ def measured(gpu: GpuConfig, *, scale: float = 1.0) -> list[Point]:
     """Bursts as an engine that is exactly `gpu` would show them (times scaled by `scale`)."""
     points = []
     for prompt in (32, 256):
+        tps = 0.0
         for concurrency in (1, 2, 4, 8, 16):
             probe = Point(concurrency, prompt, 24, 0.0, 0.0, 0.0)
             predicted = predict_burst(gpu, probe)
             ttft, tpot = predicted.ttft_s * scale, predicted.tpot_s * scale
-            total_s = ttft + 23 * tpot if concurrency <= gpu.max_batch else 2 * (ttft + 23 * tpot)
-            tps = concurrency * 24 / total_s if concurrency <= gpu.max_batch else 0.0
+            if concurrency <= gpu.max_batch:  # beyond the batch, throughput stays flat
+                tps = concurrency * 24 / (ttft + 23 * tpot)
             points.append(Point(concurrency, prompt, 24, ttft, tpot, tps))
     return points
 
