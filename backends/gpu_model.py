@@ -11,7 +11,10 @@ The rules, close to what vLLM does:
   `decode_base_s + decode_per_seq_s * running` seconds: more concurrent sequences, slower
   tokens for each, more tokens in total;
 - the prompt is prefilled in the same steps, at `prefill_tokens_per_step` prompt tokens per
-  step, before the first output token.
+  step, before the first output token; each prompt token costs the step that prefills it
+  `prefill_s_per_token` more (0 by default). That is the cost a real engine shows (llama.cpp,
+  vLLM's chunked prefill): a newcomer's prompt slows every running sequence's step, and a
+  burst of prompts is paid for in total prompt tokens, not per sequence.
 
 Since all running sequences advance at the same rate, the model keeps one "step counter"
 that grows at 1 / step_time(running) per second; a sequence's first token and end are fixed
@@ -34,6 +37,7 @@ class GpuConfig:
     decode_base_s: float = 0.010
     decode_per_seq_s: float = 0.001
     prefill_tokens_per_step: float = 512.0
+    prefill_s_per_token: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "kv_capacity_tokens"):
@@ -41,7 +45,7 @@ class GpuConfig:
                 raise ValueError(f"backend.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_waiting < 0:
             raise ValueError(f"backend.max_waiting must be >= 0, got {self.max_waiting}")
-        for name in ("decode_base_s", "decode_per_seq_s"):
+        for name in ("decode_base_s", "decode_per_seq_s", "prefill_s_per_token"):
             if getattr(self, name) < 0:
                 raise ValueError(f"backend.{name} must be >= 0, got {getattr(self, name)}")
         if not self.prefill_tokens_per_step > 0:
@@ -49,15 +53,19 @@ class GpuConfig:
                 f"backend.prefill_tokens_per_step must be > 0, got {self.prefill_tokens_per_step}"
             )
 
-    def step_s(self, running: int) -> float:
-        """Seconds per decode step with `running` sequences in the batch."""
-        return self.decode_base_s + self.decode_per_seq_s * running
+    def step_s(self, running: int, prefilling: int = 0) -> float:
+        """Seconds per step with `running` sequences in the batch, `prefilling` of them still
+        in their prompt."""
+        prefill_s = self.prefill_tokens_per_step * self.prefill_s_per_token
+        return self.decode_base_s + self.decode_per_seq_s * running + prefill_s * prefilling
 
     def capacity_rps(self, output_tokens: float, prompt_tokens: float = 0.0) -> float:
         """Requests per second at a full batch, for planning and tests."""
         steps = output_tokens + prompt_tokens / self.prefill_tokens_per_step
-        step_s = self.step_s(self.max_batch)
-        return math.inf if step_s == 0 else self.max_batch / (steps * step_s)
+        batch_s = steps * self.step_s(self.max_batch) + (
+            self.max_batch * prompt_tokens * self.prefill_s_per_token
+        )
+        return math.inf if batch_s == 0 else self.max_batch / batch_s
 
 
 class Sequence:
@@ -71,6 +79,7 @@ class Sequence:
         "id",
         "kv_tokens",
         "output_tokens",
+        "prefilled_step",
         "prompt_tokens",
         "start_step",
         "started_at",
@@ -88,6 +97,7 @@ class Sequence:
         self.finished_at = math.nan
         self.start_step = math.nan
         self.first_step = math.nan
+        self.prefilled_step = math.nan
         self.done_step = math.nan
 
 
@@ -115,6 +125,8 @@ class GpuModel:
         self._waiting: deque[Sequence] = deque()
         self._firsts: list[tuple[float, int, Sequence]] = []
         self._ends: list[tuple[float, int, Sequence]] = []
+        self._prefills: list[tuple[float, int, Sequence]] = []  # ends of prompts, when costed
+        self._prefilling: set[int] = set()
         self._kv_used = 0
         self._started = self._finished = self._refused = 0
 
@@ -147,6 +159,7 @@ class GpuModel:
         self.advance(now)
         if seq.id in self._running:
             del self._running[seq.id]
+            self._prefilling.discard(seq.id)
             self._kv_used -= seq.kv_tokens
             seq.done_step = -math.inf  # its heap entries are now dead
             seq.finished_at = now
@@ -174,11 +187,15 @@ class GpuModel:
             seq = self._waiting.popleft()
             seq.started_at = self._now
             seq.start_step = self._step
-            seq.first_step = (
-                self._step + seq.prompt_tokens / self.config.prefill_tokens_per_step + 1
+            seq.prefilled_step = (
+                self._step + seq.prompt_tokens / self.config.prefill_tokens_per_step
             )
+            seq.first_step = seq.prefilled_step + 1
             seq.done_step = seq.first_step + seq.output_tokens - 1
             self._running[seq.id] = seq
+            if self.config.prefill_s_per_token > 0 and seq.prompt_tokens > 0:
+                self._prefilling.add(seq.id)
+                heapq.heappush(self._prefills, (seq.prefilled_step, seq.id, seq))
             self._kv_used += seq.kv_tokens
             self._started += 1
             heapq.heappush(self._firsts, (seq.first_step, seq.id, seq))
@@ -186,7 +203,7 @@ class GpuModel:
 
     def step_at(self, now: float) -> float:
         """The step counter at `now` if nothing starts or ends before then."""
-        step_s = self.config.step_s(len(self._running))
+        step_s = self.config.step_s(len(self._running), len(self._prefilling))
         if not self._running or step_s == 0:
             return math.inf if self._running else self._step
         return self._step + (now - self._now) / step_s
@@ -195,17 +212,23 @@ class GpuModel:
         """When the counter reaches `step` at the current batch size."""
         if step <= self._step:
             return self._now
-        step_s = self.config.step_s(len(self._running))
+        step_s = self.config.step_s(len(self._running), len(self._prefilling))
         return self._now + (step - self._step) * step_s
 
     def next_event_at(self) -> float:
         """When the next first token or completion is due (`math.inf` when idle)."""
         self._drop_dead()
-        due = [h[0][0] for h in (self._firsts, self._ends) if h]
+        due = [h[0][0] for h in (self._prefills, self._firsts, self._ends) if h]
         return self.time_of_step(min(due)) if due else math.inf
 
+    def next_prefill_end_at(self) -> float:
+        """When the next costed prompt is done and steps speed up (`math.inf` if none): a
+        caller that wakes only for completions must wake then too, or it wakes late."""
+        self._drop_dead()
+        return self.time_of_step(self._prefills[0][0]) if self._prefills else math.inf
+
     def _drop_dead(self) -> None:
-        for heap in (self._firsts, self._ends):
+        for heap in (self._prefills, self._firsts, self._ends):
             while heap and heap[0][2].id not in self._running:
                 heapq.heappop(heap)
 
@@ -215,13 +238,15 @@ class GpuModel:
         finished: list[Sequence] = []
         while True:
             self._drop_dead()
-            due = [h[0][0] for h in (self._firsts, self._ends) if h]
+            due = [h[0][0] for h in (self._prefills, self._firsts, self._ends) if h]
             if not due or self.time_of_step(min(due)) > now:
                 break
             step = min(due)
             self._now = self.time_of_step(step)
             self._step = step
-            if self._firsts and self._firsts[0][0] == step:
+            if self._prefills and self._prefills[0][0] == step:
+                self._prefilling.discard(heapq.heappop(self._prefills)[2].id)
+            elif self._firsts and self._firsts[0][0] == step:
                 seq = heapq.heappop(self._firsts)[2]
                 seq.first_token_at = self._now
             else:
@@ -256,7 +281,7 @@ class GpuModel:
             waiting=len(self._waiting),
             kv_used_tokens=self._kv_used,
             kv_usage=self._kv_used / self.config.kv_capacity_tokens,
-            step_s=self.config.step_s(len(self._running)),
+            step_s=self.config.step_s(len(self._running), len(self._prefilling)),
             started=self._started,
             finished=self._finished,
             refused=self._refused,

@@ -1,4 +1,5 @@
-"""The `scheduler` command: `serve` the gateway, run the `demo-backend`, or `sim` a scenario."""
+"""The `scheduler` command: `serve` the gateway, run the `demo-backend`, `sim` a scenario, or
+`calibrate` the simulator against a backend."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", help="Redis URL (default: an embedded redis-server)")
     commands.add_parser("demo-backend", help="run the demo GPU server alone", add_help=False)
     commands.add_parser("sim", help="simulate a scenario", add_help=False)
+    commands.add_parser(
+        "calibrate", help="fit the simulator's backend model to a backend", add_help=False
+    )
     return parser
 
 
@@ -32,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from sim.cli import main as sim_main
 
         return sim_main(argv[1:], prog="scheduler sim")
+    if argv[:1] == ["calibrate"]:
+        from sim.calibrate import main as calibrate_main
+
+        return calibrate_main(argv[1:], prog="scheduler calibrate")
     args = build_parser().parse_args(argv)
     from scheduler.service.config import ConfigError
     from scheduler.service.serve import ListenError, run

@@ -8,11 +8,14 @@ the gateway in front of demo GPU servers. Both sides run the same scheduling cor
 GPU model, so what is left to differ is what the simulator leaves out: HTTP, the event loop,
 the pressure probe's scrape interval. The arrivals' sampling noise cancels, since both see the
 same requests; which of them wait still hinges on millisecond timing, which a short run's
-percentiles feel (see tests/sim/test_fidelity.py).
+percentiles feel (see tests/sim/test_fidelity.py). Against a real engine (`backend_urls`:
+llama.cpp's llama-server, say) the GPU model is a fit (`scheduler calibrate`), and what differs
+is also how far the engine is from the model.
 
     arrival_schedule(scenario)   the simulator's arrivals, as a list
     gateway_config(...)          the gateway's TOML, derived from the scenario
-    run_live(...)                demo server(s) + gateway in this trio process; the replay
+    run_live(...)                the gateway in this trio process, in front of demo server(s)
+                                 or of running engines (`backend_urls`); the replay
     run_fidelity(...)            both runs and the per-tier comparison (`Fidelity.report()`)
 
 How the two sides are made to mean the same thing:
@@ -46,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import secrets
 import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
@@ -232,15 +236,20 @@ class LiveRun:
 
 
 async def run_live(
-    scenario: Scenario, schedule: Sequence[Arrival], *, redis_url: str | None = None
+    scenario: Scenario,
+    schedule: Sequence[Arrival],
+    *,
+    redis_url: str | None = None,
+    backend_urls: Sequence[str] = (),
 ) -> LiveRun:
-    """Start a demo server per backend of the scenario and the gateway, both in this trio
-    process on loopback, replay `schedule` in real time, and stop them."""
+    """Start the gateway in this trio process on loopback, in front of `backend_urls` (running
+    engines) or else of a demo server per backend of the scenario, replay `schedule` in real
+    time, and stop what it started."""
     check_live(scenario, redis_url=redis_url)
     demo = DemoConfig(gpu=scenario.backends.gpu, model_names=(MODEL,))
     async with trio.open_nursery() as servers:
-        urls = []
-        for _ in range(scenario.backends.count):
+        urls = list(backend_urls)
+        for _ in range(0 if urls else scenario.backends.count):
             port = await servers.start(serve_demo_backend, demo)
             urls.append(f"http://127.0.0.1:{port}")
         config = gateway_config(scenario, urls, schedule)
@@ -270,12 +279,14 @@ async def _replay(
     async with httpx2.AsyncClient(timeout=_CLIENT_TIMEOUT_S, limits=pool) as client:
         await _wait_settled(client, gateway, scenario)
         start = trio.current_time() + _START_DELAY_S
+        run_id = secrets.randbits(40) << 20  # a real engine caches prompts it has seen
 
         async def one(i: int, arrival: Arrival) -> None:
             body = {
                 "model": MODEL,
-                "prompt": prompt_text(i, arrival.prompt_tokens),
+                "prompt": prompt_text(run_id + i, arrival.prompt_tokens),
                 "max_tokens": arrival.output_tokens,
+                "ignore_eos": True,  # a real engine's random model stops early otherwise
             }
             headers = {"authorization": f"Bearer {clear_key(arrival)}"}
             sent = trio.current_time()
@@ -516,11 +527,13 @@ async def run_fidelity(
     seed: int | None = None,
     redis_url: str | None = None,
     tolerances: Tolerances | None = None,
+    backend_urls: Sequence[str] = (),
 ) -> Fidelity:
-    """Simulate `scenario`, replay the same arrivals live, and compare per tier."""
+    """Simulate `scenario`, replay the same arrivals live (against demo servers, or the
+    running engines at `backend_urls`), and compare per tier."""
     schedule = arrival_schedule(scenario, seed=seed)
     result = simulate(scenario, seed=seed)
-    live = await run_live(scenario, schedule, redis_url=redis_url)
+    live = await run_live(scenario, schedule, redis_url=redis_url, backend_urls=backend_urls)
     sim_side, live_side = sim_outcomes(result), live_outcomes(scenario, schedule, live)
     series = result.series
     return Fidelity(

@@ -209,6 +209,7 @@ def _pool(t: Table, *, min_count: int) -> BackendPool:
         prefill_tokens_per_step=t.number(
             "prefill_tokens_per_step", defaults.prefill_tokens_per_step, gt=0
         ),
+        prefill_s_per_token=t.number("prefill_s_per_token", defaults.prefill_s_per_token, ge=0),
     )
     pool = BackendPool(count=t.integer("count", ge=min_count), gpu=gpu)
     t.done()

@@ -41,7 +41,8 @@ def full_batch(gpu: GpuConfig, prompt_tokens: float, output_tokens: float) -> in
 def request_time_s(gpu: GpuConfig, prompt_tokens: float, output_tokens: float) -> float:
     """Backend time of one mean request at a full batch."""
     steps = output_tokens + prompt_tokens / gpu.prefill_tokens_per_step
-    return steps * gpu.step_s(full_batch(gpu, prompt_tokens, output_tokens))
+    batch = full_batch(gpu, prompt_tokens, output_tokens)
+    return steps * gpu.step_s(batch) + batch * prompt_tokens * gpu.prefill_s_per_token
 
 
 def capacity_rps(pool: BackendPool, prompt_tokens: float, output_tokens: float) -> float:

@@ -172,7 +172,8 @@ class Backend:
     nothing, so waking for them would double the backend wake-ups. The sequences' own
     `done_step` and the model's `time_of_step` say when the next one finishes: `ends` orders
     the started sequences by it, `pending` keeps the waiting ones in the model's FIFO order
-    until they start.
+    until they start. A prompt's end (with `prefill_s_per_token`) speeds the steps up, so the
+    backend wakes then too: else a finish would come before its wake-up.
     """
 
     __slots__ = (
@@ -223,7 +224,8 @@ class Backend:
         while pending and pending[0].start_step == pending[0].start_step:
             started = pending.popleft()
             heapq.heappush(ends, (started.done_step, started.id, started))
-        return self.gpu.time_of_step(ends[0][0]) if ends else _INF
+        finish_at = self.gpu.time_of_step(ends[0][0]) if ends else _INF
+        return min(finish_at, self.gpu.next_prefill_end_at())  # steps speed up then
 
 
 def probe_config(gpu: GpuConfig, tick_s: float) -> PressureConfig:

@@ -83,3 +83,25 @@ def test_zero_decode_time_finishes_at_once() -> None:
 def test_bad_config_names_the_field() -> None:
     with pytest.raises(ValueError, match=r"backend\.max_batch"):
         GpuConfig(max_batch=0)
+
+
+def test_a_newcomers_prompt_slows_the_running_sequences_by_its_prefill_cost() -> None:
+    """With a cost per prompt token, prefill is paid by the whole batch (a real engine's way):
+    a running sequence's tokens are late by exactly the newcomer's prompt time."""
+    cfg = GpuConfig(
+        decode_base_s=0.01,
+        decode_per_seq_s=0.0,
+        prefill_tokens_per_step=1000,
+        prefill_s_per_token=0.001,
+    )
+    alone, shared = GpuModel(cfg), GpuModel(cfg)
+    a = alone.submit(1, 0, 50, now=0.0)
+    b = shared.submit(1, 0, 50, now=0.0)
+    newcomer = shared.submit(2, 200, 5, now=0.105)
+    assert a is not None and b is not None and newcomer is not None
+    for model in (alone, shared):
+        model.advance(10.0)
+    assert b.finished_at - a.finished_at == pytest.approx(0.2)  # 200 tokens x 1 ms
+    # the newcomer: 0.2 steps of prompt (0.01 * 0.2 + 0.2 s), then its first token one step on
+    assert newcomer.first_token_at - 0.105 == pytest.approx(0.002 + 0.2 + 0.01)
+    assert GpuConfig().prefill_s_per_token == 0.0  # the demo's default model is unchanged

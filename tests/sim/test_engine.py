@@ -14,6 +14,7 @@ from sim.engine import simulate
 from sim.engine.model import ControllerKind, Spike
 from sim.engine.results import SimResult
 from sim.report import result_json
+from sim.scenario import parse_scenario
 
 from .helpers import shipped, small
 
@@ -118,3 +119,35 @@ def test_drains_everything_after_the_arrivals_stop() -> None:
     assert result.ended_at > result.duration_s
     assert result.series.inflight[-1] >= 0
     assert math.isfinite(result.capacity_rps) and result.capacity_rps > 0
+
+
+def test_a_pool_that_costs_prefill_per_token_completes_every_admitted_request() -> None:
+    """Steps speed up when a prompt is done: the backend must wake then, or a request that
+    finished before its wake-up would be swallowed by the next submit (and never drain)."""
+    scenario = parse_scenario(
+        """
+name = "prefill"
+duration_s = 5
+[backends]
+count = 1
+max_batch = 4
+decode_base_s = 0.0036
+decode_per_seq_s = 0.0022
+prefill_tokens_per_step = 2048
+prefill_s_per_token = 0.0005
+[controller]
+kind = "fixed"
+fixed_limit = 4
+[[tiers]]
+name = "free"
+weight = 1
+max_wait_s = 10
+slo_latency_s = 10
+rate_rps = 12
+prompt_tokens = { dist = "lognormal", mean = 96, sigma = 0.5, max = 600 }
+output_tokens = { dist = "lognormal", mean = 16, sigma = 0.4, max = 64 }
+"""
+    )
+    (tier,) = simulate(scenario).tiers
+    assert tier.offered > 30
+    assert tier.completed == tier.admitted == tier.offered

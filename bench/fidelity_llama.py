@@ -1,0 +1,137 @@
+"""Fidelity against a real engine: calibrate on llama-server, then simulate and replay live.
+
+Starts llama.cpp's `llama-server` (tests/support/llama_server.py: the pinned build, the
+random-weight model) with `--parallel` slots, profiles it with `scheduler calibrate`'s bursts
+(`sim.calibrate`), and builds a different workload from the fit: three tiers of Poisson
+arrivals with lognormal sizes, offered `--load` times the fitted capacity, Free shed on
+overload. That scenario runs in the simulator and live, the same arrivals replayed in real time
+through the gateway to the same llama-server (`sim.fidelity.run_fidelity` with its URL), with a
+fixed window of the fitted batch and then with AIMD. Prints the calibration's error per point,
+each run's comparison, and the load average beside each. The report: FIDELITY.md.
+
+    python bench/fidelity_llama.py [--duration 90] [--parallel 4] [--controller both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
+
+import trio  # noqa: E402
+
+from scheduler.service.redis_embedded import EmbeddedRedis  # noqa: E402
+from sim.calibrate import Bounds, calibrate  # noqa: E402
+from sim.calibration import ERROR_COLUMNS, Fit, backends_section, error_table  # noqa: E402
+from sim.engine.model import Scenario  # noqa: E402
+from sim.fidelity import run_fidelity  # noqa: E402
+from sim.report import format_table  # noqa: E402
+from sim.scenario import parse_scenario  # noqa: E402
+from tests.support.llama_server import (  # noqa: E402
+    MODEL_ALIAS,
+    LlamaServer,
+    ServerOptions,
+    ensure_llama_server,
+    ensure_model,
+)
+
+PROMPT_MEAN, OUTPUT_MEAN = 96, 16
+SIZES = f"""prompt_tokens = {{ dist = "lognormal", mean = {PROMPT_MEAN}, sigma = 0.5, max = 600 }}
+output_tokens = {{ dist = "lognormal", mean = {OUTPUT_MEAN}, sigma = 0.4, max = 64 }}"""
+
+
+def scenario_text(
+    fit: Fit,
+    *,
+    duration_s: float,
+    load: float,
+    controller: str,
+    shares: tuple[float, float, float] = (0.2, 0.2, 0.6),
+) -> str:
+    """The workload (not the calibration's bursts): Enterprise, Pro and Free at `shares` of
+    `load` times the fitted capacity for these sizes."""
+    capacity = fit.gpu.capacity_rps(OUTPUT_MEAN, PROMPT_MEAN)
+    rate = load * capacity
+    slots = fit.gpu.max_batch
+    if controller == "fixed":
+        control = f'[controller]\nkind = "fixed"\nfixed_limit = {slots}\n'
+    else:
+        control = (
+            f'[controller]\nkind = "aimd"\nmode = "window"\ninitial_limit = {slots}\n'
+            f"min_limit = 1\nmax_limit = {4 * slots}\nincrease_step = 1\ndecrease_factor = 0.7\n"
+            "target_latency_s = 1.5\npressure_threshold = 0.8\ncooldown_s = 2.0\ntick_s = 0.25\n"
+        )
+    tiers = ""
+    for (name, weight, wait, slo, shed), share in zip(
+        (
+            ("enterprise", 8, 10, 5, "false"),
+            ("pro", 3, 4, 6, "false"),
+            ("free", 1, 2, 8, "true"),
+        ),
+        shares,
+        strict=True,
+    ):
+        tiers += (
+            f'\n[[tiers]]\nname = "{name}"\nweight = {weight}\nmax_wait_s = {wait}\n'
+            f"slo_latency_s = {slo}\nrate_rps = {share * rate:.3f}\nkeys = 10\n"
+            f"shed_on_overload = {shed}\n{SIZES}\n"
+        )
+    head = f'name = "llama_fidelity_{controller}"\nduration_s = {duration_s}\nseed = 23\n'
+    return head + "\n" + backends_section(fit) + "\n" + control + tiers
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=90.0, help="seconds of each run")
+    parser.add_argument("--parallel", type=int, default=4, help="llama-server's slots")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="llama-server's threads (see FIDELITY.md)"
+    )
+    parser.add_argument("--load", type=float, default=1.5, help="offered / fitted capacity")
+    parser.add_argument("--controller", choices=("fixed", "aimd", "both"), default="both")
+    args = parser.parse_args()
+    build = ensure_llama_server(log=_log)
+    options = ServerOptions(
+        parallel=args.parallel, ctx_size=args.parallel * 2048, threads=args.threads
+    )
+    failed = False
+    with LlamaServer(build, ensure_model(build), options) as server, EmbeddedRedis() as redis:
+        bounds = Bounds(prompts=(48, 192), output_tokens=OUTPUT_MEAN, max_concurrency=16)
+        print(f"calibrating llama-server {options}, load average {_load()}")
+        fit = trio.run(calibrate, server.url, MODEL_ALIAS, bounds, _log)
+        print(format_table(ERROR_COLUMNS, error_table(fit)))
+        print(f"mean error {100 * fit.mean_error:.1f}%, load average {_load()}")
+        print(backends_section(fit))
+        controllers = ("fixed", "aimd") if args.controller == "both" else (args.controller,)
+        for controller in controllers:
+            text = scenario_text(
+                fit, duration_s=args.duration, load=args.load, controller=controller
+            )
+            scenario: Scenario = parse_scenario(text, source=f"llama_{controller}.toml")
+            started = time.monotonic()
+            run = partial(run_fidelity, scenario, redis_url=redis.url, backend_urls=[server.url])
+            fidelity = trio.run(run)
+            print(f"\nwall {time.monotonic() - started:.0f} s, load average {_load()}")
+            print(fidelity.report(), flush=True)
+            failed = failed or not fidelity.ok
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

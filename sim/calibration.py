@@ -1,0 +1,275 @@
+"""Fitting the simulator's backend model (`GpuConfig`) to measurements of a real engine.
+
+Why fit through the model itself: a measured point is a burst of `concurrency` requests sent
+at once, each with the same prompt and output size; the prediction for it is the same burst
+run through `GpuModel`, so queueing beyond the batch, prefill and decode are predicted by the
+very rules the simulator uses, and the error per point is the simulator's own error.
+
+The fit, given the points:
+- `max_batch` is the concurrency beyond which throughput stops growing (from the throughputs
+  alone: choosing the batch that minimised the timing error instead picked 8 for an engine of
+  4 slots once, on a noisy machine, and overestimated its capacity by half);
+- the decode costs come from a least-squares line of time per output token against
+  min(concurrency, max_batch), and the prefill terms (steps per prompt token, seconds per
+  prompt token in the batch) from the first-token times of the bursts that fit in the batch;
+- `kv_capacity_tokens` and `max_waiting` are not timings: they come from the engine's metrics
+  when it tells them (the caller passes them), else stay at the model's defaults.
+
+Pure: measurements in, a `Fit` out; no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from backends.gpu_model import GpuConfig, GpuModel
+
+SATURATION_GAIN = 0.05  # throughput that grows by less than this is no longer growing
+MAX_PREFILL_TOKENS_PER_STEP = 2048.0  # a real engine's batch (llama.cpp's n_batch)
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One measured burst: `concurrency` requests at once, `prompt_tokens` each (as the engine
+    counted them), `output_tokens` each; the mean time to first token and per output token."""
+
+    concurrency: int
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float
+    tpot_s: float
+    throughput_tps: float  # output tokens per second over the burst
+
+
+@dataclass(frozen=True, slots=True)
+class PointError:
+    point: Point
+    ttft_s: float  # predicted
+    tpot_s: float  # predicted
+
+    @property
+    def ttft_error(self) -> float:
+        return abs(self.ttft_s - self.point.ttft_s) / self.point.ttft_s
+
+    @property
+    def tpot_error(self) -> float:
+        return abs(self.tpot_s - self.point.tpot_s) / self.point.tpot_s
+
+
+@dataclass(frozen=True, slots=True)
+class Fit:
+    gpu: GpuConfig
+    errors: tuple[PointError, ...]
+    saturation_concurrency: int
+
+    @property
+    def mean_error(self) -> float:
+        both = [e.ttft_error for e in self.errors] + [e.tpot_error for e in self.errors]
+        return sum(both) / len(both) if both else math.nan
+
+
+def predict_burst(gpu: GpuConfig, point: Point) -> PointError:
+    """The model's mean first-token time and time per output token for `point`'s burst."""
+    model = GpuModel(gpu)
+    seqs = [
+        model.submit(i, point.prompt_tokens, point.output_tokens, now=0.0)
+        for i in range(point.concurrency)
+    ]
+    done = [s for s in seqs if s is not None]
+    while model.running or model.waiting:
+        model.advance(model.next_event_at())
+    ttft = [s.first_token_at - s.submitted_at for s in done]
+    tpot = [
+        (s.finished_at - s.first_token_at) / (s.output_tokens - 1)
+        for s in done
+        if s.output_tokens > 1
+    ]
+    return PointError(point, _mean(ttft), _mean(tpot))
+
+
+def saturation_concurrency(points: Sequence[Point]) -> int:
+    """The concurrency beyond which throughput stops growing (by SATURATION_GAIN): for each
+    prompt length the lowest concurrency within that of its best throughput; the largest."""
+    knees = []
+    for prompt in {p.prompt_tokens for p in points}:
+        same = sorted((p for p in points if p.prompt_tokens == prompt), key=_by_concurrency)
+        top = max(p.throughput_tps for p in same)
+        knees.append(
+            next(p.concurrency for p in same if p.throughput_tps >= top * (1 - SATURATION_GAIN))
+        )
+    return max(knees)
+
+
+def _by_concurrency(point: Point) -> int:
+    return point.concurrency
+
+
+def fit(
+    points: Sequence[Point],
+    *,
+    kv_capacity_tokens: int | None = None,
+    max_waiting: int | None = None,
+) -> Fit:
+    """The `GpuConfig` that reproduces `points` best (see the module's docstring)."""
+    if not points:
+        raise ValueError("no measurements to fit")
+    base = GpuConfig()
+    base = replace(
+        base,
+        kv_capacity_tokens=kv_capacity_tokens or base.kv_capacity_tokens,
+        max_waiting=base.max_waiting if max_waiting is None else max_waiting,
+    )
+    knee = saturation_concurrency(points)
+    return _fit_for_batch(points, replace(base, max_batch=knee))
+
+
+def _fit_for_batch(points: Sequence[Point], gpu: GpuConfig) -> Fit:
+    decode = [(min(p.concurrency, gpu.max_batch), p.tpot_s) for p in points]
+    slope, intercept = _line(decode)
+    gpu = replace(gpu, decode_base_s=max(0.0, intercept), decode_per_seq_s=max(0.0, slope))
+    # a burst of c inside the batch: TTFT - step_s(c) = prompt / rate * step_s(c)
+    #   + c * prompt * prefill_s_per_token (all c prompts are prefilled before any first token)
+    rows = [
+        (p.prompt_tokens * gpu.step_s(p.concurrency), p.concurrency * p.prompt_tokens, p)
+        for p in points
+        if p.concurrency <= gpu.max_batch and p.prompt_tokens > 0
+    ]
+    samples = [(x1, x2, p.ttft_s - gpu.step_s(p.concurrency), p.ttft_s) for x1, x2, p in rows]
+    per_step, per_token = _prefill_terms(samples)
+    gpu = replace(gpu, prefill_tokens_per_step=1 / per_step, prefill_s_per_token=per_token)
+    errors = tuple(predict_burst(gpu, p) for p in points)
+    return Fit(gpu, errors, gpu.max_batch)
+
+
+def _line(xy: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """Slope and intercept minimising the squared relative error (weights 1 / y^2), so a
+    slow point does not outweigh the fast ones; a flat line for a single x."""
+    w = [1 / (y * y) if y > 0 else 0.0 for _, y in xy]
+    total = sum(w)
+    if total == 0:
+        return 0.0, 0.0
+    mean_x = sum(wi * x for wi, (x, _) in zip(w, xy, strict=True)) / total
+    mean_y = sum(wi * y for wi, (_, y) in zip(w, xy, strict=True)) / total
+    sxx = sum(wi * (x - mean_x) ** 2 for wi, (x, _) in zip(w, xy, strict=True))
+    if sxx == 0:
+        return 0.0, mean_y
+    sxy = sum(wi * (x - mean_x) * (y - mean_y) for wi, (x, y) in zip(w, xy, strict=True))
+    return sxy / sxx, mean_y - sxy / sxx * mean_x
+
+
+def _prefill_terms(samples: Sequence[tuple[float, float, float, float]]) -> tuple[float, float]:
+    """Non-negative a, b with y = a x1 + b x2 in least squares of the relative error; each
+    sample is (x1, x2, y, measured). `a` is at least 1 / MAX_PREFILL_TOKENS_PER_STEP."""
+    floor = 1 / MAX_PREFILL_TOKENS_PER_STEP
+    if not samples:
+        return floor, 0.0
+    w = [1 / (m * m) for *_, m in samples]
+    s11 = sum(wi * x1 * x1 for wi, (x1, _, _, _) in zip(w, samples, strict=True))
+    s22 = sum(wi * x2 * x2 for wi, (_, x2, _, _) in zip(w, samples, strict=True))
+    s12 = sum(wi * x1 * x2 for wi, (x1, x2, _, _) in zip(w, samples, strict=True))
+    s1y = sum(wi * x1 * y for wi, (x1, _, y, _) in zip(w, samples, strict=True))
+    s2y = sum(wi * x2 * y for wi, (_, x2, y, _) in zip(w, samples, strict=True))
+    det = s11 * s22 - s12 * s12
+    if det > 1e-12 * s11 * s22:
+        a, b = (s1y * s22 - s2y * s12) / det, (s2y * s11 - s1y * s12) / det
+        if a >= floor and b >= 0:
+            return a, b
+    b = max(0.0, (s2y - floor * s12) / s22)  # a at its floor: all the cost per token
+    a_alone = s1y / s11  # or no cost per token: all of it in prefill steps
+    alone_error = sum(
+        wi * (y - a_alone * x1) ** 2 for wi, (x1, _, y, _) in zip(w, samples, strict=True)
+    )
+    floor_error = sum(
+        wi * (y - floor * x1 - b * x2) ** 2 for wi, (x1, x2, y, _) in zip(w, samples, strict=True)
+    )
+    return (floor, b) if floor_error <= alone_error or a_alone < floor else (a_alone, 0.0)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def kv_capacity_from_metrics(text: str) -> int | None:
+    """The engine's KV cache size in tokens, when its Prometheus text tells it."""
+    values: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name_part, _, value = line.rpartition(" ")
+        name = name_part.split("{", 1)[0]
+        try:
+            values[name] = float(value)
+        except ValueError:
+            continue
+        labels[name] = name_part
+    if values.get("sglang:max_total_num_tokens"):
+        return int(values["sglang:max_total_num_tokens"])
+    if "vllm:cache_config_info" in labels:
+        blocks = _label(labels["vllm:cache_config_info"], "num_gpu_blocks")
+        size = _label(labels["vllm:cache_config_info"], "block_size")
+        if blocks and size:
+            return blocks * size
+    ratio = values.get("llamacpp:kv_cache_usage_ratio", 0.0)
+    if ratio > 0 and values.get("llamacpp:kv_cache_tokens"):
+        return int(values["llamacpp:kv_cache_tokens"] / ratio)
+    return None
+
+
+def _label(series: str, name: str) -> int | None:
+    marker = f'{name}="'
+    if marker not in series:
+        return None
+    value = series.split(marker, 1)[1].split('"', 1)[0]
+    return int(value) if value.isdigit() else None
+
+
+def backends_section(fit: Fit, *, comment: str = "") -> str:
+    """The scenario's `[backends]` table for `fit` (one backend)."""
+    gpu = fit.gpu
+    lines = [f"# {line}" for line in comment.splitlines()]
+    lines += [
+        "[backends]",
+        "count = 1",
+        f"max_batch = {gpu.max_batch}",
+        f"kv_capacity_tokens = {gpu.kv_capacity_tokens}",
+        f"max_waiting = {gpu.max_waiting}",
+        f"decode_base_s = {gpu.decode_base_s:.6g}",
+        f"decode_per_seq_s = {gpu.decode_per_seq_s:.6g}",
+        f"prefill_tokens_per_step = {gpu.prefill_tokens_per_step:.6g}",
+        f"prefill_s_per_token = {gpu.prefill_s_per_token:.6g}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def error_table(fit: Fit) -> list[tuple[str, ...]]:
+    """Rows for `sim.report.format_table`: each point, measured, predicted, error."""
+    return [
+        (
+            str(e.point.concurrency),
+            str(e.point.prompt_tokens),
+            f"{1000 * e.point.ttft_s:.1f}",
+            f"{1000 * e.ttft_s:.1f}",
+            f"{100 * e.ttft_error:.1f}%",
+            f"{1000 * e.point.tpot_s:.2f}",
+            f"{1000 * e.tpot_s:.2f}",
+            f"{100 * e.tpot_error:.1f}%",
+            f"{e.point.throughput_tps:.0f}",
+        )
+        for e in fit.errors
+    ]
+
+
+ERROR_COLUMNS = (
+    "conc",
+    "prompt",
+    "ttft ms",
+    "model",
+    "error",
+    "tpot ms",
+    "model",
+    "error",
+    "tok/s",
+)

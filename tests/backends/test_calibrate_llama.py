@@ -1,0 +1,69 @@
+"""`scheduler calibrate` for real, against llama.cpp's `llama-server` (built once, cached)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scheduler.cli import main
+from scheduler.service.redis_embedded import free_port
+from sim.scenario import parse_scenario
+from tests.support.llama_server import (
+    MODEL_ALIAS,
+    LlamaServer,
+    ServerOptions,
+    ensure_llama_server,
+    ensure_model,
+)
+
+TIER = """
+name = "calibrated"
+duration_s = 10
+[[tiers]]
+name = "free"
+weight = 1
+max_wait_s = 1
+slo_latency_s = 2
+rate_rps = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def llama() -> Iterator[LlamaServer]:
+    build = ensure_llama_server(log=print)
+    options = ServerOptions(parallel=2, ctx_size=2 * 2048)
+    with LlamaServer(build, ensure_model(build), options) as server:
+        yield server
+
+
+def test_calibrate_writes_a_backends_section_and_prints_its_error(
+    llama: LlamaServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "backends.toml"
+    started = time.monotonic()
+    argv = ["calibrate", "--url", llama.url, "--model", MODEL_ALIAS, "--out", str(out)]
+    bounds = ["--prompts", "16,96", "--output-tokens", "8", "--max-concurrency", "4"]
+    assert (
+        main([*argv, *bounds, "--rounds", "1", "--max-requests", "40", "--time-limit", "30"]) == 0
+    )
+    assert time.monotonic() - started < 45
+    printed = capsys.readouterr()
+    assert "calibrate: concurrency   1, prompt" in printed.err  # progress, point by point
+    header, _, *rows = printed.out.splitlines()
+    assert header.split()[:5] == ["conc", "prompt", "ttft", "ms", "model"]
+    table = [r.split() for r in rows if r[:1].isdigit()]
+    assert {r[0] for r in table} >= {"1", "2"} and len(table) >= 4
+    assert all(r[4].endswith("%") and r[7].endswith("%") for r in table)
+    gpu = parse_scenario(TIER + out.read_text(encoding="utf-8")).backends.gpu
+    assert 1 <= gpu.max_batch <= 4
+    assert 0 < gpu.step_s(1) < 0.5  # a random 8-layer model: milliseconds per token
+
+
+def test_calibrate_against_nothing_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["calibrate", "--url", url, "--model", "m", "--time-limit", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("scheduler calibrate: ")

@@ -1,0 +1,105 @@
+"""The calibration fit, on measurements made by a known model: it must find that model again."""
+
+from __future__ import annotations
+
+import pytest
+
+from backends.gpu_model import GpuConfig
+from sim.calibration import (
+    Point,
+    backends_section,
+    fit,
+    kv_capacity_from_metrics,
+    predict_burst,
+    saturation_concurrency,
+)
+from sim.scenario import parse_scenario
+
+TRUE = GpuConfig(
+    max_batch=4, decode_base_s=0.004, decode_per_seq_s=0.0015, prefill_tokens_per_step=64.0
+)
+TIER = """
+name = "calibrated"
+duration_s = 10
+[[tiers]]
+name = "free"
+weight = 1
+max_wait_s = 1
+slo_latency_s = 2
+rate_rps = 1
+"""
+
+
+def measured(gpu: GpuConfig, *, scale: float = 1.0) -> list[Point]:
+    """Bursts as an engine that is exactly `gpu` would show them (times scaled by `scale`)."""
+    points = []
+    for prompt in (32, 256):
+        tps = 0.0
+        for concurrency in (1, 2, 4, 8, 16):
+            probe = Point(concurrency, prompt, 24, 0.0, 0.0, 0.0)
+            predicted = predict_burst(gpu, probe)
+            ttft, tpot = predicted.ttft_s * scale, predicted.tpot_s * scale
+            if concurrency <= gpu.max_batch:  # beyond the batch, throughput stays flat
+                tps = concurrency * 24 / (ttft + 23 * tpot)
+            points.append(Point(concurrency, prompt, 24, ttft, tpot, tps))
+    return points
+
+
+ENGINE = GpuConfig(  # llama.cpp's way: a prompt in one step, paid per token by the batch
+    max_batch=4,
+    decode_base_s=0.004,
+    decode_per_seq_s=0.0015,
+    prefill_tokens_per_step=2048.0,
+    prefill_s_per_token=0.0005,
+)
+
+
+@pytest.mark.parametrize("gpu", [TRUE, ENGINE], ids=["per-step prefill", "per-token prefill"])
+def test_the_fit_finds_the_model_that_made_the_measurements(gpu: GpuConfig) -> None:
+    result = fit(measured(gpu))
+    assert result.gpu.max_batch == 4
+    assert result.gpu.decode_base_s == pytest.approx(gpu.decode_base_s, rel=1e-6)
+    assert result.gpu.decode_per_seq_s == pytest.approx(gpu.decode_per_seq_s, rel=1e-6)
+    assert result.gpu.prefill_tokens_per_step == pytest.approx(gpu.prefill_tokens_per_step)
+    assert result.gpu.prefill_s_per_token == pytest.approx(gpu.prefill_s_per_token, abs=1e-9)
+    assert result.mean_error == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_point_off_the_model_shows_in_its_error_and_barely_moves_the_fit() -> None:
+    points = measured(TRUE)
+    slow = points[1]  # concurrency 2, prompt 32: a stalled burst, 3x slower decode
+    points[1] = Point(
+        slow.concurrency, slow.prompt_tokens, 24, slow.ttft_s, 3 * slow.tpot_s, slow.throughput_tps
+    )
+    result = fit(points)
+    errors = {(e.point.concurrency, e.point.prompt_tokens): e for e in result.errors}
+    assert errors[(2, 32)].tpot_error > 0.5
+    assert errors[(1, 256)].tpot_error < 0.25
+    assert result.gpu.max_batch == 4
+
+
+def test_saturation_is_where_throughput_stops_growing() -> None:
+    points = [
+        Point(c, 32, 24, 0.01, 0.01, tps)
+        for c, tps in ((1, 100.0), (2, 190.0), (4, 330.0), (8, 340.0), (16, 335.0))
+    ]
+    assert saturation_concurrency(points) == 4
+
+
+def test_the_section_loads_as_the_scenarios_backends() -> None:
+    result = fit(measured(TRUE), kv_capacity_tokens=8192, max_waiting=64)
+    scenario = parse_scenario(TIER + backends_section(result, comment="from a test"))
+    assert scenario.backends.count == 1
+    gpu = scenario.backends.gpu
+    assert (gpu.max_batch, gpu.kv_capacity_tokens, gpu.max_waiting) == (4, 8192, 64)
+    assert gpu.decode_per_seq_s == pytest.approx(0.0015, rel=1e-5)
+
+
+def test_kv_capacity_from_each_engines_metrics() -> None:
+    sglang = '# TYPE sglang:max_total_num_tokens gauge\nsglang:max_total_num_tokens{a="b"} 9000\n'
+    vllm = 'vllm:cache_config_info{block_size="16",num_gpu_blocks="512"} 1.0\n'
+    llama = "llamacpp:kv_cache_usage_ratio 0.25\nllamacpp:kv_cache_tokens 1024\n"
+    assert kv_capacity_from_metrics(sglang) == 9000
+    assert kv_capacity_from_metrics(vllm) == 8192
+    assert kv_capacity_from_metrics(llama) == 4096
+    assert kv_capacity_from_metrics("llamacpp:requests_processing 0\n") is None
