@@ -26,12 +26,12 @@ if str(_HERE.parent) not in sys.path:
 
 import trio  # noqa: E402
 
+from backends.redis.embedded import EmbeddedRedis  # noqa: E402
 from bench.fidelity_llama import OUTPUT_MEAN, scenario_text  # noqa: E402
-from scheduler.service.redis_embedded import EmbeddedRedis  # noqa: E402
-from sim.calibrate import Bounds, calibrate  # noqa: E402
+from bench.fidelity_rig import LiveRun, arrival_schedule, run_live  # noqa: E402
+from scheduler.calibrate import Bounds, calibrate  # noqa: E402
 from sim.engine.model import Scenario  # noqa: E402
 from sim.engine.results import Percentiles  # noqa: E402
-from sim.fidelity import LiveRun, arrival_schedule, run_live  # noqa: E402
 from sim.report import format_table  # noqa: E402
 from sim.scenario import parse_scenario  # noqa: E402
 from tests.support.llama_server import (  # noqa: E402

@@ -8,7 +8,7 @@ file; `--controller both` runs it with a fixed window (the pool's batch slots) a
 its AIMD controller. The last lines are the last run's comparison table; the exit status is 1
 if any run failed. Run as `python bench/fidelity.py`; the report of a run is in FIDELITY.md.
 
-This file shares its name with the `sim.fidelity` module and its folder holds `sim.py`, so it
+This file shares its name with the `bench.fidelity_rig` module and its folder holds `sim.py`, so it
 takes its own folder off `sys.path` before importing the package (see bench/sim.py).
 """
 
@@ -129,8 +129,8 @@ def main() -> int:
 
     import trio
 
-    from scheduler.service.redis_embedded import EmbeddedRedis
-    from sim.fidelity import run_fidelity
+    from backends.redis.embedded import EmbeddedRedis
+    from bench.fidelity_rig import run_fidelity
 
     failed = False
     with EmbeddedRedis() as redis:

@@ -2,12 +2,12 @@
 
 Starts llama.cpp's `llama-server` (tests/support/llama_server.py: the pinned build, the
 random-weight model) with `--parallel` slots, profiles it with `scheduler calibrate`'s bursts
-(`sim.calibrate`), and builds a different workload from the fit: three tiers of Poisson
+(`scheduler.calibrate`), and builds a different workload from the fit: three tiers of Poisson
 arrivals with lognormal sizes, offered `--load` times the fitted capacity, Free shed on
 overload. That scenario runs in the simulator and live, the same arrivals replayed in real time
-through the gateway to the same llama-server (`sim.fidelity.run_fidelity` with its URL), with a
-fixed window of the fitted batch and then with AIMD. Prints the calibration's error per point,
-each run's comparison, and the load average beside each. The report: FIDELITY.md.
+through the gateway to the same llama-server (`bench.fidelity_rig.run_fidelity` with its
+URL), with a fixed window of the fitted batch and then with AIMD. Prints the calibration's
+error per point, each run's comparison, and the load average beside each. The report: FIDELITY.md.
 
     python bench/fidelity_llama.py [--duration 90] [--parallel 4] [--controller both]
 """
@@ -28,11 +28,11 @@ if str(_HERE.parent) not in sys.path:
 
 import trio  # noqa: E402
 
-from scheduler.service.redis_embedded import EmbeddedRedis  # noqa: E402
-from sim.calibrate import Bounds, calibrate  # noqa: E402
+from backends.redis.embedded import EmbeddedRedis  # noqa: E402
+from bench.fidelity_rig import run_fidelity  # noqa: E402
+from scheduler.calibrate import Bounds, calibrate  # noqa: E402
 from sim.calibration import ERROR_COLUMNS, Fit, backends_section, error_table  # noqa: E402
 from sim.engine.model import Scenario  # noqa: E402
-from sim.fidelity import run_fidelity  # noqa: E402
 from sim.report import format_table  # noqa: E402
 from sim.scenario import parse_scenario  # noqa: E402
 from tests.support.llama_server import (  # noqa: E402

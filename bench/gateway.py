@@ -33,7 +33,7 @@ import h11
 import httpx2
 import trio
 
-from scheduler.service.redis_embedded import free_port
+from backends.redis.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = json.dumps(
@@ -228,7 +228,7 @@ def measure(clients: int, seconds: float, only: str | None = None) -> dict[str, 
         zero += ["--max-waiting", "100000", "--kv-capacity-tokens", str(10**9)]
         start(
             stack,
-            [sys.executable, "-m", "backends.demo", "--port", str(demo_port), *zero],
+            [sys.executable, "-m", "backends.demo.server", "--port", str(demo_port), *zero],
             demo_port,
         )
         passthrough = [sys.executable, str(ROOT / "bench" / "passthrough.py")]

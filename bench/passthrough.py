@@ -14,7 +14,7 @@ from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from backends.http_client import BackendLimits, HttpClient
+from backends.http.client import BackendLimits, HttpClient
 
 HEADERS = {"content-type": "application/json"}
 

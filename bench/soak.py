@@ -63,9 +63,9 @@ import h11
 import httpx2
 import trio
 
+from backends.redis.embedded import EmbeddedRedis, free_port
 from scheduler.service.config import key_id
 from scheduler.service.metrics import OUTCOMES
-from scheduler.service.redis_embedded import EmbeddedRedis, free_port
 
 SECRET = "soak-key-secret"
 PREFIX = "soak"  # the deployment's Redis prefix (`[redis] prefix`)
@@ -201,7 +201,15 @@ def process(args: list[str], log: Path, env: dict[str, str] | None = None) -> It
 
 def start_demo(stack: ExitStack, tmp: Path) -> str:
     port = free_port()
-    args = [sys.executable, "-m", "backends.demo", "--port", str(port), "--model", "demo-small"]
+    args = [
+        sys.executable,
+        "-m",
+        "backends.demo.server",
+        "--port",
+        str(port),
+        "--model",
+        "demo-small",
+    ]
     args += ["--decode-base-s", "0", "--decode-per-seq-s", "0", "--max-batch", "100000"]
     args += ["--max-waiting", "100000", "--kv-capacity-tokens", str(10**9)]
     stack.enter_context(process(args, tmp / "demo.log"))

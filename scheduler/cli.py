@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo-backend"]:
-        from backends.demo import main as demo_main
+        from backends.demo.server import main as demo_main
 
         return demo_main(argv[1:], prog="scheduler demo-backend")
     if argv[:1] == ["sim"]:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return sim_main(argv[1:], prog="scheduler sim")
     if argv[:1] == ["calibrate"]:
-        from sim.calibrate import main as calibrate_main
+        from scheduler.calibrate import main as calibrate_main
 
         return calibrate_main(argv[1:], prog="scheduler calibrate")
     args = build_parser().parse_args(argv)

@@ -24,7 +24,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from backends.gpu_model import GpuConfig, GpuModel
+from scheduler.models.gpu import GpuConfig, GpuModel
 
 SATURATION_GAIN = 0.05  # throughput that grows by less than this is no longer growing
 MAX_PREFILL_TOKENS_PER_STEP = 2048.0  # a real engine's batch (llama.cpp's n_batch)

@@ -16,9 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
-from backends.gpu_model import GpuConfig
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateMode, GradientConfig, LatencySignal
+from scheduler.models.gpu import GpuConfig
 from sim.engine.model import (
     Arrivals,
     BackendPool,

@@ -14,12 +14,12 @@ import pytest
 import trio
 from hypothesis import settings
 
-from backends.demo import DemoConfig, serve_demo_backend
-from backends.gpu_model import GpuConfig
-from backends.redis_pipeliner import RedisPipeliner
-from backends.redis_topology import open_redis
+from backends.demo.server import DemoConfig, serve_demo_backend
+from backends.redis.embedded import EmbeddedRedis
+from backends.redis.pipeliner import RedisPipeliner
+from backends.redis.topology import open_redis
+from scheduler.models.gpu import GpuConfig
 from scheduler.service.config import Settings, load_settings
-from scheduler.service.redis_embedded import EmbeddedRedis
 from scheduler.service.serve import serve_replica, with_demo_url
 from tests.support.redis_topologies import RedisClusterTopology, SentinelTopology
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.pressure_metrics import Exporter, parse_scrape
+from scheduler.models.exposition import Exporter, parse_scrape
 from scheduler.service.config import load_settings
 from tests.backends.test_pressure import SGLANG, TGI, VLLM_V1
 

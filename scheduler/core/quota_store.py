@@ -2,13 +2,13 @@
 quotas decided together, with burst credits, reservations and settlement.
 
 Why a role with two stores: quotas must hold across replicas, so the service keeps them in
-Redis (`backends.redis_quota.RedisQuotaStore`, one Lua script per call); the fail-open limiter
+Redis (`backends.redis.quota.RedisQuotaStore`, one Lua script per call); the fail-open limiter
 and the simulator keep them in this process (`MemoryQuotaStore`). Both make the very same
 decisions on the same calls, in the pattern of the `limits` library: the `policies` algorithms
 are the math, a store only keeps states; tests/backends/test_quota_store_matrix.py runs every
 algorithm on both stores and compares every decision.
 
-What a store does, step by step (the Lua script `backends.redis_lua._TAKE` does the same):
+What a store does, step by step (the Lua script `backends.redis.lua._TAKE` does the same):
 
 - `take`: decide the request quota (cost 1) and the token quota (cost = the reservation) on
   the current states; take both or neither. Refused, and `burst_credits` asked: admitted on

@@ -29,8 +29,10 @@ from typing import Any, ParamSpec
 import trio
 from quart import Blueprint, Response, request
 
-from backends.redis_quota import QuotaStoreError
+from backends.redis.quota import QuotaStoreError
 from scheduler.core import AIMDConfig, LatencySignal
+from scheduler.openai.body import parse_body
+from scheduler.openai.errors import ApiError, bad_request
 from scheduler.service.config import (
     MAX_COUNT,
     MAX_TTL_S,
@@ -39,8 +41,6 @@ from scheduler.service.config import (
     gains_to_dict,
     quota_settings,
 )
-from scheduler.service.errors import ApiError, bad_request
-from scheduler.service.openai_body import parse_body
 from scheduler.service.quota import QuotaSettings
 from scheduler.service.replica import Replica
 from scheduler.service.tenancy import QUOTA_FIELDS, REDIS_ERRORS, KeysUnavailable

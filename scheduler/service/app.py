@@ -23,10 +23,10 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from scheduler.openai.body import read_call
+from scheduler.openai.errors import ApiError
 from scheduler.service import http1
 from scheduler.service.admin import create_admin
-from scheduler.service.errors import ApiError
-from scheduler.service.openai_body import read_call
 from scheduler.service.openapi import openapi_document
 from scheduler.service.replica import Replica
 from scheduler.service.tracing import tracer

@@ -21,13 +21,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from backends.gpu_model import GpuConfig
-from backends.http_client import BackendLimits
-from backends.pressure_config import ProbeConfig, probe_config_from_mapping
-from backends.redis_quota import ALGORITHM_KINDS
-from backends.redis_topology import RedisSecrets, parse_redis_url
+from backends.http.client import BackendLimits
+from backends.redis.quota import ALGORITHM_KINDS
+from backends.redis.topology import RedisSecrets, parse_redis_url
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateConfig, GateMode, LatencySignal, TierConfig
+from scheduler.models.gpu import GpuConfig
+from scheduler.models.pressure_config import ProbeConfig, probe_config_from_mapping
 from scheduler.service.quota import FailMode, QuotaSettings
 
 DEMO_BACKEND = "demo"  # a model's backend list may name the built-in demo server
@@ -360,7 +360,7 @@ def _models(root: Table) -> tuple[ModelSettings, ...]:
 
 
 def _check_redis_url(url: str, where: str) -> None:
-    """A Redis URL of one of the three topologies (`backends.redis_topology`): one server
+    """A Redis URL of one of the three topologies (`backends.redis.topology`): one server
     (`redis://`, `rediss://`, `unix://`), a Redis Cluster (`redis+cluster://h1:p1,h2:p2/`) or
     Sentinel (`redis+sentinel://s1:p1,s2:p2/service_name[/db]`)."""
     if not url:

@@ -21,17 +21,17 @@ from functools import partial
 import trio
 from opentelemetry import trace
 
-from backends.http import BackendPool
-from backends.openai_stream import check_completion, completion_to_sse, sse_to_completion
-from backends.redis_cache import CacheError, CacheHit, ResponseCache
+from backends.http.pool import BackendPool
+from backends.redis.cache import CacheError, CacheHit, ResponseCache
 from policies.ladder import CacheState, Step, fallback_has_headroom
 from scheduler.core import Admit, Outcome, Request, Sample, Shed, ShedReason
 from scheduler.core.quota_store import Reservation
+from scheduler.openai.body import InferenceCall
+from scheduler.openai.errors import ApiError, overloaded
+from scheduler.openai.sse import check_completion, completion_to_sse, sse_to_completion
 from scheduler.service.config import ModelSettings, Settings, TierSettings
 from scheduler.service.dispatcher import Dispatcher
-from scheduler.service.errors import ApiError, overloaded
 from scheduler.service.metrics import GatewayMetrics, RequestMeter, RequestOutcome
-from scheduler.service.openai_body import InferenceCall
 from scheduler.service.quota import QuotaGuard, Source, Verdict, rate_limit_headers
 from scheduler.service.tenancy import KeyRecord, KeyRegistry, KeysUnavailable
 from scheduler.service.upstream import Ended, OnEnd, Reply, Target, call_stream, call_whole

@@ -39,7 +39,7 @@ from hypercorn.events import Closed, RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
-from scheduler.service.errors import ApiError
+from scheduler.openai.errors import ApiError
 
 log = logging.getLogger("scheduler.service")
 _MESSAGES = {

@@ -43,7 +43,7 @@ from prometheus_client import (
     values,
 )
 
-from backends.http_client import BackendError, BackendTimeout, BackendUnavailable
+from backends.http.client import BackendError, BackendTimeout, BackendUnavailable
 from policies.breaker import BreakerState
 from scheduler.core import SchedulerStats, ShedReason
 

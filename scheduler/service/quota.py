@@ -3,7 +3,7 @@
 Why a guard around the store: quotas must hold exactly across replicas, so Redis decides.
 But a request must never wait long on Redis: each call has a short (adaptive) timeout, and a
 circuit breaker stops calling Redis after a run of failures. The timeout counts Redis's time,
-not our event loop's lag (the pipeliner discounts it, `backends.redis_pipeliner`): a gateway
+not our event loop's lag (the pipeliner discounts it, `backends.redis.pipeliner`): a gateway
 whose CPU is saturated answers slower, it does not take itself for a slow Redis and refuse.
 An error reply (OOM, MISCONF, READONLY, a script error) is a failure too, and a definite one.
 While Redis is down (refusing connections, answering errors, or silent for DOWN_AFTER_S),
@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import trio
 
-from backends.redis_quota import QuotaStoreError
+from backends.redis.quota import QuotaStoreError
 from policies.breaker import BreakerState, CircuitBreaker
 from policies.ratelimit import Quota, RateDecision
 from scheduler.core.quota_store import (

@@ -20,13 +20,13 @@ from typing import Any
 import coredis
 import trio
 
-from backends.http import BackendPool, HttpBackend
-from backends.http_client import HttpClient
-from backends.pressure import PoolPressure
-from backends.redis_cache import ResponseCache
-from backends.redis_pipeliner import RedisPipeliner
-from backends.redis_quota import QuotaStoreError, RedisQuotaStore
-from backends.redis_topology import open_redis
+from backends.http.client import HttpClient
+from backends.http.pool import BackendPool, HttpBackend
+from backends.probes.metrics import PoolPressure
+from backends.redis.cache import ResponseCache
+from backends.redis.pipeliner import RedisPipeliner
+from backends.redis.quota import QuotaStoreError, RedisQuotaStore
+from backends.redis.topology import open_redis
 from policies.breaker import BreakerConfig, CircuitBreaker
 from scheduler.core import AIMDConfig, AIMDController, Scheduler, SchedulerConfig
 from scheduler.service.config import (

@@ -29,6 +29,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from prometheus_client import multiprocess
 
+from backends.redis.embedded import EmbeddedRedis, free_port
 from scheduler.service.app import create_app
 from scheduler.service.config import (
     DEMO_BACKEND,
@@ -38,7 +39,6 @@ from scheduler.service.config import (
     startup_lines,
 )
 from scheduler.service.metrics import multiprocess_dir
-from scheduler.service.redis_embedded import EmbeddedRedis, free_port
 from scheduler.service.replica import Replica
 from scheduler.service.supervisor import DrainFlag, Supervisor, WorkerMain, WorkerPipes
 
@@ -132,7 +132,15 @@ async def serve_replica(
 def demo_backend(settings: Settings) -> Iterator[str]:
     """Run the built-in demo backend as a child process; yields its URL."""
     port = free_port()
-    args = [sys.executable, "-m", "backends.demo", "--host", "127.0.0.1", "--port", str(port)]
+    args = [
+        sys.executable,
+        "-m",
+        "backends.demo.server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     for name, value in dataclasses.asdict(settings.demo).items():
         args += ["--" + name.replace("_", "-"), str(value)]
     for model in settings.models:

@@ -24,7 +24,7 @@ import coredis
 import coredis.exceptions
 import trio
 
-from backends.redis_pipeliner import RedisPipeliner
+from backends.redis.pipeliner import RedisPipeliner
 from policies.breaker import CircuitBreaker
 from scheduler.service.config import KeySettings, key_id
 from scheduler.service.quota import AdaptiveTimeout, QuotaSettings

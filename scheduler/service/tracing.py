@@ -22,7 +22,7 @@ Tests that inspect spans install their own provider (an in-memory exporter); a p
 already installed is never replaced.
 
 The backend call's span is current while the request is sent, so `traceparent` carries its
-trace to the backend (`backends.http` injects the context itself: no instrumentor covers
+trace to the backend (`backends.http.pool` injects the context itself: no instrumentor covers
 our HTTP client).
 """
 

@@ -26,16 +26,16 @@ import trio
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from backends.http import BackendPool
-from backends.http_client import (
+from backends.http.client import (
     BackendError,
     BackendTimeout,
     BackendTooLarge,
     BackendUnavailable,
     Response,
 )
+from backends.http.pool import BackendPool
 from scheduler.core import Outcome
-from scheduler.service.errors import ApiError, overloaded
+from scheduler.openai.errors import ApiError, overloaded
 from scheduler.service.metrics import BackendErrorKind, backend_error_kind
 from scheduler.service.tracing import tracer
 

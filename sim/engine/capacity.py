@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from backends.gpu_model import GpuConfig
+from scheduler.models.gpu import GpuConfig
 from sim.engine.model import BackendPool, Process, Scenario, SizeDist, SizeKind
 
 

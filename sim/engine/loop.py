@@ -3,7 +3,7 @@ virtual seconds.
 
 Why this shape: everything that decides is the real object (the `Scheduler` with its fair
 queue, gate and controller; the service's `QuotaStore` decisions in a `MemoryQuotaStore`; the
-tiers' shed ladders; the pool's pressure from `backends.pressure_model`; the `GpuModel` the demo
+tiers' shed ladders; the pool's pressure from `scheduler.models.pressure`; the `GpuModel` the demo
 server uses); this module only carries time and
 decisions between them, as the service's dispatcher does. It is written for speed, since a
 planner runs millions of requests:

@@ -11,9 +11,9 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-from backends.gpu_model import GpuConfig
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateMode, GradientConfig
+from scheduler.models.gpu import GpuConfig
 
 
 class SizeKind(enum.Enum):

@@ -15,9 +15,9 @@ import math
 import random
 from collections.abc import Callable
 
-from backends.gpu_model import GpuConfig, GpuModel
 from policies.ladder import CacheState, Step, fallback_has_headroom
 from scheduler.core import ShedReason
+from scheduler.models.gpu import GpuConfig, GpuModel
 from sim.engine.state import TierState
 
 PushFn = Callable[[float, "FallbackBackend"], None]

@@ -12,14 +12,14 @@ import math
 from array import array
 from collections import deque
 
-from backends.gpu_model import GpuConfig, GpuModel
-from backends.gpu_model import Sequence as GpuSequence
-from backends.pressure_model import PressureConfig, PressureModel, Scrape, pool_pressure
 from policies.ladder import ShedLadder
 from policies.ratelimit import Quota
 from scheduler.core import ShedReason, Ticket
 from scheduler.core.quota_store import AlgorithmKind, MemoryQuotaStore, Reservation, completed
 from scheduler.core.quota_store import QuotaSpec as StoreSpec
+from scheduler.models.gpu import GpuConfig, GpuModel
+from scheduler.models.gpu import Sequence as GpuSequence
+from scheduler.models.pressure import PressureConfig, PressureModel, Scrape, pool_pressure
 from sim.engine.model import QuotaAlgorithm, QuotaSpec, QuotaUnit, TierSpec
 from sim.engine.results import Percentiles, TierResult, jain_index
 
@@ -230,7 +230,7 @@ class Backend:
 
 def probe_config(gpu: GpuConfig, tick_s: float) -> PressureConfig:
     """The probe the simulated gateway has on each backend, as the fidelity rig configures
-    the live one (`sim.fidelity.gateway_config`): scraped every tick, stale after four ticks
+    the live one (`bench.fidelity_rig.gateway_config`): scraped every tick, stale after four ticks
     (2 s at least), a full batch waiting reads as saturated."""
     return PressureConfig(
         waiting_saturation=float(gpu.max_batch), stale_after_s=max(2.0, 4 * tick_s)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from backends.redis.embedded import free_port
 from scheduler.cli import main
-from scheduler.service.redis_embedded import free_port
 from sim.scenario import parse_scenario
 from tests.support.llama_server import (
     MODEL_ALIAS,

@@ -23,9 +23,9 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.demo import DemoConfig, main, serve_demo_backend
-from backends.demo_engine import DemoEngine, Refusal, TicketState
-from backends.gpu_model import GpuConfig, GpuModel
+from backends.demo.engine import DemoEngine, Refusal, TicketState
+from backends.demo.server import DemoConfig, main, serve_demo_backend
+from scheduler.models.gpu import GpuConfig, GpuModel
 
 Json = dict[str, Any]
 CHAT = "/v1/chat/completions"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from backends.gpu_model import GpuConfig
+from scheduler.models.gpu import GpuConfig
 
 SCHEDULER = str(Path(sys.executable).parent / "scheduler")
 
@@ -23,8 +23,8 @@ def test_the_help_names_scheduler_demo_backend() -> None:
     assert help_text(SCHEDULER, "demo-backend", "--help").startswith(
         "usage: scheduler demo-backend "
     )
-    assert help_text(sys.executable, "-m", "backends.demo", "--help").startswith(
-        "usage: python -m backends.demo "
+    assert help_text(sys.executable, "-m", "backends.demo.server", "--help").startswith(
+        "usage: python -m backends.demo.server "
     )
 
 

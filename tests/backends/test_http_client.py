@@ -16,15 +16,15 @@ import trio
 import trustme
 from hypercorn.trio import serve
 
-from backends.demo import DemoConfig, create_demo_app, hypercorn_config, serve_demo_backend
-from backends.http import BackendPool, HttpBackend
-from backends.http_client import (
+from backends.demo.server import DemoConfig, create_demo_app, hypercorn_config, serve_demo_backend
+from backends.http.client import (
     BackendBroken,
     BackendLimits,
     BackendTimeout,
     BackendUnavailable,
     HttpClient,
 )
+from backends.http.pool import BackendPool, HttpBackend
 
 CHAT = json.dumps({"model": "demo-small", "messages": [{"role": "user", "content": "hi"}]})
 

@@ -22,10 +22,10 @@ import openai
 import pytest
 import trio
 
-from backends.http_client import BackendLimits, HttpClient
-from backends.pressure import MetricsProbe
-from backends.pressure_metrics import Exporter, parse_scrape
-from backends.pressure_model import Signal
+from backends.http.client import BackendLimits, HttpClient
+from backends.probes.metrics import MetricsProbe
+from scheduler.models.exposition import Exporter, parse_scrape
+from scheduler.models.pressure import Signal
 from scheduler.service.config import Settings, load_settings
 from tests.conftest import start_gateway
 from tests.support.llama_server import (
@@ -285,7 +285,7 @@ def metric_names(text: str) -> list[str]:
 
 
 async def test_each_slot_owns_its_share_of_the_kv_cache(llama: LlamaServer) -> None:
-    # Why llama.cpp needs no KV-cache signal (backends/pressure_metrics.py): started with an
+    # Why llama.cpp needs no KV-cache signal (scheduler/models/exposition.py): started with an
     # explicit --parallel, it splits the context evenly between the slots, so a request can
     # fill only its own slot's cache and the slots (busy, deferred) are the capacity.
     async with httpx2.AsyncClient(timeout=5) as client:

@@ -1,4 +1,4 @@
-"""Streams to and from whole completions (`backends.openai_stream`): cached completions as
+"""Streams to and from whole completions (`scheduler.openai.sse`): cached completions as
 SSE streams read by the official `openai` SDK, and streamed answers (made here, and by the demo
 backend) joined back into the completion they add up to."""
 
@@ -17,8 +17,8 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from backends.demo import DemoConfig, serve_demo_backend
-from backends.openai_stream import (
+from backends.demo.server import DemoConfig, serve_demo_backend
+from scheduler.openai.sse import (
     check_completion,
     completion_to_sse,
     split_words,

@@ -4,7 +4,7 @@ through real sockets against the demo GPU server (conditions waited for under a 
 never slept for).
 
 Each canned scrape is written as its engine writes it: the names and help texts of the source
-cited in backends/pressure_metrics.py, its label sets, and its exporter library's layout
+cited in scheduler/models/exposition.py, its label sets, and its exporter library's layout
 (prometheus_client for vLLM and SGLang, with `_total` counters and their `_created` series;
 the Rust metrics-exporter-prometheus for TGI, counters without `_total`, a blank line between
 families; llama.cpp's own `to_metrics()`).
@@ -26,10 +26,9 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backends.demo import DemoConfig, serve_demo_backend
-from backends.gpu_model import GpuConfig
-from backends.http_client import BackendLimits, HttpClient
-from backends.pressure import (
+from backends.demo.server import DemoConfig, serve_demo_backend
+from backends.http.client import BackendLimits, HttpClient
+from backends.probes.metrics import (
     Aggregate,
     MetricsProbe,
     ModelProbe,
@@ -37,10 +36,11 @@ from backends.pressure import (
     PressureReading,
     ScrapeError,
 )
-from backends.pressure_config import ProbeConfig, probe_config_from_mapping
-from backends.pressure_metrics import Exporter, parse_scrape
-from backends.pressure_model import PressureConfig, PressureModel, Scrape, Signal
-from backends.pressure_nvml import NvmlProbe, NvmlUnavailable
+from backends.probes.nvml import NvmlProbe, NvmlUnavailable
+from scheduler.models.exposition import Exporter, parse_scrape
+from scheduler.models.gpu import GpuConfig
+from scheduler.models.pressure import PressureConfig, PressureModel, Scrape, Signal
+from scheduler.models.pressure_config import ProbeConfig, probe_config_from_mapping
 
 LLAMA = 'model_name="meta-llama/Llama-3.1-8B-Instruct"'
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from backends.redis_quota import RedisQuotaStore
+from backends.redis.quota import RedisQuotaStore
 from policies.ratelimit import Quota
 from scheduler.core.quota_store import (
     ALGORITHM_KINDS,

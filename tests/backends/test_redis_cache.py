@@ -22,7 +22,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backends.redis_cache import (
+from backends.redis.cache import (
     CACHE_KEY_FIELDS,
     CacheError,
     CacheHit,

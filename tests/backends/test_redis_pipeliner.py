@@ -13,8 +13,8 @@ import coredis.exceptions
 import pytest
 import trio
 
-from backends.redis_pipeliner import RedisPipeliner
-from scheduler.service.redis_embedded import free_port
+from backends.redis.embedded import free_port
+from backends.redis.pipeliner import RedisPipeliner
 from tests.conftest import open_pipelined
 
 DEADLINE_S = 10.0

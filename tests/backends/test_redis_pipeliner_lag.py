@@ -11,8 +11,8 @@ import uuid
 import pytest
 import trio
 
-from backends.redis_pipeliner import LoopLag
-from scheduler.service.redis_embedded import EmbeddedRedis, free_port
+from backends.redis.embedded import EmbeddedRedis, free_port
+from backends.redis.pipeliner import LoopLag
 from tests.conftest import open_pipelined
 
 DEADLINE_S = 10.0

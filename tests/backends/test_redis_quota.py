@@ -21,7 +21,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.redis_quota import (
+from backends.redis.quota import (
     ALGORITHM_KINDS,
     AlgorithmKind,
     QuotaSpec,

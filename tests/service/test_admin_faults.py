@@ -19,8 +19,8 @@ import httpx2
 import pytest
 import trio
 
+from backends.redis.embedded import EmbeddedRedis
 from scheduler.service.config import load_settings
-from scheduler.service.redis_embedded import EmbeddedRedis
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
 from tests.service.test_admin import ADMIN, CONFIG, TOKEN, chat, eventually

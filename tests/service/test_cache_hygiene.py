@@ -11,9 +11,9 @@ import coredis
 import httpx2
 import trio
 
-from backends.demo import DemoConfig, serve_demo_backend
-from backends.gpu_model import GpuConfig
-from backends.redis_cache import ResponseCache
+from backends.demo.server import DemoConfig, serve_demo_backend
+from backends.redis.cache import ResponseCache
+from scheduler.models.gpu import GpuConfig
 from tests.conftest import start_demo, start_gateway
 from tests.service.test_quota_path import chat, demo_running, settings_from
 from tests.support.fault_proxy import Fault, serve_fault_proxy

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from scheduler.service.redis_embedded import free_port
+from backends.redis.embedded import free_port
 
 SCHEDULER = str(Path(sys.executable).parent / "scheduler")
 CHAT = {"model": "demo-small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}

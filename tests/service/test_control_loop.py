@@ -13,7 +13,7 @@ from typing import Any
 import httpx2
 import trio
 
-from backends.gpu_model import GpuConfig
+from scheduler.models.gpu import GpuConfig
 from scheduler.service.config import load_settings
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway

@@ -33,8 +33,8 @@ import httpx2
 import pytest
 import trio
 
-from backends.demo import DemoConfig, serve_demo_backend
-from backends.redis_quota import RedisQuotaStore
+from backends.demo.server import DemoConfig, serve_demo_backend
+from backends.redis.quota import RedisQuotaStore
 from scheduler.service.config import Settings, key_id, load_settings
 from tests.conftest import FAST_GPU, start_demo, start_gateway
 from tests.support.fault_proxy import Fault, FaultProxy, serve_fault_proxy

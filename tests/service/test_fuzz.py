@@ -37,13 +37,13 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.core.result import Ok
 from schemathesis.specs.openapi import checks as openapi_checks
 
-from backends.demo import DemoConfig, serve_demo_backend
-from backends.gpu_model import GpuConfig
+from backends.demo.server import DemoConfig, serve_demo_backend
+from backends.redis.embedded import EmbeddedRedis
+from scheduler.models.gpu import GpuConfig
+from scheduler.openai.body import MAX_TOKENS_CAP
 from scheduler.service.config import gains_to_dict, load_settings
 from scheduler.service.gateway import FORWARDED_HEADERS
-from scheduler.service.openai_body import MAX_TOKENS_CAP
 from scheduler.service.openapi import openapi_document
-from scheduler.service.redis_embedded import EmbeddedRedis
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_gateway
 

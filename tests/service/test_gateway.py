@@ -149,7 +149,7 @@ async def test_stream_passes_through_chunk_by_chunk(gateway: str) -> None:
 async def test_a_client_that_leaves_mid_stream_closes_the_upstream_call(
     nursery: trio.Nursery, redis_url: str
 ) -> None:
-    from backends.gpu_model import GpuConfig
+    from scheduler.models.gpu import GpuConfig
 
     slow = GpuConfig(max_batch=4, decode_base_s=0.05, decode_per_seq_s=0.0)
     demo = await start_demo(nursery, slow)

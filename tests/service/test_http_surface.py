@@ -13,8 +13,8 @@ import openai
 import pytest
 import trio
 
+from scheduler.openai.body import MAX_JSON_DEPTH
 from scheduler.service.config import Settings
-from scheduler.service.openai_body import MAX_JSON_DEPTH
 from tests.conftest import gateway_settings, start_demo, start_gateway
 
 KEY = "sk-demo-enterprise"

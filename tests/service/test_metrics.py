@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.http_client import BackendBroken, BackendTimeout, BackendUnavailable
+from backends.http.client import BackendBroken, BackendTimeout, BackendUnavailable
 from policies.breaker import BreakerState
 from scheduler.core import (
     Admit,

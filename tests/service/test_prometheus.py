@@ -28,7 +28,7 @@ import httpx2
 import pytest
 import trio
 
-from scheduler.service.redis_embedded import free_port
+from backends.redis.embedded import free_port
 from tests.conftest import gateway_settings, start_demo, start_gateway
 from tests.service.test_cli import wait_ready
 from tests.service.test_metrics import dashboard_exprs

@@ -26,13 +26,13 @@ import pytest
 import trio
 from openai.types.chat import ChatCompletion
 
-from backends.gpu_model import GpuConfig
-from backends.redis_cache import ResponseCache
-from backends.redis_quota import RedisQuotaStore
+from backends.redis.cache import ResponseCache
+from backends.redis.quota import RedisQuotaStore
 from policies.breaker import CircuitBreaker
+from scheduler.models.gpu import GpuConfig
+from scheduler.openai.body import read_call
 from scheduler.service.config import Settings, key_id, load_settings
 from scheduler.service.gateway import PATHS
-from scheduler.service.openai_body import read_call
 from scheduler.service.quota import (
     AdaptiveTimeout,
     FailMode,

@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx2
 import trio
 
+from backends.redis.embedded import EmbeddedRedis, free_port
 from scheduler.service.config import load_settings
-from scheduler.service.redis_embedded import EmbeddedRedis, free_port
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
 
@@ -191,7 +191,7 @@ async def test_quotas_hold_across_three_replicas(redis_url: str, tmp_path: Path)
             demo=f"http://127.0.0.1:{demo_port}",
         )
     )
-    demo_args = [sys.executable, "-m", "backends.demo", "--port", str(demo_port)]
+    demo_args = [sys.executable, "-m", "backends.demo.server", "--port", str(demo_port)]
     demo_args += ["--model", "demo-small", "--decode-base-s", "0.001"]
     tallies = {"log": Tally(), "gcra": Tally()}
     with ExitStack() as stack:

@@ -18,9 +18,9 @@ import httpx2
 import pytest
 import trio
 
-from backends.demo import DemoConfig, serve_demo_backend
+from backends.demo.server import DemoConfig, serve_demo_backend
+from backends.redis.embedded import EmbeddedRedis, free_port
 from scheduler.service.config import Settings, load_settings
-from scheduler.service.redis_embedded import EmbeddedRedis, free_port
 from tests.conftest import FAST_GPU, start_demo, start_gateway
 
 KEY = "sk-readiness-test-key"

@@ -24,8 +24,8 @@ import httpx2
 import pytest
 import trio
 
+from backends.redis.embedded import EmbeddedRedis, free_port
 from scheduler.service.config import load_settings
-from scheduler.service.redis_embedded import EmbeddedRedis, free_port
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import httpx2
 import trio
 
+from backends.redis.embedded import EmbeddedRedis, free_port
 from scheduler.service.config import load_settings
 from scheduler.service.quota import DOWN_AFTER_S, AdaptiveTimeout
-from scheduler.service.redis_embedded import EmbeddedRedis, free_port
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
 

@@ -14,7 +14,7 @@ import httpx2
 import pytest
 import trio
 
-from scheduler.service.redis_embedded import free_port
+from backends.redis.embedded import free_port
 from tests.service.test_cli import wait_ready
 
 SCHEDULER = str(Path(sys.executable).parent / "scheduler")

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx2
 import trio
 
-from scheduler.service.redis_embedded import free_port
+from backends.redis.embedded import free_port
 from tests.service.test_cli import wait_ready
 
 SCHEDULER = str(Path(sys.executable).parent / "scheduler")
@@ -84,7 +84,15 @@ class Gateway:
 @contextmanager
 def demo_backend(decode_base_s: float = 0.001) -> Iterator[str]:
     port = free_port()
-    args = [sys.executable, "-m", "backends.demo", "--port", str(port), "--model", "demo-small"]
+    args = [
+        sys.executable,
+        "-m",
+        "backends.demo.server",
+        "--port",
+        str(port),
+        "--model",
+        "demo-small",
+    ]
     args += ["--decode-base-s", str(decode_base_s), "--decode-per-seq-s", "0", "--max-batch", "64"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL)
     try:

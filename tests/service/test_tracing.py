@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from scheduler.service.redis_embedded import free_port
+from backends.redis.embedded import free_port
 from scheduler.service.tracing import exporters_from_env
 from tests.conftest import gateway_settings, start_demo, start_gateway
 from tests.service.test_cli import wait_ready

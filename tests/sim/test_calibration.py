@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backends.gpu_model import GpuConfig
+from scheduler.models.gpu import GpuConfig
 from sim.calibration import (
     Point,
     backends_section,

@@ -25,13 +25,23 @@ import coredis
 import pytest
 import trio
 
-from backends.demo_openai import Kind, parse_generation
-from backends.redis_quota import ALGORITHM_KINDS
+from backends.demo.openai import Kind, parse_generation
+from backends.redis.quota import ALGORITHM_KINDS
+from bench.fidelity_rig import (
+    MODEL,
+    Arrival,
+    Tolerances,
+    arrival_schedule,
+    check_live,
+    gateway_config,
+    prompt_text,
+    run_fidelity,
+)
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateMode
+from scheduler.openai.body import read_call
 from scheduler.service.config import Settings, load_settings
 from scheduler.service.gains import publish_gains
-from scheduler.service.openai_body import read_call
 from scheduler.service.replica import GAINS_KEY
 from sim.engine import simulate
 from sim.engine.model import (
@@ -41,16 +51,6 @@ from sim.engine.model import (
     QuotaAlgorithm,
     QuotaSpec,
     Scenario,
-)
-from sim.fidelity import (
-    MODEL,
-    Arrival,
-    Tolerances,
-    arrival_schedule,
-    check_live,
-    gateway_config,
-    prompt_text,
-    run_fidelity,
 )
 from sim.scenario import parse_scenario
 

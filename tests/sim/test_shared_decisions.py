@@ -2,7 +2,7 @@
 decision objects and through the simulator, compared decision by decision.
 
 The service side is built the way the gateway builds it: the scenario's gateway config
-(`sim.fidelity.gateway_config`, the live rig's) loaded by the service's own `load_settings`,
+(`bench.fidelity_rig.gateway_config`, the live rig's) loaded by the service's own `load_settings`,
 its quota settings taken on the Redis store on a real redis-server at the arrivals' times, the
 request's cost from the service's `InferenceCall`. The simulator side is its engine run on the
 same scenario. Every key's quota state must come out the same, and so must the tier's counts;
@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from backends.gpu_model import GpuConfig
-from backends.pressure import ModelProbe, PoolPressure
-from backends.redis_quota import RedisQuotaStore
+from backends.probes.metrics import ModelProbe, PoolPressure
+from backends.redis.quota import RedisQuotaStore
+from bench.fidelity_rig import arrival_schedule, gateway_config
 from scheduler.core import request_cost
 from scheduler.core.quota_store import Slot
+from scheduler.models.gpu import GpuConfig
+from scheduler.openai.body import InferenceCall
 from scheduler.service.config import load_settings
-from scheduler.service.openai_body import InferenceCall
 from sim.engine import Simulation
 from sim.engine.model import (
     QuotaAlgorithm,
@@ -33,7 +34,6 @@ from sim.engine.model import (
 )
 from sim.engine.model import QuotaSpec as SimQuota
 from sim.engine.state import Backend, probe_config, scrape
-from sim.fidelity import arrival_schedule, gateway_config
 from sim.scenario import parse_scenario
 from tests.conftest import open_pipelined
 

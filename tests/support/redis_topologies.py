@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from scheduler.service.redis_embedded import free_port, redis_server_path
+from backends.redis.embedded import free_port, redis_server_path
 
 STARTUP_TIMEOUT_S = 20.0
 SERVICE_NAME = "scheduler"

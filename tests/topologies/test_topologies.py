@@ -14,9 +14,9 @@ import httpx2
 import pytest
 import trio
 
-from backends.redis_cache import ResponseCache
-from backends.redis_quota import QuotaSpec, RedisQuotaStore
-from backends.redis_topology import open_redis, parse_redis_url
+from backends.redis.cache import ResponseCache
+from backends.redis.quota import QuotaSpec, RedisQuotaStore
+from backends.redis.topology import open_redis, parse_redis_url
 from policies.ratelimit import Quota
 from scheduler.service.config import ConfigError, load_settings
 from scheduler.service.serve import with_demo_url

@@ -60,7 +60,7 @@ from typing import Any
 import httpx2
 import trio
 
-from backends.demo import DemoConfig, serve_demo_backend
+from backends.demo.server import DemoConfig, serve_demo_backend
 from scheduler.service.config import load_settings
 from scheduler.service.serve import serve_replica
 from sim.engine import SimResult, simulate

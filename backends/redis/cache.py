@@ -21,7 +21,7 @@ Errors, split by who is to blame:
     CacheError              Redis answered with an error (a bug, or a foreign key type)
     └── CacheUnavailable    Redis could not be reached in time: the caller treats it as a miss
 
-Entries are whole completions; `backends.openai_stream` turns them into a stream and back.
+Entries are whole completions; `scheduler.openai.sse` turns them into a stream and back.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import coredis.exceptions
 import msgpack  # type: ignore[import-untyped]
 import trio
 
-from backends.redis_pipeliner import RedisPipeliner
+from backends.redis.pipeliner import RedisPipeliner
 
 T = TypeVar("T")
 

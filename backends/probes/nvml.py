@@ -19,9 +19,9 @@ from typing import Any
 
 import trio
 
-from backends.pressure import ModelProbe, ScrapeError
-from backends.pressure_config import ProbeConfig
-from backends.pressure_model import Scrape
+from backends.probes.metrics import ModelProbe, ScrapeError
+from scheduler.models.pressure import Scrape
+from scheduler.models.pressure_config import ProbeConfig
 
 
 class NvmlUnavailable(Exception):

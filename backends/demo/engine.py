@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import trio
 
-from backends.gpu_model import GpuConfig, GpuModel, GpuStats, Sequence
+from scheduler.models.gpu import GpuConfig, GpuModel, GpuStats, Sequence
 
 
 class TicketState(enum.Enum):

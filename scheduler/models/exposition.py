@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.pressure_model import Scrape
+from scheduler.models.pressure import Scrape
 
 
 class Exporter(enum.Enum):

@@ -3,10 +3,10 @@
 A `GpuModel` (continuous batching, KV-cache admission, a bounded waiting room) is driven in
 real time by one trio task, so latency grows with concurrency and a full server answers 503,
 as a real one does. It serves the gateway as its built-in default backend, tests and
-benchmarks, and runs alone with `python -m backends.demo --port 8001`.
+benchmarks, and runs alone with `python -m backends.demo.server --port 8001`.
 
     DemoConfig              what to serve (GPU rules, model names, output length, seed)
-    create_demo_app()       the ASGI app (backends.demo_app)
+    create_demo_app()       the ASGI app (backends.demo.app)
     serve_demo_backend()    serve it with hypercorn's trio worker until cancelled
     main()                  the command line
 
@@ -28,8 +28,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from backends.demo_app import DemoApp, DemoConfig, create_demo_app
-from backends.gpu_model import GpuConfig
+from backends.demo.app import DemoApp, DemoConfig, create_demo_app
+from scheduler.models.gpu import GpuConfig
 
 __all__ = ["DemoApp", "DemoConfig", "create_demo_app", "main", "serve_demo_backend"]
 
@@ -72,7 +72,7 @@ _GPU_HELP = {
 }
 
 
-def build_parser(prog: str = "python -m backends.demo") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m backends.demo.server") -> argparse.ArgumentParser:
     """The command line; `prog` is how it was called (`scheduler demo-backend` passes its own)."""
     parser = argparse.ArgumentParser(
         prog=prog,

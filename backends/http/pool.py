@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP backends and pools of them, on `backends.http_client`.
+"""OpenAI-compatible HTTP backends and pools of them, on `backends.http.client`.
 
 A pool chooses the backend with the fewest requests in flight among the healthy ones. Health
 is known before any request fails: from start-up, `probe_forever` sends each backend a GET of
@@ -24,7 +24,7 @@ from functools import partial
 import trio
 from opentelemetry import propagate
 
-from backends.http_client import BackendError, BackendUnavailable, HttpClient, Response
+from backends.http.client import BackendError, BackendUnavailable, HttpClient, Response
 
 log = logging.getLogger("scheduler.service.backends")
 PROBE_INTERVAL_S = 0.5

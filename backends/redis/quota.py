@@ -1,7 +1,7 @@
 """The Redis quota store: one atomic script per request over a key's request and token quotas.
 
 Why this design: quotas must hold exactly across replicas, so the check and the take happen in
-one Lua script (`backends.redis_lua`, the twins of `policies`' algorithms) that sees every
+one Lua script (`backends.redis.lua`, the twins of `policies`' algorithms) that sees every
 quota of the key at once: it decides on the request quota (cost 1) and the token quota (cost =
 the estimated tokens) and takes both or neither. Time is Redis `TIME` (one clock for every
 replica) unless an explicit `now` is given (the simulator and the tests); never mix the two on
@@ -46,8 +46,8 @@ import coredis.exceptions
 import trio
 from coredis.commands.script import Script
 
-from backends.redis_lua import ADD_CREDITS_SCRIPT, SETTLE_SCRIPT, TAKE_SCRIPT
-from backends.redis_pipeliner import RedisPipeliner
+from backends.redis.lua import ADD_CREDITS_SCRIPT, SETTLE_SCRIPT, TAKE_SCRIPT
+from backends.redis.pipeliner import RedisPipeliner
 from policies.ratelimit import CounterState, LogEntry, LogState, RateDecision
 from scheduler.core.quota_store import (
     ALGORITHM_KINDS,

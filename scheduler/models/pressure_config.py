@@ -26,8 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from backends.pressure_metrics import ALL_EXPORTERS, Exporter
-from backends.pressure_model import PressureConfig, Signal
+from scheduler.models.exposition import ALL_EXPORTERS, Exporter
+from scheduler.models.pressure import PressureConfig, Signal
 
 E = TypeVar("E", bound=enum.Enum)
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import trio
 
-from backends.demo_engine import DemoEngine, EngineStopped, Refusal, Ticket, TicketState
-from backends.demo_metrics import DemoMetrics
-from backends.demo_openai import (
+from backends.demo.engine import DemoEngine, EngineStopped, Refusal, Ticket, TicketState
+from backends.demo.metrics import DemoMetrics
+from backends.demo.openai import (
     ChunkWriter,
     DemoError,
     GenerationCall,
@@ -39,7 +39,7 @@ from backends.demo_openai import (
     parse_json,
     parse_model,
 )
-from backends.gpu_model import GpuConfig, GpuStats
+from scheduler.models.gpu import GpuConfig, GpuStats
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from backends.demo_engine import Ticket, TicketState
-from backends.gpu_model import GpuStats
+from backends.demo.engine import Ticket, TicketState
+from scheduler.models.gpu import GpuStats
 
 # vLLM's bucket boundaries
 TTFT_BUCKETS: tuple[float, ...] = (

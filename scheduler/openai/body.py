@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scheduler.core import request_cost
-from scheduler.service.errors import bad_request
+from scheduler.openai.errors import bad_request
 
 CHARS_PER_TOKEN = 4  # the usual rough estimate for English text
 MAX_TOKENS_CAP = 1_000_000

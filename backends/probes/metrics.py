@@ -2,10 +2,10 @@
 
     MetricsProbe    one backend: `scrape_once(now)`, `run()` (a loop for the service nursery)
     PoolPressure    several probes (metrics or NVML) aggregated into the controller's pressure
-    ProbeConfig     per backend (backends.pressure_config, buildable from TOML)
+    ProbeConfig     per backend (scheduler.models.pressure_config, buildable from TOML)
 
-What the numbers mean lives in the pure `backends.pressure_model` (signals, saturation points,
-staleness) and `backends.pressure_metrics` (the engines' and GPU exporters' names); this
+What the numbers mean lives in the pure `scheduler.models.pressure` (signals, saturation points,
+staleness) and `scheduler.models.exposition` (the engines' and GPU exporters' names); this
 module only fetches, parses and records.
 
 A failed scrape is not an exception to the caller: it is recorded (`ScrapeError`, translated
@@ -14,7 +14,7 @@ probe's loop never dies of an upstream's trouble. An HTTP 404 is not a failure: 
 publishes no metrics, which the model reports as `known=False` (pressure 0, left out of the
 pool's aggregate); set `enabled = false` for such backends to skip the probe altogether.
 
-The pool's pressure is `backends.pressure_model.pool_pressure` over its probes' readings (the
+The pool's pressure is `scheduler.models.pressure.pool_pressure` over its probes' readings (the
 mean by default, stale backends at 1.0), the same function the simulator calls.
 """
 
@@ -26,10 +26,9 @@ from typing import Protocol
 
 import trio
 
-from backends.http_client import BackendError, BackendTimeout, HttpClient
-from backends.pressure_config import ProbeConfig, probe_config_from_mapping
-from backends.pressure_metrics import Exporter, parse_scrape
-from backends.pressure_model import (
+from backends.http.client import BackendError, BackendTimeout, HttpClient
+from scheduler.models.exposition import Exporter, parse_scrape
+from scheduler.models.pressure import (
     Aggregate,
     PressureConfig,
     PressureModel,
@@ -38,6 +37,7 @@ from backends.pressure_model import (
     Signal,
     pool_pressure,
 )
+from scheduler.models.pressure_config import ProbeConfig, probe_config_from_mapping
 
 __all__ = [
     "Aggregate",

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from backends.gpu_model import GpuConfig, GpuModel
+from scheduler.models.gpu import GpuConfig, GpuModel
 
 
 def test_one_sequence_timing() -> None:

@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from backends.openai_errors import OpenAIError
+from scheduler.openai.errors import OpenAIError
 
 CHARS_PER_TOKEN = 4
 _TEXT = """the quick brown fox jumps over lazy dog while model serves tokens from a warm cache

@@ -7,7 +7,7 @@ The same burst runs through the model in `sim.calibration`, so the fit compares 
 Concurrency doubles from 1 for each prompt length, and stops two levels after throughput stops
 growing (or at `--max-concurrency`); the whole run stops at `--max-requests` or `--time-limit`.
 
-Prompts are `sim.fidelity.prompt_text`: 4 P - 1 characters, which the gateway estimates as P
+Prompts are `bench.fidelity_rig.prompt_text`: 4 P - 1 characters, which the gateway estimates as P
 tokens, each starting with an id of its own (engines cache prompts, by prefix); the
 engine's own count (its usage) is what the fit uses when it reports one. KV
 capacity comes from the engine's `/metrics` when they tell it (SGLang's
@@ -33,6 +33,7 @@ from typing import Any
 import httpx2
 import trio
 
+from bench.fidelity_rig import prompt_text
 from sim.calibration import (
     ERROR_COLUMNS,
     SATURATION_GAIN,
@@ -43,7 +44,6 @@ from sim.calibration import (
     fit,
     kv_capacity_from_metrics,
 )
-from sim.fidelity import prompt_text
 from sim.report import format_table
 
 Log = Callable[[str], None]
