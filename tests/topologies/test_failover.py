@@ -1,0 +1,90 @@
+"""A Redis Cluster shard that dies, with and without a replica to take over, under load:
+only that shard's keys are affected (503 with Retry-After or the tier's fail mode, never
+500), the other shards keep serving, and the gateway follows a promoted replica without a
+restart. Each test has a cluster of its own (it kills a node)."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+import trio
+
+from scheduler.service.config import load_settings
+from scheduler.service.serve import with_demo_url
+from tests.conftest import start_demo, start_gateway
+from tests.service.test_admin import ADMIN, CONFIG, TOKEN, chat
+from tests.support.redis_topologies import RedisClusterTopology, cli, wait_for
+
+DEADLINE_S = 40.0
+CLOSED = CONFIG.replace("max_depth = 100", 'max_depth = 100\nfail_mode = "closed"')
+
+
+@pytest.fixture
+def cluster_with_replicas() -> Iterator[RedisClusterTopology]:
+    with RedisClusterTopology(masters=3, replicas_per_master=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def bare_cluster() -> Iterator[RedisClusterTopology]:
+    with RedisClusterTopology(masters=3) as cluster:
+        yield cluster
+
+
+async def serve(
+    nursery: trio.Nursery, cluster: RedisClusterTopology, tmp_path: Path, config: str
+) -> str:
+    demo = await start_demo(nursery)
+    path = tmp_path / "failover.toml"
+    path.write_text(config.replace("{prefix}", f"fo-{uuid.uuid4().hex[:8]}"))
+    settings = load_settings(path, env={"SCHEDULER_ADMIN_TOKEN": TOKEN}, overrides={"port": 0})
+    settings = dataclasses.replace(with_demo_url(settings, demo), redis_url=cluster.url)
+    return await start_gateway(nursery, settings)
+
+
+async def keys_on_every_shard(
+    client: httpx2.AsyncClient, url: str, cluster: RedisClusterTopology, per_shard: int
+) -> dict[int, list[str]]:
+    """Keys made through the admin API until each master serves `per_shard` of them."""
+    by_shard: dict[int, list[str]] = {port: [] for port in cluster.master_ports()}
+    while min(len(keys) for keys in by_shard.values()) < per_shard:
+        r = await client.post(
+            url + "/admin/v1/keys", json={"tenant": "t", "tier": "pro"}, headers=ADMIN
+        )
+        assert r.status_code == 201
+        slot = int(cli(cluster.nodes[0].port, "CLUSTER", "KEYSLOT", r.json()["key_id"]))
+        by_shard[cluster.slot_owner(slot)].append(r.json()["key"])
+    await trio.sleep(0.6)  # the registry's cache time: every replica reads the new keys
+    return by_shard
+
+
+async def test_a_dead_shard_stops_only_its_own_keys(
+    nursery: trio.Nursery, bare_cluster: RedisClusterTopology, tmp_path: Path
+) -> None:
+    """A master killed with no replica: its keys get 503 with Retry-After (the tier fails
+    closed), never 500; the keys on the two live shards are all served (the shard's breaker
+    opens, not everyone's) and the replica stays ready."""
+    url = await serve(nursery, bare_cluster, tmp_path, CLOSED)
+    async with httpx2.AsyncClient(timeout=10) as client:
+        with trio.fail_after(DEADLINE_S):
+            by_shard = await keys_on_every_shard(client, url, bare_cluster, 2)
+            dead = min(by_shard)
+            bare_cluster.node_for_port(dead).kill()
+            seen: dict[bool, list[tuple[int, bool]]] = {True: [], False: []}
+            for _ in range(20):  # the dead shard's breaker opens in the first rounds
+                for port, keys in by_shard.items():
+                    for key in keys:
+                        r = await chat(client, url, key)
+                        seen[port == dead].append((r.status_code, "retry-after" in r.headers))
+                        if port != dead and r.status_code != 200:
+                            print(trio.current_time(), r.text)
+            ready = await client.get(url + "/readyz")
+    assert set(seen[False]) == {(200, False)}
+    assert set(seen[True]) == {(503, True)}
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"]["redis"]["shards_down"] == 1
