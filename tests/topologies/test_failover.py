@@ -1,7 +1,8 @@
 """A Redis Cluster shard that dies, with and without a replica to take over, under load:
 only that shard's keys are affected (503 with Retry-After or the tier's fail mode, never
 500), the other shards keep serving, and the gateway follows a promoted replica without a
-restart. Each test has a cluster of its own (it kills a node)."""
+restart; likewise a Sentinel-managed master. Each test has a topology of its own (it kills
+a node)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from scheduler.service.config import load_settings
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
 from tests.service.test_admin import ADMIN, CONFIG, TOKEN, chat
-from tests.support.redis_topologies import RedisClusterTopology, cli
+from tests.support.redis_topologies import RedisClusterTopology, SentinelTopology, cli
 
 DEADLINE_S = 40.0
 CLOSED = CONFIG.replace("max_depth = 100", 'max_depth = 100\nfail_mode = "closed"')
@@ -37,7 +38,10 @@ def bare_cluster() -> Iterator[RedisClusterTopology]:
 
 
 async def serve(
-    nursery: trio.Nursery, cluster: RedisClusterTopology, tmp_path: Path, config: str
+    nursery: trio.Nursery,
+    cluster: RedisClusterTopology | SentinelTopology,
+    tmp_path: Path,
+    config: str,
 ) -> str:
     demo = await start_demo(nursery)
     path = tmp_path / "failover.toml"
@@ -158,3 +162,34 @@ def over_admitted(entries: list[tuple[float, int, str]]) -> int:
     last reply's `remaining` is Redis's count; every 200 before it was an admission."""
     admitted = [rem for _, s, rem in entries if s == 200]
     return len(admitted) - (100000 - int(admitted[-1]))
+
+
+async def test_a_killed_sentinel_master_fails_over_under_load(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Master + replica + 3 sentinels: the master is killed under load; requests get 503 with
+    Retry-After (never 500) until the sentinels promote the replica, then 200 again through
+    the same gateway, which asked the sentinels where the master is now."""
+    with SentinelTopology() as sentinel:
+        url = await serve(nursery, sentinel, tmp_path, CLOSED)
+        outcomes: list[tuple[float, int, bool]] = []
+        async with httpx2.AsyncClient(timeout=10) as client:
+            with trio.fail_after(DEADLINE_S):
+                r = await client.post(
+                    url + "/admin/v1/keys", json={"tenant": "t", "tier": "pro"}, headers=ADMIN
+                )
+                key = r.json()["key"]
+                assert (await chat(client, url, key)).status_code == 200
+                old_master = sentinel.master_port()
+                sentinel.master.kill()
+                killed_at = trio.current_time()
+                while not outcomes or outcomes[-1][1] != 200:
+                    sent_at = trio.current_time()
+                    r = await chat(client, url, key)
+                    outcomes.append((sent_at, r.status_code, "retry-after" in r.headers))
+                    await trio.sleep(0.02)
+        healed_s = outcomes[-1][0] - killed_at
+        print(f"sentinel failover: healed in {healed_s:.1f} s after {len(outcomes)} calls")
+        assert {(s, ra) for _, s, ra in outcomes[:-1]} <= {(503, True)}
+        assert len(outcomes) > 1 and sentinel.master_port() != old_master
+        assert healed_s < 20.0

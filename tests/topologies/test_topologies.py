@@ -107,12 +107,12 @@ async def gateways(nursery: trio.Nursery, redis_url: str, tmp_path: Path, count:
     return [await start_gateway(nursery, settings) for _ in range(count)]
 
 
-async def test_request_quotas_are_exact_through_two_gateways_on_every_shard(
+async def test_request_quotas_are_exact_through_three_gateways_on_every_shard(
     nursery: trio.Nursery, redis_topology: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Keys made through the admin API, spread over every shard, each with a quota of 3:
-    two replicas admit exactly 3 of 6 concurrent requests per key, and Redis never failed."""
-    urls = await gateways(nursery, redis_topology, tmp_path, 2)
+    three replicas admit exactly 3 of 6 concurrent requests per key, and Redis never failed."""
+    urls = await gateways(nursery, redis_topology, tmp_path, 3)
     statuses: dict[str, list[int]] = {}
     async with httpx2.AsyncClient(timeout=10) as client:
         with trio.fail_after(DEADLINE_S):
@@ -140,7 +140,7 @@ async def test_request_quotas_are_exact_through_two_gateways_on_every_shard(
             async with trio.open_nursery() as calls:
                 for key in keys.values():
                     for i in range(6):
-                        calls.start_soon(call, key, urls[i % 2])
+                        calls.start_soon(call, key, urls[i % 3])
             metrics = (await client.get(urls[0] + "/metrics")).text
             ready = await client.get(urls[0] + "/readyz")
     assert all(sorted(s) == [200] * 3 + [429] * 3 for s in statuses.values()), statuses
