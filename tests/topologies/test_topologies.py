@@ -42,8 +42,10 @@ async def test_token_and_request_quotas_are_exact_on_every_shard(
 ) -> None:
     """Many concurrent takes through the request-path pipeliner (one batch spans every node):
     each key admits exactly its quota, whatever shard its slot is on."""
-    kids = [f"k{i}-{uuid.uuid4().hex[:8]}" for i in range(12)]
-    assert len(shards_of(request, kids)) == (SHARDS if "[cluster]" in request.node.name else 1)
+    expected = SHARDS if "[cluster]" in request.node.name else 1
+    kids: list[str] = []
+    while not kids or len(shards_of(request, kids)) < expected:  # 12 ids miss one 2% of runs
+        kids = [f"k{i}-{uuid.uuid4().hex[:8]}" for i in range(12)]
     requests = QuotaSpec("sliding_log", Quota(5, 60.0))
     tokens = QuotaSpec("gcra", Quota(100, 60.0))
     admitted: dict[str, list[int]] = {kid: [] for kid in kids}
