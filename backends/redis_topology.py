@@ -216,3 +216,11 @@ def shard_of(redis: coredis.Redis[Any] | None, tag: str) -> str:
         return str(redis.connection_pool.cluster_layout.node_for_slot(slot).name)
     except coredis.exceptions.RedisError:
         return ""
+
+
+def shards(redis: coredis.Redis[Any] | None) -> set[str] | None:
+    """The names of a cluster's primaries as its client's slot map has them now (None off a
+    cluster): the breaker scopes in use."""
+    if not isinstance(redis, coredis.RedisCluster):
+        return None
+    return {str(node.name) for node in redis.connection_pool.cluster_layout.primaries}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 
@@ -211,6 +212,12 @@ class ScopedBreakers:
             if state in states:
                 return state
         return BreakerState.CLOSED
+
+    def retain(self, scopes: Collection[str]) -> None:
+        """Forget the breakers of scopes no longer in use (a node gone after a failover), so
+        the old node's open breaker does not stand for the shard's new master."""
+        for scope in [s for s in self._breakers if s not in scopes]:
+            del self._breakers[scope]
 
     def statistics(self) -> dict[str, BreakerStatistics]:
         """Each scope's snapshot, by scope."""

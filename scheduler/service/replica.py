@@ -26,7 +26,7 @@ from backends.pressure import PoolPressure
 from backends.redis_cache import ResponseCache
 from backends.redis_pipeliner import RedisPipeliner
 from backends.redis_quota import QuotaStoreError, RedisQuotaStore
-from backends.redis_topology import open_redis, shard_of
+from backends.redis_topology import open_redis, shard_of, shards
 from policies.breaker import BreakerConfig, ScopedBreakers
 from scheduler.core import AIMDConfig, AIMDController, Scheduler, SchedulerConfig
 from scheduler.service.config import (
@@ -130,6 +130,9 @@ class Replica:
         def export_metrics(now: float) -> None:
             self.metrics.update_from(core.statistics())
             self.metrics.controller_config(self.controller.config)
+            in_use = shards(self._redis)
+            if in_use is not None:
+                self.breakers.retain(in_use)
             self.metrics.update_redis(
                 errors_total=self.quota.redis_errors,
                 up=self.quota.redis_up,

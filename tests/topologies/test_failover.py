@@ -131,6 +131,10 @@ async def test_a_killed_master_fails_over_under_load(
                 healed_at = await healed(log, by_shard[dead], killed_at)
                 await trio.sleep(0.5)
                 stop.set()
+            await trio.sleep(0.2)  # a dispatcher tick: the metrics mirror the breakers
+            metrics = (await client.get(url + "/metrics")).text
+    # the dead node's breaker is forgotten with the node: Redis is up again, all closed
+    assert "scheduler_redis_up 1.0" in metrics and "scheduler_breaker_state 0.0" in metrics
     statuses = {key: {status for _, status, _ in entries} for key, entries in log.items()}
     for port, keys in by_shard.items():
         for key in keys:
