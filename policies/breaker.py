@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 
@@ -177,3 +178,47 @@ class CircuitBreaker:
         self._state = BreakerState.OPEN
         self._opened_at = now
         self._opened += 1
+
+
+class ScopedBreakers:
+    """One breaker per scope, made on first use, all with one config.
+
+    Why scopes: on a Redis Cluster each shard (the node serving a key's slot) fails on its
+    own, so a dead shard must open only its own breaker; the other tenants keep Redis. The
+    caller names the scope (a node's name; one scope, "", for a single server or Sentinel)."""
+
+    __slots__ = ("_breakers", "_config")
+
+    def __init__(self, config: BreakerConfig | None = None) -> None:
+        self._config = config if config is not None else BreakerConfig()
+        self._breakers: dict[str, CircuitBreaker] = {}
+
+    @property
+    def config(self) -> BreakerConfig:
+        return self._config
+
+    def get(self, scope: str = "") -> CircuitBreaker:
+        """The breaker of `scope` (made closed on first use)."""
+        breaker = self._breakers.get(scope)
+        if breaker is None:
+            breaker = self._breakers[scope] = CircuitBreaker(self._config)
+        return breaker
+
+    @property
+    def state(self) -> BreakerState:
+        """The worst state over the scopes (OPEN, then HALF_OPEN, then CLOSED)."""
+        states = {b.state for b in self._breakers.values()}
+        for state in (BreakerState.OPEN, BreakerState.HALF_OPEN):
+            if state in states:
+                return state
+        return BreakerState.CLOSED
+
+    def retain(self, scopes: Collection[str]) -> None:
+        """Forget the breakers of scopes no longer in use (a node gone after a failover), so
+        the old node's open breaker does not stand for the shard's new master."""
+        for scope in [s for s in self._breakers if s not in scopes]:
+            del self._breakers[scope]
+
+    def statistics(self) -> dict[str, BreakerStatistics]:
+        """Each scope's snapshot, by scope."""
+        return {scope: b.statistics() for scope, b in self._breakers.items()}

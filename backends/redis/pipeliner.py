@@ -245,6 +245,14 @@ class RedisPipeliner:
             groups.setdefault(node, []).append(p)
         return groups
 
+    def _suspect_layout(self) -> None:
+        """A Redis Cluster round trip failed: tell the client, whose layout monitor then
+        reads the slot map again (after a failover, the promoted replica serves the slots).
+        coredis counts the errors of single commands itself, not those of pipelines."""
+        if isinstance(self.redis, coredis.RedisCluster):
+            error = coredis.exceptions.ConnectionError("a pipeline round trip failed")
+            self.redis.connection_pool.cluster_layout.report_errors(None, error)
+
     async def _send_pipeline(self, batch: list[_Pending]) -> None:
         self.round_trips += 1
         self.commands += len(batch)
@@ -259,9 +267,11 @@ class RedisPipeliner:
                     p.error = exc
                 p.done.set()
         except trio.TooSlowError:
+            self._suspect_layout()
             for p in batch:
                 p.fail(trio.TooSlowError())
         except Exception as exc:
+            self._suspect_layout()
             for p in batch:
                 error = coredis.exceptions.ConnectionError(f"the pipeline failed: {exc!r}")
                 error.__cause__ = exc

@@ -32,6 +32,7 @@ from urllib.parse import unquote, urlsplit
 import coredis
 import coredis.exceptions
 import trio
+from coredis._utils import hash_slot
 from coredis.connection import TCPLocation
 
 PROBE_TIMEOUT_S = 1.0  # asking a redis:// server whether it is a cluster node, at start-up
@@ -175,14 +176,15 @@ async def _is_cluster_node(url: str, secrets: RedisSecrets, tls: dict[str, Any])
     (down at start-up) is taken as what the URL says."""
     if url.startswith("unix:"):
         return False
+    enabled = False
     try:
         with trio.move_on_after(PROBE_TIMEOUT_S):
             async with coredis.Redis.from_url(url, **tls, **_auth(secrets)) as probe:
                 info: Any = await probe.info("cluster")
-                return bool(int(info.get("cluster_enabled", 0)))
-    except* (coredis.exceptions.RedisError, OSError):
-        pass  # coredis's pool raises them grouped, from its task group, as it is left
-    return False
+                enabled = bool(int(info.get("cluster_enabled", 0)))
+    except* (coredis.exceptions.RedisError, OSError):  # raised inside the client's nursery
+        pass
+    return enabled
 
 
 @asynccontextmanager
@@ -202,3 +204,23 @@ async def _sentinel_primary(
         )
         async with primary:
             yield primary
+
+
+def shard_of(redis: coredis.Redis[Any] | None, tag: str) -> str:
+    """The name of the node serving hash tag `tag`'s slot, as the cluster client's slot map
+    has it now ("" off a cluster, or when the map has no node for it): a breaker's scope."""
+    if not isinstance(redis, coredis.RedisCluster):
+        return ""
+    try:
+        slot = hash_slot(tag.encode())
+        return str(redis.connection_pool.cluster_layout.node_for_slot(slot).name)
+    except coredis.exceptions.RedisError:
+        return ""
+
+
+def shards(redis: coredis.Redis[Any] | None) -> set[str] | None:
+    """The names of a cluster's primaries as its client's slot map has them now (None off a
+    cluster): the breaker scopes in use."""
+    if not isinstance(redis, coredis.RedisCluster):
+        return None
+    return {str(node.name) for node in redis.connection_pool.cluster_layout.primaries}

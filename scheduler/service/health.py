@@ -5,7 +5,9 @@ few failed calls), but it changes only when requests call Redis, so with no traf
 notice neither a Redis that went away nor one that came back (an open breaker stays open
 until the next call). A ping every `interval_s` covers the quiet times. Redis counts as up
 when the last ping answered and the breaker is not holding calls off (closed, or with its
-probe time passed: the next call will try Redis anyway).
+probe time passed: the next call will try Redis anyway). On a Redis Cluster each primary is
+pinged and each shard has its breaker: Redis is up while one shard is (`shards_down` says how
+many are not), since a dead shard stops only the keys on its own slots.
 
 `observe(now=...)` decides the state and logs a change, once: WARNING for "unreachable at
 start-up" and "lost", INFO for "back". The replica calls it on the dispatcher's tick. Neither
@@ -21,7 +23,7 @@ from typing import Any
 import coredis
 import trio
 
-from policies.breaker import BreakerState, CircuitBreaker
+from policies.breaker import BreakerState, ScopedBreakers
 
 log = logging.getLogger("scheduler.service.redis")
 REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
@@ -34,12 +36,13 @@ class RedisHealth:
 
     def __init__(
         self,
-        breaker: CircuitBreaker,
+        breakers: ScopedBreakers,
         *,
         interval_s: float = PING_INTERVAL_S,
         timeout_s: float = PING_TIMEOUT_S,
     ) -> None:
-        self._breaker = breaker
+        self._breakers = breakers
+        self.shards_down = 0  # Redis Cluster primaries that did not answer the last ping
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._ping_error: str | None = "not pinged yet"
@@ -62,25 +65,39 @@ class RedisHealth:
     async def _ping(self, redis: coredis.Redis[Any] | None) -> None:
         if redis is None:  # the client is being closed (shutting down): no news
             return
+        nodes = list(redis.primaries) if isinstance(redis, coredis.RedisCluster) else [redis]
+        errors: list[str] = []
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                nursery.start_soon(self._ping_node, node, node is not redis, errors)
+        self.shards_down = len(errors) if len(nodes) > 1 else 0
+        # a cluster is up while one shard answers: a dead shard stops only its own keys
+        self._ping_error = errors[0] if len(errors) == len(nodes) else None
+        self._pinged = True
+
+    async def _ping_node(self, node: coredis.Redis[Any], own: bool, errors: list[str]) -> None:
+        """Ping one server (a cluster's primary through a client of its own, closed after)."""
         try:
             with trio.fail_after(self._timeout_s):
-                await redis.ping()
-        except REDIS_ERRORS as exc:
-            self._ping_error = type(exc).__name__
-        else:
-            self._ping_error = None
-        self._pinged = True
+                if own:
+                    async with node:
+                        await node.ping()
+                else:
+                    await node.ping()
+        except* REDIS_ERRORS as group:  # a client of its own fails inside its nursery
+            errors.append(type(group.exceptions[0]).__name__)
 
     def error(self, *, now: float) -> str | None:
         """Why Redis is not usable at `now`, or None when it is."""
         if self._ping_error is not None:
             return self._ping_error
-        stats = self._breaker.statistics()
-        if stats.state is BreakerState.CLOSED or (
-            stats.probe_at is not None and now >= stats.probe_at
+        scopes = self._breakers.statistics().values()
+        if not scopes or any(
+            s.state is BreakerState.CLOSED or (s.probe_at is not None and now >= s.probe_at)
+            for s in scopes
         ):
             return None
-        return f"calls failing (breaker {stats.state.value})"
+        return f"calls failing (breaker {self._breakers.state.value})"
 
     def observe(self, *, now: float) -> None:
         """Log a change of state since the last call, once."""

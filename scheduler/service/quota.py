@@ -25,7 +25,7 @@ from typing import TypeVar
 import trio
 
 from backends.redis.quota import QuotaStoreError
-from policies.breaker import BreakerState, CircuitBreaker
+from policies.breaker import BreakerState, ScopedBreakers
 from policies.ratelimit import Quota, RateDecision
 from scheduler.core.quota_store import (
     AlgorithmKind,
@@ -121,24 +121,27 @@ class QuotaGuard:
     def __init__(
         self,
         store: QuotaStore | None,
-        breaker: CircuitBreaker,
+        breakers: ScopedBreakers,
         *,
         replicas: int,
         timeout: AdaptiveTimeout,
+        scope_of: Callable[[str], str] = lambda key_id: "",
     ) -> None:
         self.store = store
-        self.breaker = breaker
+        self.breakers = breakers
+        self.scope_of = scope_of  # a key's Redis Cluster shard: its breaker and failure run
         self.timeout = timeout
         self.replicas = replicas
         self._local = MemoryQuotaStore()  # the fail-open limiter, on this replica's shares
         self._spent_until: dict[str, float] = {}
-        self._unreachable = False  # the last failure: refused connection (True) or timeout
-        self._failing_since: float | None = None
+        # per scope: since when calls fail, and whether the last was refused (or timed out)
+        self._failing_since: dict[str, float] = {}
+        self._unreachable: dict[str, bool] = {}
         self.redis_errors = 0
 
     @property
     def redis_up(self) -> bool:
-        return self.store is not None and self.breaker.state is BreakerState.CLOSED
+        return self.store is not None and self.breakers.state is BreakerState.CLOSED
 
     async def check(
         self,
@@ -152,7 +155,9 @@ class QuotaGuard:
         if quotas.unlimited:
             return Verdict(True, Source.UNLIMITED)
         requests, tokens = quotas.specs()
-        if self.store is not None and self.breaker.allow(now=now):
+        scope = self.scope_of(key_id)
+        breaker = self.breakers.get(scope)
+        if self.store is not None and breaker.allow(now=now):
             try:
                 started = trio.current_time()
                 decision = await self.store.take(
@@ -167,21 +172,21 @@ class QuotaGuard:
                 # an error reply (OOM, MISCONF, a script error) is Redis failing, as a refused
                 # connection is, and it is as definite: the script did not take the quota
                 self.redis_errors += 1
-                self.breaker.record_failure(now=now)
-                self._unreachable = isinstance(exc, QuotaStoreError)
-                if self._failing_since is None:
-                    self._failing_since = now
+                breaker.record_failure(now=now)
+                self._unreachable[scope] = isinstance(exc, QuotaStoreError)
+                self._failing_since.setdefault(scope, now)
             else:
-                self.breaker.record_success(now=now)
-                self._failing_since = None
+                breaker.record_success(now=now)
+                self._failing_since.pop(scope, None)
+                self._unreachable.pop(scope, None)
                 self._remember(key_id, decision, now)
                 return _from_decision(decision, quotas.period_s)
         if fail_mode is FailMode.CLOSED:
-            return Verdict(False, Source.CLOSED, retry_after_s=self.breaker.config.open_s)
+            return Verdict(False, Source.CLOSED, retry_after_s=breaker.config.open_s)
         spent_until = self._spent_until.get(key_id, -math.inf)
         if spent_until > now:  # Redis said this key is used up: that still holds
             return Verdict(False, Source.LOCAL, retry_after_s=spent_until - now)
-        if not self._redis_down(now):
+        if not self._redis_down(scope, now):
             # slow, not gone (our own loop under load, or a pause just begun): the script may
             # have run, so admitting here could count the request twice; retry in a second
             return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0)
@@ -204,12 +209,12 @@ class QuotaGuard:
         reservation = Reservation(key_id, requests, tokens, reserved)
         completed(reservation.settle(self._local, used=min(used, reserved), failed=failed, now=now))
 
-    def _redis_down(self, now: float) -> bool:
-        """Redis refuses connections, or has not answered for DOWN_AFTER_S."""
-        failing_since = self._failing_since
+    def _redis_down(self, scope: str, now: float) -> bool:
+        """The scope's Redis refuses connections, or has not answered for DOWN_AFTER_S."""
+        failing_since = self._failing_since.get(scope)
         if failing_since is None:
             return self.store is None
-        return self._unreachable or now - failing_since >= DOWN_AFTER_S
+        return self._unreachable.get(scope, False) or now - failing_since >= DOWN_AFTER_S
 
     def _remember(self, key_id: str, decision: QuotaDecision, now: float) -> None:
         """Keep, per key, until when Redis said its quota is used up (for fail-open mode)."""

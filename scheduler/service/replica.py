@@ -26,8 +26,8 @@ from backends.probes.metrics import PoolPressure
 from backends.redis.cache import ResponseCache
 from backends.redis.pipeliner import RedisPipeliner
 from backends.redis.quota import QuotaStoreError, RedisQuotaStore
-from backends.redis.topology import open_redis
-from policies.breaker import BreakerConfig, CircuitBreaker
+from backends.redis.topology import open_redis, shard_of, shards
+from policies.breaker import BreakerConfig, ScopedBreakers
 from scheduler.core import AIMDConfig, AIMDController, Scheduler, SchedulerConfig
 from scheduler.service.config import (
     ConfigError,
@@ -58,19 +58,25 @@ class Replica:
         # the operator's drain, shared by every worker process of a `--workers N` gateway
         self.drain_flag = drain_flag or DrainFlag()
         self.controller = AIMDController(settings.controller)
-        self.breaker = CircuitBreaker(BreakerConfig(failure_threshold=3, open_s=0.5))
-        self.redis_health = RedisHealth(self.breaker)
+        # one breaker per Redis Cluster shard (one in all off a cluster)
+        self.breakers = ScopedBreakers(BreakerConfig(failure_threshold=3, open_s=0.5))
+        self.redis_health = RedisHealth(self.breakers)
         self.redis_timeout = AdaptiveTimeout(settings.redis_timeout_s)
         self.registry = KeyRegistry(
             settings.keys,
             settings.key_secret,
             prefix=f"{settings.redis_prefix}:tenancy",
             timeout=self.redis_timeout,
-            breaker=self.breaker,
+            breakers=self.breakers,
+            scope_of=self._shard_of,
         )
         self._gains_key = f"{settings.redis_prefix}:{GAINS_KEY}"
         self.quota = QuotaGuard(
-            None, self.breaker, replicas=settings.replicas, timeout=self.redis_timeout
+            None,
+            self.breakers,
+            replicas=settings.replicas,
+            timeout=self.redis_timeout,
+            scope_of=self._shard_of,
         )
         self.metrics = GatewayMetrics.from_settings(settings)
         self._gateway: Gateway | None = None
@@ -80,6 +86,10 @@ class Replica:
         self._gains_version = 0
         self._gains_rejected = b""  # the last malformed gains document seen (logged once)
         self.pressure: dict[str, PoolPressure] = {}
+
+    def _shard_of(self, key_id: str) -> str:
+        """The breaker scope of a key: the Redis Cluster node serving its slot."""
+        return shard_of(self._redis, key_id)
 
     @property
     def gateway(self) -> Gateway:
@@ -120,10 +130,13 @@ class Replica:
         def export_metrics(now: float) -> None:
             self.metrics.update_from(core.statistics())
             self.metrics.controller_config(self.controller.config)
+            in_use = shards(self._redis)
+            if in_use is not None:
+                self.breakers.retain(in_use)
             self.metrics.update_redis(
                 errors_total=self.quota.redis_errors,
                 up=self.quota.redis_up,
-                breaker=self.breaker.state,
+                breaker=self.breakers.state,
             )
             if settings.redis_url:
                 self.redis_health.observe(now=now)
@@ -302,8 +315,10 @@ class Replica:
         check: dict[str, Any] = {
             "ok": error is None,
             "required": required,
-            "breaker": self.breaker.state.value,
+            "breaker": self.breakers.state.value,
         }
+        if self.redis_health.shards_down:
+            check["shards_down"] = self.redis_health.shards_down
         if error is not None:
             check["error"] = error
         return check

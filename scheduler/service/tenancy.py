@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import coredis.exceptions
 import trio
 
 from backends.redis.pipeliner import RedisPipeliner
-from policies.breaker import CircuitBreaker
+from policies.breaker import CircuitBreaker, ScopedBreakers
 from scheduler.service.config import KeySettings, key_id
 from scheduler.service.quota import AdaptiveTimeout, QuotaSettings
 
@@ -111,7 +112,8 @@ class KeyRegistry:
         prefix: str = "tenancy",
         cache_s: float = 0.5,
         timeout: AdaptiveTimeout | None = None,
-        breaker: CircuitBreaker | None = None,
+        breakers: ScopedBreakers | None = None,
+        scope_of: Callable[[str], str] = lambda key_id: "",
     ) -> None:
         self._static = {k.key_id: KeyRecord(k.key_id, k.tenant, k.tier, k.bypass) for k in static}
         self._secret = secret
@@ -122,7 +124,9 @@ class KeyRegistry:
         # records as objects made each full collection take about 70 ms, longer than the
         # Redis timeout of every call in flight; as tuples, about 3 ms
         self._cache: dict[str, tuple[_Packed | None, float]] = {}
-        self._breaker = breaker  # shared with the quota path: one view of Redis' health
+        # shared with the quota path: one view of each shard's health
+        self._breakers = breakers
+        self.scope_of = scope_of
         self._fetching: dict[str, trio.Event] = {}
         self.pipeliner: RedisPipeliner | None = None  # Redis, when connected
 
@@ -152,7 +156,7 @@ class KeyRegistry:
             if cached is None and stale is None:
                 raise KeysUnavailable("the key could not be looked up in time")
             return stale if cached is None else _unpack(cached[0])
-        breaker = self._breaker
+        breaker = self._breaker(kid)
         if self.pipeliner is None:
             return stale
         if breaker is not None and not breaker.allow(now=now):
@@ -174,8 +178,11 @@ class KeyRegistry:
         self._cache.pop(kid, None)
         return await self._fetch(kid, None, now)
 
+    def _breaker(self, kid: str) -> CircuitBreaker | None:
+        return None if self._breakers is None else self._breakers.get(self.scope_of(kid))
+
     async def _fetch(self, kid: str, stale: KeyRecord | None, now: float) -> KeyRecord | None:
-        breaker = self._breaker
+        breaker = self._breaker(kid)
         try:
             started = trio.current_time()
             # timed by the pipeliner on Redis's time, not our loop's lag (redis_pipeliner)

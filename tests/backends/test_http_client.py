@@ -16,7 +16,12 @@ import trio
 import trustme
 from hypercorn.trio import serve
 
-from backends.demo.server import DemoConfig, create_demo_app, hypercorn_config, serve_demo_backend
+from backends.demo.server import (
+    DemoConfig,
+    create_demo_app,
+    hypercorn_config,
+    serve_demo_backend,
+)
 from backends.http.client import (
     BackendBroken,
     BackendLimits,

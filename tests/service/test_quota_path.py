@@ -28,7 +28,7 @@ from openai.types.chat import ChatCompletion
 
 from backends.redis.cache import ResponseCache
 from backends.redis.quota import RedisQuotaStore
-from policies.breaker import CircuitBreaker
+from policies.breaker import ScopedBreakers
 from scheduler.models.gpu import GpuConfig
 from scheduler.openai.body import read_call
 from scheduler.service.config import Settings, key_id, load_settings
@@ -428,7 +428,7 @@ def test_a_full_map_of_spent_keys_is_pruned_in_passes_not_per_insertion() -> Non
 async def test_the_fail_open_limiter_settles_like_redis() -> None:
     """With Redis out the local limiter decides; its token reservation is settled to the real
     usage, and a call the backends failed gives back the request and every token."""
-    guard = QuotaGuard(None, CircuitBreaker(), replicas=1, timeout=AdaptiveTimeout(0.1))
+    guard = QuotaGuard(None, ScopedBreakers(), replicas=1, timeout=AdaptiveTimeout(0.1))
     quotas = QuotaSettings(algorithm="sliding_log", requests=2, tokens=100)
 
     async def take(cost: int) -> Verdict:

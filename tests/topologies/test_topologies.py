@@ -42,8 +42,10 @@ async def test_token_and_request_quotas_are_exact_on_every_shard(
 ) -> None:
     """Many concurrent takes through the request-path pipeliner (one batch spans every node):
     each key admits exactly its quota, whatever shard its slot is on."""
-    kids = [f"k{i}-{uuid.uuid4().hex[:8]}" for i in range(12)]
-    assert len(shards_of(request, kids)) == (SHARDS if "[cluster]" in request.node.name else 1)
+    expected = SHARDS if "[cluster]" in request.node.name else 1
+    kids: list[str] = []
+    while not kids or len(shards_of(request, kids)) < expected:  # 12 ids miss one 2% of runs
+        kids = [f"k{i}-{uuid.uuid4().hex[:8]}" for i in range(12)]
     requests = QuotaSpec("sliding_log", Quota(5, 60.0))
     tokens = QuotaSpec("gcra", Quota(100, 60.0))
     admitted: dict[str, list[int]] = {kid: [] for kid in kids}
@@ -107,12 +109,12 @@ async def gateways(nursery: trio.Nursery, redis_url: str, tmp_path: Path, count:
     return [await start_gateway(nursery, settings) for _ in range(count)]
 
 
-async def test_request_quotas_are_exact_through_two_gateways_on_every_shard(
+async def test_request_quotas_are_exact_through_three_gateways_on_every_shard(
     nursery: trio.Nursery, redis_topology: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """Keys made through the admin API, spread over every shard, each with a quota of 3:
-    two replicas admit exactly 3 of 6 concurrent requests per key, and Redis never failed."""
-    urls = await gateways(nursery, redis_topology, tmp_path, 2)
+    three replicas admit exactly 3 of 6 concurrent requests per key, and Redis never failed."""
+    urls = await gateways(nursery, redis_topology, tmp_path, 3)
     statuses: dict[str, list[int]] = {}
     async with httpx2.AsyncClient(timeout=10) as client:
         with trio.fail_after(DEADLINE_S):
@@ -140,7 +142,7 @@ async def test_request_quotas_are_exact_through_two_gateways_on_every_shard(
             async with trio.open_nursery() as calls:
                 for key in keys.values():
                     for i in range(6):
-                        calls.start_soon(call, key, urls[i % 2])
+                        calls.start_soon(call, key, urls[i % 3])
             metrics = (await client.get(urls[0] + "/metrics")).text
             ready = await client.get(urls[0] + "/readyz")
     assert all(sorted(s) == [200] * 3 + [429] * 3 for s in statuses.values()), statuses
