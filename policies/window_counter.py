@@ -148,7 +148,10 @@ class SlidingWindowCounter:
         self, allowed: bool, state: CounterState, now: float, retry_s: float
     ) -> RateDecision:
         period_s = self._quota.period_s
-        weight = min(1.0, max(0.0, 1 - (now - state.window * period_s) / period_s))
+        # the weight at the instant `take` judges by (it allows a threshold TIME_EPSILON_S
+        # ahead), so `remaining` is exactly the unit takes that would succeed now
+        elapsed_s = now + TIME_EPSILON_S - state.window * period_s
+        weight = min(1.0, max(0.0, 1 - elapsed_s / period_s))
         estimate = state.previous * weight + state.current
         # Rounded down, with a hair of slack so an exact fit is not lost to float rounding.
         remaining = math.floor(self._quota.limit - estimate + 1e-9)

@@ -258,7 +258,7 @@ local function counter_reset(q, s, now)
 end
 
 local function counter_decision(q, allowed, s, now, retry)
-  local weight = nonneg(1 - (now - s.w * q.period) / q.period)
+  local weight = nonneg(1 - (now + EPS - s.w * q.period) / q.period)  -- as take judges
   if weight > 1 then weight = 1 end
   local estimate = s.p * weight + s.c
   local remaining = math.floor(q.limit - estimate + 1e-9)

@@ -137,3 +137,18 @@ def test_remaining_unit_takes_succeed(data: st.DataObject, quota: Quota, origin:
             unit, state = counter.take(state, now=call.now)
             assert unit.allowed
         assert not counter.take(state, now=call.now)[0].allowed
+
+
+def test_remaining_counts_the_takes_that_succeed_within_the_time_tolerance() -> None:
+    # A take succeeds when its threshold is within TIME_EPSILON_S of `now`; `remaining` must
+    # count from the same instant (Hypothesis found remaining=0 with a unit take still allowed).
+    counter = SlidingWindowCounter(Quota(6, 1.0))
+    for k in range(1, 6):
+        threshold_at = 1.0 + (1 - (6 - k) / 6)  # window 1, 6 taken in window 0
+        now = threshold_at - TIME_EPSILON_S / 2
+        state: CounterState | None = CounterState(window=1, current=0, previous=6)
+        peek, _ = counter.take(state, now=now, cost=0)
+        takes = 0
+        while (unit := counter.take(state, now=now))[0].allowed:
+            takes, state = takes + 1, unit[1]
+        assert peek.remaining == takes, (k, peek.remaining, takes)
