@@ -34,7 +34,7 @@ more on its own, which loads it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import coredis
@@ -94,7 +94,7 @@ class _Pending:
 
 
 class _Lane:
-    """The commands waiting for one Redis Cluster node."""
+    """Commands waiting to be sent: every caller's, and on a Redis Cluster each node's."""
 
     __slots__ = ("queue", "wakeup")
 
@@ -114,8 +114,7 @@ class RedisPipeliner:
         self.redis = redis
         self._max_batch = max_batch
         self._timeout_s = timeout_s
-        self._queue: list[_Pending] = []
-        self._wakeup = trio.Event()
+        self._front = _Lane()  # what callers queued, not yet sent (or routed to a node)
         self._lanes: dict[str, _Lane] = {}  # a Redis Cluster's nodes, by name
         self.lag = LoopLag()
         self.round_trips = 0
@@ -132,8 +131,8 @@ class RedisPipeliner:
         them); their replies, in order. With `timeout_s`, raise `trio.TooSlowError` when
         Redis has not answered within that much of its own time (the module docstring)."""
         pending = [_Pending(command) for command in commands]
-        self._queue.extend(pending)
-        self._wakeup.set()
+        self._front.queue.extend(pending)
+        self._front.wakeup.set()
         try:
             if timeout_s is None:
                 for p in pending:
@@ -189,20 +188,26 @@ class RedisPipeliner:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.lag.run)
             task_status.started()
-            await self._send_forever(nursery)
+            if isinstance(self.redis, coredis.RedisCluster):
+                cluster = self.redis
 
-    async def _send_forever(self, nursery: trio.Nursery) -> None:
-        cluster = self.redis if isinstance(self.redis, coredis.RedisCluster) else None
-        while True:
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            while self._queue:
-                batch = [p for p in self._queue[: self._max_batch] if not p.abandoned]
-                del self._queue[: self._max_batch]
-                if batch and cluster is None:
-                    await self._send_pipeline(batch)
-                elif batch and cluster is not None:
+                async def route(batch: list[_Pending]) -> None:
                     self._to_lanes(batch, cluster, nursery)
+
+                await self._drain(self._front, route)
+            else:
+                await self._drain(self._front, self._send_pipeline)
+
+    async def _drain(self, lane: _Lane, send: Callable[[list[_Pending]], Awaitable[None]]) -> None:
+        """Forever: each batch of up to `max_batch` commands still wanted, to `send`."""
+        while True:
+            await lane.wakeup.wait()
+            lane.wakeup = trio.Event()
+            while lane.queue:
+                batch = [p for p in lane.queue[: self._max_batch] if not p.abandoned]
+                del lane.queue[: self._max_batch]
+                if batch:
+                    await send(batch)
 
     def _to_lanes(
         self, batch: list[_Pending], cluster: coredis.RedisCluster[Any], nursery: trio.Nursery
@@ -213,19 +218,9 @@ class RedisPipeliner:
             lane = self._lanes.get(node)
             if lane is None:  # the nodes ever seen: a few, plus one per failover
                 lane = self._lanes[node] = _Lane()
-                nursery.start_soon(self._send_lane, lane)
+                nursery.start_soon(self._drain, lane, self._send_pipeline)
             lane.queue.extend(group)
             lane.wakeup.set()
-
-    async def _send_lane(self, lane: _Lane) -> None:
-        while True:
-            await lane.wakeup.wait()
-            lane.wakeup = trio.Event()
-            while lane.queue:
-                batch = [p for p in lane.queue[: self._max_batch] if not p.abandoned]
-                del lane.queue[: self._max_batch]
-                if batch:
-                    await self._send_pipeline(batch)
 
     @staticmethod
     def _per_node(

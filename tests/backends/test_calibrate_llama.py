@@ -11,6 +11,7 @@ import pytest
 from backends.redis.embedded import free_port
 from scheduler.cli import main
 from sim.scenario import parse_scenario
+from tests.sim.test_calibration import TIER  # a tier to complete a scenario around a fit
 from tests.support.llama_server import (
     MODEL_ALIAS,
     LlamaServer,
@@ -18,17 +19,6 @@ from tests.support.llama_server import (
     ensure_llama_server,
     ensure_model,
 )
-
-TIER = """
-name = "calibrated"
-duration_s = 10
-[[tiers]]
-name = "free"
-weight = 1
-max_wait_s = 1
-slo_latency_s = 2
-rate_rps = 1
-"""
 
 
 @pytest.fixture(scope="module")
