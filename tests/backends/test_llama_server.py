@@ -93,12 +93,12 @@ async def read_slots(llama: LlamaServer) -> list[dict[str, Any]]:
 
 
 async def wait_slots_busy(llama: LlamaServer, count: int, *, timeout_s: float) -> int:
-    """The busy slots once `count` of them are busy (the last count seen after `timeout_s`)."""
-    busy = await busy_slots(llama)
+    """The busy slots once `count` are busy by /slots or by /metrics (the last seen after
+    `timeout_s`): either view alone has been seen a step behind the engine."""
+    busy = 0
     with trio.move_on_after(timeout_s):
-        while busy < count:
+        while (busy := max(await busy_slots(llama), int(await processing(llama)))) < count:
             await trio.sleep(0.05)
-            busy = await busy_slots(llama)
     return busy
 
 
@@ -211,6 +211,24 @@ async def stream_usage(client: httpx2.AsyncClient, url: str, body: dict[str, Any
 async def test_a_client_gone_mid_stream_frees_the_engine_slot(
     gateway: tuple[str, str], llama: LlamaServer
 ) -> None:
+    # The engine must be seen working on the stream before the hang-up, or the test proves
+    # nothing. About 1 run in 15 neither /slots nor /metrics shows it busy within 5 s while
+    # its tokens arrive (cause not found): such a start is abandoned and tried again, at
+    # most 3 times; the assertion on the hang-up itself is never retried.
+    for _ in range(3):
+        seen = await stream_then_hang_up(gateway, llama)
+        if seen is not None:
+            break
+        await wait_slots_idle(llama, timeout_s=30.0)
+    assert seen is not None, "the engine was never seen busy with the stream"
+    left_s = seen * (3000 - 20)  # the rest of 3000 tokens would take the engine this long
+    freed_s = await wait_slots_idle(llama, timeout_s=min(10.0, left_s / 2))
+    assert freed_s < left_s / 2, (freed_s, left_s)
+
+
+async def stream_then_hang_up(gateway: tuple[str, str], llama: LlamaServer) -> float | None:
+    """Stream 20 chunks of a 3000-token answer through the gateway and hang up; the seconds
+    per token, or None when the engine was not seen busy with it."""
     url, key = gateway
     body = chat(max_tokens=3000, stream=True)
     headers = {"authorization": f"Bearer {key}"}
@@ -225,12 +243,10 @@ async def test_a_client_gone_mid_stream_frees_the_engine_slot(
                         break
                 per_token_s = (trio.current_time() - started_at) / 19
                 # /slots lags the stream: right after the first tokens it may still show the
-                # slot as idle with nothing decoded (seen 2 runs in 25), so wait for it
-                assert await wait_slots_busy(llama, 1, timeout_s=5.0) == 1
-            # the client hung up: the rest of 3000 tokens would take the engine this long
-    left_s = per_token_s * (3000 - 20)
-    freed_s = await wait_slots_idle(llama, timeout_s=min(10.0, left_s / 2))
-    assert freed_s < left_s / 2, (freed_s, left_s)
+                # slot as idle with nothing decoded (seen 2 runs in 25)
+                if await wait_slots_busy(llama, 1, timeout_s=5.0) != 1:
+                    return None
+    return per_token_s
 
 
 @asynccontextmanager
