@@ -125,6 +125,10 @@ def window(limits: list[tuple[float, float]], start: float, end: float) -> list[
     return [limit for at, limit in limits if start <= at < end]
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[int(0.99 * (len(ordered) - 1))]
@@ -133,19 +137,24 @@ def p99(values: list[float]) -> float:
 async def test_the_limit_follows_capacity_by_latency(
     nursery: trio.Nursery, redis_url: str, tmp_path: Path
 ) -> None:
-    # per token 5 ms + 2 ms per running sequence: the latency rises with the batch
+    # per token 5 ms + 2 ms per running sequence: at the 0.6 s target the window settles near 13;
+    # then each token costs 20 ms more, so the target allows about 5 (a 4x slower engine, which
+    # the controller can only see in the latency: the KV cache never fills)
     gpu = GpuConfig(max_batch=8, decode_base_s=0.005, decode_per_seq_s=0.002, max_waiting=500)
     demo, gateway, _ = await start(nursery, redis_url, tmp_path, gpu, target=0.6)
     with trio.fail_after(60):
         limits, enterprise, _ = await run_phases(
-            gateway, demo, [(8, {}), (10, {"max_batch": 4}), (10, {"max_batch": 8})], rate=30
+            gateway,
+            demo,
+            [(8, {}), (10, {"decode_base_s": 0.02}), (10, {"decode_base_s": 0.005})],
+            rate=30,
         )
-    before = window(limits, 5, 8)
-    during = window(limits, 8, 18)
+    before = window(limits, 4, 8)
+    during = window(limits, 11, 18)  # settled: from 3 s after the change
     after = window(limits, 22, 28)
     assert before and during and after
-    assert min(during) <= 0.75 * (sum(before) / len(before)), limits
-    assert max(after) > min(during) + 2, limits
+    assert mean(during) <= 0.6 * mean(before), limits
+    assert mean(after) >= 1.5 * mean(during), limits
     assert p99(enterprise) < 10.0
 
 
