@@ -16,6 +16,7 @@ import json
 import math
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from functools import partial
 
 import trio
@@ -25,16 +26,22 @@ from backends.http.pool import BackendPool
 from backends.redis.cache import CacheError, CacheHit, ResponseCache
 from policies.ladder import CacheState, Step, fallback_has_headroom
 from scheduler.core import Admit, Outcome, Request, Sample, Shed, ShedReason
-from scheduler.core.quota_store import Reservation
 from scheduler.openai.body import InferenceCall
 from scheduler.openai.errors import ApiError, overloaded
 from scheduler.openai.sse import check_completion, completion_to_sse, sse_to_completion
 from scheduler.service.config import ModelSettings, Settings, TierSettings
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.metrics import GatewayMetrics, RequestMeter, RequestOutcome
-from scheduler.service.quota import QuotaGuard, Source, Verdict, rate_limit_headers
+from scheduler.service.quota import (
+    QuotaGuard,
+    QuotaHold,
+    QuotaSettings,
+    Source,
+    Verdict,
+    rate_limit_headers,
+)
 from scheduler.service.tenancy import KeyRecord, KeyRegistry, KeysUnavailable
-from scheduler.service.upstream import Ended, OnEnd, Reply, Target, call_stream, call_whole
+from scheduler.service.upstream import Ended, Reply, Target, call_stream, call_whole
 
 PATHS = {
     "chat": "/v1/chat/completions",
@@ -116,11 +123,11 @@ class Gateway:
         meter = self.metrics.meter(
             tier=record.tier, route=call.route, model=call.model, now=trio.current_time()
         )
+        job = Job(record, tier, call, raw, headers, meter, record.quotas(tier.quotas))
         try:
-            verdict = None if record.bypass else await self._take_quota(record, tier, call, meter)
-            limit_headers = {} if verdict is None else rate_limit_headers(verdict)
+            limit_headers = {} if record.bypass else await self._take_quota(job)
             try:
-                reply = await self._schedule(record, tier, call, pool, raw, headers, verdict, meter)
+                reply = await self._schedule(job, pool)
             except ApiError as error:
                 error.extra_headers.update(limit_headers)
                 raise
@@ -132,12 +139,13 @@ class Gateway:
             meter.done(now=trio.current_time())  # a backend stream reports from its on_end
         return reply
 
-    async def _take_quota(
-        self, record: KeyRecord, tier: TierSettings, call: InferenceCall, meter: RequestMeter
-    ) -> Verdict:
+    async def _take_quota(self, job: Job) -> dict[str, str]:
+        """Take the key's quota for `job` (its hold, to settle at the end); the rate-limit
+        headers, or the refusal raised as an ApiError that carries them."""
+        record, tier, call = job.record, job.tier, job.call
         verdict = await self.quota.check(
             record.key_id,
-            record.quotas(tier.quotas),
+            job.quotas,
             tier.fail_mode,
             token_cost=int(call.cost),
             now=trio.current_time(),
@@ -145,7 +153,14 @@ class Gateway:
         if verdict.source in (Source.LOCAL, Source.CLOSED):
             self.metrics.fail_mode_decision(tier.core.name, tier.fail_mode)
         if verdict.allowed:
-            return verdict
+            job.hold = self.quota.hold(
+                record.key_id,
+                job.quotas,
+                verdict,
+                reserved=int(call.cost),
+                spawn=self._background.start_soon,
+            )
+            return rate_limit_headers(verdict)
         trace.get_current_span().add_event(
             "quota.refused",
             {
@@ -154,45 +169,23 @@ class Gateway:
             },
         )
         if verdict.source in (Source.CLOSED, Source.UNVERIFIED):
-            meter.outcome = "refused_redis_down"
+            job.meter.outcome = "refused_redis_down"
             raise overloaded(
                 "Your quota could not be checked; retry shortly.", verdict.retry_after_s
             )
-        meter.outcome = "refused_quota"
-        message = "Rate limit reached for your API key. Retry after the time in Retry-After."
-        retry_after_s = verdict.retry_after_s
-        tokens = verdict.tokens
-        if tokens is not None and not tokens.allowed and math.isinf(tokens.retry_after_s):
-            message = (
-                f"Request too large: it may use {int(call.cost)} tokens (prompt estimate plus "
-                f"max_tokens) but the key's token quota is {tokens.limit} per "
-                f"{verdict.period_s:g} s. Lower max_tokens or the prompt."
-            )
-            retry_after_s = verdict.period_s
-        error = ApiError(
-            429,
-            message,
-            type="tokens" if tokens is not None and not tokens.allowed else "requests",
-            code="rate_limit_exceeded",
-            retry_after_s=min(retry_after_s, 86_400.0),
-        )
-        error.extra_headers.update(rate_limit_headers(verdict))
-        raise error
+        job.meter.outcome = "refused_quota"
+        raise _over_quota(verdict, call)
 
-    async def _schedule(
-        self,
-        record: KeyRecord,
-        tier: TierSettings,
-        call: InferenceCall,
-        pool: BackendPool,
-        raw: bytes,
-        headers: dict[str, str],
-        verdict: Verdict | None,
-        meter: RequestMeter,
-    ) -> Reply:
-        now = trio.current_time()
+    async def _schedule(self, job: Job, pool: BackendPool) -> Reply:
+        record, call, meter = job.record, job.call, job.meter
         request = Request(
-            next(self._ids), record.tenant, record.tier, record.key_id, call.model, call.cost, now
+            next(self._ids),
+            record.tenant,
+            record.tier,
+            record.key_id,
+            call.model,
+            call.cost,
+            trio.current_time(),
         )
         dispatcher = self.dispatcher
         span = trace.get_current_span()
@@ -202,30 +195,12 @@ class Gateway:
                 dispatcher.submit(request, bypass=record.bypass)
             )
         except BaseException:  # the client left while queued: never sent, so given back
-            self._settle(record, tier, verdict, call, used=0, failed=True)
+            job.settle(used=0, failed=True)
             raise
         if not record.bypass:
             meter.queue_wait_s = decision.queued_s
         if isinstance(decision, Shed):
-            span.add_event(
-                "queue.shed",
-                {
-                    "scheduler.reason": decision.reason.value,
-                    "scheduler.queued_s": decision.queued_s,
-                },
-            )
-            settle_fallback = partial(self._settle_ended, record, tier, verdict, call)
-            try:
-                reply = await self._walk_ladder(
-                    decision, record, tier, call, raw, headers, meter, settle_fallback
-                )
-            except BaseException:  # no answer (a 503, or the client left): given back too
-                if meter.outcome != "shed_fallback":  # a fallback call settles when it ends
-                    self._settle(record, tier, verdict, call, used=0, failed=True)
-                raise
-            if meter.outcome != "shed_fallback":  # a cached answer: no tokens used
-                self._settle(record, tier, verdict, call, used=0, failed=False)
-            return reply
+            return await self._shed(job, decision)
         span.add_event(
             "queue.admitted",
             {"scheduler.queued_s": decision.queued_s, "scheduler.bypass": record.bypass},
@@ -235,105 +210,32 @@ class Gateway:
             "bypass" if record.bypass else "queued_admitted" if queued else "admitted"
         )
         meter.outcome = outcome
-        forward = _forwarded(headers)
-        on_end = self._on_end(decision, record, tier, call, verdict, meter)
-        timeout_s = self.settings.server.request_timeout_s
-        keep_bytes = self._stream_keep_bytes(call)
-        first_byte_s = self.settings.server.first_byte_timeout_s
-        target = Target(pool, PATHS[call.route], call.model, timeout_s, keep_bytes, first_byte_s)
-        if call.stream:
-            return await call_stream(target, raw, forward, call.prompt_tokens, on_end)
-        return await call_whole(target, raw, forward, call.prompt_tokens, on_end)
-
-    def _on_end(
-        self,
-        admit: Admit,
-        record: KeyRecord,
-        tier: TierSettings,
-        call: InferenceCall,
-        verdict: Verdict | None,
-        meter: RequestMeter,
-    ) -> OnEnd:
-        def on_end(ended: Ended) -> None:
-            if ended.outcome is Outcome.IGNORED:
-                self.dispatcher.finish(admit.ticket, None)
-            else:
-                sample = Sample(ended.latency_s, ended.outcome, ended.ttft_s, ended.output_tokens)
-                self.dispatcher.finish(admit.ticket, sample)
-            self._settle_ended(record, tier, verdict, call, ended)
-            if ended.body:
-                self._cache_put(record, call, ended.body)
-            meter.backend_done(model=call.model, error=ended.error, now=trio.current_time())
-
-        return on_end
-
-    def _settle_ended(
-        self,
-        record: KeyRecord,
-        tier: TierSettings,
-        verdict: Verdict | None,
-        call: InferenceCall,
-        ended: Ended,
-    ) -> None:
-        """Settle an admitted request by how its backend call ended (README "Quotas"):
-
-        - the client went away after the call was sent: the backend worked on it, so it keeps
-          its request unit and the tokens produced (a stream's, counted so far) or, when that
-          is unknown (a whole answer never read), its reservation;
-        - the backends failed it (no answer, 429, 5xx): everything back (DESIGN §2.6);
-        - any other answer: the tokens a 2xx used, none for the backend's own 4xx.
-        """
-        used = ended.total_tokens
-        if used is None:
-            used = call.prompt_tokens + ended.output_tokens
-        if ended.abandoned:
-            used = used if call.stream else int(call.cost)
-            self._settle(record, tier, verdict, call, used=used, failed=False)
-            return
-        failed = ended.status == 0 or ended.status == 429 or ended.status >= 500
-        ok = 200 <= ended.status < 300
-        self._settle(record, tier, verdict, call, used=used if ok else 0, failed=failed)
-
-    def _settle(
-        self,
-        record: KeyRecord,
-        tier: TierSettings,
-        verdict: Verdict | None,
-        call: InferenceCall,
-        *,
-        used: int,
-        failed: bool,
-    ) -> None:
-        """Give back the tokens reserved at admission that the response did not use and, when
-        the backends `failed`, the request too."""
-        if verdict is None or not verdict.allowed:
-            return
-        quotas = record.quotas(tier.quotas)
-        if verdict.source is Source.LOCAL:
-            self.quota.settle_local(
-                record.key_id,
-                quotas,
-                reserved=int(call.cost),
-                used=used,
-                failed=failed,
-                now=trio.current_time(),
-            )
-            return
-        store = self.quota.store
-        if verdict.source is not Source.REDIS or store is None:
-            return
-        requests, tokens = quotas.specs()
-        reservation = Reservation(
-            record.key_id, requests, tokens, int(call.cost), verdict.credits_spent
+        server = self.settings.server
+        target = Target(
+            pool,
+            PATHS[call.route],
+            call.model,
+            server.request_timeout_s,
+            self._stream_keep_bytes(call),
+            server.first_byte_timeout_s,
+        )
+        call_backend = call_stream if call.stream else call_whole
+        on_end = partial(self._ended, job, decision)
+        return await call_backend(
+            target, job.raw, _forwarded(job.headers), call.prompt_tokens, on_end
         )
 
-        async def settle() -> None:
-            try:
-                await reservation.settle(store, used=used, failed=failed)
-            except Exception:  # the reservation then expires with its window
-                self.quota.redis_errors += 1
-
-        self._background.start_soon(settle)
+    def _ended(self, job: Job, admit: Admit, ended: Ended) -> None:
+        """The admitted call's end: the gate's slot back, the quota settled, the answer cached."""
+        if ended.outcome is Outcome.IGNORED:
+            self.dispatcher.finish(admit.ticket, None)
+        else:
+            sample = Sample(ended.latency_s, ended.outcome, ended.ttft_s, ended.output_tokens)
+            self.dispatcher.finish(admit.ticket, sample)
+        job.settle_ended(ended)
+        if ended.body:
+            self._cache_put(job, ended.body)
+        job.meter.backend_done(model=job.call.model, error=ended.error, now=trio.current_time())
 
     # -- the shed ladder -----------------------------------------------------------------------
 
@@ -359,8 +261,9 @@ class Gateway:
             return 0  # a joined stream keeps no logprobs: its entry would answer without them
         return caching[0].max_bytes
 
-    def _cache_put(self, record: KeyRecord, call: InferenceCall, body: bytes) -> None:
+    def _cache_put(self, job: Job, body: bytes) -> None:
         """Store a whole answer, or the completion a streamed one's events add up to."""
+        call = job.call
         caching = self._caching(call)
         if caching is None:
             return
@@ -371,7 +274,7 @@ class Gateway:
             check_completion(PATHS[call.route], body)
         except Exception:  # not a whole answer (this runs in `on_end`: no raise)
             return
-        scope = self._scope(record, model)
+        scope = self._scope(job.record, model)
 
         async def put() -> None:
             with contextlib.suppress(CacheError):
@@ -387,22 +290,30 @@ class Gateway:
 
         self._background.start_soon(put)
 
-    async def _walk_ladder(
-        self,
-        shed: Shed,
-        record: KeyRecord,
-        tier: TierSettings,
-        call: InferenceCall,
-        raw: bytes,
-        headers: dict[str, str],
-        meter: RequestMeter,
-        settle: OnEnd,
-    ) -> Reply:
+    async def _shed(self, job: Job, shed: Shed) -> Reply:
+        """The tier's ladder for a shed request; the quota back unless a fallback call (which
+        settles when it ends) answers."""
+        trace.get_current_span().add_event(
+            "queue.shed",
+            {"scheduler.reason": shed.reason.value, "scheduler.queued_s": shed.queued_s},
+        )
+        try:
+            reply = await self._walk_ladder(job, shed)
+        except BaseException:  # no answer (a 503, or the client left): given back too
+            if job.meter.outcome != "shed_fallback":  # a fallback call settles when it ends
+                job.settle(used=0, failed=True)
+            raise
+        if job.meter.outcome != "shed_fallback":  # a cached answer: no tokens used
+            job.settle(used=0, failed=False)
+        return reply
+
+    async def _walk_ladder(self, job: Job, shed: Shed) -> Reply:
+        call, tier, meter = job.call, job.tier, job.meter
         model = self.settings.model(call.model)
         # a draining replica answers nothing more (no cache, no fallback): its 503 sends the
         # client, and the load balancer, to another replica
         steps = () if shed.reason is ShedReason.DRAINING else tier.ladder.steps
-        hit = await self._cache_get(record, call, model) if Step.CACHE in steps else None
+        hit = await self._cache_get(job, model) if Step.CACHE in steps else None
         events: list[bytes] | None = None
         if hit is not None and call.stream:
             try:
@@ -427,21 +338,20 @@ class Gateway:
             return Reply(200, {"content-type": "text/event-stream", **extra}, _events(events))
         if step is Step.FALLBACK and fallback is not None and model is not None:
             meter.outcome = "shed_fallback"
-            return await self._fallback(fallback, call, headers, shed_header, meter, settle)
+            return await self._fallback(job, fallback, shed_header)
         meter.outcome = "refused_overload"
         message, retry_after_s = SHED_MESSAGES[shed.reason]
         error = overloaded(message, retry_after_s)
         error.extra_headers.update(shed_header)
         raise error
 
-    async def _cache_get(
-        self, record: KeyRecord, call: InferenceCall, model: ModelSettings | None
-    ) -> CacheHit | None:
+    async def _cache_get(self, job: Job, model: ModelSettings | None) -> CacheHit | None:
+        call = job.call
         if self.cache is None or (call.stream and call.route == "embeddings"):
             return None
         try:
             return await self.cache.get(
-                self._scope(record, model), PATHS[call.route], call.body, now_unix=time.time()
+                self._scope(job.record, model), PATHS[call.route], call.body, now_unix=time.time()
             )
         except CacheError:
             return None
@@ -462,17 +372,11 @@ class Gateway:
         return target, pool
 
     async def _fallback(
-        self,
-        fallback: tuple[ModelSettings, BackendPool],
-        call: InferenceCall,
-        headers: dict[str, str],
-        extra: dict[str, str],
-        meter: RequestMeter,
-        settle: OnEnd,
+        self, job: Job, fallback: tuple[ModelSettings, BackendPool], extra: dict[str, str]
     ) -> Reply:
         target, pool = fallback
+        call = job.call
         body = json.dumps({**call.body, "model": target.name}).encode()
-        forward = _forwarded(headers)
         server = self.settings.server
         to = Target(
             pool,
@@ -484,15 +388,75 @@ class Gateway:
         extra = {**extra, "x-scheduler-degraded": f"fallback:{target.name}"}
 
         def on_end(ended: Ended) -> None:  # outside the gate: nothing to release
-            settle(ended)
-            meter.backend_done(model=target.name, error=ended.error, now=trio.current_time())
+            job.settle_ended(ended)
+            job.meter.backend_done(model=target.name, error=ended.error, now=trio.current_time())
 
-        if call.stream:
-            reply = await call_stream(to, body, forward, call.prompt_tokens, on_end)
-        else:
-            reply = await call_whole(to, body, forward, call.prompt_tokens, on_end)
+        call_backend = call_stream if call.stream else call_whole
+        reply = await call_backend(to, body, _forwarded(job.headers), call.prompt_tokens, on_end)
         reply.headers.update(extra)
         return reply
+
+
+@dataclass(slots=True)
+class Job:
+    """One request on its way through the gateway: who asks, what, how it is measured, and the
+    quota it holds until its call ends."""
+
+    record: KeyRecord
+    tier: TierSettings
+    call: InferenceCall
+    raw: bytes
+    headers: dict[str, str]
+    meter: RequestMeter
+    quotas: QuotaSettings  # the key's, worked out once
+    hold: QuotaHold | None = None  # None: bypass, unlimited, or nothing taken
+
+    def settle(self, *, used: int, failed: bool) -> None:
+        if self.hold is not None:
+            self.hold.settle(used=used, failed=failed, now=trio.current_time())
+
+    def settle_ended(self, ended: Ended) -> None:
+        """Settle by how the backend call ended (README "Quotas"):
+
+        - the client went away after the call was sent: the backend worked on it, so it keeps
+          its request unit and the tokens produced (a stream's, counted so far) or, when that
+          is unknown (a whole answer never read), its reservation;
+        - the backends failed it (no answer, 429, 5xx): everything back (DESIGN §2.6);
+        - any other answer: the tokens a 2xx used, none for the backend's own 4xx.
+        """
+        call = self.call
+        used = ended.total_tokens
+        if used is None:
+            used = call.prompt_tokens + ended.output_tokens
+        if ended.abandoned:
+            self.settle(used=used if call.stream else int(call.cost), failed=False)
+            return
+        failed = ended.status == 0 or ended.status == 429 or ended.status >= 500
+        ok = 200 <= ended.status < 300
+        self.settle(used=used if ok else 0, failed=failed)
+
+
+def _over_quota(verdict: Verdict, call: InferenceCall) -> ApiError:
+    """The 429 for a refused `verdict`, with its rate-limit headers."""
+    message = "Rate limit reached for your API key. Retry after the time in Retry-After."
+    retry_after_s = verdict.retry_after_s
+    tokens = verdict.tokens
+    if tokens is not None and not tokens.allowed and math.isinf(tokens.retry_after_s):
+        message = (
+            f"Request too large: it may use {int(call.cost)} tokens (prompt estimate plus "
+            f"max_tokens) but the key's token quota is {tokens.limit} per "
+            f"{verdict.period_s:g} s. Lower max_tokens or the prompt."
+        )
+        retry_after_s = verdict.period_s
+    error = ApiError(
+        429,
+        message,
+        type="tokens" if tokens is not None and not tokens.allowed else "requests",
+        code="rate_limit_exceeded",
+        retry_after_s=min(retry_after_s, 86_400.0),
+    )
+    error.extra_headers.update(rate_limit_headers(verdict))
+    return error
 
 
 def _forwarded(headers: dict[str, str]) -> dict[str, str]:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import trio
@@ -192,22 +193,35 @@ class QuotaGuard:
             return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0)
         return self._local_take(key_id, quotas, token_cost, now)
 
-    def settle_local(
+    def hold(
         self,
         key_id: str,
         quotas: QuotaSettings,
+        verdict: Verdict,
         *,
         reserved: int,
-        used: int,
-        failed: bool,
-        now: float,
-    ) -> None:
-        """Settle what the local limiter took: the unused tokens back or, for a call the
-        backends `failed` to answer, the request and every token (a use over the estimate
-        is not taken: the local limiter is a stand-in while Redis is out)."""
-        requests, tokens = self._shares(quotas)
-        reservation = Reservation(key_id, requests, tokens, reserved)
-        completed(reservation.settle(self._local, used=min(used, reserved), failed=failed, now=now))
+        spawn: Callable[[Callable[[], Awaitable[None]]], None],
+    ) -> QuotaHold | None:
+        """What an allowed `verdict` holds of the key's quotas, to settle when the call ends
+        (None when nothing was taken: refused, unlimited). A Redis settlement runs in a task
+        started by `spawn` (a request never waits on it)."""
+        if not verdict.allowed or verdict.source not in (Source.REDIS, Source.LOCAL):
+            return None
+        if verdict.source is Source.LOCAL:
+            requests, tokens = self._shares(quotas)
+            return QuotaHold(Reservation(key_id, requests, tokens, reserved), self, None)
+        requests, tokens = quotas.specs()
+        reservation = Reservation(key_id, requests, tokens, reserved, verdict.credits_spent)
+        return QuotaHold(reservation, self, spawn)
+
+    async def _settle_in_redis(self, reservation: Reservation, used: int, failed: bool) -> None:
+        store = self.store
+        if store is None:  # Redis was turned off since: the reservation expires with its window
+            return
+        try:
+            await reservation.settle(store, used=used, failed=failed)
+        except Exception:  # the reservation then expires with its window
+            self.redis_errors += 1
 
     def _redis_down(self, scope: str, now: float) -> bool:
         """The scope's Redis refuses connections, or has not answered for DOWN_AFTER_S."""
@@ -265,6 +279,38 @@ class QuotaGuard:
 
         requests, tokens = quotas.specs()
         return share(requests), share(tokens)
+
+
+class QuotaHold:
+    """What one admitted request holds of its key's quotas, as the gate's `Ticket` holds a
+    slot: it ends exactly once (a second `settle` does nothing), by how the call ended."""
+
+    __slots__ = ("_guard", "_reservation", "_spawn", "settled")
+
+    def __init__(
+        self,
+        reservation: Reservation,
+        guard: QuotaGuard,
+        spawn: Callable[[Callable[[], Awaitable[None]]], None] | None,
+    ) -> None:
+        self._reservation = reservation
+        self._guard = guard
+        self._spawn = spawn  # None: the fail-open limiter's, settled here and now
+        self.settled = False
+
+    def settle(self, *, used: int, failed: bool, now: float) -> None:
+        """Give back the reserved tokens the call did not `used` and, when the backends
+        `failed` it, the request too. The local limiter takes no use over the estimate: it is
+        a stand-in while Redis is out."""
+        if self.settled:
+            return
+        self.settled = True
+        reservation, guard = self._reservation, self._guard
+        if self._spawn is None:
+            used = min(used, reservation.reserved)
+            completed(reservation.settle(guard._local, used=used, failed=failed, now=now))
+        else:
+            self._spawn(partial(guard._settle_in_redis, reservation, used, failed))
 
 
 def _pruned(entries: dict[str, T], keep: Callable[[T], bool]) -> dict[str, T]:

@@ -37,6 +37,7 @@ from scheduler.service.quota import (
     AdaptiveTimeout,
     FailMode,
     QuotaGuard,
+    QuotaHold,
     QuotaSettings,
     Source,
     Verdict,
@@ -434,13 +435,25 @@ async def test_the_fail_open_limiter_settles_like_redis() -> None:
     async def take(cost: int) -> Verdict:
         return await guard.check("k", quotas, FailMode.OPEN, token_cost=cost, now=0.0)
 
+    def hold(verdict: Verdict, reserved: int) -> QuotaHold:
+        held = guard.hold("k", quotas, verdict, reserved=reserved, spawn=never)
+        assert held is not None
+        return held
+
+    def never(task: object) -> None:
+        raise AssertionError("the local limiter settles at once")
+
     first = await take(80)
     assert first.source is Source.LOCAL and first.allowed
-    assert not (await take(80)).allowed  # 160 > 100 tokens
-    guard.settle_local("k", quotas, reserved=80, used=30, failed=False, now=0.0)
+    refused = await take(80)
+    assert not refused.allowed  # 160 > 100 tokens
+    assert guard.hold("k", quotas, refused, reserved=80, spawn=never) is None
+    first_hold = hold(first, 80)
+    first_hold.settle(used=30, failed=False, now=0.0)
+    first_hold.settle(used=0, failed=True, now=0.0)  # a hold ends once: this does nothing
     second = await take(60)  # 30 + 60 <= 100
     assert second.allowed and second.requests is not None and second.requests.remaining == 0
-    guard.settle_local("k", quotas, reserved=60, used=0, failed=True, now=0.0)
+    hold(second, 60).settle(used=0, failed=True, now=0.0)
     third = await take(70)  # the failed call's request and 60 tokens came back
     assert third.allowed and third.tokens is not None and third.tokens.remaining == 0
 
