@@ -150,6 +150,64 @@ async def test_request_quotas_are_exact_through_three_gateways_on_every_shard(
     assert ready.status_code == 200
 
 
+async def test_token_quotas_hold_through_three_gateways_on_every_shard(
+    nursery: trio.Nursery, redis_topology: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Keys spread over every shard, each with a token quota of three requests' reservations,
+    eight concurrent requests each through three replicas: at least the three that fit are
+    admitted, the tokens the admitted ones used (their usage, which settles the quota) never
+    exceed it, and every refusal is a token refusal."""
+    urls = await gateways(nursery, redis_topology, tmp_path, 3)
+    used: dict[str, list[int]] = {}
+    refused: dict[str, list[str]] = {}
+
+    async def new_key(client: httpx2.AsyncClient, tokens: int) -> tuple[str, str]:
+        r = await client.post(
+            urls[0] + "/admin/v1/keys", json={"tenant": "t", "tier": "pro"}, headers=ADMIN
+        )
+        kid, key = r.json()["key_id"], r.json()["key"]
+        quota = {"requests": 1000, "tokens": tokens}
+        r = await client.put(f"{urls[0]}/admin/v1/keys/{kid}/quota", json=quota, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        return kid, key
+
+    async with httpx2.AsyncClient(timeout=10) as client:
+        with trio.fail_after(DEADLINE_S):
+            _, probe_key = await new_key(client, 1_000_000)
+            await trio.sleep(0.6)  # the registry's cache time
+            probe = await chat(client, urls[0], probe_key)
+            assert probe.status_code == 200, probe.text
+            remaining = int(probe.headers["x-ratelimit-remaining-tokens"])
+            cost = 1_000_000 - remaining  # what one request reserves
+            assert probe.json()["usage"]["total_tokens"] <= cost
+            limit = 3 * cost
+            keys: dict[str, str] = {}
+            while len(shards_of(request, list(keys))) < SHARDS and len(keys) < 30:
+                kid, key = await new_key(client, limit)
+                keys[kid] = key
+                if "[cluster]" not in request.node.name and len(keys) >= 4:
+                    break
+            await trio.sleep(0.6)
+
+            async def call(key: str, url: str) -> None:
+                r = await chat(client, url, key)
+                if r.status_code == 200:
+                    used.setdefault(key, []).append(r.json()["usage"]["total_tokens"])
+                else:
+                    assert r.status_code == 429, r.text
+                    refused.setdefault(key, []).append(r.json()["error"]["type"])
+
+            async with trio.open_nursery() as calls:
+                for key in keys.values():
+                    for i in range(8):
+                        calls.start_soon(call, key, urls[i % 3])
+            metrics = (await client.get(urls[0] + "/metrics")).text
+    assert all(len(used.get(key, [])) >= 3 for key in keys.values()), used
+    assert all(sum(tokens) <= limit for tokens in used.values()), (limit, used)
+    assert refused and all(set(types) == {"tokens"} for types in refused.values()), refused
+    assert "scheduler_redis_errors_total 0.0" in metrics
+
+
 async def test_a_plain_url_to_a_cluster_node_follows_the_cluster(
     nursery: trio.Nursery, redis_cluster: RedisClusterTopology, tmp_path: Path
 ) -> None:
