@@ -9,7 +9,10 @@ growing (or at `--max-concurrency`); the whole run stops at `--max-requests` or 
 
 Prompts are `bench.fidelity_rig.prompt_text`: 4 P - 1 characters, which the gateway estimates as P
 tokens, each starting with an id of its own (engines cache prompts, by prefix); the
-engine's own count (its usage) is what the fit uses when it reports one. KV
+engine's own count (its usage) is what the fit uses when it reports one. While a burst
+runs, `/metrics` is read every METRICS_POLL_S for the engine's count of running requests:
+the largest seen in a burst that asked for more is the batch size (`--parallel`,
+`--max-num-seqs`), else the throughput's knee is. KV
 capacity comes from the engine's `/metrics` when they tell it (SGLang's
 `max_total_num_tokens`, vLLM's `cache_config_info`, llama.cpp's `kv_cache_tokens` over its
 usage ratio); else the model's default stays, which only matters if prompts are long.
@@ -43,10 +46,12 @@ from sim.calibration import (
     error_table,
     fit,
     kv_capacity_from_metrics,
+    running_from_metrics,
 )
 from sim.report import format_table
 
 Log = Callable[[str], None]
+METRICS_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,8 @@ class Profiler:
         # seen before would skip its prefill
         self._next_id = secrets.randbits(40) << 20
         self._deadline_at = time.monotonic() + bounds.time_limit_s
+        self.max_batch: int | None = None  # the most running at once, in a burst of more
+        self._has_metrics = True
 
     def _budget_for(self, concurrency: int) -> bool:
         need = concurrency * self.bounds.rounds
@@ -133,12 +140,36 @@ class Profiler:
         async def run() -> None:
             samples.append(await self.one(prompt_tokens))
 
-        for _ in range(self.bounds.rounds):
-            async with trio.open_nursery() as nursery:
-                for _ in range(concurrency):
-                    nursery.start_soon(run)
+        async with trio.open_nursery() as watching:
+            running = await watching.start(self._watch_running)
+            for _ in range(self.bounds.rounds):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(concurrency):
+                        nursery.start_soon(run)
+            watching.cancel_scope.cancel()
         wall_s = time.monotonic() - started
+        if running and max(running) < concurrency:  # the engine ran fewer than were sent
+            self.max_batch = max(self.max_batch or 0, max(running))
         return _point(concurrency, samples, wall_s)
+
+    async def _watch_running(self, *, task_status: trio.TaskStatus[list[int]]) -> None:
+        """The engine's running count every METRICS_POLL_S, into the list it reports started
+        (left empty when the engine has no such metric)."""
+        seen: list[int] = []
+        task_status.started(seen)
+        while self._has_metrics:
+            try:
+                r = await self.client.get(self.url + "/metrics")
+            except httpx2.HTTPError:
+                r = None
+            running = (
+                running_from_metrics(r.text) if r is not None and r.status_code == 200 else None
+            )
+            if running is None:
+                self._has_metrics = r is None  # an answer without the metric: none to wait for
+            else:
+                seen.append(running)
+            await trio.sleep(METRICS_POLL_S)
 
     async def profile(self, log: Log) -> list[Point]:
         await self.one(self.bounds.prompts[0])  # warm-up: the first request pays setup
@@ -205,7 +236,7 @@ async def calibrate(url: str, model: str, bounds: Bounds, log: Log) -> Fit:
         profiler = Profiler(client, url, model, bounds)
         points = await profiler.profile(log)
         kv = await profiler.kv_capacity_tokens()
-    return fit(points, kv_capacity_tokens=kv)
+    return fit(points, kv_capacity_tokens=kv, max_batch=profiler.max_batch)
 
 
 def _backend_error(exc: Exception) -> Exception:
@@ -264,7 +295,8 @@ def main(argv: list[str] | None = None, *, prog: str = "scheduler calibrate") ->
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"mean error {100 * result.mean_error:.1f}%; throughput stops growing at concurrency "
-        f"{result.saturation_concurrency}; {time.monotonic() - started:.0f} s, load {load}"
+        f"{result.saturation_concurrency}; batch {result.gpu.max_batch}; "
+        f"{time.monotonic() - started:.0f} s, load {load}"
     )
     comment = f"calibrated by `scheduler calibrate` against {args.url} (model {args.model})"
     section = backends_section(result, comment=comment)

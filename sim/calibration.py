@@ -6,11 +6,17 @@ run through `GpuModel`, so queueing beyond the batch, prefill and decode are pre
 very rules the simulator uses, and the error per point is the simulator's own error.
 
 The fit, given the points:
-- `max_batch` is the concurrency beyond which throughput stops growing (from the throughputs
+- `max_batch` is the engine's own count of running requests, the largest its metrics showed
+  during a burst that asked for more (llama.cpp's `requests_processing`, vLLM's
+  `num_requests_running`, SGLang's `num_running_reqs`, TGI's `batch_current_size`); without
+  such metrics, the concurrency beyond which throughput stops growing (from the throughputs
   alone: choosing the batch that minimised the timing error instead picked 8 for an engine of
-  4 slots once, on a noisy machine, and overestimated its capacity by half);
-- the decode costs come from a least-squares line of time per output token against
-  min(concurrency, max_batch), and the prefill terms (steps per prompt token, seconds per
+  4 slots once, on a noisy machine, and overestimated its capacity by half; two noisy bursts
+  can still move the knee by a factor of 2, which is why the metrics come first);
+- the decode costs come from a least-squares fit of time per output token against
+  n = min(concurrency, max_batch) and n x context (the attention's cost per KV token: a decode
+  step after a 206-token prompt was measured 20-35 % slower than after a 62-token one on
+  llama.cpp), and the prefill terms (steps per prompt token, seconds per
   prompt token in the batch) from the first-token times of the bursts that fit in the batch;
 - `kv_capacity_tokens` and `max_waiting` are not timings: they come from the engine's metrics
   when it tells them (the caller passes them), else stay at the model's defaults.
@@ -24,7 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from scheduler.models.gpu import GpuConfig, GpuModel
+from scheduler.models.gpu import GpuConfig, GpuModel, context_of
 
 SATURATION_GAIN = 0.05  # throughput that grows by less than this is no longer growing
 MAX_PREFILL_TOKENS_PER_STEP = 2048.0  # a real engine's batch (llama.cpp's n_batch)
@@ -111,8 +117,10 @@ def fit(
     *,
     kv_capacity_tokens: int | None = None,
     max_waiting: int | None = None,
+    max_batch: int | None = None,
 ) -> Fit:
-    """The `GpuConfig` that reproduces `points` best (see the module's docstring)."""
+    """The `GpuConfig` that reproduces `points` best (see the module's docstring); `max_batch`
+    when the engine's metrics told it (`running_from_metrics`)."""
     if not points:
         raise ValueError("no measurements to fit")
     base = GpuConfig()
@@ -122,25 +130,87 @@ def fit(
         max_waiting=base.max_waiting if max_waiting is None else max_waiting,
     )
     knee = saturation_concurrency(points)
-    return _fit_for_batch(points, replace(base, max_batch=knee))
+    return _fit_for_batch(points, replace(base, max_batch=max_batch or knee), knee)
 
 
-def _fit_for_batch(points: Sequence[Point], gpu: GpuConfig) -> Fit:
-    decode = [(min(p.concurrency, gpu.max_batch), p.tpot_s) for p in points]
-    slope, intercept = _line(decode)
-    gpu = replace(gpu, decode_base_s=max(0.0, intercept), decode_per_seq_s=max(0.0, slope))
+def _fit_for_batch(points: Sequence[Point], gpu: GpuConfig, knee: int) -> Fit:
+    gpu = _decode_terms(points, gpu)
     # a burst of c inside the batch: TTFT - step_s(c) = prompt / rate * step_s(c)
     #   + c * prompt * prefill_s_per_token (all c prompts are prefilled before any first token)
     rows = [
-        (p.prompt_tokens * gpu.step_s(p.concurrency), p.concurrency * p.prompt_tokens, p)
+        (p.prompt_tokens * step_s, p.concurrency * p.prompt_tokens, p.ttft_s - step_s, p.ttft_s)
         for p in points
         if p.concurrency <= gpu.max_batch and p.prompt_tokens > 0
+        for step_s in (_burst_step_s(gpu, p),)
     ]
-    samples = [(x1, x2, p.ttft_s - gpu.step_s(p.concurrency), p.ttft_s) for x1, x2, p in rows]
+    samples = rows
     per_step, per_token = _prefill_terms(samples)
     gpu = replace(gpu, prefill_tokens_per_step=1 / per_step, prefill_s_per_token=per_token)
     errors = tuple(predict_burst(gpu, p) for p in points)
-    return Fit(gpu, errors, gpu.max_batch)
+    return Fit(gpu, errors, knee)
+
+
+def _burst_step_s(gpu: GpuConfig, p: Point) -> float:
+    """A decode step's time while `p`'s whole burst runs (the prefill costs aside)."""
+    context = p.concurrency * context_of(p.prompt_tokens, p.output_tokens)
+    return gpu.step_s(p.concurrency, 0, context)
+
+
+def _decode_terms(points: Sequence[Point], gpu: GpuConfig) -> GpuConfig:
+    """decode_base_s, decode_per_seq_s and decode_per_kv_token_s from the times per output
+    token: a plane in (n, n x context) where both are known, else a line in n."""
+    rows = [
+        (n, n * context_of(p.prompt_tokens, p.output_tokens), p.tpot_s)
+        for p in points
+        if not math.isnan(p.tpot_s)
+        for n in (min(p.concurrency, gpu.max_batch),)
+    ]
+    plane = _plane(rows)
+    if plane is not None:
+        base, per_seq, per_kv = plane
+        return replace(
+            gpu, decode_base_s=base, decode_per_seq_s=per_seq, decode_per_kv_token_s=per_kv
+        )
+    slope, intercept = _line([(n, y) for n, _, y in rows])
+    return replace(gpu, decode_base_s=max(0.0, intercept), decode_per_seq_s=max(0.0, slope))
+
+
+def _plane(rows: Sequence[tuple[float, float, float]]) -> tuple[float, float, float] | None:
+    """Non-negative (a, b, c) minimising the squared relative error of y = a + b x1 + c x2,
+    or None when the rows do not pin it down or a term comes out negative."""
+    w = [1 / (y * y) if y > 0 else 0.0 for *_, y in rows]
+    columns = [[1.0, x1, x2] for x1, x2, _ in rows]
+    ys = [y for *_, y in rows]
+    normal = [
+        [sum(wi * c[i] * c[j] for wi, c in zip(w, columns, strict=True)) for j in range(3)]
+        for i in range(3)
+    ]
+    rhs = [sum(wi * c[i] * y for wi, c, y in zip(w, columns, ys, strict=True)) for i in range(3)]
+    solution = _solve3(normal, rhs)
+    if solution is None or min(solution) < 0:
+        return None
+    return solution[0], solution[1], solution[2]
+
+
+def _solve3(m: list[list[float]], v: list[float]) -> list[float] | None:
+    """Cramer's rule for a 3 x 3 system; None when it is (nearly) singular."""
+
+    def det(a: list[list[float]]) -> float:
+        return (
+            a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+        )
+
+    d = det(m)
+    scale = math.prod(max(abs(x) for x in row) or 1.0 for row in m)
+    if abs(d) <= 1e-12 * scale:
+        return None
+    result = []
+    for k in range(3):
+        replaced = [[v[i] if j == k else m[i][j] for j in range(3)] for i in range(3)]
+        result.append(det(replaced) / d)
+    return result
 
 
 def _line(xy: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -218,6 +288,31 @@ def kv_capacity_from_metrics(text: str) -> int | None:
     return None
 
 
+RUNNING_GAUGES = (
+    "llamacpp:requests_processing",
+    "vllm:num_requests_running",
+    "sglang:num_running_reqs",
+    "tgi_batch_current_size",
+)
+
+
+def running_from_metrics(text: str) -> int | None:
+    """How many requests the engine is running now, when its Prometheus text tells it (the
+    sum over its series: vLLM labels one per model)."""
+    total: float | None = None
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name_part, _, value = line.rpartition(" ")
+        if name_part.split("{", 1)[0] not in RUNNING_GAUGES:
+            continue
+        try:
+            total = (total or 0.0) + float(value)
+        except ValueError:
+            continue
+    return None if total is None else int(total)
+
+
 def _label(series: str, name: str) -> int | None:
     marker = f'{name}="'
     if marker not in series:
@@ -240,6 +335,7 @@ def backends_section(fit: Fit, *, comment: str = "") -> str:
         f"decode_per_seq_s = {gpu.decode_per_seq_s:.6g}",
         f"prefill_tokens_per_step = {gpu.prefill_tokens_per_step:.6g}",
         f"prefill_s_per_token = {gpu.prefill_s_per_token:.6g}",
+        f"decode_per_kv_token_s = {gpu.decode_per_kv_token_s:.6g}",
     ]
     return "\n".join(lines) + "\n"
 

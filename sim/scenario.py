@@ -210,6 +210,9 @@ def _pool(t: Table, *, min_count: int) -> BackendPool:
             "prefill_tokens_per_step", defaults.prefill_tokens_per_step, gt=0
         ),
         prefill_s_per_token=t.number("prefill_s_per_token", defaults.prefill_s_per_token, ge=0),
+        decode_per_kv_token_s=t.number(
+            "decode_per_kv_token_s", defaults.decode_per_kv_token_s, ge=0
+        ),
     )
     pool = BackendPool(count=t.integer("count", ge=min_count), gpu=gpu)
     t.done()

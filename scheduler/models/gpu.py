@@ -14,7 +14,11 @@ The rules, close to what vLLM does:
   step, before the first output token; each prompt token costs the step that prefills it
   `prefill_s_per_token` more (0 by default). That is the cost a real engine shows (llama.cpp,
   vLLM's chunked prefill): a newcomer's prompt slows every running sequence's step, and a
-  burst of prompts is paid for in total prompt tokens, not per sequence.
+  burst of prompts is paid for in total prompt tokens, not per sequence;
+- attention reads every running sequence's KV cache at every step, so a step costs
+  `decode_per_kv_token_s` more per token of context in the batch (0 by default). A
+  sequence's context is counted as its prompt plus half its output (its mean over its life),
+  so the step time changes only when a sequence starts or ends.
 
 Since all running sequences advance at the same rate, the model keeps one "step counter"
 that grows at 1 / step_time(running) per second; a sequence's first token and end are fixed
@@ -38,6 +42,7 @@ class GpuConfig:
     decode_per_seq_s: float = 0.001
     prefill_tokens_per_step: float = 512.0
     prefill_s_per_token: float = 0.0
+    decode_per_kv_token_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "kv_capacity_tokens"):
@@ -45,7 +50,12 @@ class GpuConfig:
                 raise ValueError(f"backend.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_waiting < 0:
             raise ValueError(f"backend.max_waiting must be >= 0, got {self.max_waiting}")
-        for name in ("decode_base_s", "decode_per_seq_s", "prefill_s_per_token"):
+        for name in (
+            "decode_base_s",
+            "decode_per_seq_s",
+            "prefill_s_per_token",
+            "decode_per_kv_token_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"backend.{name} must be >= 0, got {getattr(self, name)}")
         if not self.prefill_tokens_per_step > 0:
@@ -53,19 +63,30 @@ class GpuConfig:
                 f"backend.prefill_tokens_per_step must be > 0, got {self.prefill_tokens_per_step}"
             )
 
-    def step_s(self, running: int, prefilling: int = 0) -> float:
+    def step_s(self, running: int, prefilling: int = 0, context_tokens: float = 0.0) -> float:
         """Seconds per step with `running` sequences in the batch, `prefilling` of them still
-        in their prompt."""
+        in their prompt, and `context_tokens` of KV cache read by the batch's attention."""
         prefill_s = self.prefill_tokens_per_step * self.prefill_s_per_token
-        return self.decode_base_s + self.decode_per_seq_s * running + prefill_s * prefilling
+        return (
+            self.decode_base_s
+            + self.decode_per_seq_s * running
+            + prefill_s * prefilling
+            + self.decode_per_kv_token_s * context_tokens
+        )
 
     def capacity_rps(self, output_tokens: float, prompt_tokens: float = 0.0) -> float:
         """Requests per second at a full batch, for planning and tests."""
         steps = output_tokens + prompt_tokens / self.prefill_tokens_per_step
-        batch_s = steps * self.step_s(self.max_batch) + (
+        context = self.max_batch * context_of(prompt_tokens, output_tokens)
+        batch_s = steps * self.step_s(self.max_batch, 0, context) + (
             self.max_batch * prompt_tokens * self.prefill_s_per_token
         )
         return math.inf if batch_s == 0 else self.max_batch / batch_s
+
+
+def context_of(prompt_tokens: float, output_tokens: float) -> float:
+    """A sequence's KV context as the step time counts it: its mean over the sequence's life."""
+    return prompt_tokens + output_tokens / 2
 
 
 class Sequence:
@@ -128,6 +149,7 @@ class GpuModel:
         self._prefills: list[tuple[float, int, Sequence]] = []  # ends of prompts, when costed
         self._prefilling: set[int] = set()
         self._kv_used = 0
+        self._context = 0.0  # context_of() summed over the running sequences
         self._started = self._finished = self._refused = 0
 
     @property
@@ -160,7 +182,7 @@ class GpuModel:
         if seq.id in self._running:
             del self._running[seq.id]
             self._prefilling.discard(seq.id)
-            self._kv_used -= seq.kv_tokens
+            self._release(seq)
             seq.done_step = -math.inf  # its heap entries are now dead
             seq.finished_at = now
             self._start_waiting()
@@ -197,13 +219,23 @@ class GpuModel:
                 self._prefilling.add(seq.id)
                 heapq.heappush(self._prefills, (seq.prefilled_step, seq.id, seq))
             self._kv_used += seq.kv_tokens
+            self._context += context_of(seq.prompt_tokens, seq.output_tokens)
             self._started += 1
             heapq.heappush(self._firsts, (seq.first_step, seq.id, seq))
             heapq.heappush(self._ends, (seq.done_step, seq.id, seq))
 
+    def _release(self, seq: Sequence) -> None:
+        self._kv_used -= seq.kv_tokens
+        self._context -= context_of(seq.prompt_tokens, seq.output_tokens)
+        if not self._running:
+            self._context = 0.0  # no float residue left behind
+
+    def _step_s(self) -> float:
+        return self.config.step_s(len(self._running), len(self._prefilling), self._context)
+
     def step_at(self, now: float) -> float:
         """The step counter at `now` if nothing starts or ends before then."""
-        step_s = self.config.step_s(len(self._running), len(self._prefilling))
+        step_s = self._step_s()
         if not self._running or step_s == 0:
             return math.inf if self._running else self._step
         return self._step + (now - self._now) / step_s
@@ -212,8 +244,7 @@ class GpuModel:
         """When the counter reaches `step` at the current batch size."""
         if step <= self._step:
             return self._now
-        step_s = self.config.step_s(len(self._running), len(self._prefilling))
-        return self._now + (step - self._step) * step_s
+        return self._now + (step - self._step) * self._step_s()
 
     def next_event_at(self) -> float:
         """When the next first token or completion is due (`math.inf` when idle)."""
@@ -253,7 +284,7 @@ class GpuModel:
                 seq = heapq.heappop(self._ends)[2]
                 seq.finished_at = self._now
                 del self._running[seq.id]
-                self._kv_used -= seq.kv_tokens
+                self._release(seq)
                 self._finished += 1
                 finished.append(seq)
                 self._start_waiting()
@@ -281,7 +312,7 @@ class GpuModel:
             waiting=len(self._waiting),
             kv_used_tokens=self._kv_used,
             kv_usage=self._kv_used / self.config.kv_capacity_tokens,
-            step_s=self.config.step_s(len(self._running), len(self._prefilling)),
+            step_s=self._step_s(),
             started=self._started,
             finished=self._finished,
             refused=self._refused,

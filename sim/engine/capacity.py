@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from scheduler.models.gpu import GpuConfig
+from scheduler.models.gpu import GpuConfig, context_of
 from sim.engine.model import BackendPool, Process, Scenario, SizeDist, SizeKind
 
 
@@ -42,7 +42,8 @@ def request_time_s(gpu: GpuConfig, prompt_tokens: float, output_tokens: float) -
     """Backend time of one mean request at a full batch."""
     steps = output_tokens + prompt_tokens / gpu.prefill_tokens_per_step
     batch = full_batch(gpu, prompt_tokens, output_tokens)
-    return steps * gpu.step_s(batch) + batch * prompt_tokens * gpu.prefill_s_per_token
+    step_s = gpu.step_s(batch, 0, batch * context_of(prompt_tokens, output_tokens))
+    return steps * step_s + batch * prompt_tokens * gpu.prefill_s_per_token
 
 
 def capacity_rps(pool: BackendPool, prompt_tokens: float, output_tokens: float) -> float:

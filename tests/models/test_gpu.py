@@ -105,3 +105,25 @@ def test_a_newcomers_prompt_slows_the_running_sequences_by_its_prefill_cost() ->
     # the newcomer: 0.2 steps of prompt (0.01 * 0.2 + 0.2 s), then its first token one step on
     assert newcomer.first_token_at - 0.105 == pytest.approx(0.002 + 0.2 + 0.01)
     assert GpuConfig().prefill_s_per_token == 0.0  # the demo's default model is unchanged
+
+
+def test_each_token_of_context_in_the_batch_slows_every_step() -> None:
+    """With a cost per KV token, a sequence decodes slower beside a long-prompt one: each step
+    pays for the batch's context (prompt plus half the output, per running sequence)."""
+    cfg = GpuConfig(
+        decode_base_s=0.01,
+        decode_per_seq_s=0.0,
+        prefill_tokens_per_step=1e9,  # prompts in no time: only the decode steps count
+        decode_per_kv_token_s=0.00001,
+    )
+    alone, beside = GpuModel(cfg), GpuModel(cfg)
+    a = alone.submit(1, 0, 11, now=0.0)
+    b = beside.submit(1, 0, 11, now=0.0)
+    long = beside.submit(2, 1000, 11, now=0.0)
+    assert a is not None and b is not None and long is not None
+    for model in (alone, beside):
+        model.advance(10.0)
+    # alone: each step 0.01 + 5.5 tokens x 10 us; beside the 1000-token prompt, 10.1 ms more
+    assert a.finished_at == pytest.approx(11 * (0.01 + 5.5e-5))
+    assert b.finished_at == pytest.approx(11 * (0.01 + 11e-5 + 0.01))
+    assert GpuConfig().decode_per_kv_token_s == 0.0  # the demo's default model is unchanged
