@@ -6,7 +6,11 @@ one task sends every command queued while the previous round trip was out as one
 non-transactional pipeline and hands each caller its own reply or error. A caller alone is
 sent at once. On a Redis Cluster each node has a lane of its own: the commands for one node go
 in one round trip, the nodes' round trips run concurrently, and a node that is slow or down
-holds up and fails only the commands for its own slots. A
+holds up and fails only the commands for its own slots. A slot being migrated between nodes
+answers a script of several keys TRYAGAIN until it settles, and coredis retries such a command
+inside the pipeline's round trip, holding up every other command of the node; so a slot that
+answered TRYAGAIN (or redirects that did not settle) has a lane of its own for MOVING_FOR_S,
+and the node's other keys are not held up by it. A
 pipeline is not a transaction: each command is atomic on its own (the Lua
 scripts are), exactly as when sent alone.
 
@@ -17,7 +21,8 @@ its caller; when the whole round trip fails, every caller in it gets a fresh
 `coredis.exceptions.ConnectionError` (or `trio.TooSlowError` if it took longer than
 `timeout_s`), so callers translate them as they would a direct call's.
 
-A caller may bound its wait (`timeout_s`) on Redis's time, not on this process's: a deadline
+A caller may bound its wait (`timeout_s`) on Redis's time, not on this process's (for a
+moving slot, a wait that runs out raises `TryAgainError`: the move, not Redis's health): a deadline
 also passes while our own event loop is behind (a CPU-bound burst, a collector pause), and a
 reply that came back in a millisecond then sits unread in the socket. So `LoopLag`, a task that
 sleeps in short ticks, sums how late each tick wakes; a wait whose deadline passes is extended
@@ -44,6 +49,12 @@ from coredis.commands.script import Script
 
 Command = Callable[[Any], Any]  # given the pipeline, queues one command on it
 LAG_TICK_S = 0.005  # how often LoopLag looks: a late wake-up of this task is the loop's lag
+MOVING_FOR_S = 2.0  # a slot that answered TRYAGAIN keeps a lane of its own this long
+_MOVING_ERRORS = (
+    coredis.exceptions.TryAgainError,  # the slot is migrating: a script's keys on both nodes
+    coredis.exceptions.AskError,
+    coredis.exceptions.ClusterError,  # coredis's redirect tries ran out
+)
 
 
 class LoopLag:
@@ -73,10 +84,11 @@ class LoopLag:
 
 
 class _Pending:
-    __slots__ = ("abandoned", "command", "done", "error", "reply")
+    __slots__ = ("abandoned", "command", "done", "error", "reply", "slot")
 
     def __init__(self, command: Command) -> None:
         self.command = command
+        self.slot: int | None = None  # on a Redis Cluster, the one slot its keys are in
         self.done = trio.Event()
         self.reply: Any = None
         self.error: BaseException | None = None
@@ -115,7 +127,8 @@ class RedisPipeliner:
         self._max_batch = max_batch
         self._timeout_s = timeout_s
         self._front = _Lane()  # what callers queued, not yet sent (or routed to a node)
-        self._lanes: dict[str, _Lane] = {}  # a Redis Cluster's nodes, by name
+        self._lanes: dict[str, _Lane] = {}  # a Redis Cluster's nodes (and moving slots)
+        self._moving_until: dict[int, float] = {}  # slots that answered TRYAGAIN, until when
         self.lag = LoopLag()
         self.round_trips = 0
         self.commands = 0
@@ -163,6 +176,8 @@ class RedisPipeliner:
                 lag_s = self.lag.total_s - lag_at_start_s
                 deadline_at = started_at + timeout_s + lag_s
                 if not p.done.is_set() and min(deadline_at, last_at) <= trio.current_time():
+                    if self._moving(p.slot):  # held up by coredis's retries of TRYAGAIN
+                        raise coredis.exceptions.TryAgainError("the key's slot is migrating")
                     raise trio.TooSlowError
 
     async def evalsha(
@@ -213,32 +228,66 @@ class RedisPipeliner:
         self, batch: list[_Pending], cluster: coredis.RedisCluster[Any], nursery: trio.Nursery
     ) -> None:
         """A Redis Cluster: each node has a lane of its own, one pipeline in flight at a time,
-        so a node that is slow or down holds up and fails only the commands for its slots."""
-        for node, group in self._per_node(batch, cluster).items():
-            lane = self._lanes.get(node)
+        so a node that is slow or down holds up and fails only the commands for its slots;
+        a moving slot's commands go in a lane of their own, closed once it is idle."""
+        now = trio.current_time()
+        for name, group in self._per_node(batch, cluster, now).items():
+            lane = self._lanes.get(name)
             if lane is None:  # the nodes ever seen: a few, plus one per failover
-                lane = self._lanes[node] = _Lane()
-                nursery.start_soon(self._drain, lane, self._send_pipeline)
+                lane = self._lanes[name] = _Lane()
+                if " slot " in name:
+                    nursery.start_soon(self._drain_moving, name, lane)
+                else:
+                    nursery.start_soon(self._drain, lane, self._send_pipeline)
             lane.queue.extend(group)
             lane.wakeup.set()
 
-    @staticmethod
     def _per_node(
-        batch: list[_Pending], cluster: coredis.RedisCluster[Any]
+        self, batch: list[_Pending], cluster: coredis.RedisCluster[Any], now: float
     ) -> dict[str, list[_Pending]]:
         """The batch grouped by the node that serves each command's slot (as the client's slot
-        map has it now; a command that meets MOVED or ASK is redirected by coredis)."""
+        map has it now; a command that meets MOVED or ASK is redirected by coredis), a moving
+        slot's apart."""
         probe: Any = cluster.pipeline(transaction=False)
         layout = cluster.connection_pool.cluster_layout
         groups: dict[str, list[_Pending]] = {}
         for p in batch:
             p.command(probe)
+            request = probe.command_stack[-1]
             try:
-                node = layout.node_for_request(probe.command_stack[-1]).name
+                name = layout.node_for_request(request).name
             except coredis.exceptions.RedisError:
-                node = ""  # no single slot: its own pipeline, where coredis raises the error
-            groups.setdefault(node, []).append(p)
+                name = ""  # no single slot: its own pipeline, where coredis raises the error
+            slots = request.affected_slots
+            p.slot = slots[0] if len(slots) == 1 else None
+            if self._moving(p.slot, now):
+                name = f"{name} slot {p.slot}"
+            groups.setdefault(name, []).append(p)
         return groups
+
+    def _moving(self, slot: int | None, now: float | None = None) -> bool:
+        """Whether `slot` answered TRYAGAIN (or unsettled redirects) within MOVING_FOR_S."""
+        if slot is None:
+            return False
+        return self._moving_until.get(slot, -math.inf) > (
+            trio.current_time() if now is None else now
+        )
+
+    async def _drain_moving(self, name: str, lane: _Lane) -> None:
+        """A moving slot's lane: drained like a node's until the slot has settled and nothing
+        is queued, then closed (later commands for the slot go to its node's lane again)."""
+        slot = int(name.rsplit(" ", 1)[1])
+        while lane.queue or self._moving_until.get(slot, -math.inf) > trio.current_time():
+            with trio.move_on_at(self._moving_until.get(slot, -math.inf)):
+                await lane.wakeup.wait()
+            lane.wakeup = trio.Event()
+            while lane.queue:
+                batch = [p for p in lane.queue[: self._max_batch] if not p.abandoned]
+                del lane.queue[: self._max_batch]
+                if batch:
+                    await self._send_pipeline(batch)
+        self._moving_until.pop(slot, None)
+        del self._lanes[name]
 
     def _suspect_layout(self) -> None:
         """A Redis Cluster round trip failed: tell the client, whose layout monitor then
@@ -260,6 +309,8 @@ class RedisPipeliner:
                     p.reply = await request  # ready: the pipeline has run
                 except Exception as exc:  # this command's own error
                     p.error = exc
+                    if isinstance(exc, _MOVING_ERRORS) and p.slot is not None:
+                        self._moving_until[p.slot] = trio.current_time() + MOVING_FOR_S
                 p.done.set()
         except trio.TooSlowError:
             self._suspect_layout()

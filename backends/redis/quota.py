@@ -28,8 +28,11 @@ Errors, split by who is to blame:
 
     QuotaStoreError              Redis answered with an error (OOM, MISCONF, a script error, a
     │                            foreign key type): it did not take the quota
-    └── QuotaStoreUnavailable    Redis could not be reached in time
-Either is a Redis failure to the caller (the service's tier fail mode applies).
+    ├── QuotaStoreUnavailable    Redis could not be reached in time
+    └── QuotaStoreBusy           the key's Redis Cluster slot is being migrated (TRYAGAIN):
+                                 Redis is up, took nothing, and will answer once it settles
+The first two are a Redis failure to the caller (the service's tier fail mode applies);
+`QuotaStoreBusy` is routing, not a failure: retry shortly.
 
 Over quota is not an error: it is a `QuotaDecision` with `allowed=False`.
 """
@@ -62,6 +65,7 @@ __all__ = [
     "AlgorithmKind",
     "QuotaDecision",
     "QuotaSpec",
+    "QuotaStoreBusy",
     "QuotaStoreError",
     "QuotaStoreUnavailable",
     "RedisQuotaStore",
@@ -75,10 +79,12 @@ _UNAVAILABLE = (
     coredis.exceptions.ConnectionError,  # refused, reset, still loading its dataset
     coredis.exceptions.ReadOnlyError,  # a failover in progress: we reached a replica
     coredis.exceptions.ClusterDownError,
-    coredis.exceptions.TryAgainError,
     TimeoutError,
     OSError,
 )
+# a slot being moved between nodes: TRYAGAIN (a script's keys are on both), or redirects
+# still unsettled after the client's tries (coredis raises a bare ClusterError then)
+_MOVING = (coredis.exceptions.TryAgainError, coredis.exceptions.AskError)
 
 
 class QuotaStoreError(Exception):
@@ -87,6 +93,11 @@ class QuotaStoreError(Exception):
 
 class QuotaStoreUnavailable(QuotaStoreError):
     """Redis could not be reached, or did not answer within the store's timeout."""
+
+
+class QuotaStoreBusy(QuotaStoreError):
+    """The key's Redis Cluster slot is being migrated (TRYAGAIN): Redis is up and did not run
+    the script; a retry shortly will find the slot settled. Routing, not a failure."""
 
 
 class RedisQuotaStore:
@@ -287,6 +298,10 @@ class RedisQuotaStore:
                 raise QuotaStoreUnavailable(message) from exc
         except _UNAVAILABLE as exc:
             raise QuotaStoreUnavailable(f"redis is unreachable: {exc}") from exc
+        except _MOVING as exc:
+            raise QuotaStoreBusy(f"the key's slot is moving: {exc}") from exc
+        except coredis.exceptions.ClusterError as exc:  # redirected CLUSTER_ATTEMPTS times
+            raise QuotaStoreBusy(f"the key's slot is moving: {exc}") from exc
         except coredis.exceptions.RedisError as exc:
             raise QuotaStoreError(f"redis refused a quota command: {exc}") from exc
 

@@ -143,6 +143,11 @@ def _auth(secrets: RedisSecrets) -> dict[str, Any]:
     return auth
 
 
+CLUSTER_ATTEMPTS = (
+    2  # a command's tries after a redirect: ASK (then ASKING) or MOVED, then the answer
+)
+
+
 @asynccontextmanager
 async def open_redis(
     url: str, secrets: RedisSecrets | None = None
@@ -162,6 +167,7 @@ async def open_redis(
         cluster: coredis.RedisCluster[bytes] = coredis.RedisCluster(
             startup_nodes=nodes, ssl=topology.tls, **tls, **_auth(secrets)
         )
+        cluster.MAX_RETRIES = CLUSTER_ATTEMPTS
         async with cluster:
             yield cluster  # type: ignore[misc]
     else:

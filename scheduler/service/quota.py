@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import trio
 
-from backends.redis.quota import QuotaStoreError
+from backends.redis.quota import QuotaStoreBusy, QuotaStoreError
 from policies.breaker import BreakerState, ScopedBreakers
 from policies.ratelimit import Quota, RateDecision
 from scheduler.core.quota_store import (
@@ -169,6 +169,10 @@ class QuotaGuard:
                     timeout_s=self.timeout.current(),
                 )
                 self.timeout.observe(trio.current_time() - started)
+            except QuotaStoreBusy:
+                # the key's slot is moving between nodes: Redis is up and took nothing, so
+                # neither the breaker nor the fail mode has a say; the client retries shortly
+                return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0)
             except (QuotaStoreError, trio.TooSlowError) as exc:
                 # an error reply (OOM, MISCONF, a script error) is Redis failing, as a refused
                 # connection is, and it is as definite: the script did not take the quota
@@ -220,6 +224,8 @@ class QuotaGuard:
             return
         try:
             await reservation.settle(store, used=used, failed=failed)
+        except QuotaStoreBusy:  # its slot is moving (routing): it expires with its window
+            pass
         except Exception:  # the reservation then expires with its window
             self.redis_errors += 1
 
