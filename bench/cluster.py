@@ -6,6 +6,10 @@ Cluster of three masters (from the same binary, as the tests do), and two gatewa
 key whose every request runs the Redis quota script, `--rounds` times on each gateway in
 turn (the machine's noise falls on both), for `--seconds` each. The last line is the
 throughput ratio cluster / single (goal: at least 0.9). Run as `python -m bench.cluster`.
+
+For sizing, each round also prints the Redis CPU each admission cost (`INFO cpu` of the
+server, or summed over the cluster's masters, before and after): the quota script, its
+settlement and the cache write of one request. One Redis core serves about 1 / that.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import trio
 
 from backends.redis.embedded import free_port
 from bench.gateway import GATEWAY_TOML, closed_loop, run_phase, start
-from tests.support.redis_topologies import RedisClusterTopology, RedisNode
+from tests.support.redis_topologies import RedisClusterTopology, RedisNode, cli
 
 QUOTA_KEY = "sk-bench-quota"
 
@@ -35,6 +39,17 @@ def gateway(stack: ExitStack, tmp: Path, demo: str, redis_url: str) -> int:
     scheduler = str(Path(sys.executable).parent / "scheduler")
     start(stack, [scheduler, "serve", "--config", str(config), "--port", str(port)], port, env)
     return port
+
+
+def redis_cpu_s(ports: list[int]) -> float:
+    """CPU seconds the Redis servers on `ports` have used so far (user plus system)."""
+    total = 0.0
+    for port in ports:
+        fields = dict(
+            line.split(":", 1) for line in cli(port, "INFO", "cpu").splitlines() if ":" in line
+        )
+        total += float(fields["used_cpu_user"]) + float(fields["used_cpu_sys"])
+    return total
 
 
 def measure(clients: int, seconds: float, rounds: int) -> dict[str, list[float]]:
@@ -53,14 +68,22 @@ def measure(clients: int, seconds: float, rounds: int) -> dict[str, list[float]]
             "single": gateway(stack, Path(tmp), demo, f"redis://127.0.0.1:{single.port}/0"),
             "cluster": gateway(stack, Path(tmp), demo, cluster.url),
         }
+        servers = {"single": [single.port], "cluster": cluster.master_ports()}
         rps: dict[str, list[float]] = {name: [] for name in ports}
         for port in ports.values():
             trio.run(closed_loop, port, QUOTA_KEY, 8, 1.0)  # warm-up
         for _ in range(rounds):
             for name, port in ports.items():
+                cpu_before_s = redis_cpu_s(servers[name])
                 latencies, _, by_status = run_phase(closed_loop, port, QUOTA_KEY, clients, seconds)
+                redis_us = (
+                    1e6 * (redis_cpu_s(servers[name]) - cpu_before_s) / max(1, len(latencies))
+                )
                 rps[name].append(len(latencies) / seconds)
-                print(f"{name}: {len(latencies) / seconds:.0f} req/s, non-2xx {by_status or 0}")
+                print(
+                    f"{name}: {len(latencies) / seconds:.0f} req/s, non-2xx {by_status or 0}, "
+                    f"Redis CPU {redis_us:.0f} us per request"
+                )
     return rps
 
 
