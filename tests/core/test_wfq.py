@@ -74,6 +74,38 @@ def test_keys_in_a_tier_share_equally_within_5_percent(keys: int, costs: list[in
         assert abs(served[f"k{k}"] / total - 1 / keys) <= 0.05 / keys
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    a_costs=st.lists(st.integers(1, 500), min_size=1, max_size=30),
+    b_costs=st.lists(st.integers(1, 500), min_size=1, max_size=30),
+    other_keys=st.integers(0, 3),
+)
+def test_two_backlogged_keys_never_differ_by_more_than_twice_the_largest_cost(
+    a_costs: list[int], b_costs: list[int], other_keys: int
+) -> None:
+    """The virtual-token-counter bound (Sheng et al., "Fairness in serving LLMs"): at every
+    point of the service, two keys of one tier that are both backlogged have been served
+    tokens within 2 x the largest request's cost of each other, whatever their sizes and
+    however many other keys share the tier."""
+    queue = WeightedFairQueue([TierConfig("pro", 1, max_wait_s=1e9, max_depth=10**9)])
+    rounds = 40
+    for n in range(rounds):
+        for key, costs in (("a", a_costs), ("b", b_costs)):
+            queue.push(req("pro", key, cost=costs[n % len(costs)], at=n), now=0)
+        for k in range(other_keys):
+            queue.push(req("pro", f"o{k}", cost=250, at=n), now=0)
+    largest = max(a_costs + b_costs + ([250] if other_keys else []))
+    served: Counter[str] = Counter()
+    left = Counter({"a": rounds, "b": rounds})
+    while left["a"] and left["b"]:  # both still backlogged
+        entry = queue.pop()
+        assert entry is not None
+        key = entry.request.key_id
+        served[key] += int(entry.request.cost)
+        left[key] -= 1
+        assert abs(served["a"] - served["b"]) <= 2 * largest, (served, largest)
+
+
 def test_a_noisy_key_does_not_starve_its_neighbour() -> None:
     queue = WeightedFairQueue([TierConfig("free", 1, max_wait_s=60, max_depth=10_000)])
     for _ in range(1000):
