@@ -48,6 +48,8 @@ class RedisHealth:
         self._ping_error: str | None = "not pinged yet"
         self._pinged = False
         self._logged_up: bool | None = None  # None: nothing logged yet
+        # a Redis Cluster's primaries, by name: a client each, and its holder task's scope
+        self._nodes: dict[str, tuple[coredis.Redis[Any], trio.CancelScope]] = {}
 
     async def watch(
         self,
@@ -56,35 +58,72 @@ class RedisHealth:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Ping `redis()` now (reported started after it), then every `interval_s`."""
-        await self._ping(redis())
-        task_status.started()
-        while True:
-            await trio.sleep(self._interval_s)
-            await self._ping(redis())
+        async with trio.open_nursery() as holders:
+            await self._ping(redis(), holders)
+            task_status.started()
+            while True:
+                await trio.sleep(self._interval_s)
+                await self._ping(redis(), holders)
 
-    async def _ping(self, redis: coredis.Redis[Any] | None) -> None:
+    async def _ping(self, redis: coredis.Redis[Any] | None, holders: trio.Nursery) -> None:
         if redis is None:  # the client is being closed (shutting down): no news
             return
-        nodes = list(redis.primaries) if isinstance(redis, coredis.RedisCluster) else [redis]
+        if isinstance(redis, coredis.RedisCluster):
+            nodes = await self._primaries(redis, holders)
+            count = len(redis.connection_pool.cluster_layout.primaries)
+        else:
+            nodes, count = [redis], 1
         errors: list[str] = []
         async with trio.open_nursery() as nursery:
             for node in nodes:
-                nursery.start_soon(self._ping_node, node, node is not redis, errors)
-        self.shards_down = len(errors) if len(nodes) > 1 else 0
+                nursery.start_soon(self._ping_node, node, errors)
+        errors += ["not connected"] * (count - len(nodes))
+        self.shards_down = len(errors) if count > 1 else 0
         # a cluster is up while one shard answers: a dead shard stops only its own keys
-        self._ping_error = errors[0] if len(errors) == len(nodes) else None
+        self._ping_error = errors[0] if len(errors) >= count else None
         self._pinged = True
 
-    async def _ping_node(self, node: coredis.Redis[Any], own: bool, errors: list[str]) -> None:
-        """Ping one server (a cluster's primary through a client of its own, closed after)."""
+    async def _primaries(
+        self, cluster: coredis.RedisCluster[Any], holders: trio.Nursery
+    ) -> list[coredis.Redis[Any]]:
+        """A client per primary of the slot map, kept from ping to ping (one connection each,
+        not one a ping); a node no longer a primary has its client closed."""
+        wanted = {node.name: node for node in cluster.connection_pool.cluster_layout.primaries}
+        for name in [name for name in self._nodes if name not in wanted]:
+            self._nodes.pop(name)[1].cancel()
+        for name, node in wanted.items():
+            if name not in self._nodes:
+                client = node.as_client(**cluster.connection_pool.connection_kwargs)
+                with trio.move_on_after(self._timeout_s):
+                    await holders.start(self._hold, name, client)
+        return [client for client, _ in self._nodes.values()]
+
+    async def _hold(
+        self, name: str, client: coredis.Redis[Any], *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Keep `client` open (coredis: entered and left by one task) until cancelled, or until
+        it fails: then the next ping opens another."""
+        started = False
+        with trio.CancelScope() as scope:
+            try:
+                async with client:
+                    self._nodes[name] = (client, scope)
+                    task_status.started()
+                    started = True
+                    await trio.sleep_forever()
+            except* REDIS_ERRORS:  # a client's failures surface in its own nursery
+                pass
+            finally:
+                if self._nodes.get(name, (None, None))[1] is scope:
+                    del self._nodes[name]
+        if not started:  # it failed at once: this ping counts the node as not connected
+            task_status.started()
+
+    async def _ping_node(self, node: coredis.Redis[Any], errors: list[str]) -> None:
         try:
             with trio.fail_after(self._timeout_s):
-                if own:
-                    async with node:
-                        await node.ping()
-                else:
-                    await node.ping()
-        except* REDIS_ERRORS as group:  # a client of its own fails inside its nursery
+                await node.ping()
+        except* REDIS_ERRORS as group:
             errors.append(type(group.exceptions[0]).__name__)
 
     def error(self, *, now: float) -> str | None:

@@ -320,3 +320,25 @@ async def test_a_hung_shard_holds_up_only_its_own_keys(own_cluster: RedisCluster
         for kid, owner in zip(kids, owners, strict=True)
     }
     assert outcomes == expected
+
+
+async def test_an_idle_gateway_pings_each_primary_on_connections_it_keeps(
+    nursery: trio.Nursery, redis_cluster: RedisClusterTopology, tmp_path: Path
+) -> None:
+    """The health ping (every 0.5 s, each primary) reuses its connections: an idle gateway
+    opens none on a cluster's masters once it runs (it opened one per master per ping: 15 in
+    the 2.6 s below)."""
+    (url,) = await gateways(nursery, redis_cluster.url, tmp_path, 1)
+    masters = redis_cluster.master_ports()
+
+    def received() -> int:  # redis-cli's own connection to each master counts too
+        stats = [cli(port, "INFO", "stats") for port in masters]
+        return sum(int(re.findall(r"total_connections_received:(\d+)", s)[0]) for s in stats)
+
+    async with httpx2.AsyncClient(timeout=10) as client:
+        assert (await client.get(url + "/readyz")).status_code == 200
+        await trio.sleep(1.0)  # running: its first pings and their connections are made
+        before = received()
+        await trio.sleep(2.6)  # five pings of every master
+        opened = received() - before - len(masters)
+    assert opened <= 1, f"{opened} connections in 2.6 s from an idle gateway"
