@@ -6,8 +6,9 @@ notice neither a Redis that went away nor one that came back (an open breaker st
 until the next call). A ping every `interval_s` covers the quiet times. Redis counts as up
 when the last ping answered and the breaker is not holding calls off (closed, or with its
 probe time passed: the next call will try Redis anyway). On a Redis Cluster each primary is
-pinged and each shard has its breaker: Redis is up while one shard is (`shards_down` says how
-many are not), since a dead shard stops only the keys on its own slots.
+pinged, on a client of its own kept open from ping to ping, and each shard has its breaker:
+Redis is up while one shard is (`shards_down` says how many are not), since a dead shard
+stops only the keys on its own slots.
 
 `observe(now=...)` decides the state and logs a change, once: WARNING for "unreachable at
 start-up" and "lost", INFO for "back". The replica calls it on the dispatcher's tick. Neither
