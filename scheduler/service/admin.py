@@ -146,8 +146,21 @@ def gain_changes(body: dict[str, Any]) -> dict[str, Any]:
     return changes
 
 
+Route = Callable[..., Awaitable[Response]]
+
+
 def create_admin(replica: Replica) -> Blueprint:
     admin = Blueprint("admin", __name__, url_prefix="/admin/v1")
+    _add_authentication(admin, replica)
+    uses_redis = _redis_bounded(replica)
+    _add_key_routes(admin, replica, uses_redis)
+    _add_quota_routes(admin, replica, uses_redis)
+    _add_controller_routes(admin, replica, uses_redis)
+    _add_drain_routes(admin, replica)
+    return admin
+
+
+def _add_authentication(admin: Blueprint, replica: Replica) -> None:
     token = replica.settings.admin_token
 
     @admin.before_request
@@ -162,6 +175,8 @@ def create_admin(replica: Replica) -> Blueprint:
         if replica.registry.redis is None and request.path.startswith("/admin/v1/keys"):
             raise redis_unavailable()
 
+
+def _redis_bounded(replica: Replica) -> Callable[[Route], Route]:
     def uses_redis(route: Callable[P, Awaitable[Response]]) -> Callable[P, Awaitable[Response]]:
         """The route's work within the Redis timeout (its body read first, outside it: a slow
         client is not a slow Redis)."""
@@ -174,55 +189,96 @@ def create_admin(replica: Replica) -> Blueprint:
 
         return bounded
 
-    async def known(key_id: str) -> None:
-        if not await replica.registry.exists(key_id):
-            raise ApiError(404, f"No key with id {key_id!r}.", code="key_not_found")
+    return uses_redis
+
+
+async def _known(replica: Replica, key_id: str) -> None:
+    if not await replica.registry.exists(key_id):
+        raise ApiError(404, f"No key with id {key_id!r}.", code="key_not_found")
+
+
+def _new_key(body: dict[str, Any], tiers: tuple[str, ...]) -> tuple[str, str, bool]:
+    """A new key's tenant, tier and bypass flag, validated."""
+    _refuse_unknown(body, KEY_FIELDS, "key")
+    tenant, tier = body.get("tenant"), body.get("tier")
+    if not isinstance(tenant, str) or not 0 < len(tenant) <= 256 or not _utf8(tenant):
+        raise bad_request("'tenant' must be a string of 1 to 256 characters.", param="tenant")
+    if tier not in tiers:  # a tuple, not a set: a tier sent as a list is refused, not a 500
+        raise bad_request(
+            f"'tier' must be one of the configured tiers, got {tier!r}.", param="tier"
+        )
+    bypass = body.get("bypass", False)
+    if not isinstance(bypass, bool):
+        raise bad_request("'bypass' must be a boolean.", param="bypass")
+    assert isinstance(tier, str)
+    return tenant, tier, bypass
+
+
+def _add_key_routes(
+    admin: Blueprint, replica: Replica, uses_redis: Callable[[Route], Route]
+) -> None:
+    registry = replica.registry
 
     @admin.get("/keys")
     @uses_redis
     async def list_keys() -> Response:
-        return _json({"data": [r.public() for r in await replica.registry.list()]})
+        return _json({"data": [r.public() for r in await registry.list()]})
 
     @admin.post("/keys")
     @uses_redis
     async def create_key() -> Response:
-        body = await _body()
-        _refuse_unknown(body, KEY_FIELDS, "key")
-        tenant, tier = body.get("tenant"), body.get("tier")
-        if not isinstance(tenant, str) or not 0 < len(tenant) <= 256 or not _utf8(tenant):
-            raise bad_request("'tenant' must be a string of 1 to 256 characters.", param="tenant")
-        if not any(t.core.name == tier for t in replica.settings.tiers):
-            raise bad_request(
-                f"'tier' must be one of the configured tiers, got {tier!r}.", param="tier"
-            )
-        bypass = body.get("bypass", False)
-        if not isinstance(bypass, bool):
-            raise bad_request("'bypass' must be a boolean.", param="bypass")
-        assert isinstance(tier, str)
-        clear, record = await replica.registry.create(
-            tenant, tier, bypass=bypass, created_unix=time.time()
-        )
+        tiers = tuple(t.core.name for t in replica.settings.tiers)
+        tenant, tier, bypass = _new_key(await _body(), tiers)
+        clear, record = await registry.create(tenant, tier, bypass=bypass, created_unix=time.time())
         return _json({"key": clear, **record.public()}, 201)
 
     @admin.get("/keys/<key_id>")
     @uses_redis
     async def get_key(key_id: str) -> Response:
-        await known(key_id)
-        record = await replica.registry.refresh(key_id, now=trio.current_time())
+        await _known(replica, key_id)
+        record = await registry.refresh(key_id, now=trio.current_time())
         assert record is not None
         return _json(record.public())
 
     @admin.delete("/keys/<key_id>")
     @uses_redis
     async def revoke_key(key_id: str) -> Response:
-        await known(key_id)
-        await replica.registry.revoke(key_id)
+        await _known(replica, key_id)
+        await registry.revoke(key_id)
         return _json({"key_id": key_id, "revoked": True})
 
+
+def _expires_in_s(body: dict[str, Any]) -> float:
+    """An upgrade's `expires_in_s`, taken out of its body."""
+    expires_in_s = body.pop("expires_in_s", None)
+    if (
+        isinstance(expires_in_s, bool)
+        or not isinstance(expires_in_s, int | float)
+        or not (0 < expires_in_s <= MAX_TTL_S)
+    ):
+        raise bad_request(
+            "'expires_in_s' must be a number of seconds in (0, 90 days].", param="expires_in_s"
+        )
+    return expires_in_s
+
+
+def _credit_grant(body: dict[str, Any]) -> tuple[float, float]:
+    """A credits body's amount (a whole number of tokens) and ttl_s."""
+    _refuse_unknown(body, ("amount", "ttl_s"), "credits")
+    amount = _number(body.get("amount"), "credits.amount", low=1, high=MAX_COUNT)
+    if not amount.is_integer():
+        raise bad_request("credits.amount: expected a whole number of tokens", param="amount")
+    ttl_s = _number(body.get("ttl_s", 86_400), "credits.ttl_s", low=0.001, high=MAX_TTL_S)
+    return amount, ttl_s
+
+
+def _add_quota_routes(
+    admin: Blueprint, replica: Replica, uses_redis: Callable[[Route], Route]
+) -> None:
     @admin.put("/keys/<key_id>/quota")
     @uses_redis
     async def set_quota(key_id: str) -> Response:
-        await known(key_id)
+        await _known(replica, key_id)
         fields = quota_fields(await _body(), "quota")
         await replica.registry.set_override(key_id, fields)
         return _json({"key_id": key_id, "quota_override": fields})
@@ -230,17 +286,9 @@ def create_admin(replica: Replica) -> Blueprint:
     @admin.post("/keys/<key_id>/upgrades")
     @uses_redis
     async def upgrade(key_id: str) -> Response:
-        await known(key_id)
+        await _known(replica, key_id)
         body = await _body()
-        expires_in_s = body.pop("expires_in_s", None)
-        if (
-            isinstance(expires_in_s, bool)
-            or not isinstance(expires_in_s, int | float)
-            or not (0 < expires_in_s <= MAX_TTL_S)
-        ):
-            raise bad_request(
-                "'expires_in_s' must be a number of seconds in (0, 90 days].", param="expires_in_s"
-            )
+        expires_in_s = _expires_in_s(body)
         fields = quota_fields(body, "upgrade")
         if not fields:
             raise bad_request("An upgrade needs at least one quota field.")
@@ -250,13 +298,8 @@ def create_admin(replica: Replica) -> Blueprint:
     @admin.post("/keys/<key_id>/credits")
     @uses_redis
     async def credits(key_id: str) -> Response:
-        await known(key_id)
-        body = await _body()
-        _refuse_unknown(body, ("amount", "ttl_s"), "credits")
-        amount = _number(body.get("amount"), "credits.amount", low=1, high=MAX_COUNT)
-        if not amount.is_integer():
-            raise bad_request("credits.amount: expected a whole number of tokens", param="amount")
-        ttl_s = _number(body.get("ttl_s", 86_400), "credits.ttl_s", low=0.001, high=MAX_TTL_S)
+        await _known(replica, key_id)
+        amount, ttl_s = _credit_grant(await _body())
         store = replica.quota.store
         if store is None:
             raise redis_unavailable()
@@ -265,12 +308,16 @@ def create_admin(replica: Replica) -> Blueprint:
         balance = await store.add_credits(key_id, int(amount), ttl_s=ttl_s)
         return _json({"key_id": key_id, "credits": balance})
 
+
+def _add_controller_routes(
+    admin: Blueprint, replica: Replica, uses_redis: Callable[[Route], Route]
+) -> None:
     @admin.get("/controller")
     async def get_controller() -> Response:
         stats = replica.controller.statistics()
         return _json(
             {
-                "gains": gains_to_dict(replica.controller.config),
+                "gains": gains_to_dict(replica.gains.config),
                 "limit": stats.limit,
                 "congested": stats.congested,
                 "pressure": stats.pressure,
@@ -282,13 +329,15 @@ def create_admin(replica: Replica) -> Blueprint:
     async def set_controller() -> Response:
         changes = gain_changes(await _body())
         try:
-            config = dataclasses.replace(replica.controller.config, **changes)
+            # the route's own deadline: Redis refuses the write past it (scheduler.service.gains)
+            deadline_at = trio.current_effective_deadline()
+            config = await replica.gains.change(changes, deadline_at=deadline_at)
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
-        # the route's own deadline: Redis refuses the write past it (see scheduler.service.gains)
-        await replica.publish_gains(config, deadline_at=trio.current_effective_deadline())
         return _json({"gains": gains_to_dict(config)})
 
+
+def _add_drain_routes(admin: Blueprint, replica: Replica) -> None:
     @admin.post("/drain")
     async def drain() -> Response:
         """Every worker of this process refuses new requests (503) until undrained."""
@@ -300,5 +349,3 @@ def create_admin(replica: Replica) -> Blueprint:
         """Take new requests again (not once shutting down: that drain is for good)."""
         replica.drain_flag.clear()
         return _json({"draining": replica.gateway.dispatcher.draining})
-
-    return admin

@@ -88,11 +88,9 @@ def create_app(replica: Replica) -> QuartTrio:
     # an HTML page (a redirect no OpenAI client follows for a POST); unknown paths get our 404
     app.url_map.merge_slashes = False
     http1.install()  # OpenAI-shaped refusals before the app, bare LF refused, half-close
-    settings = replica.settings
-    app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
+    app.config["MAX_CONTENT_LENGTH"] = replica.settings.server.max_body_bytes
     app.config["RESPONSE_TIMEOUT"] = None  # streams last as long as the backend takes
     app.config["BODY_TIMEOUT"] = 60
-    created = int(time.time())
 
     @app.before_serving
     async def start() -> None:
@@ -102,55 +100,77 @@ def create_app(replica: Replica) -> QuartTrio:
     async def stop() -> None:
         await replica.stop()
 
-    async def inference(route: str) -> Response:
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        span = tracer().start_span(
-            f"{request.method} {request.path}",
-            context=propagate.extract(headers),
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": request.method, "url.path": request.path},
-        )
-        try:
-            with trace.use_span(span, record_exception=False):
-                reply = await answer(route, headers, span)
-        except BaseException as exc:
-            if isinstance(exc, ApiError):
-                span.set_attribute("http.response.status_code", exc.status)
-                span.set_attribute("error.type", exc.code or exc.type)
-            span.end()
-            raise
-        span.set_attribute("http.response.status_code", reply.status)
-        if isinstance(reply.body, bytes):
-            span.end()
-            return Response(reply.body, status=reply.status, headers=reply.headers)
-        # a stream: the span lasts until its last byte is sent (or the client goes away)
-        response = Response(_ending(span, reply.body), status=reply.status, headers=reply.headers)
-        response.timeout = None
-        return response
+    _add_inference_routes(app, replica)
+    _add_model_routes(app, replica)
+    _add_operations_routes(app, replica)
+    app.register_blueprint(create_admin(replica))
+    _add_framing_hooks(app)
+    _add_error_handlers(app, replica.settings.server.max_body_bytes)
+    return app
 
-    async def answer(route: str, headers: dict[str, str], span: trace.Span) -> Reply:
-        gateway = replica.gateway
-        # the body first: answering before it is read would leave it in the connection
-        raw = await request.get_data(cache=False, as_text=False)
-        assert isinstance(raw, bytes)
-        key = await gateway.authenticate(headers.get("authorization"))
-        span.set_attribute("scheduler.tier", key.tier)
-        call = read_call(route, raw, default_max_tokens=settings.server.default_max_tokens)
-        span.set_attribute("gen_ai.request.model", call.model)
-        span.set_attribute("scheduler.stream", call.stream)
-        return await gateway.serve(key, call, raw, headers)
 
+def _add_inference_routes(app: QuartTrio, replica: Replica) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
-        return await inference("chat")
+        return await _inference(replica, "chat")
 
     @app.post("/v1/completions")
     async def completions() -> Response:
-        return await inference("completions")
+        return await _inference(replica, "completions")
 
     @app.post("/v1/embeddings")
     async def embeddings() -> Response:
-        return await inference("embeddings")
+        return await _inference(replica, "embeddings")
+
+
+async def _inference(replica: Replica, route: str) -> Response:
+    """One inference request under its server span; a stream's span ends with its last byte."""
+    headers = {k.lower(): v for k, v in request.headers.items()}
+    span = tracer().start_span(
+        f"{request.method} {request.path}",
+        context=propagate.extract(headers),
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": request.method, "url.path": request.path},
+    )
+    try:
+        with trace.use_span(span, record_exception=False):
+            reply = await _answer(replica, route, headers, span)
+    except BaseException as exc:
+        if isinstance(exc, ApiError):
+            span.set_attribute("http.response.status_code", exc.status)
+            span.set_attribute("error.type", exc.code or exc.type)
+        span.end()
+        raise
+    span.set_attribute("http.response.status_code", reply.status)
+    if isinstance(reply.body, bytes):
+        span.end()
+        return Response(reply.body, status=reply.status, headers=reply.headers)
+    # a stream: the span lasts until its last byte is sent (or the client goes away)
+    response = Response(_ending(span, reply.body), status=reply.status, headers=reply.headers)
+    response.timeout = None
+    return response
+
+
+async def _answer(replica: Replica, route: str, headers: dict[str, str], span: trace.Span) -> Reply:
+    gateway = replica.gateway
+    # the body first: answering before it is read would leave it in the connection
+    raw = await request.get_data(cache=False, as_text=False)
+    assert isinstance(raw, bytes)
+    key = await gateway.authenticate(headers.get("authorization"))
+    span.set_attribute("scheduler.tier", key.tier)
+    server = replica.settings.server
+    call = read_call(route, raw, default_max_tokens=server.default_max_tokens)
+    span.set_attribute("gen_ai.request.model", call.model)
+    span.set_attribute("scheduler.stream", call.stream)
+    return await gateway.serve(key, call, raw, headers)
+
+
+def _add_model_routes(app: QuartTrio, replica: Replica) -> None:
+    settings = replica.settings
+    created = int(time.time())
+
+    def model_entry(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "scheduler"}
 
     @app.get("/v1/models")
     async def models() -> Response:
@@ -165,9 +185,8 @@ def create_app(replica: Replica) -> QuartTrio:
             raise ApiError(404, message, param="model", code="model_not_found")
         return _json(model_entry(model))
 
-    def model_entry(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": created, "owned_by": "scheduler"}
 
+def _add_operations_routes(app: QuartTrio, replica: Replica) -> None:
     @app.get("/healthz")
     async def healthz() -> Response:
         return _json({"status": "ok"})
@@ -184,10 +203,10 @@ def create_app(replica: Replica) -> QuartTrio:
 
     @app.get("/openapi.json")
     async def openapi() -> Response:
-        return _json(openapi_document(settings))
+        return _json(openapi_document(replica.settings))
 
-    app.register_blueprint(create_admin(replica))
 
+def _add_framing_hooks(app: QuartTrio) -> None:
     @app.before_request
     async def refuse_ambiguous_framing() -> None:
         """Content-Length and Transfer-Encoding both: the body's end is ambiguous (request
@@ -211,6 +230,8 @@ def create_app(replica: Replica) -> QuartTrio:
             response.headers["Connection"] = "close"
         return response
 
+
+def _add_error_handlers(app: QuartTrio, max_body_bytes: int) -> None:
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
         return _error_response(error)
@@ -221,7 +242,7 @@ def create_app(replica: Replica) -> QuartTrio:
         messages = {
             404: f"Unknown route: {request.method} {request.path}",
             405: f"Method {request.method} is not allowed on {request.path}.",
-            413: f"The request body is larger than {settings.server.max_body_bytes} bytes.",
+            413: f"The request body is larger than {max_body_bytes} bytes.",
         }
         message = messages.get(status, error.description or error.name)
         kind = "invalid_request_error" if status < 500 else "server_error"
@@ -234,5 +255,3 @@ def create_app(replica: Replica) -> QuartTrio:
     async def unexpected(error: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.path)
         return _error_response(ApiError(500, "Internal error.", type="server_error"))
-
-    return app

@@ -419,6 +419,64 @@ def gains_from_dict(data: Mapping[str, Any]) -> AIMDConfig:
     return AIMDConfig(**values)
 
 
+def _read_toml(path: str | Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _server(root: Table, overrides: Mapping[str, Any] | None) -> ServerSettings:
+    """`[server]`, with the command line's fields over the file's."""
+    table = root.table("server")
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    table.data = {**table.data, **given}
+    server = _dataclass_from(table, ServerSettings, "server")
+    _check(0 <= server.port < 65536, "server.port", "must be a TCP port")
+    _check(server.workers >= 1, "server.workers", "must be >= 1")
+    _check(server.replicas >= 0, "server.replicas", "must be >= 0")
+    _check(server.max_body_bytes >= 1024, "server.max_body_bytes", "must be >= 1024")
+    _check(server.default_max_tokens >= 1, "server.default_max_tokens", "must be >= 1")
+    return server
+
+
+def _check_timeouts(server: ServerSettings) -> None:
+    for name in ("request_timeout_s", "first_byte_timeout_s"):
+        value = getattr(server, name)
+        _check(math.isfinite(value) and value > 0, f"server.{name}", "must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class _RedisSettings:
+    url: str
+    timeout_s: float
+    prefix: str
+
+
+def _redis(root: Table, env: Mapping[str, str]) -> _RedisSettings:
+    """`[redis]`; `SCHEDULER_REDIS_URL` (`--redis-url`) over the file's URL."""
+    table = root.table("redis")
+    url = table.get("url", str, "")
+    _check_redis_url(url, "redis.url")
+    if env.get("SCHEDULER_REDIS_URL"):
+        url = env["SCHEDULER_REDIS_URL"]
+        _check_redis_url(url, "SCHEDULER_REDIS_URL (--redis-url)")
+    timeout_s = table.get("timeout_s", float, DEFAULT_REDIS_TIMEOUT_S)
+    prefix = table.get("prefix", str, "sched")
+    _check(
+        bool(prefix) and not set("{}") & set(prefix) and len(prefix) <= 64,
+        "redis.prefix",
+        "must be 1 to 64 characters without braces",
+    )
+    _check(0.001 <= timeout_s <= 5, "redis.timeout_s", "must be in [0.001, 5]")
+    table.done()
+    return _RedisSettings(url, timeout_s, prefix)
+
+
 def load_settings(
     path: str | Path | None = None,
     *,
@@ -428,57 +486,18 @@ def load_settings(
     """Read and validate the config (defaults when `path` is None). `overrides` are
     [server] fields from the command line."""
     env = os.environ if env is None else env
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
-    root = Table(data, "")
-    server_table = root.table("server")
-    server_values = {k: v for k, v in (overrides or {}).items() if v is not None}
-    server_table.data = {**server_table.data, **server_values}
-    server = _dataclass_from(server_table, ServerSettings, "server")
-    _check(0 <= server.port < 65536, "server.port", "must be a TCP port")
-    _check(server.workers >= 1, "server.workers", "must be >= 1")
-    _check(server.replicas >= 0, "server.replicas", "must be >= 0")
-    _check(server.max_body_bytes >= 1024, "server.max_body_bytes", "must be >= 1024")
-    _check(server.default_max_tokens >= 1, "server.default_max_tokens", "must be >= 1")
+    root = Table(_read_toml(path), "")
+    server = _server(root, overrides)
     tiers = _tiers(root)
     secret = env.get("SCHEDULER_KEY_SECRET", "").encode() or b"scheduler-dev-secret"
     keys = _keys(root, {t.core.name for t in tiers}, secret, env, demo=path is None)
     models = _models(root)
     controller, gate = _controller(root)
-    redis_table = root.table("redis")
-    redis_url = redis_table.get("url", str, "")
-    _check_redis_url(redis_url, "redis.url")
-    if env.get("SCHEDULER_REDIS_URL"):
-        redis_url = env["SCHEDULER_REDIS_URL"]
-        _check_redis_url(redis_url, "SCHEDULER_REDIS_URL (--redis-url)")
-    redis_timeout_s = redis_table.get("timeout_s", float, DEFAULT_REDIS_TIMEOUT_S)
-    redis_prefix = redis_table.get("prefix", str, "sched")
-    _check(
-        bool(redis_prefix) and not set("{}") & set(redis_prefix) and len(redis_prefix) <= 64,
-        "redis.prefix",
-        "must be 1 to 64 characters without braces",
-    )
-    _check(0.001 <= redis_timeout_s <= 5, "redis.timeout_s", "must be in [0.001, 5]")
-    redis_table.done()
+    redis = _redis(root, env)
     limits = _dataclass_from(root.table("backend_limits"), BackendLimits, "backend_limits")
     demo = _dataclass_from(root.table("demo_backend"), GpuConfig, "demo_backend")
     root.done()
-    _check(
-        math.isfinite(server.request_timeout_s) and server.request_timeout_s > 0,
-        "server.request_timeout_s",
-        "must be > 0",
-    )
-    _check(
-        math.isfinite(server.first_byte_timeout_s) and server.first_byte_timeout_s > 0,
-        "server.first_byte_timeout_s",
-        "must be > 0",
-    )
+    _check_timeouts(server)
     return Settings(
         server=server,
         tiers=tiers,
@@ -488,9 +507,9 @@ def load_settings(
         gate=gate,
         backend_limits=limits,
         demo=demo,
-        redis_url=redis_url or None,
-        redis_timeout_s=redis_timeout_s,
-        redis_prefix=redis_prefix,
+        redis_url=redis.url or None,
+        redis_timeout_s=redis.timeout_s,
+        redis_prefix=redis.prefix,
         redis_secrets=RedisSecrets.from_env(env),
         key_secret=secret,
         admin_token=env.get("SCHEDULER_ADMIN_TOKEN", ""),

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from scheduler.service.quota import FailMode
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+PREFIX = "scheduler_"  # of every series
 OTHER = "other"  # the label of a tier, model or route that is not configured
 
 RequestOutcome = Literal[
@@ -174,74 +175,85 @@ class GatewayMetrics:
         metrics.controller_config(settings.controller)
         return metrics
 
+    def _counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        return Counter(PREFIX + name, doc, labels, registry=self._registry)
+
+    def _gauge(self, name: str, doc: str, mode: GaugeMode, labels: Sequence[str] = ()) -> Gauge:
+        return Gauge(PREFIX + name, doc, labels, registry=self._registry, multiprocess_mode=mode)
+
+    def _histogram(self, name: str, doc: str, labels: Sequence[str]) -> Histogram:
+        return Histogram(PREFIX + name, doc, labels, registry=self._registry, buckets=self.buckets)
+
     def _build(self) -> None:
-        def counter(name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
-            return Counter(name, doc, labels, registry=self._registry)
+        """Every series, in the order `/metrics` shows them."""
+        self._build_requests()
+        self._build_controller()
+        self._build_faults()
 
-        def gauge(name: str, doc: str, mode: GaugeMode, labels: Sequence[str] = ()) -> Gauge:
-            return Gauge(name, doc, labels, registry=self._registry, multiprocess_mode=mode)
-
-        def histogram(name: str, doc: str, labels: Sequence[str]) -> Histogram:
-            return Histogram(name, doc, labels, registry=self._registry, buckets=self.buckets)
-
-        p = "scheduler_"
-        self._requests = counter(
-            p + "requests", "Requests answered, by outcome.", ("tier", "route", "model", "outcome")
+    def _build_requests(self) -> None:
+        self._requests = self._counter(
+            "requests", "Requests answered, by outcome.", ("tier", "route", "model", "outcome")
         )
-        self._shed = counter(
-            p + "shed", "Requests the scheduler shed, by reason.", ("tier", "reason")
+        self._shed = self._counter(
+            "shed", "Requests the scheduler shed, by reason.", ("tier", "reason")
         )
-        self._queue_wait = histogram(
-            p + "queue_wait_seconds", "Time spent in the scheduler's queue.", ("tier",)
+        self._queue_wait = self._histogram(
+            "queue_wait_seconds", "Time spent in the scheduler's queue.", ("tier",)
         )
-        self._duration = histogram(
-            p + "request_duration_seconds",
+        self._duration = self._histogram(
+            "request_duration_seconds",
             "End-to-end time of served requests (to the last byte of a stream).",
             ("tier", "route"),
         )
-        self._depth = gauge(p + "queue_depth", "Requests queued.", "livesum", ("tier",))
-        self._inflight = gauge(p + "inflight", "Requests admitted and not finished.", "livesum")
-        self._limit = gauge(p + "controller_limit", "The gate's limit.", "livesum")
-        self._min_limit = gauge(p + "controller_min_limit", "controller.min_limit.", "livesum")
-        self._max_limit = gauge(p + "controller_max_limit", "controller.max_limit.", "livesum")
+        self._depth = self._gauge("queue_depth", "Requests queued.", "livesum", ("tier",))
+        self._inflight = self._gauge("inflight", "Requests admitted and not finished.", "livesum")
+
+    def _build_controller(self) -> None:
+        """The controller's state and gains, then the tiers' targets they are compared with."""
+        gauge = self._gauge
+        self._limit = gauge("controller_limit", "The gate's limit.", "livesum")
+        self._min_limit = gauge("controller_min_limit", "controller.min_limit.", "livesum")
+        self._max_limit = gauge("controller_max_limit", "controller.max_limit.", "livesum")
         self._latency = gauge(
-            p + "controller_latency_seconds",
+            "controller_latency_seconds",
             "The controller's latency signal at its percentile (0 before any sample).",
             "livemax",
         )
         self._target = gauge(
-            p + "controller_target_latency_seconds", "controller.target_latency_s.", "livemax"
+            "controller_target_latency_seconds", "controller.target_latency_s.", "livemax"
         )
-        self._pressure = gauge(p + "controller_pressure", "Backend pressure (0..1).", "livemax")
+        self._pressure = gauge("controller_pressure", "Backend pressure (0..1).", "livemax")
         self._threshold = gauge(
-            p + "controller_pressure_threshold", "controller.pressure_threshold.", "livemax"
+            "controller_pressure_threshold", "controller.pressure_threshold.", "livemax"
         )
         self._congested = gauge(
-            p + "controller_congested", "1 while the controller sees congestion.", "livemax"
+            "controller_congested", "1 while the controller sees congestion.", "livemax"
         )
-        self._adjustments = counter(
-            p + "controller_adjustments", "Limit changes by the controller.", ("direction",)
+        self._adjustments = self._counter(
+            "controller_adjustments", "Limit changes by the controller.", ("direction",)
         )
-        self._tier_slo = gauge(p + "tier_slo_seconds", "The tier's SLO.", "max", ("tier",))
+        self._tier_slo = gauge("tier_slo_seconds", "The tier's SLO.", "max", ("tier",))
         self._tier_max_wait = gauge(
-            p + "tier_max_wait_seconds", "The tier's longest queue wait.", "max", ("tier",)
+            "tier_max_wait_seconds", "The tier's longest queue wait.", "max", ("tier",)
         )
-        self._backend_errors = counter(
-            p + "backend_errors", "Failed backend calls.", ("model", "kind")
-        )
-        self._redis_errors = counter(p + "redis_errors", "Failed Redis calls.")
+
+    def _build_faults(self) -> None:
+        """Backends and Redis failing, and what was decided without them."""
+        counter = self._counter
+        self._backend_errors = counter("backend_errors", "Failed backend calls.", ("model", "kind"))
+        self._redis_errors = counter("redis_errors", "Failed Redis calls.")
         self._fail_mode = counter(
-            p + "fail_mode_decisions",
+            "fail_mode_decisions",
             "Quota decisions taken without Redis, by the tier's fail mode.",
             ("tier", "mode"),
         )
         self._gains_rejected = counter(
-            p + "gains_rejected",
+            "gains_rejected",
             "Controller-gains documents in Redis that could not be applied (malformed).",
         )
-        self._redis_up = gauge(p + "redis_up", "1 while Redis answers.", "livemin")
-        self._breaker = gauge(
-            p + "breaker_state", "Redis breaker: 0 closed, 1 half-open, 2 open.", "livemax"
+        self._redis_up = self._gauge("redis_up", "1 while Redis answers.", "livemin")
+        self._breaker = self._gauge(
+            "breaker_state", "Redis breaker: 0 closed, 1 half-open, 2 open.", "livemax"
         )
 
     def _zero_series(self, routes: Sequence[str]) -> None:

@@ -104,8 +104,8 @@ _QUOTA_FIELDS = {
 }
 
 
-def _admin_paths(tiers: list[str]) -> dict[str, Any]:
-    key_id = [{"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+def _admin_schemas(tiers: list[str]) -> dict[str, dict[str, Any]]:
+    """The admin API's request bodies, by name."""
     quota = {"type": "object", "properties": _QUOTA_FIELDS, "additionalProperties": False}
     upgrade = {
         "type": "object",
@@ -136,7 +136,11 @@ def _admin_paths(tiers: list[str]) -> dict[str, Any]:
         },
         "additionalProperties": False,
     }
-    gains = {
+    return {"quota": quota, "upgrade": upgrade, "new_key": new_key, "credits": credits}
+
+
+def _gains_schema() -> dict[str, Any]:
+    return {
         "type": "object",
         "properties": {
             name: (
@@ -149,6 +153,12 @@ def _admin_paths(tiers: list[str]) -> dict[str, Any]:
         "additionalProperties": False,
     }
 
+
+def _key_paths(tiers: list[str]) -> dict[str, Any]:
+    """/admin/v1/keys and each key's routes."""
+    body = _admin_schemas(tiers)
+    key_id = [{"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+
     def with_id(item: dict[str, Any]) -> dict[str, Any]:
         return {"parameters": key_id, **item}
 
@@ -159,7 +169,7 @@ def _admin_paths(tiers: list[str]) -> dict[str, Any]:
                 "post",
                 "Create a key; the clear key is returned once",
                 "The new key.",
-                new_key,
+                body["new_key"],
                 status="201",
             ),
         },
@@ -170,21 +180,34 @@ def _admin_paths(tiers: list[str]) -> dict[str, Any]:
             }
         ),
         "/admin/v1/keys/{key_id}/quota": with_id(
-            _admin("put", "Replace the key's quota override ({} clears)", "The override.", quota)
+            _admin(
+                "put",
+                "Replace the key's quota override ({} clears)",
+                "The override.",
+                body["quota"],
+            )
         ),
         "/admin/v1/keys/{key_id}/upgrades": with_id(
-            _admin("post", "A temporary quota upgrade", "The upgrade.", upgrade, status="201")
+            _admin(
+                "post", "A temporary quota upgrade", "The upgrade.", body["upgrade"], status="201"
+            )
         ),
         "/admin/v1/keys/{key_id}/credits": with_id(
-            _admin("post", "Grant burst credits (tokens)", "The balance.", credits)
+            _admin("post", "Grant burst credits (tokens)", "The balance.", body["credits"])
         ),
+    }
+
+
+def _admin_paths(tiers: list[str]) -> dict[str, Any]:
+    return {
+        **_key_paths(tiers),
         "/admin/v1/controller": {
             **_admin("get", "The controller's gains and state", "Gains and state."),
             **_admin(
                 "put",
                 "Change gains live, on every replica",
                 "The new gains.",
-                gains,
+                _gains_schema(),
                 required=False,
             ),
         },
@@ -254,8 +277,15 @@ _MODEL = {
 }
 
 
-def openapi_document(settings: Settings) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of what a process with `settings` serves."""
+_STATUS = {"type": "object"}
+
+
+def _json_ok(description: str, schema: dict[str, Any] = _STATUS) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _inference_paths() -> dict[str, Any]:
+    """The OpenAI-compatible POST routes."""
     messages = {
         "type": "array",
         "minItems": 1,
@@ -271,120 +301,111 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     token = {"type": "integer"}
     piece = {"oneOf": [{"type": "string"}, token, {"type": "array", "items": token}]}
     text = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": piece}]}
-    status = {"type": "object"}
+    return {
+        "/v1/chat/completions": _inference(
+            "Chat completion (OpenAI-compatible)",
+            _request_schema("messages", messages),
+            streams=True,
+        ),
+        "/v1/completions": _inference(
+            "Text completion (OpenAI-compatible)", _request_schema("prompt", text), streams=True
+        ),
+        "/v1/embeddings": _inference(
+            "Embeddings (OpenAI-compatible)", _request_schema("input", text), streams=False
+        ),
+    }
+
+
+def _models_path() -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "The models this gateway serves",
+            "security": [{"bearer": []}],
+            "responses": {
+                "200": _json_ok("A list of models."),
+                "401": _error("Missing or unknown API key."),
+                "503": _error("The key could not be checked right now.", retry=True),
+            },
+        }
+    }
+
+
+def _model_path() -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "One model this gateway serves (the SDK's models.retrieve)",
+            "security": [{"bearer": []}],
+            "parameters": [
+                {
+                    "name": "model",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "minLength": 1},
+                }
+            ],
+            "responses": {
+                "200": _json_ok("The model.", _MODEL),
+                "401": _error("Missing or unknown API key."),
+                "404": _error("This gateway serves no such model."),
+                "503": _error("The key could not be checked right now.", retry=True),
+            },
+        }
+    }
+
+
+def _plain_get(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": responses}}
+
+
+def _operations_paths() -> dict[str, Any]:
+    """/healthz, /readyz and /metrics (in the document's order, /v1/models/{model} between)."""
+    metrics = {
+        "description": "Prometheus text format.",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+    return {
+        "/healthz": _plain_get("The process is alive", {"200": _json_ok("Alive.")}),
+        "/readyz": _plain_get(
+            "Redis reachable, a backend healthy, not draining",
+            {
+                "200": _json_ok("Ready."),
+                "503": _json_ok("Not ready; the body says which check failed."),
+            },
+        ),
+        "/metrics": _plain_get(
+            "Prometheus metrics (every worker's, in one scrape)", {"200": metrics}
+        ),
+    }
+
+
+_COMPONENTS = {
+    "schemas": {"Error": _ERROR},
+    "securitySchemes": {
+        "bearer": {"type": "http", "scheme": "bearer"},
+        "admin": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "SCHEDULER_ADMIN_TOKEN",
+        },
+    },
+}
+
+
+def openapi_document(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of what a process with `settings` serves."""
+    # the admin routes only where they are served: with no admin token they answer 404
+    admin = _admin_paths([t.core.name for t in settings.tiers]) if settings.admin_token else {}
     return {
         "openapi": "3.1.0",
         "info": {"title": "inference-scheduler gateway", "version": "0.1.0"},
         "servers": [{"url": "/"}],
-        "components": {
-            "schemas": {"Error": _ERROR},
-            "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer"},
-                "admin": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "SCHEDULER_ADMIN_TOKEN",
-                },
-            },
-        },
+        "components": _COMPONENTS,
         "paths": {
-            "/v1/chat/completions": _inference(
-                "Chat completion (OpenAI-compatible)",
-                _request_schema("messages", messages),
-                streams=True,
-            ),
-            "/v1/completions": _inference(
-                "Text completion (OpenAI-compatible)", _request_schema("prompt", text), streams=True
-            ),
-            "/v1/embeddings": _inference(
-                "Embeddings (OpenAI-compatible)", _request_schema("input", text), streams=False
-            ),
-            "/v1/models": {
-                "get": {
-                    "summary": "The models this gateway serves",
-                    "security": [{"bearer": []}],
-                    "responses": {
-                        "200": {
-                            "description": "A list of models.",
-                            "content": {"application/json": {"schema": status}},
-                        },
-                        "401": _error("Missing or unknown API key."),
-                        "503": _error("The key could not be checked right now.", retry=True),
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "summary": "The process is alive",
-                    "responses": {
-                        "200": {
-                            "description": "Alive.",
-                            "content": {"application/json": {"schema": status}},
-                        }
-                    },
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Redis reachable, a backend healthy, not draining",
-                    "responses": {
-                        "200": {
-                            "description": "Ready.",
-                            "content": {"application/json": {"schema": status}},
-                        },
-                        "503": {
-                            "description": "Not ready; the body says which check failed.",
-                            "content": {"application/json": {"schema": status}},
-                        },
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics (every worker's, in one scrape)",
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text format.",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-            "/v1/models/{model}": {
-                "get": {
-                    "summary": "One model this gateway serves (the SDK's models.retrieve)",
-                    "security": [{"bearer": []}],
-                    "parameters": [
-                        {
-                            "name": "model",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "minLength": 1},
-                        }
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "The model.",
-                            "content": {"application/json": {"schema": _MODEL}},
-                        },
-                        "401": _error("Missing or unknown API key."),
-                        "404": _error("This gateway serves no such model."),
-                        "503": _error("The key could not be checked right now.", retry=True),
-                    },
-                }
-            },
-            # the admin routes only where they are served: with no admin token they answer 404
-            **(_admin_paths([t.core.name for t in settings.tiers]) if settings.admin_token else {}),
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1.",
-                            "content": {"application/json": {"schema": status}},
-                        }
-                    },
-                }
-            },
+            **_inference_paths(),
+            "/v1/models": _models_path(),
+            **_operations_paths(),
+            "/v1/models/{model}": _model_path(),
+            **admin,
+            "/openapi.json": _plain_get("This document", {"200": _json_ok("OpenAPI 3.1.")}),
         },
     }

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import signal
 import threading
+from functools import partial
 from typing import Any
 
 import coredis
@@ -28,15 +28,10 @@ from backends.redis.pipeliner import RedisPipeliner
 from backends.redis.quota import QuotaStoreError, RedisQuotaStore
 from backends.redis.topology import open_redis, shard_of, shards
 from policies.breaker import BreakerConfig, ScopedBreakers
-from scheduler.core import AIMDConfig, AIMDController, Scheduler, SchedulerConfig
-from scheduler.service.config import (
-    ConfigError,
-    Settings,
-    gains_from_dict,
-    load_settings,
-)
+from scheduler.core import AIMDController, Scheduler, SchedulerConfig
+from scheduler.service.config import ConfigError, Settings, load_settings
 from scheduler.service.dispatcher import Dispatcher
-from scheduler.service.gains import publish_gains
+from scheduler.service.gains import GainsOwner
 from scheduler.service.gateway import Gateway
 from scheduler.service.health import REDIS_ERRORS, RedisHealth
 from scheduler.service.metrics import GatewayMetrics
@@ -46,9 +41,7 @@ from scheduler.service.tenancy import KeyRegistry
 from scheduler.service.tracing import flush_tracing, start_tracing
 
 log = logging.getLogger("scheduler.service")
-READY_TIMEOUT_S = 0.2
 GAINS_KEY = "control:gains"  # {"version": n, "gains": {...}}, written by the admin API
-GAINS_POLL_S = 0.5
 WARM_CONNECTIONS = 32
 
 
@@ -70,7 +63,6 @@ class Replica:
             breakers=self.breakers,
             scope_of=self._shard_of,
         )
-        self._gains_key = f"{settings.redis_prefix}:{GAINS_KEY}"
         self.quota = QuotaGuard(
             None,
             self.breakers,
@@ -79,12 +71,18 @@ class Replica:
             scope_of=self._shard_of,
         )
         self.metrics = GatewayMetrics.from_settings(settings)
+        # the controller's gains change only through it (admin API, Redis, SIGHUP)
+        self.gains = GainsOwner(
+            self.controller,
+            key=f"{settings.redis_prefix}:{GAINS_KEY}",
+            shared=bool(settings.redis_url),
+            redis=lambda: self._redis,
+            metrics=self.metrics,
+        )
         self._gateway: Gateway | None = None
         self._client = HttpClient(settings.backend_limits)
         self._redis: coredis.Redis[bytes] | None = None
         self._cache: ResponseCache | None = None
-        self._gains_version = 0
-        self._gains_rejected = b""  # the last malformed gains document seen (logged once)
         self.pressure: dict[str, PoolPressure] = {}
 
     def _shard_of(self, key_id: str) -> str:
@@ -100,53 +98,20 @@ class Replica:
     async def start(self, nursery: trio.Nursery) -> None:
         start_tracing()  # in every serving process: the OTEL_* variables' exporters
         settings = self.settings
-        core = Scheduler(
-            SchedulerConfig(tuple(t.core for t in settings.tiers), settings.gate),
-            self.controller,
-            now=trio.current_time(),
-        )
         self.pressure = {
             m.name: PoolPressure.for_backends(
                 [(url, m.pressure) for url in m.backends], self._client
             )
             for m in settings.models
         }
-        dispatcher = Dispatcher(
-            core,
-            tick_s=lambda: self.controller.config.tick_s,
-            pressure=self.current_pressure,
-            drained=self.drain_flag.is_set,
-        )
-        pools = {
-            m.name: BackendPool([HttpBackend(url, self._client) for url in m.backends])
-            for m in settings.models
-        }
+        dispatcher = self._dispatcher()
         if settings.redis_url:
             await nursery.start(self._hold_redis, settings.redis_url)
             await nursery.start(self.redis_health.watch, lambda: self._redis)
-            nursery.start_soon(self._follow_gains)
+        await nursery.start(self.gains.run)
         await nursery.start(dispatcher.run)
-
-        def export_metrics(now: float) -> None:
-            self.metrics.update_from(core.statistics())
-            self.metrics.controller_config(self.controller.config)
-            in_use = shards(self._redis)
-            if in_use is not None:
-                self.breakers.retain(in_use)
-            self.metrics.update_redis(
-                errors_total=self.quota.redis_errors,
-                up=self.quota.redis_up,
-                breaker=self.breakers.state,
-            )
-            if settings.redis_url:
-                self.redis_health.observe(now=now)
-
-        dispatcher.on_tick.append(export_metrics)
-        async with trio.open_nursery() as starting:  # every backend probed once, together
-            for pool in pools.values():
-                starting.start_soon(nursery.start, pool.probe_forever)
-        for probes in self.pressure.values():
-            nursery.start_soon(probes.run)
+        dispatcher.on_tick.append(partial(self._export_metrics, dispatcher.core))
+        pools = await self._start_backends(nursery)
         if settings.source is not None and threading.current_thread() is threading.main_thread():
             nursery.start_soon(self._reload_gains_on_sighup, settings.source)
         self._gateway = Gateway(
@@ -163,6 +128,50 @@ class Replica:
         # full passes, whose pauses (50-160 ms) would otherwise exceed the Redis timeout
         gc.collect()
         gc.freeze()
+
+    def _dispatcher(self) -> Dispatcher:
+        """The scheduling core, told trio's time, and the task that will own it."""
+        settings = self.settings
+        core = Scheduler(
+            SchedulerConfig(tuple(t.core for t in settings.tiers), settings.gate),
+            self.controller,
+            now=trio.current_time(),
+        )
+        return Dispatcher(
+            core,
+            tick_s=lambda: self.controller.config.tick_s,
+            pressure=self.current_pressure,
+            drained=self.drain_flag.is_set,
+        )
+
+    async def _start_backends(self, nursery: trio.Nursery) -> dict[str, BackendPool]:
+        """Each model's pool, every backend probed once (together) before it returns, and
+        the pressure probes running."""
+        pools = {
+            m.name: BackendPool([HttpBackend(url, self._client) for url in m.backends])
+            for m in self.settings.models
+        }
+        async with trio.open_nursery() as starting:
+            for pool in pools.values():
+                starting.start_soon(nursery.start, pool.probe_forever)
+        for probes in self.pressure.values():
+            nursery.start_soon(probes.run)
+        return pools
+
+    def _export_metrics(self, core: Scheduler, now: float) -> None:
+        """Every controller tick: the core's, the controller's and Redis's state."""
+        self.metrics.update_from(core.statistics())
+        self.metrics.controller_config(self.controller.config)
+        in_use = shards(self._redis)
+        if in_use is not None:
+            self.breakers.retain(in_use)
+        self.metrics.update_redis(
+            errors_total=self.quota.redis_errors,
+            up=self.quota.redis_up,
+            breaker=self.breakers.state,
+        )
+        if self.settings.redis_url:
+            self.redis_health.observe(now=now)
 
     async def _hold_redis(self, url: str, *, task_status: trio.TaskStatus[None]) -> None:
         """coredis's client runs its own tasks: one task enters and leaves its context."""
@@ -205,50 +214,6 @@ class Replica:
         now = trio.current_time()
         return max((p.pressure(now) for p in self.pressure.values()), default=0.0)
 
-    async def publish_gains(self, config: AIMDConfig, *, deadline_at: float) -> None:
-        """Publish new gains in Redis for every replica, then apply them here: all or nothing.
-        Raises one of REDIS_ERRORS, nothing applied anywhere, when Redis cannot take them by
-        `deadline_at`; with no Redis configured they apply here alone."""
-        if self.settings.redis_url:
-            redis = self._redis
-            if redis is None:
-                raise ConnectionError("Redis is not connected")
-            self._gains_version = await publish_gains(
-                redis, self._gains_key, config, after=self._gains_version, deadline_at=deadline_at
-            )
-        self.controller.configure(config)
-
-    async def _follow_gains(self) -> None:
-        """Take up gains another replica's admin API published."""
-        while True:
-            await trio.sleep(GAINS_POLL_S)
-            redis = self._redis
-            if redis is None:
-                continue
-            try:
-                with trio.fail_after(READY_TIMEOUT_S):
-                    raw = await redis.get(self._gains_key)
-            except REDIS_ERRORS:
-                continue
-            if raw and raw != self._gains_rejected:
-                self._take_gains(raw)
-
-    def _take_gains(self, raw: bytes) -> None:
-        """Apply a newer gains document; a malformed one (say, written by a newer version
-        with a gain this one does not know) is logged once, counted, and left alone."""
-        try:
-            document = json.loads(raw)
-            version, config = document["version"], gains_from_dict(document["gains"])
-            newer = version > self._gains_version
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            self._gains_rejected = raw
-            self.metrics.gains_rejected()
-            log.error("controller gains in Redis not applied (malformed: %s): %.200r", exc, raw)
-            return
-        if newer:
-            self.controller.configure(config)
-            self._gains_version = version
-
     async def _reload_gains_on_sighup(self, path: str) -> None:
         """SIGHUP: read the config file again and apply its controller gains (only those;
         the rest needs a restart). A bad file is reported and changes nothing."""
@@ -260,7 +225,7 @@ class Replica:
                     log.error("SIGHUP: config not reloaded: %s", exc)
                     continue
                 try:
-                    await self.publish_gains(fresh.controller, deadline_at=trio.current_time() + 1)
+                    await self.gains.replace(fresh.controller, deadline_at=trio.current_time() + 1)
                 except REDIS_ERRORS as exc:
                     log.error("SIGHUP: controller gains not reloaded, Redis failed: %r", exc)
                     continue
