@@ -2,7 +2,7 @@
 compared decision by decision (DESIGN §5: "a test replays one schedule through both").
 
 The service side is wired as the service wires it: the scenario's gateway config
-(`bench.fidelity_rig.gateway_config`, the live rig's) read by `load_settings`; the core built
+(`bench.fidelity_schedule.gateway_config`, the live rig's) read by `load_settings`; the core built
 as `Replica.start` builds it (`Scheduler` over the settings' tiers and gate, an
 `AIMDController` on the settings' gains) and owned by a real `Dispatcher` task; the quota taken
 by the service's `QuotaGuard` and settled through its `QuotaHold` (with no Redis: the fail-open
@@ -35,7 +35,7 @@ from typing import Any, cast
 import trio
 import trio.testing
 
-from bench.fidelity_rig import arrival_schedule, gateway_config
+from bench.fidelity_schedule import arrival_schedule, gateway_config
 from policies.breaker import ScopedBreakers
 from scheduler.core import (
     Admit,
