@@ -27,8 +27,9 @@ if str(_HERE.parent) not in sys.path:
 import trio  # noqa: E402
 
 from backends.redis.embedded import EmbeddedRedis  # noqa: E402
+from bench.fidelity_live import LiveRun, run_live  # noqa: E402
 from bench.fidelity_llama import OUTPUT_MEAN, scenario_text  # noqa: E402
-from bench.fidelity_rig import LiveRun, arrival_schedule, run_live  # noqa: E402
+from bench.fidelity_schedule import arrival_schedule  # noqa: E402
 from scheduler.calibrate import Bounds, calibrate  # noqa: E402
 from sim.engine.model import Scenario  # noqa: E402
 from sim.engine.results import Percentiles  # noqa: E402

@@ -8,7 +8,7 @@ file; `--controller both` runs it with a fixed window (the pool's batch slots) a
 its AIMD controller. The last lines are the last run's comparison table; the exit status is 1
 if any run failed. Run as `python bench/fidelity.py`; the report of a run is in FIDELITY.md.
 
-This file shares its name with the `bench.fidelity_rig` module and its folder holds `sim.py`, so it
+This file's folder holds `sim.py` (a name it shares with the `sim` package), so it
 takes its own folder off `sys.path` before importing the package (see bench/sim.py).
 """
 

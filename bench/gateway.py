@@ -7,7 +7,8 @@ through the gateway's own HTTP client, which leaves only the gateway's own work 
 difference). Then, for each target:
 1. closed loop: `--clients` connections send requests back to back for `--seconds`;
 2. open loop at half of the passthrough's closed-loop rate, to compare p50 latency.
-The load generator is a minimal trio + h11 client so that it is not the bottleneck.
+The load generator is the gateway's own HTTP client (`backends.http.client`), one keep-alive
+connection per client, so that it is not the bottleneck.
 Run as `python bench/gateway.py`; the last line is the throughput ratio. Every non-2xx answer
 is counted per target and printed (the goal is none: a saturated gateway answers slower, it
 does not refuse). `--only gateway+quota --clients 128 --seconds 10` runs one target's closed
@@ -29,10 +30,10 @@ from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
 
-import h11
 import httpx2
 import trio
 
+from backends.http.client import BackendError, BackendLimits, HttpClient
 from backends.redis.embedded import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,45 +94,6 @@ def start(stack: ExitStack, args: list[str], port: int, env: dict[str, str] | No
             time.sleep(0.1)
 
 
-class Connection:
-    """One keep-alive HTTP/1.1 connection speaking h11; it reconnects when the server closes
-    (hypercorn ends a connection after `keep_alive_max_requests`)."""
-
-    def __init__(self, port: int, request: bytes) -> None:
-        self.port = port
-        self.request = request
-        self.stream: trio.SocketStream | None = None
-        self.conn = h11.Connection(h11.CLIENT)
-
-    async def call(self) -> int:
-        if self.stream is None or self.conn.our_state is not h11.DONE:
-            await self.close()
-            self.stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-            self.conn = h11.Connection(h11.CLIENT)
-        else:
-            self.conn.start_next_cycle()
-        await self.stream.send_all(self.request)
-        self.conn.send(h11.Request(method="POST", target="/", headers=[("host", "x")]))
-        self.conn.send(h11.EndOfMessage())  # keep h11's state in step with the raw bytes
-        status = 0
-        while True:
-            event = self.conn.next_event()
-            if event is h11.NEED_DATA:
-                self.conn.receive_data(await self.stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.EndOfMessage):
-                if self.conn.their_state is not h11.DONE:
-                    self.conn = h11.Connection(h11.CLIENT)  # closing: reconnect next time
-                    await self.close()
-                return status
-
-    async def close(self) -> None:
-        if self.stream is not None:
-            await self.stream.aclose()
-            self.stream = None
-
-
 TARGETS = {  # name -> API key sent
     "passthrough": None,
     "passthrough-h11": None,
@@ -141,63 +103,71 @@ TARGETS = {  # name -> API key sent
 FAILURES: Counter[int] = Counter()  # non-2xx answers by status, in the current phase
 
 
-def raw_request(port: int, key: str | None) -> bytes:
-    headers = [
-        "POST /v1/chat/completions HTTP/1.1",
-        f"host: 127.0.0.1:{port}",
-        "content-type: application/json",
-        f"content-length: {len(BODY)}",
-    ]
+def headers_for(key: str | None) -> dict[str, str]:
+    headers = {"content-type": "application/json"}
     if key:
-        headers.append(f"authorization: Bearer {key}")
-    return ("\r\n".join(headers) + "\r\n\r\n").encode() + BODY
+        headers["authorization"] = f"Bearer {key}"
+    return headers
+
+
+async def call(http: HttpClient, url: str, headers: dict[str, str]) -> int:
+    """One request's status, 0 when no answer came."""
+    try:
+        return (await http.request("POST", url, headers=headers, body=BODY, timeout_s=60.0))[0]
+    except BackendError:
+        return 0
+
+
+def load_client(connections: int) -> HttpClient:
+    return HttpClient(BackendLimits(max_connections=connections, keepalive_s=60.0))
 
 
 async def closed_loop(port: int, key: str | None, clients: int, seconds: float) -> list[float]:
     latencies: list[float] = []
-    request = raw_request(port, key)
+    url, headers = f"http://127.0.0.1:{port}/v1/chat/completions", headers_for(key)
     end_at = trio.current_time() + seconds
 
-    async def client() -> None:
-        conn = Connection(port, request)
+    async def client(http: HttpClient) -> None:
         while trio.current_time() < end_at:
             started = trio.current_time()
-            status = await conn.call()
+            status = await call(http, url, headers)
             if not 200 <= status < 300:  # counted, not timed
                 FAILURES[status] += 1
                 continue
             latencies.append(trio.current_time() - started)
-        await conn.close()
 
-    async with trio.open_nursery() as nursery:
-        for _ in range(clients):
-            nursery.start_soon(client)
+    http = load_client(clients)
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(client, http)
+    finally:
+        http.close()
     return latencies
 
 
 async def open_loop(port: int, key: str | None, rate: float, seconds: float) -> list[float]:
     latencies: list[float] = []
-    request = raw_request(port, key)
-    idle: list[Connection] = []
+    url, headers = f"http://127.0.0.1:{port}/v1/chat/completions", headers_for(key)
     count = int(rate * seconds)
+    http = load_client(max(1, count))  # a connection per request in flight, reused when idle
 
     async def one() -> None:
-        conn = idle.pop() if idle else Connection(port, request)
         started = trio.current_time()
-        status = await conn.call()
-        idle.append(conn)
+        status = await call(http, url, headers)
         if not 200 <= status < 300:
             FAILURES[status] += 1
             return
         latencies.append(trio.current_time() - started)
 
-    async with trio.open_nursery() as nursery:
-        start_at = trio.current_time()
-        for i in range(count):
-            await trio.sleep_until(start_at + i / rate)
-            nursery.start_soon(one)
-    for conn in idle:
-        await conn.close()
+    try:
+        async with trio.open_nursery() as nursery:
+            start_at = trio.current_time()
+            for i in range(count):
+                await trio.sleep_until(start_at + i / rate)
+                nursery.start_soon(one)
+    finally:
+        http.close()
     return latencies
 
 

@@ -59,10 +59,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import coredis
-import h11
 import httpx2
 import trio
 
+from backends.http.client import BackendError, BackendLimits, HttpClient
 from backends.redis.embedded import EmbeddedRedis, free_port
 from scheduler.service.config import key_id
 from scheduler.service.metrics import OUTCOMES
@@ -328,51 +328,16 @@ class Call:
     body: bytes = b""
 
 
-class Connection:
-    """One keep-alive HTTP/1.1 connection (h11), reopened after the server closes it."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.stream: trio.SocketStream | None = None
-        self.h11 = h11.Connection(h11.CLIENT)
-
-    async def call(self, call: Call) -> int:
-        """The answer's status, its body read and dropped; 0 when the connection failed."""
-        try:
-            return await self._exchange(call)
-        except (OSError, h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.close()
-            return 0
-
-    async def _exchange(self, call: Call) -> int:
-        if self.stream is None:
-            self.stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-            self.h11 = h11.Connection(h11.CLIENT)
-        request = h11.Request(method=call.method, target=call.target, headers=call.headers)
-        events = (request, h11.Data(data=call.body), h11.EndOfMessage())
-        out = [self.h11.send(e) for e in events if not isinstance(e, h11.Data) or call.body]
-        await self.stream.send_all(b"".join(o for o in out if o))
-        status = 0
-        while True:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA:
-                self.h11.receive_data(await self.stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            elif isinstance(event, h11.ConnectionClosed):
-                raise trio.BrokenResourceError("closed mid-answer")
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
-        else:
-            await self.close()
-        return status
-
-    async def close(self) -> None:
-        if self.stream is not None:
-            await self.stream.aclose()
-        self.stream = None
+async def send(http: HttpClient, port: int, call: Call) -> int:
+    """The answer's status, its body read and dropped; 0 when no answer came in 30 s."""
+    url = f"http://127.0.0.1:{port}{call.target}"
+    try:
+        status, _ = await http.request(
+            call.method, url, headers=dict(call.headers), body=call.body, timeout_s=30.0
+        )
+    except BackendError:
+        return 0
+    return status
 
 
 class Calls:
@@ -429,27 +394,26 @@ async def drive(
     end_at = start + plan.seconds
 
     async def worker() -> None:
-        conn = Connection(port)
         while (j := next(counter)) < count and trio.current_time() < end_at:
             due = start + j / plan.rate_per_s
             if due >= end_at:
                 break
             await trio.sleep_until(due)
-            status = 0
-            with trio.move_on_after(30):
-                status = await conn.call(make(j))
-            if not status:  # no answer: the connection is in no state to reuse
-                await conn.close()
+            status = await send(http, port, make(j))
             tally.statuses[status] += 1
             tally.done += 1
             if status != 200:
                 tally.unanswered.append(j)
-        await conn.close()
 
-    with trio.move_on_at(end_at + 30):
-        async with trio.open_nursery() as nursery:
-            for _ in range(plan.concurrency):
-                nursery.start_soon(worker)
+    # one keep-alive connection per worker, reopened after the server closes it
+    http = HttpClient(BackendLimits(max_connections=plan.concurrency, keepalive_s=60.0))
+    try:
+        with trio.move_on_at(end_at + 30):
+            async with trio.open_nursery() as nursery:
+                for _ in range(plan.concurrency):
+                    nursery.start_soon(worker)
+    finally:
+        http.close()
 
 
 # -- sampling --------------------------------------------------------------------------------

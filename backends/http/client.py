@@ -366,10 +366,24 @@ class HttpClient:
         self, url: str, *, headers: dict[str, str] | None = None, timeout_s: float
     ) -> tuple[int, bytes]:
         """GET `url` whole within `timeout_s` (connecting included): (status, body)."""
+        return await self.request("GET", url, headers=headers, timeout_s=timeout_s)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        timeout_s: float,
+    ) -> tuple[int, bytes]:
+        """Send `method` `url` with `body` and read the answer whole within `timeout_s`
+        (connecting included): (status, body). The probes' GETs and the bench load
+        generators use it; the gateway's calls stream through `OriginPool.stream`."""
         pool, target = self.pool_for(url)
         try:
             with trio.fail_after(timeout_s):
-                async with pool.stream("GET", target, headers or {}, b"", timeout_s) as response:
+                async with pool.stream(method, target, headers or {}, body, timeout_s) as response:
                     return response.status_code, await response.read()
         except trio.TooSlowError as exc:
             raise BackendTimeout(f"{url}: no answer in {timeout_s} s") from exc

@@ -229,9 +229,10 @@ class Backend:
 
 
 def probe_config(gpu: GpuConfig, tick_s: float) -> PressureConfig:
-    """The probe the simulated gateway has on each backend, as the fidelity rig configures
-    the live one (`bench.fidelity_rig.gateway_config`): scraped every tick, stale after four ticks
-    (2 s at least), a full batch waiting reads as saturated."""
+    """The probe the simulated gateway has on each backend, scraped every tick: stale after
+    four ticks (2 s at least), a full batch waiting reads as saturated. The one source: the
+    fidelity rig configures the live gateway's probe from it
+    (`bench.fidelity_schedule.gateway_config`)."""
     return PressureConfig(
         waiting_saturation=float(gpu.max_batch), stale_after_s=max(2.0, 4 * tick_s)
     )

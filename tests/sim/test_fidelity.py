@@ -27,15 +27,14 @@ import trio
 
 from backends.demo.openai import Kind, parse_generation
 from backends.redis.quota import ALGORITHM_KINDS
-from bench.fidelity_rig import (
+from bench.fidelity_rig import Tolerances, run_fidelity
+from bench.fidelity_schedule import (
     MODEL,
     Arrival,
-    Tolerances,
     arrival_schedule,
     check_live,
     gateway_config,
     prompt_text,
-    run_fidelity,
 )
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateMode

@@ -1,13 +1,14 @@
-"""The simulator decides nothing its own way: one arrival schedule through the service's
-decision objects and through the simulator, compared decision by decision.
+"""The simulator decides nothing its own way: its quota decisions, pool pressure, fallback
+headroom and fair-queue cost held to the service's own (the whole schedule, decision by
+decision, is tests/sim/test_replay.py).
 
 The service side is built the way the gateway builds it: the scenario's gateway config
-(`bench.fidelity_rig.gateway_config`, the live rig's) loaded by the service's own `load_settings`,
-its quota settings taken on the Redis store on a real redis-server at the arrivals' times, the
-request's cost from the service's `InferenceCall`. The simulator side is its engine run on the
-same scenario. Every key's quota state must come out the same, and so must the tier's counts;
-then the pool's pressure, the fallback headroom and the fair queue's cost are held to the
-service's own functions.
+(`bench.fidelity_schedule.gateway_config`, the live rig's) loaded by the service's own
+`load_settings`, its quota settings taken on the Redis store on a real redis-server at the
+arrivals' times, the request's cost from the service's `InferenceCall`. The simulator side
+is its engine run on the same scenario. Every key's quota state must come out the same, and
+so must the tier's counts; then the pool's pressure, the fallback headroom and the fair
+queue's cost are held to the service's own functions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pytest
 
 from backends.probes.metrics import ModelProbe, PoolPressure
 from backends.redis.quota import RedisQuotaStore
-from bench.fidelity_rig import arrival_schedule, gateway_config
+from bench.fidelity_schedule import arrival_schedule, gateway_config
 from scheduler.core import request_cost
 from scheduler.core.quota_store import Slot
 from scheduler.models.gpu import GpuConfig

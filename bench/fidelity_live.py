@@ -1,0 +1,162 @@
+"""The fidelity rig's live run: the gateway in this trio process, in front of demo servers
+(one per backend of the scenario) or of running engines (`backend_urls`), and the schedule
+replayed against it in real time, open-model (each request goes out at its time whatever the
+earlier ones are doing), with the controller's limit watched at the simulator's sample times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import trio
+
+from backends.demo.server import DemoConfig, serve_demo_backend
+from bench.fidelity_schedule import (
+    MODEL,
+    Arrival,
+    check_live,
+    clear_key,
+    gateway_config,
+    prompt_text,
+)
+from scheduler.service.config import load_settings
+from scheduler.service.serve import serve_replica
+from sim.engine.model import ControllerKind, Scenario
+
+ADMIN_TOKEN = "fidelity-admin"
+SHED_HEADER = "x-scheduler-shed"
+_START_DELAY_S = 0.5  # between the gateway's readiness and the schedule's time 0
+_CLIENT_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class LiveOutcome:
+    """What the client saw of one request."""
+
+    status: int  # 0: no response (a client-side error)
+    shed: bool  # the gateway shed it (its 503 names a reason)
+    latency_s: float  # send to the end of the response
+    lag_s: float  # how late it was sent against the schedule
+
+
+@dataclass(frozen=True, slots=True)
+class LiveRun:
+    outcomes: tuple[LiveOutcome, ...]  # one per arrival, in schedule order
+    limits: tuple[tuple[float, float], ...]  # (t_s, the controller's limit), every sample_s
+    config: str  # the gateway's TOML
+
+
+async def run_live(
+    scenario: Scenario,
+    schedule: Sequence[Arrival],
+    *,
+    redis_url: str | None = None,
+    backend_urls: Sequence[str] = (),
+) -> LiveRun:
+    """Start the gateway in this trio process on loopback, in front of `backend_urls` (running
+    engines) or else of a demo server per backend of the scenario, replay `schedule` in real
+    time, and stop what it started."""
+    check_live(scenario, redis_url=redis_url)
+    demo = DemoConfig(gpu=scenario.backends.gpu, model_names=(MODEL,))
+    async with trio.open_nursery() as servers:
+        urls = list(backend_urls)
+        for _ in range(0 if urls else scenario.backends.count):
+            port = await servers.start(serve_demo_backend, demo)
+            urls.append(f"http://127.0.0.1:{port}")
+        config = gateway_config(scenario, urls, schedule)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "gateway.toml"
+            path.write_text(config, encoding="utf-8")
+            env = {"SCHEDULER_ADMIN_TOKEN": ADMIN_TOKEN}
+            settings = load_settings(path, env=env, overrides={"port": 0})
+        # Redis keys of its own: a deployment's live gains or spent quotas on the same Redis
+        # would otherwise be this run's (the replica follows the gains document it finds)
+        prefix = f"fidelity-{uuid.uuid4().hex[:12]}"
+        settings = dataclasses.replace(
+            settings, redis_url=redis_url, redis_prefix=prefix, source=None
+        )
+        port = await servers.start(serve_replica, settings)
+        outcomes, limits = await _replay(f"http://127.0.0.1:{port}", scenario, schedule)
+        servers.cancel_scope.cancel()
+    return LiveRun(outcomes, limits, config)
+
+
+async def _replay(
+    gateway: str, scenario: Scenario, schedule: Sequence[Arrival]
+) -> tuple[tuple[LiveOutcome, ...], tuple[tuple[float, float], ...]]:
+    outcomes: list[LiveOutcome | None] = [None] * len(schedule)
+    limits: list[tuple[float, float]] = []
+    pool = httpx2.Limits(max_connections=4096, max_keepalive_connections=4096)
+    async with httpx2.AsyncClient(timeout=_CLIENT_TIMEOUT_S, limits=pool) as client:
+        await _wait_settled(client, gateway, scenario)
+        start = trio.current_time() + _START_DELAY_S
+        run_id = secrets.randbits(40) << 20  # a real engine caches prompts it has seen
+
+        async def one(i: int, arrival: Arrival) -> None:
+            body = {
+                "model": MODEL,
+                "prompt": prompt_text(run_id + i, arrival.prompt_tokens),
+                "max_tokens": arrival.output_tokens,
+                "ignore_eos": True,  # a real engine's random model stops early otherwise
+            }
+            headers = {"authorization": f"Bearer {clear_key(arrival)}"}
+            sent = trio.current_time()
+            try:
+                r = await client.post(gateway + "/v1/completions", json=body, headers=headers)
+                status, shed = r.status_code, SHED_HEADER in r.headers
+            except httpx2.HTTPError:
+                status, shed = 0, False
+            done = trio.current_time()
+            outcomes[i] = LiveOutcome(status, shed, done - sent, sent - start - arrival.at_s)
+
+        async with trio.open_nursery() as load:
+            load.start_soon(_watch_limit, client, gateway, start, scenario, limits)
+            for i, arrival in enumerate(schedule):
+                await trio.sleep_until(start + arrival.at_s)
+                load.start_soon(one, i, arrival)
+    assert all(o is not None for o in outcomes)
+    return tuple(o for o in outcomes if o is not None), tuple(limits)
+
+
+async def _controller(client: httpx2.AsyncClient, gateway: str) -> dict[str, Any]:
+    r = await client.get(
+        gateway + "/admin/v1/controller", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    r.raise_for_status()
+    state: dict[str, Any] = r.json()
+    return state
+
+
+async def _wait_settled(client: httpx2.AsyncClient, gateway: str, scenario: Scenario) -> None:
+    """Let the controller tick a few times idle, then check that it still holds its initial
+    limit (a tick before the probe's first scrape would see stale pressure and cut it)."""
+    spec = scenario.controller
+    initial = spec.fixed_limit if spec.kind is ControllerKind.FIXED else spec.aimd.initial_limit
+    await trio.sleep(3 * spec.tick_s)
+    state = await _controller(client, gateway)
+    if state["limit"] != initial or state["pressure"] >= 1.0:
+        raise RuntimeError(f"the gateway's controller is not at its initial state: {state}")
+
+
+async def _watch_limit(
+    client: httpx2.AsyncClient,
+    gateway: str,
+    start: float,
+    scenario: Scenario,
+    into: list[tuple[float, float]],
+) -> None:
+    """The controller's limit at the simulator's sample times, over the schedule."""
+    k = 1
+    while k * scenario.sample_s <= scenario.duration_s:
+        await trio.sleep_until(start + k * scenario.sample_s)
+        state = await _controller(client, gateway)
+        into.append((trio.current_time() - start, float(state["limit"])))
+        k += 1
