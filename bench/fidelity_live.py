@@ -25,8 +25,8 @@ from bench.fidelity_schedule import (
     check_live,
     clear_key,
     gateway_config,
-    prompt_text,
 )
+from scheduler.openai.body import prompt_text
 from scheduler.service.config import load_settings
 from scheduler.service.serve import serve_replica
 from sim.engine.model import ControllerKind, Scenario

@@ -73,16 +73,6 @@ def arrival_schedule(scenario: Scenario, *, seed: int | None = None) -> list[Arr
     ]
 
 
-def prompt_text(request_id: int, prompt_tokens: int) -> str:
-    """A prompt of its own for each request that both the gateway's estimate and the demo
-    count as `prompt_tokens` tokens: 4 P - 1 characters on `/v1/completions`."""
-    length = max(0, 4 * prompt_tokens - 1)
-    tag = f"{request_id:x}-"
-    if length <= len(tag):
-        return tag[len(tag) - length :]
-    return tag + "x" * (length - len(tag))
-
-
 def clear_key(arrival: Arrival) -> str:
     """The API key the replay sends for `arrival` (a trace may reuse a name in two tiers)."""
     return f"sk-{arrival.tier}/{arrival.key}"

@@ -7,7 +7,7 @@ The same burst runs through the model in `sim.calibration`, so the fit compares 
 Concurrency doubles from 1 for each prompt length, and stops two levels after throughput stops
 growing (or at `--max-concurrency`); the whole run stops at `--max-requests` or `--time-limit`.
 
-Prompts are `bench.fidelity_schedule.prompt_text`: 4 P - 1 characters, which the gateway
+Prompts are `scheduler.openai.body.prompt_text`: 4 P - 1 characters, which the gateway
 estimates as P tokens, each starting with an id of its own (engines cache prompts, by
 prefix); the engine's own count (its usage) is what the fit uses when it reports one. While a
 burst runs, `/metrics` is read every METRICS_POLL_S for the engine's count of running
@@ -36,7 +36,7 @@ from typing import Any
 import httpx2
 import trio
 
-from bench.fidelity_schedule import prompt_text
+from scheduler.openai.body import prompt_text
 from sim.calibration import (
     ERROR_COLUMNS,
     SATURATION_GAIN,

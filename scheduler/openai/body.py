@@ -105,6 +105,17 @@ def _non_finite_at(value: Any, where: str) -> str | None:
     return None
 
 
+def prompt_text(request_id: int, prompt_tokens: int) -> str:
+    """A `/v1/completions` prompt that the estimate here reads as exactly `prompt_tokens`
+    tokens (4 P - 1 characters; 0 reads as 1), starting with `request_id` so that no two are
+    alike (engines cache prompts by prefix): the load of benches and calibration."""
+    length = max(0, 4 * prompt_tokens - 1)
+    tag = f"{request_id:x}-"
+    if length <= len(tag):
+        return tag[len(tag) - length :]
+    return tag + "x" * (length - len(tag))
+
+
 def _text_tokens(value: Any) -> int:
     """A rough token count of any prompt-like JSON value (iterative: any depth is fine)."""
     tokens, stack = 0, [value]

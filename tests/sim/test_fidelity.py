@@ -34,11 +34,10 @@ from bench.fidelity_schedule import (
     arrival_schedule,
     check_live,
     gateway_config,
-    prompt_text,
 )
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateMode
-from scheduler.openai.body import read_call
+from scheduler.openai.body import prompt_text, read_call
 from scheduler.service.config import Settings, load_settings
 from scheduler.service.gains import publish_gains
 from scheduler.service.replica import GAINS_KEY
