@@ -166,7 +166,8 @@ class Simulation:
 
     def _schedule_fixed_events(self) -> None:
         sc = self.scenario
-        self._push(self.controller_spec.tick_s - sc.scrape_age_s, _SCRAPE, None)
+        if sc.scrape_age_s > 0:  # else each tick scrapes as it starts
+            self._push(self.controller_spec.tick_s - sc.scrape_age_s, _SCRAPE, None)
         self._push(self.controller_spec.tick_s, _TICK, None)
         self._push(sc.sample_s, _SAMPLE, None)
         for index, event in enumerate(sc.capacity_events):

@@ -1,7 +1,8 @@
 """The time series: every `sample_s` of virtual time, what each tier offered, got admitted,
 served within its SLO and lost since the last sample, with the controller's limit, pressure
 and latency, the queue depths, and the p99 latency of what completed in the interval. With
-several replicas, limits, in-flight and depths are their sums.
+several replicas, limits, in-flight and depths are their sums (the latency signal: the first
+replica's).
 
 Utilisation under demand: at each sample where some request is queued, the backends' running
 sequences over their batch slots (the useful concurrency); its mean says whether the
