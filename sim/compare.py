@@ -17,7 +17,9 @@ from sim.sweep import RunHook, score, top_tier
 def variants(scenario: Scenario) -> tuple[ControllerSpec, ...]:
     prompt, output = mean_sizes(scenario)
     request_s = request_time_s(scenario.backends.gpu, prompt, output)
-    return standard_variants(scenario.controller, scenario.backends, request_s=request_s)
+    return standard_variants(
+        scenario.controller, scenario.backends, request_s=request_s, replicas=scenario.replicas
+    )
 
 
 def compare_controllers(
@@ -55,6 +57,7 @@ def compare_table(scenario: Scenario, results: Sequence[SimResult]) -> str:
     headers = (
         "controller",
         "goodput%",
+        "busy%",
         "spike good/cap%",
         f"{top} good%",
         f"{top} p99 s",
@@ -75,6 +78,7 @@ def compare_table(scenario: Scenario, results: Sequence[SimResult]) -> str:
             (
                 r.controller,
                 f"{100 * r.goodput_ratio:.1f}",
+                "-" if math.isnan(r.utilization) else f"{100 * r.utilization:.1f}",
                 spike,
                 f"{100 * t.goodput_ratio:.2f}",
                 f"{t.latency_s.p99:.2f} (SLO {t.slo_latency_s:g})",

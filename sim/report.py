@@ -109,7 +109,9 @@ def result_json(r: SimResult, *, wall_s: float | None = None) -> dict[str, Any]:
             "increases": r.limit_increases,
             "decreases": r.limit_decreases,
             "oscillation": r.limit_oscillation(),
+            "replicas": list(r.replica_limits),
         },
+        "utilization_under_demand": None if math.isnan(r.utilization) else r.utilization,
         "tiers": [tier_json(t) for t in r.tiers],
         "spikes": [
             {

@@ -111,6 +111,8 @@ def _scenario(root: Table) -> Scenario:
     events = tuple(_capacity_event(t, backends.count) for t in root.tables("capacity_events"))
     controller_table = root.table("controller")
     controller = _controller(controller_table) if controller_table else ControllerSpec()
+    replicas = root.integer("replicas", 1, ge=1)
+    scrape_age_s = root.number("scrape_age_s", 0.0, ge=0, lt=controller.tick_s)
     root.done()
     return Scenario(
         name=name,
@@ -124,6 +126,8 @@ def _scenario(root: Table) -> Scenario:
         diurnal=diurnal,
         capacity_events=events,
         fallback=fallback,
+        replicas=replicas,
+        scrape_age_s=scrape_age_s,
     )
 
 
@@ -274,6 +278,7 @@ _AIMD_FLOATS = (
     "min_limit",
     "max_limit",
     "increase_step",
+    "slow_start_growth",
     "decrease_factor",
     "target_latency_s",
     "latency_percentile",

@@ -8,6 +8,7 @@ from scheduler.core.controller import (
     FixedController,
     LatencySignal,
     Sample,
+    credited_growth,
 )
 from scheduler.core.gate import Gate, GateConfig, GateMode, Ticket
 from scheduler.core.gradient import GradientConfig, GradientController
@@ -52,5 +53,6 @@ __all__ = [
     "Ticket",
     "TierConfig",
     "WeightedFairQueue",
+    "credited_growth",
     "request_cost",
 ]

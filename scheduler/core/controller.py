@@ -4,8 +4,20 @@ pressure go in, `tick` returns the new limit, and the scheduler applies it to th
 
 AIMD is the default: add `increase_step` each healthy tick in which the limit is actually
 used, multiply by `decrease_factor` on congestion (latency over target, pressure over
-threshold, or any drop), then hold for `cooldown_s` so the samples from requests admitted
-under the old limit do not cut it again.
+threshold, or any drop). After a cut on latency it holds for `cooldown_s`, so the samples
+from requests admitted under the old limit do not cut it again; pressure and drops describe
+the backends now, so they cut again as soon as in-flight is down to the new limit (TCP's one
+cut per window). Latency only counts while the limit is used: slow calls under an idle limit
+are long outputs, not queueing this limit caused.
+
+Why slow start: from a small `initial_limit`, one step a tick needs a minute to reach the
+hundreds of slots a pool of batching engines runs. So, as TCP does, the limit first grows by
+`slow_start_growth` a tick, until the first congestion signal; from then on it is AIMD.
+
+Why in-flight credit: the pressure comes from scraped metrics, which cannot show the requests
+dispatched since the scrape. Growing on the whole in-flight would overshoot by what the
+scrape has not seen yet (llm-d's dispatch credit). So slow start grows by the share of
+in-flight that the pressure has seen: with all of it unseen, only `increase_step`.
 """
 
 from __future__ import annotations
@@ -69,7 +81,12 @@ class Controller(Protocol):
 
     def record(self, sample: Sample) -> None: ...
 
-    def tick(self, *, now: float, utilization: float, pressure: float) -> float: ...
+    def tick(
+        self, *, now: float, utilization: float, pressure: float, inflight: int = 0, unseen: int = 0
+    ) -> float:
+        """`inflight`: admitted and not ended; `unseen`: of those, the ones the scrape that
+        `pressure` comes from could not see (in-flight added since it was taken)."""
+        ...
 
     def statistics(self) -> ControllerStats: ...
 
@@ -90,6 +107,7 @@ class AIMDConfig:
     min_limit: float = 1.0
     max_limit: float = 1024.0
     increase_step: float = 1.0
+    slow_start_growth: float = 1.5  # per tick until the first congestion; 1 turns it off
     decrease_factor: float = 0.7
     target_latency_s: float = 5.0
     latency_signal: LatencySignal = LatencySignal.LATENCY
@@ -112,6 +130,7 @@ class AIMDConfig:
             "must lie between min_limit and max_limit",
         )
         need(self.increase_step > 0, "increase_step", "must be > 0")
+        need(self.slow_start_growth >= 1, "slow_start_growth", "must be >= 1")
         need(0 < self.decrease_factor < 1, "decrease_factor", "must be in (0, 1)")
         need(self.target_latency_s > 0, "target_latency_s", "must be > 0")
         need(0 < self.latency_percentile <= 1, "latency_percentile", "must be in (0, 1]")
@@ -121,8 +140,18 @@ class AIMDConfig:
         need(0.01 <= self.tick_s <= 60, "tick_s", "must be in [0.01, 60]")
 
 
+def credited_growth(growth: float, *, inflight: int, unseen: int) -> float:
+    """The slow-start factor for a tick: `growth` on the share of in-flight that the scrape
+    has seen, 1 (no growth) on the share it has not."""
+    if inflight <= 0:
+        return growth
+    seen = max(0, inflight - unseen) / inflight
+    return 1.0 + (growth - 1.0) * seen
+
+
 class AIMDController:
-    """Additive increase, multiplicative decrease, with app-limited and cooldown guards."""
+    """Slow start, then additive increase, multiplicative decrease, with app-limited and
+    cooldown guards."""
 
     name = "aimd"
 
@@ -137,6 +166,7 @@ class AIMDController:
         self._congested = False
         self._increases = 0
         self._decreases = 0
+        self._slow_start = config.slow_start_growth > 1
 
     @property
     def config(self) -> AIMDConfig:
@@ -150,10 +180,16 @@ class AIMDController:
     def congested(self) -> bool:
         return self._congested
 
+    @property
+    def slow_start(self) -> bool:
+        """True until the first congestion signal (or while `slow_start_growth` is 1)."""
+        return self._slow_start
+
     def configure(self, config: AIMDConfig) -> None:
         """Replace the gains; the limit is clamped into the new bounds at once."""
         self._config = config
         self._limit = min(config.max_limit, max(config.min_limit, self._limit))
+        self._slow_start = self._slow_start and config.slow_start_growth > 1
 
     def update(self, **changes: object) -> AIMDConfig:
         """Replace some gains by name (validated as a whole); returns the new config."""
@@ -168,23 +204,35 @@ class AIMDController:
                 del self._signals[: _MAX_SAMPLES // 2]
             self._signals.append(sample.signal(self._config.latency_signal))
 
-    def tick(self, *, now: float, utilization: float, pressure: float) -> float:
+    def tick(
+        self, *, now: float, utilization: float, pressure: float, inflight: int = 0, unseen: int = 0
+    ) -> float:
         cfg = self._config
         latency = percentile(self._signals, cfg.latency_percentile)
         if self._signals:
             self._latency = latency
         self._pressure = pressure
-        slow = latency > cfg.target_latency_s  # False for nan (no samples)
-        self._congested = slow or pressure > cfg.pressure_threshold or self._drops > 0
+        used = utilization >= cfg.min_utilization
+        slow = used and latency > cfg.target_latency_s  # False for nan (no samples)
+        now_signal = pressure > cfg.pressure_threshold or self._drops > 0
+        self._congested = slow or now_signal
         self._signals = []
         self._drops = 0
         if self._congested:
-            if now >= self._hold_until:
+            self._slow_start = False
+            # Pressure and drops tell of now: cut again as soon as the last cut shows, once
+            # in-flight is down to the limit. Latency tells of a backend call ago: cooldown.
+            settled = now_signal and inflight <= self._limit
+            if settled or now >= self._hold_until:
                 self._limit = max(cfg.min_limit, self._limit * cfg.decrease_factor)
                 self._hold_until = now + cfg.cooldown_s
                 self._decreases += 1
-        elif utilization >= cfg.min_utilization and self._limit < cfg.max_limit:
-            self._limit = min(cfg.max_limit, self._limit + cfg.increase_step)
+        elif used and self._limit < cfg.max_limit:
+            grown = self._limit + cfg.increase_step
+            if self._slow_start:
+                factor = credited_growth(cfg.slow_start_growth, inflight=inflight, unseen=unseen)
+                grown = max(grown, self._limit * factor)
+            self._limit = min(cfg.max_limit, grown)
             self._increases += 1
         return self._limit
 
@@ -221,7 +269,9 @@ class FixedController:
     def record(self, sample: Sample) -> None:
         pass
 
-    def tick(self, *, now: float, utilization: float, pressure: float) -> float:
+    def tick(
+        self, *, now: float, utilization: float, pressure: float, inflight: int = 0, unseen: int = 0
+    ) -> float:
         return self._limit
 
     def statistics(self) -> ControllerStats:

@@ -76,7 +76,9 @@ class GradientController:
         elif sample.outcome is Outcome.COMPLETED and len(self._signals) < 4096:
             self._signals.append(sample.signal(self._config.latency_signal))
 
-    def tick(self, *, now: float, utilization: float, pressure: float) -> float:
+    def tick(
+        self, *, now: float, utilization: float, pressure: float, inflight: int = 0, unseen: int = 0
+    ) -> float:
         cfg = self._config
         short = percentile(self._signals, 0.5)
         drops, self._drops, self._signals = self._drops, 0, []

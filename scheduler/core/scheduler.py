@@ -159,10 +159,19 @@ class Scheduler:
         """End an admitted request that says nothing about load (client gone, bad request)."""
         self._gate.release(ticket, Outcome.IGNORED)
 
-    def tick(self, *, now: float, pressure: float = 0.0) -> float:
-        """Let the controller look at the last interval and set the gate's new limit."""
-        utilization = self._gate.take_utilization(now=now)
-        limit = self._controller.tick(now=now, utilization=utilization, pressure=pressure)
+    def tick(self, *, now: float, pressure: float = 0.0, unseen: int = 0) -> float:
+        """Let the controller look at the last interval and set the gate's new limit.
+        `unseen`: how many more requests are in flight now than when the scrape that
+        `pressure` comes from was taken (0 when it is fresh)."""
+        gate = self._gate
+        utilization = gate.take_utilization(now=now)
+        limit = self._controller.tick(
+            now=now,
+            utilization=utilization,
+            pressure=pressure,
+            inflight=gate.inflight,
+            unseen=min(unseen, gate.inflight),
+        )
         self._gate.set_limit(limit, now=now)
         return limit
 

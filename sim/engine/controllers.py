@@ -31,16 +31,16 @@ def pool_slots(pool: BackendPool) -> int:
 
 
 def standard_variants(
-    base: ControllerSpec, pool: BackendPool, *, request_s: float
+    base: ControllerSpec, pool: BackendPool, *, request_s: float, replicas: int = 1
 ) -> tuple[ControllerSpec, ...]:
     """AIMD in rate mode, AIMD in window mode, a fixed window, and Gradient2, all from `base`.
 
     The window variants keep `base`'s gains. The rate variant speaks requests per second, so
     its limits are the window's divided by `request_s`, the typical backend time of one
     request at a full batch (Little's law), unless `base.rate_aimd` gives them; the fixed
-    window is the pool's batch slots.
+    window is the pool's batch slots, shared out among the `replicas`.
     """
-    slots = pool_slots(pool)
+    slots = pool_slots(pool) / replicas
     aimd = base.aimd
     per_s = 1.0 / max(request_s, pool.gpu.step_s(pool.gpu.max_batch))
     rate_aimd = base.rate_aimd or replace(
@@ -53,6 +53,6 @@ def standard_variants(
     return (
         replace(base, kind=ControllerKind.AIMD, mode=GateMode.RATE, aimd=rate_aimd),
         replace(base, kind=ControllerKind.AIMD, mode=GateMode.WINDOW),
-        replace(base, kind=ControllerKind.FIXED, mode=GateMode.WINDOW, fixed_limit=float(slots)),
+        replace(base, kind=ControllerKind.FIXED, mode=GateMode.WINDOW, fixed_limit=slots),
         replace(base, kind=ControllerKind.GRADIENT, mode=GateMode.WINDOW),
     )

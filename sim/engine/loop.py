@@ -19,6 +19,15 @@ planner runs millions of requests:
 - a backend wakes when its next request finishes (not for first tokens), is advanced once,
   and everything that finished by then is ended in one go.
 
+Replicas: each of the scenario's `replicas` is a gateway process with its own scheduling core
+(queue, gate, controller) over the same backends, as `--workers N` and N machines are;
+arrivals are dealt to them in turn (a round-robin load balancer), every replica reads the same
+scrape of the backends, and one that finishes nothing still hears of completions elsewhere
+only through the pressure and its own samples, as a real replica does.
+
+Scrape age: the pressure the controllers see at a tick was scraped `scrape_age_s` before it;
+what a replica added to its in-flight since then is its `unseen` count, the in-flight credit.
+
 Each arrival: the key's quota (refused_by_quota; a request that gets no answer, a 503 or a
 dropped call, gives its quota back as the gateway's settlement does), then `Scheduler.submit`;
 an admission goes to the live backend with the fewest requests in flight, and a backend that
@@ -55,7 +64,7 @@ from sim.engine.model import ControllerSpec, Scenario
 from sim.engine.recorder import Recorder
 from sim.engine.results import SimResult
 from sim.engine.shedding import FallbackBackend, Shedding
-from sim.engine.state import Backend, TierState, probe_config, scrape
+from sim.engine.state import Backend, Replica, TierState, probe_config, scrape
 
 ProgressFn = Callable[[float], None]
 """Told the fraction (0..1) of the scenario's duration simulated so far."""
@@ -63,7 +72,7 @@ ProgressFn = Callable[[float], None]
 _WINDOW_S = 1.0  # arrivals are generated this many virtual seconds at a time
 _MIN_WAKE_S = 1e-9  # a wake-up is never scheduled at or before now
 _DRAIN_LIMIT_S = 86_400.0  # past the end plus this, a run that has not drained is a bug
-_BACKEND, _FALLBACK, _WAKE, _TICK, _SAMPLE, _LOSE, _RESTORE = range(7)
+_BACKEND, _FALLBACK, _WAKE, _TICK, _SAMPLE, _LOSE, _RESTORE, _SCRAPE = range(8)
 _INF = math.inf
 _LOST = 1 << 62  # the load of a lost backend: never the least
 _COMPLETED = Outcome.COMPLETED
@@ -86,13 +95,16 @@ class Simulation:
         self.scenario = scenario
         self.seed = scenario.seed if seed is None else seed
         self.controller_spec = controller or scenario.controller
-        ctrl, gate = build_controller(self.controller_spec)
         tier_configs = tuple(
             TierConfig(t.name, t.weight, t.max_wait_s, t.max_depth, t.shed_on_overload)
             for t in scenario.tiers
         )
-        self._sched = Scheduler(SchedulerConfig(tier_configs, gate), ctrl, now=0.0)
-        self._rate_mode = gate.mode.value == "rate"
+        self._replicas: list[Replica] = []
+        for index in range(scenario.replicas):
+            ctrl, gate = build_controller(self.controller_spec)
+            sched = Scheduler(SchedulerConfig(tier_configs, gate), ctrl, now=0.0)
+            self._replicas.append(Replica(index, sched))
+        self._rate_mode = self.controller_spec.mode.value == "rate"
         self._sources = [
             TierArrivals(
                 i,
@@ -122,8 +134,8 @@ class Simulation:
         self._recorder = Recorder(scenario.sample_s, self._tiers)
         self._heap: list[Event] = []
         self._seq = itertools.count()
-        self._info: dict[int, tuple[TierState, int, int, int]] = {}  # queued: tier, key, sizes
-        self._wake_at = _INF
+        self._rid = 0
+        self._final_limits: tuple[float, ...] = ()  # each replica's, when arrivals end
         self._need_poll = False
         self._pressure = 0.0
         self._events = 0
@@ -154,6 +166,8 @@ class Simulation:
 
     def _schedule_fixed_events(self) -> None:
         sc = self.scenario
+        if sc.scrape_age_s > 0:  # else each tick scrapes as it starts
+            self._push(self.controller_spec.tick_s - sc.scrape_age_s, _SCRAPE, None)
         self._push(self.controller_spec.tick_s, _TICK, None)
         self._push(sc.sample_s, _SAMPLE, None)
         for index, event in enumerate(sc.capacity_events):
@@ -164,70 +178,78 @@ class Simulation:
     # -- the loop ---------------------------------------------------------------------------
 
     def _arrivals(self) -> None:
-        heap, pop, handle = self._heap, heapq.heappop, self._handle
-        complete, reschedule = self._complete, self._reschedule
-        tiers, info, sched = self._tiers, self._info, self._sched
-        submit, shed, cost = sched.submit, self._shedding.shed, request_cost
+        """Generate arrivals a window at a time and run each, with every event due before it."""
         duration = self.scenario.duration_s
         rows: list[ArrivalRow] = []
         window_end = 0.0
-        rid = 0
         while window_end < duration:
             rows.clear()
             window_end = min(duration, window_end + _WINDOW_S)
             for source in self._sources:
                 source.until(window_end, rows)
             rows.sort()
-            for now, ti, k, p, o in rows:
-                while heap[0][0] <= now:
-                    event = pop(heap)
-                    if event[2] != _BACKEND:
-                        handle(event)
-                        continue
-                    self._events += 1
-                    at, backend = event[0], event[3]  # the hot event, handled inline
-                    if at == backend.wake_at and backend.alive:  # else: stale
-                        complete(backend, at)
-                        reschedule(backend, at)
-                        if self._need_poll:
-                            if sched.depth:
-                                self._poll(at)
-                            else:
-                                self._need_poll = False
-                ts = tiers[ti]
-                ts.offered += 1
-                try:
-                    ts.key_offered[k] += 1
-                except IndexError:
-                    ts.grow_keys()
-                    ts.key_offered[k] += 1
-                key = ts.key_names[k]
-                if ts.quotas is not None and not ts.take_quota(key, int(cost(p, o)), now):
-                    ts.refused += 1
-                    continue
-                rid += 1
-                decision = submit(Request(rid, key, ts.name, key, "sim", cost(p, o), now), now=now)
-                if isinstance(decision, Admit):
-                    ts.admitted += 1
-                    ts.zero_waits += 1
-                    self._dispatch(decision.ticket, ts, k, p, o, now)
-                elif isinstance(decision, Queued):
-                    info[rid] = (ts, k, p, o)
-                    if sched.depth == 1:
-                        self._arm(now)
-                    elif now + ts.max_wait_s < self._wake_at:  # its deadline may be the first
-                        self._wake_at = now + ts.max_wait_s
-                        self._push(self._wake_at, _WAKE, None)
-                elif not shed(ts, decision.reason, p, o, now):
-                    ts.give_back(key, int(cost(p, o)), now)
+            for row in rows:
+                self._events_until(row[0])
+                self._arrive(*row)
+        self._final_limits = tuple(r.sched.controller.limit for r in self._replicas)
+
+    def _events_until(self, now: float) -> None:
+        """Handle every heap event due at or before `now`; backend wake-ups, the hot kind,
+        inline."""
+        heap, pop = self._heap, heapq.heappop
+        while heap[0][0] <= now:
+            event = pop(heap)
+            if event[2] != _BACKEND:
+                self._handle(event)
+                continue
+            self._events += 1
+            at, backend = event[0], event[3]
+            if at == backend.wake_at and backend.alive:  # else: stale
+                self._complete(backend, at)
+                self._reschedule(backend, at)
                 if self._need_poll:
-                    self._poll(now)
+                    self._poll_all(at)
+
+    def _arrive(self, now: float, ti: int, k: int, p: int, o: int) -> None:
+        """One arrival: count it, take its key's quota, and submit it to the next replica."""
+        ts = self._tiers[ti]
+        ts.offered += 1
+        try:
+            ts.key_offered[k] += 1
+        except IndexError:
+            ts.grow_keys()
+            ts.key_offered[k] += 1
+        key = ts.key_names[k]
+        cost = request_cost(p, o)
+        if ts.quotas is not None and not ts.take_quota(key, int(cost), now):
+            ts.refused += 1
+            return
+        self._rid += 1
+        rid = self._rid
+        replica = self._replicas[rid % len(self._replicas)]
+        sched = replica.sched
+        decision = sched.submit(Request(rid, key, ts.name, key, "sim", cost, now), now=now)
+        if isinstance(decision, Admit):
+            ts.admitted += 1
+            ts.zero_waits += 1
+            self._dispatch(decision.ticket, ts, k, p, o, replica, now)
+        elif isinstance(decision, Queued):
+            replica.info[rid] = (ts, k, p, o)
+            if sched.depth == 1:
+                self._arm(replica, now)
+            elif now + ts.max_wait_s < replica.wake_at:  # its deadline may be the first
+                replica.wake_at = now + ts.max_wait_s
+                self._push(replica.wake_at, _WAKE, replica)
+        elif not self._shedding.shed(ts, decision.reason, p, o, now):
+            ts.give_back(key, int(cost), now)
+        if self._need_poll:
+            self._poll_all(now)
 
     def _drain(self) -> None:
         heap, pop, handle = self._heap, heapq.heappop, self._handle
-        gate, sched, shedding = self._sched.gate, self._sched, self._shedding
+        replicas, shedding = self._replicas, self._shedding
         limit = self.scenario.duration_s + _DRAIN_LIMIT_S
-        while sched.depth or gate.inflight or shedding.inflight:
+        while shedding.inflight or any(r.sched.depth or r.sched.gate.inflight for r in replicas):
             handle(pop(heap))
             if self._last_event_at > limit:
                 raise RuntimeError("the simulation did not drain a day after its end")
@@ -242,15 +264,17 @@ class Simulation:
                 self._complete(payload, now)
                 self._reschedule(payload, now)
                 if self._need_poll:
-                    self._poll(now)
+                    self._poll_all(now)
         elif kind == _WAKE:
-            if now == self._wake_at:
-                self._wake(now)
+            if now == payload.wake_at:
+                self._wake(payload, now)
         elif kind == _FALLBACK:
             if now == payload.wake_at:
                 self._shedding.wake(payload, now)
         elif kind == _TICK:
             self._tick(now)
+        elif kind == _SCRAPE:
+            self._scrape(now)
         elif kind == _SAMPLE:
             self._sample(now)
         elif kind == _LOSE:
@@ -260,30 +284,37 @@ class Simulation:
 
     # -- the scheduler ----------------------------------------------------------------------
 
-    def _arm(self, now: float) -> None:
-        """Make sure a wake-up is pending for the scheduler's next deadline."""
-        due = self._sched.next_deadline(now=now)
-        if due < self._wake_at:
+    def _arm(self, replica: Replica, now: float) -> None:
+        """Make sure a wake-up is pending for the replica's next deadline."""
+        due = replica.sched.next_deadline(now=now)
+        if due < replica.wake_at:
             due = max(due, now + _MIN_WAKE_S)
-            self._wake_at = due
-            self._push(due, _WAKE, None)
+            replica.wake_at = due
+            self._push(due, _WAKE, replica)
 
-    def _wake(self, now: float) -> None:
-        self._wake_at = _INF
-        info, shed = self._info, self._shedding.shed
-        for expired in self._sched.expire(now=now):
+    def _wake(self, replica: Replica, now: float) -> None:
+        replica.wake_at = _INF
+        info, shed = replica.info, self._shedding.shed
+        for expired in replica.sched.expire(now=now):
             ts, _, p, o = info.pop(expired.request.id)
             if not shed(ts, expired.reason, p, o, now):
                 ts.give_back(expired.request.key_id, int(expired.request.cost), now)
-        self._poll(now)
-        self._arm(now)
+        self._poll(replica, now)
+        self._arm(replica, now)
 
-    def _poll(self, now: float) -> None:
-        """Admit what the gate allows, again while ending requests frees room."""
+    def _poll_all(self, now: float) -> None:
+        """Room freed on the backends: every replica admits what its gate allows."""
         self._need_poll = False
-        if not self._sched.depth:
+        for replica in self._replicas:
+            self._poll(replica, now)
+
+    def _poll(self, replica: Replica, now: float) -> None:
+        """Admit what the replica's gate allows, again while ending requests frees room."""
+        self._need_poll = False
+        sched = replica.sched
+        if not sched.depth:
             return
-        poll, info, dispatch = self._sched.poll, self._info, self._dispatch
+        poll, info, dispatch = sched.poll, replica.info, self._dispatch
         while True:
             admits = poll(now=now)
             if not admits:
@@ -295,22 +326,24 @@ class Simulation:
                     ts.waits.append(admit.queued_s)
                 else:
                     ts.zero_waits += 1
-                dispatch(admit.ticket, ts, k, p, o, now)
+                dispatch(admit.ticket, ts, k, p, o, replica, now)
             if self._rate_mode:
-                self._arm(now)
+                self._arm(replica, now)
             if not self._need_poll:
                 break
             self._need_poll = False
 
     # -- the backends -----------------------------------------------------------------------
 
-    def _dispatch(self, ticket: Ticket, ts: TierState, k: int, p: int, o: int, now: float) -> None:
+    def _dispatch(
+        self, ticket: Ticket, ts: TierState, k: int, p: int, o: int, replica: Replica, now: float
+    ) -> None:
         """Send an admitted request to the live backend with the fewest in flight (the first
         of equals)."""
         loads = self._loads
         least = min(loads) if loads else _LOST
         if least >= _LOST:
-            self._drop(ticket, ts, now)
+            self._drop(ticket, ts, replica, now)
             return
         index = loads.index(least)
         best = self._backends[index]
@@ -318,9 +351,9 @@ class Simulation:
             self._complete(best, now)
         seq = best.gpu.submit(ticket.request.id, p, o, now=now)
         if seq is None:
-            self._drop(ticket, ts, now)
+            self._drop(ticket, ts, replica, now)
         else:
-            best.inflight[seq.id] = (ticket, ts, k)
+            best.inflight[seq.id] = (ticket, ts, k, replica)
             loads[index] += 1
             if seq.start_step == seq.start_step and not best.pending:  # started (not nan)
                 heapq.heappush(best.ends, (seq.done_step, seq.id, seq))
@@ -328,8 +361,8 @@ class Simulation:
                 best.track(seq)
         self._reschedule(best, now)
 
-    def _drop(self, ticket: Ticket, ts: TierState, now: float) -> None:
-        self._sched.finish(ticket, Sample(now - ticket.admitted_at, _DROPPED))
+    def _drop(self, ticket: Ticket, ts: TierState, replica: Replica, now: float) -> None:
+        replica.sched.finish(ticket, Sample(now - ticket.admitted_at, _DROPPED))
         ts.dropped += 1
         ts.give_back(ticket.request.key_id, int(ticket.request.cost), now)
         self._need_poll = True
@@ -351,14 +384,16 @@ class Simulation:
         finished = backend.gpu.advance(now)
         if not finished:
             return
-        inflight, finish = backend.inflight, self._sched.finish
+        inflight = backend.inflight
         self._loads[backend.index] -= len(finished)
         for seq in finished:
-            ticket, ts, k = inflight.pop(seq.id)
+            ticket, ts, k, replica = inflight.pop(seq.id)
             admitted_at = ticket.admitted_at
             done_at = seq.finished_at
             ttft = seq.first_token_at - admitted_at
-            finish(ticket, Sample(done_at - admitted_at, _COMPLETED, ttft, seq.output_tokens))
+            replica.sched.finish(
+                ticket, Sample(done_at - admitted_at, _COMPLETED, ttft, seq.output_tokens)
+            )
             latency = done_at - ticket.request.arrival_at
             ts.completed += 1
             ts.latencies.append(latency)
@@ -369,12 +404,25 @@ class Simulation:
 
     # -- control, capacity and sampling -----------------------------------------------------
 
-    def _tick(self, now: float) -> None:
+    def _scrape(self, now: float) -> None:
+        """Read the backends' metrics, as every replica's probe does; the controllers see
+        them at the next tick."""
         self._pressure = scrape(self._backends, now)
-        self._sched.tick(now=now, pressure=self._pressure)
-        self._push(now + self.controller_spec.tick_s, _TICK, None)
-        self._poll(now)
-        self._arm(now)
+        for replica in self._replicas:
+            replica.scraped_inflight = replica.sched.gate.inflight
+
+    def _tick(self, now: float) -> None:
+        tick_s, age_s = self.controller_spec.tick_s, self.scenario.scrape_age_s
+        if age_s == 0:
+            self._scrape(now)
+        else:
+            self._push(now + tick_s - age_s, _SCRAPE, None)
+        self._push(now + tick_s, _TICK, None)
+        for replica in self._replicas:
+            replica.sched.tick(now=now, pressure=self._pressure, unseen=replica.unseen())
+        for replica in self._replicas:
+            self._poll(replica, now)
+            self._arm(replica, now)
 
     def _lose(self, index: int, now: float) -> None:
         count = self.scenario.capacity_events[index].backends
@@ -382,12 +430,12 @@ class Simulation:
         self._lost[index] = lost
         for backend in lost:
             backend.alive = False
-            for ticket, ts, _ in backend.inflight.values():
-                self._drop(ticket, ts, now)
+            for ticket, ts, _, replica in backend.inflight.values():
+                self._drop(ticket, ts, replica, now)
             backend.reset(now)
             self._loads[backend.index] = _LOST
         self._alive = [b for b in self._alive if b.alive]
-        self._poll(now)
+        self._poll_all(now)
 
     def _restore(self, index: int, now: float) -> None:
         for backend in self._lost.pop(index, []):
@@ -395,10 +443,17 @@ class Simulation:
             backend.alive = True
             self._loads[backend.index] = 0
         self._alive = [b for b in self._backends if b.alive]
-        self._poll(now)
+        self._poll_all(now)
 
     def _sample(self, now: float) -> None:
-        self._recorder.sample(now, self._sched, pressure=self._pressure, alive=len(self._alive))
+        self._recorder.sample(
+            now,
+            [r.sched for r in self._replicas],
+            pressure=self._pressure,
+            alive=len(self._alive),
+            running=sum(b.gpu.statistics().running for b in self._alive),
+            slots=len(self._alive) * self.scenario.backends.gpu.max_batch,
+        )
         self._push(now + self.scenario.sample_s, _SAMPLE, None)
         if self._on_progress is not None:
             self._on_progress(min(1.0, now / self.scenario.duration_s))
@@ -411,7 +466,7 @@ class Simulation:
         prompt = sum(t.prompt_sum for t in self._tiers) / (offered or 1)
         output = sum(t.output_sum for t in self._tiers) / (offered or 1)
         capacity = capacity_rps(sc.backends, prompt, output)
-        stats = self._sched.statistics().controller
+        stats = [r.sched.statistics().controller for r in self._replicas]
         return SimResult(
             scenario=sc.name,
             seed=self.seed,
@@ -424,8 +479,10 @@ class Simulation:
             tiers=tuple(t.result() for t in self._tiers),
             series=self._recorder.series,
             spikes=self._recorder.spikes(sc.spikes, capacity),
-            limit_increases=stats.increases,
-            limit_decreases=stats.decreases,
+            limit_increases=sum(c.increases for c in stats),
+            limit_decreases=sum(c.decreases for c in stats),
+            replica_limits=self._final_limits,
+            utilization=self._recorder.utilization(),
         )
 
 

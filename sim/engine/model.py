@@ -184,6 +184,8 @@ class Scenario:
     capacity_events: tuple[CapacityEvent, ...] = ()
     fallback: BackendPool | None = None
     compare: tuple[ControllerSpec, ...] = ()
+    replicas: int = 1  # gateway replicas, each with its own core and controller
+    scrape_age_s: float = 0.0  # how old the pressure is when the controller ticks
 
     def tier(self, name: str) -> TierSpec:
         for tier in self.tiers:

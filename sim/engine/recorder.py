@@ -1,6 +1,12 @@
 """The time series: every `sample_s` of virtual time, what each tier offered, got admitted,
 served within its SLO and lost since the last sample, with the controller's limit, pressure
-and latency, the queue depths, and the p99 latency of what completed in the interval."""
+and latency, the queue depths, and the p99 latency of what completed in the interval. With
+several replicas, limits, in-flight and depths are their sums (the latency signal: the first
+replica's).
+
+Utilisation under demand: at each sample where some request is queued, the backends' running
+sequences over their batch slots (the useful concurrency); its mean says whether the
+controller holds back while there is work."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ class Recorder:
         self.series = TimeSeries(sample_s=sample_s)
         self.tiers = tiers
         self._seen = [0] * len(tiers)  # each tier's latencies recorded by the last sample
+        self._busy: list[float] = []  # running / slots at the samples with a queue
         for ts in tiers:
             for column in (
                 self.series.offered,
@@ -25,12 +32,27 @@ class Recorder:
             ):
                 column[ts.name] = []
 
-    def sample(self, now: float, sched: Scheduler, *, pressure: float, alive: int) -> None:
+    def sample(
+        self,
+        now: float,
+        scheds: list[Scheduler],
+        *,
+        pressure: float,
+        alive: int,
+        running: int,
+        slots: int,
+    ) -> None:
         series = self.series
-        stats = sched.statistics()
-        depths = {t.name: t.depth for t in stats.queue.tiers}
+        all_stats = [s.statistics() for s in scheds]
+        stats = all_stats[0]
+        depths = dict.fromkeys((t.name for t in stats.queue.tiers), 0)
+        for one in all_stats:
+            for t in one.queue.tiers:
+                depths[t.name] += t.depth
+        if slots and any(depths.values()):
+            self._busy.append(running / slots)
         series.t.append(now)
-        series.limit.append(stats.controller.limit)
+        series.limit.append(sum(s.controller.limit for s in all_stats))
         series.pressure.append(pressure)
         series.latency_signal_s.append(stats.controller.latency_s)
         recent: list[float] = []
@@ -39,7 +61,7 @@ class Recorder:
             self._seen[i] = len(ts.latencies)
         recent.sort()
         series.p99_latency_s.append(percentile(recent, 0.99))
-        series.inflight.append(stats.gate.inflight)
+        series.inflight.append(sum(s.gate.inflight for s in all_stats))
         series.backends_alive.append(alive)
         for ts in self.tiers:
             offered, admitted, goodput, not_served = ts.last
@@ -49,6 +71,10 @@ class Recorder:
             series.goodput[ts.name].append(ts.goodput - goodput)
             series.shed[ts.name].append(ts.last[3] - not_served)
             series.depth[ts.name].append(depths[ts.name])
+
+    def utilization(self) -> float:
+        """Mean running / slots over the samples with a queue (nan when none had one)."""
+        return sum(self._busy) / len(self._busy) if self._busy else float("nan")
 
     def spikes(self, spikes: tuple[Spike, ...], capacity_rps: float) -> tuple[SpikeResult, ...]:
         """Offered and goodput rates over the samples that lie inside each spike."""

@@ -160,6 +160,8 @@ class SimResult:
     spikes: tuple[SpikeResult, ...]
     limit_increases: int
     limit_decreases: int
+    replica_limits: tuple[float, ...] = ()  # each replica's limit when arrivals ended
+    utilization: float = math.nan  # mean running / slots while requests were queued
 
     def tier(self, name: str) -> TierResult:
         for tier in self.tiers:

@@ -14,7 +14,7 @@ from collections import deque
 
 from policies.ladder import ShedLadder
 from policies.ratelimit import Quota
-from scheduler.core import ShedReason, Ticket
+from scheduler.core import Scheduler, ShedReason, Ticket
 from scheduler.core.quota_store import AlgorithmKind, MemoryQuotaStore, Reservation, completed
 from scheduler.core.quota_store import QuotaSpec as StoreSpec
 from scheduler.models.gpu import GpuConfig, GpuModel
@@ -161,8 +161,8 @@ class TierState:
         )
 
 
-Flight = tuple[Ticket, TierState, int]
-"""An admitted request on a backend: its ticket, its tier, its key index."""
+Flight = tuple[Ticket, TierState, int, "Replica"]
+"""An admitted request on a backend: its ticket, its tier, its key index, its replica."""
 
 
 class Backend:
@@ -251,3 +251,23 @@ def scrape(backends: list[Backend], now: float) -> float:
                 )
             )
     return pool_pressure([b.pressure.reading(now=now) for b in backends])
+
+
+class Replica:
+    """One gateway replica: its own scheduling core (queue, gate, controller) over the shared
+    backends, the arrivals it queued, when it next wakes, and its in-flight at the last scrape
+    (what it has added since, the scrape could not see)."""
+
+    __slots__ = ("index", "info", "sched", "scraped_inflight", "wake_at")
+
+    def __init__(self, index: int, sched: Scheduler) -> None:
+        self.index = index
+        self.sched = sched
+        self.info: dict[int, tuple[TierState, int, int, int]] = {}  # queued: tier, key, sizes
+        self.wake_at = _INF
+        self.scraped_inflight = 0
+
+    def unseen(self) -> int:
+        """In flight beyond what the last scrape saw. A request admitted in place of one that
+        ended since adds no load the scrape missed, so this is the growth, not admissions."""
+        return max(0, self.sched.gate.inflight - self.scraped_inflight)

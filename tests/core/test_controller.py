@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -15,6 +16,7 @@ from scheduler.core import (
     LatencySignal,
     Outcome,
     Sample,
+    credited_growth,
 )
 
 BASE_S = 1.0
@@ -68,13 +70,73 @@ def test_aimd_backs_off_on_pressure_and_drops() -> None:
 
 
 def test_aimd_app_limited_guard_holds_an_unused_limit() -> None:
-    aimd = AIMDController(AIMDConfig(initial_limit=50))
+    aimd = AIMDController(AIMDConfig(initial_limit=50, slow_start_growth=1))
     for n in range(20):
         aimd.record(Sample(0.1))
         aimd.tick(now=n, utilization=0.3, pressure=0.0)
     assert aimd.limit == 50
     aimd.tick(now=21, utilization=0.5, pressure=0.0)
     assert aimd.limit == 51
+
+
+def test_slow_start_reaches_a_large_capacity_in_seconds() -> None:
+    aimd = AIMDController(AIMDConfig(initial_limit=16, target_latency_s=1.1 * BASE_S))
+    limits = drive(aimd, 250, 12, start=0)  # 3 s of 0.25 s ticks
+    assert max(limits) >= 250
+    assert not aimd.slow_start  # it met the capacity and left slow start
+    plain = AIMDController(AIMDConfig(initial_limit=16, slow_start_growth=1))
+    assert max(drive(plain, 250, 12, start=0)) == 28  # one step a tick
+
+
+def test_slow_start_exits_on_the_first_congestion_signal() -> None:
+    for congest in (
+        lambda c: c.record(Sample(9.0)),  # latency over target
+        lambda c: c.record(Sample(0.1, Outcome.DROPPED)),
+        None,  # pressure over threshold (below)
+    ):
+        config = AIMDConfig(initial_limit=16, slow_start_growth=2, target_latency_s=5, cooldown_s=0)
+        aimd = AIMDController(config)
+        for n in range(3):
+            aimd.record(Sample(0.1))
+            aimd.tick(now=n, utilization=1, pressure=0.0, inflight=int(aimd.limit))
+        assert aimd.limit == 128 and aimd.slow_start
+        if congest is not None:
+            congest(aimd)
+        aimd.tick(now=3, utilization=1, pressure=0.0 if congest else 0.9, inflight=128)
+        assert aimd.limit == pytest.approx(128 * 0.7)
+        assert not aimd.slow_start
+        aimd.record(Sample(0.1))
+        aimd.tick(now=4, utilization=1, pressure=0.0, inflight=89)
+        assert aimd.limit == pytest.approx(128 * 0.7 + 1)  # additive from now on
+
+
+def test_in_flight_credit_grows_only_on_what_the_scrape_has_seen() -> None:
+    assert credited_growth(2.0, inflight=100, unseen=0) == 2.0
+    assert credited_growth(2.0, inflight=100, unseen=50) == 1.5
+    assert credited_growth(2.0, inflight=100, unseen=100) == 1.0
+    assert credited_growth(3.0, inflight=100, unseen=250) == 1.0  # more unseen than in flight
+    assert credited_growth(2.0, inflight=0, unseen=0) == 2.0  # nothing in flight to discount
+
+    def after(unseen: int) -> float:
+        aimd = AIMDController(AIMDConfig(initial_limit=100, increase_step=2, slow_start_growth=2))
+        aimd.record(Sample(0.1))
+        return aimd.tick(now=0, utilization=1, pressure=0.0, inflight=100, unseen=unseen)
+
+    assert after(0) == 200
+    assert after(75) == 125
+    assert after(100) == 102  # nothing seen: the additive step, never less
+
+
+def test_slow_start_can_be_turned_off_live() -> None:
+    aimd = AIMDController(AIMDConfig(initial_limit=16))
+    aimd.update(slow_start_growth=1.0)
+    assert not aimd.slow_start
+    aimd.record(Sample(0.1))
+    assert aimd.tick(now=0, utilization=1, pressure=0.0, inflight=16) == 17
+    aimd.update(slow_start_growth=2.0)  # once left, slow start is not entered again
+    assert not aimd.slow_start
+    with pytest.raises(ValueError, match="slow_start_growth"):
+        aimd.update(slow_start_growth=0.5)
 
 
 def test_aimd_cooldown_guard_allows_one_cut_per_cooldown() -> None:
@@ -141,3 +203,24 @@ def test_fixed_controller_is_fixed() -> None:
     assert fixed.tick(now=0, utilization=1, pressure=1) == 8
     with pytest.raises(ValueError, match=r"controller\.limit"):
         FixedController(0)
+
+
+def test_replicas_over_one_backend_converge_to_even_shares_within_its_knee() -> None:
+    """Three AIMD controllers from very different limits, one backend: C slots, then a
+    waiting room whose fill is the pressure (C waiting reads as 1.0). Like TCP flows they end
+    near even, their sum at the knee the pressure threshold sets."""
+    capacity = 300.0
+    config = AIMDConfig(initial_limit=16, increase_step=2, decrease_factor=0.9, max_limit=2000)
+    replicas = [AIMDController(replace(config, initial_limit=x)) for x in (16, 200, 600)]
+    sums = []
+    for n in range(800):
+        inflight = [math.floor(c.limit) for c in replicas]
+        pressure = min(1.0, max(0.0, sum(inflight) - capacity) / capacity)
+        for c, mine in zip(replicas, inflight, strict=True):
+            c.record(Sample(latency_at(min(sum(inflight), capacity), capacity)))
+            c.tick(now=n * 0.25, utilization=1.0, pressure=pressure, inflight=mine)
+        sums.append(sum(c.limit for c in replicas))
+    limits = [c.limit for c in replicas]
+    assert sum(limits) ** 2 / (len(limits) * sum(x * x for x in limits)) >= 0.9
+    knee = capacity * (1 + config.pressure_threshold)
+    assert all(0.8 * knee <= total <= 1.05 * knee for total in sums[-400:])
