@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from scheduler.core.request import Outcome
@@ -190,11 +190,6 @@ class AIMDController:
         self._config = config
         self._limit = min(config.max_limit, max(config.min_limit, self._limit))
         self._slow_start = self._slow_start and config.slow_start_growth > 1
-
-    def update(self, **changes: object) -> AIMDConfig:
-        """Replace some gains by name (validated as a whole); returns the new config."""
-        self.configure(replace(self._config, **changes))  # type: ignore[arg-type]
-        return self._config
 
     def record(self, sample: Sample) -> None:
         if sample.outcome is Outcome.DROPPED:

@@ -129,14 +129,16 @@ def test_in_flight_credit_grows_only_on_what_the_scrape_has_seen() -> None:
 
 def test_slow_start_can_be_turned_off_live() -> None:
     aimd = AIMDController(AIMDConfig(initial_limit=16))
-    aimd.update(slow_start_growth=1.0)
+    aimd.configure(replace(aimd.config, slow_start_growth=1.0))
     assert not aimd.slow_start
     aimd.record(Sample(0.1))
     assert aimd.tick(now=0, utilization=1, pressure=0.0, inflight=16) == 17
-    aimd.update(slow_start_growth=2.0)  # once left, slow start is not entered again
+    aimd.configure(
+        replace(aimd.config, slow_start_growth=2.0)
+    )  # once left, slow start is not entered again
     assert not aimd.slow_start
     with pytest.raises(ValueError, match="slow_start_growth"):
-        aimd.update(slow_start_growth=0.5)
+        aimd.configure(replace(aimd.config, slow_start_growth=0.5))
 
 
 def test_aimd_cooldown_guard_allows_one_cut_per_cooldown() -> None:
@@ -163,10 +165,10 @@ def test_aimd_bounds_guard() -> None:
 
 def test_aimd_gains_change_live_and_are_validated() -> None:
     aimd = AIMDController(AIMDConfig(initial_limit=100))
-    aimd.update(max_limit=40, initial_limit=20)
+    aimd.configure(replace(aimd.config, max_limit=40, initial_limit=20))
     assert aimd.limit == 40
     with pytest.raises(ValueError, match=r"controller\.decrease_factor"):
-        aimd.update(decrease_factor=1.5)
+        aimd.configure(replace(aimd.config, decrease_factor=1.5))
     assert aimd.config.decrease_factor == 0.7  # a refused change leaves the old gains
     with pytest.raises(ValueError, match=r"controller\.min_limit"):
         AIMDConfig(min_limit=0)

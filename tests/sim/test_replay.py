@@ -184,9 +184,9 @@ class RecordingCore:
         self._log.now = now
         return self._core.next_deadline(now=now)
 
-    def tick(self, *, now: float, pressure: float = 0.0) -> float:
+    def tick(self, *, now: float, pressure: float = 0.0, unseen: int = 0) -> float:
         self._log.now = now
-        limit = self._core.tick(now=now, pressure=pressure)
+        limit = self._core.tick(now=now, pressure=pressure, unseen=unseen)
         state = "congested" if self._core.controller.congested else "healthy"
         self._log.add(now, "tick", (now, ""), f"{limit!r} {state} at pressure {pressure!r}")
         return limit
@@ -240,8 +240,9 @@ class SimRun:
 def run_simulator(text: str) -> SimRun:
     simulation = Simulation(parse_scenario(text, source="replay.toml"))
     log = Log()
-    core = RecordingCore(simulation._sched, log)
-    simulation._sched = cast(Scheduler, core)
+    (replica,) = simulation._replicas  # the replay is of one gateway replica
+    core = RecordingCore(replica.sched, log)
+    replica.sched = cast(Scheduler, core)
     for backend in simulation._backends:
         backend.gpu = cast(Any, RecordingGpu(backend.gpu, log))
     for ts in simulation.tiers:
