@@ -39,6 +39,7 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 
 from backends.redis.pipeliner import RedisPipeliner
+from scheduler.errors import SchedulerError
 
 T = TypeVar("T")
 
@@ -132,7 +133,7 @@ _UNAVAILABLE = (
 )
 
 
-class CacheError(Exception):
+class CacheError(SchedulerError):
     """The cache could not do what was asked (see the module docstring's tree)."""
 
 

@@ -59,6 +59,7 @@ from scheduler.core.quota_store import (
     QuotaSpec,
     Slot,
 )
+from scheduler.errors import SchedulerError
 
 __all__ = [
     "ALGORITHM_KINDS",
@@ -87,7 +88,7 @@ _UNAVAILABLE = (
 _MOVING = (coredis.exceptions.TryAgainError, coredis.exceptions.AskError)
 
 
-class QuotaStoreError(Exception):
+class QuotaStoreError(SchedulerError):
     """The quota store could not do what was asked (see the module docstring's tree)."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import coredis
 import trio
 
+from backends.redis.errors import translated_redis_errors
 from scheduler.core import AIMDConfig
 from scheduler.service.config import gains_to_dict
 
@@ -44,8 +45,8 @@ async def publish_gains(
 ) -> int:
     """Write `config` as the gains document at `key`, with a version above `after` and the
     document's; return that version. Raises trio.TooSlowError (nothing written) when the
-    write cannot happen by `deadline_at` (trio time), or what Redis raised."""
-    with trio.fail_at(deadline_at):
+    write cannot happen by `deadline_at` (trio time), or RedisUnavailable."""
+    with trio.fail_at(deadline_at), translated_redis_errors():
         # keyed: on a Redis Cluster, the clock of the node that checks the deadline
         clock: Any = await redis.eval(CLOCK_SCRIPT, keys=[key])
         redis_now = int(clock[0]) + int(clock[1]) / 1e6

@@ -24,6 +24,7 @@ from backends.http.client import HttpClient
 from backends.http.pool import BackendPool, HttpBackend
 from backends.probes.metrics import PoolPressure
 from backends.redis.cache import ResponseCache
+from backends.redis.errors import RedisUnavailable, translated_redis_errors
 from backends.redis.pipeliner import RedisPipeliner
 from backends.redis.quota import QuotaStoreError, RedisQuotaStore
 from backends.redis.topology import open_redis, shard_of, shards
@@ -38,7 +39,7 @@ from scheduler.service.config import (
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.gains import publish_gains
 from scheduler.service.gateway import Gateway
-from scheduler.service.health import REDIS_ERRORS, RedisHealth
+from scheduler.service.health import RedisHealth
 from scheduler.service.metrics import GatewayMetrics
 from scheduler.service.quota import AdaptiveTimeout, FailMode, QuotaGuard
 from scheduler.service.supervisor import DrainFlag
@@ -185,11 +186,12 @@ class Replica:
             )
             # warm up: scripts loaded and a connection open before the first request, so a
             # cold burst does not time out on script compiles and connection set-up
-            with trio.move_on_after(2.0), contextlib.suppress(*REDIS_ERRORS, QuotaStoreError):
+            with trio.move_on_after(2.0), contextlib.suppress(RedisUnavailable, QuotaStoreError):
                 await store.load_scripts()
 
                 async def ping() -> None:
-                    await redis.ping()
+                    with translated_redis_errors():
+                        await redis.ping()
 
                 async with trio.open_nursery() as warm:  # open the pool's connections
                     for _ in range(WARM_CONNECTIONS):
@@ -207,12 +209,12 @@ class Replica:
 
     async def publish_gains(self, config: AIMDConfig, *, deadline_at: float) -> None:
         """Publish new gains in Redis for every replica, then apply them here: all or nothing.
-        Raises one of REDIS_ERRORS, nothing applied anywhere, when Redis cannot take them by
-        `deadline_at`; with no Redis configured they apply here alone."""
+        Raises RedisUnavailable or trio.TooSlowError, nothing applied anywhere, when Redis
+        cannot take them by `deadline_at`; with no Redis configured they apply here alone."""
         if self.settings.redis_url:
             redis = self._redis
             if redis is None:
-                raise ConnectionError("Redis is not connected")
+                raise RedisUnavailable("Redis is not connected", kind="not connected")
             self._gains_version = await publish_gains(
                 redis, self._gains_key, config, after=self._gains_version, deadline_at=deadline_at
             )
@@ -226,9 +228,9 @@ class Replica:
             if redis is None:
                 continue
             try:
-                with trio.fail_after(READY_TIMEOUT_S):
+                with translated_redis_errors(), trio.fail_after(READY_TIMEOUT_S):
                     raw = await redis.get(self._gains_key)
-            except REDIS_ERRORS:
+            except RedisUnavailable:
                 continue
             if raw and raw != self._gains_rejected:
                 self._take_gains(raw)
@@ -261,7 +263,7 @@ class Replica:
                     continue
                 try:
                     await self.publish_gains(fresh.controller, deadline_at=trio.current_time() + 1)
-                except REDIS_ERRORS as exc:
+                except (RedisUnavailable, trio.TooSlowError) as exc:
                     log.error("SIGHUP: controller gains not reloaded, Redis failed: %r", exc)
                     continue
                 log.warning("SIGHUP: controller gains reloaded from %s", path)
