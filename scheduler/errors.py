@@ -22,7 +22,9 @@ adapter that meets them, with `raise ... from exc`; the service catches only the
     ├── BackendError                    an HTTP backend failed: backends/http/client.py
     │   ├── BackendUnavailable          refused or unreachable (nothing was sent)
     │   ├── BackendTimeout              no answer in time
+    │   │   └── DeadlinePassed          the request's own bound ran out: service/upstream.py
     │   └── BackendBroken               the answer broke off or made no sense
+    │       └── BackendTooLarge         past `BackendLimits.max_response_bytes`
     ├── ScrapeError                     a metrics scrape failed: backends/probes/metrics.py
     ├── NvmlUnavailable                 no NVML here: backends/probes/nvml.py
     ├── ScenarioError (ValueError)      a bad scenario file: sim/scenario_schema.py

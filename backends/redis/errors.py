@@ -29,18 +29,23 @@ class RedisUnavailable(SchedulerError):
 
 @contextmanager
 def translated_redis_errors() -> Iterator[None]:
-    """Raise `RedisUnavailable` from a Redis failure inside the block: a bare one, or a group
-    of nothing else (a client's failures surface in its own nursery, grouped)."""
+    """Raise `RedisUnavailable` from a Redis failure inside the block. A client's failures
+    surface in its own nursery, grouped: a group of them alone becomes one `RedisUnavailable`;
+    in a group with others (a `Cancelled`), they are replaced by one, the others kept (for
+    `except*`)."""
     try:
         yield
     except _FOREIGN as exc:
         raise RedisUnavailable(f"redis failed: {exc!r}", kind=type(exc).__name__) from exc
     except BaseExceptionGroup as group:
         foreign, rest = group.split(_FOREIGN)
-        if foreign is None or rest is not None:
+        if foreign is None:
             raise
         first = _first_leaf(foreign)
-        raise RedisUnavailable(f"redis failed: {first!r}", kind=type(first).__name__) from group
+        unavailable = RedisUnavailable(f"redis failed: {first!r}", kind=type(first).__name__)
+        if rest is None:
+            raise unavailable from foreign
+        raise BaseExceptionGroup(group.message, [*rest.exceptions, unavailable]) from group
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

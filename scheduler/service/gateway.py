@@ -66,7 +66,7 @@ class Gateway:
         self,
         settings: Settings,
         dispatcher: Dispatcher,
-        pools: dict[str, BackendPool],  # the replica reads them back for readiness
+        pools: dict[str, BackendPool],
         *,
         registry: KeyRegistry,
         quota: QuotaGuard,

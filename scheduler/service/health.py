@@ -113,7 +113,7 @@ class RedisHealth:
                         task_status.started()
                         started = True
                         await trio.sleep_forever()
-            except RedisUnavailable:
+            except* RedisUnavailable:
                 pass
             finally:
                 if self._nodes.get(name, (None, None))[1] is scope:
