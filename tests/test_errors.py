@@ -37,7 +37,7 @@ def test_every_project_exception_descends_from_the_root_and_is_in_its_tree() -> 
     assert {"ConfigError", "BackendTimeout", "RedisUnavailable", "ScenarioError"} <= set(errors)
     tree = scheduler.errors.__doc__ or ""
     rootless: list[str] = []
-    for name, bases in errors.items():
+    for name in errors:
         chain, seen = name, set()
         while chain in errors and chain != "SchedulerError" and chain not in seen:
             seen.add(chain)
