@@ -12,10 +12,11 @@ import math
 from pathlib import Path
 from typing import Any, NoReturn
 
+from scheduler.errors import SchedulerError
 from sim.toml_lines import FieldLines
 
 
-class ScenarioError(ValueError):
+class ScenarioError(SchedulerError, ValueError):
     """A scenario that cannot run: `field` is its dotted path, `line` its line (if known)."""
 
     def __init__(self, field: str, message: str, *, source: str, line: int | None) -> None:

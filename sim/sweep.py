@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
+from scheduler.errors import SchedulerError
 from sim.engine import SimResult, simulate
 from sim.engine.model import ControllerKind, ControllerSpec, Scenario
 from sim.engine.results import TierResult
@@ -24,7 +25,7 @@ RunHook = Callable[[str, int, int], Callable[[float], None] | None]
 """Called before each run with (label, index, total); may return a progress callback."""
 
 
-class SweepError(ValueError):
+class SweepError(SchedulerError, ValueError):
     """A `--sweep` option that cannot be run; the message names the option."""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PURE = [
+    "scheduler/errors.py",
     "policies",
     "scheduler/core",
     "scheduler/models",
@@ -120,3 +121,63 @@ def test_the_wall_sees_a_forbidden_import(tmp_path: Path) -> None:
     sample = tmp_path / "m.py"
     sample.write_text("def f():\n    import time\n    from trio import sleep\n")
     assert imported_roots(sample) & FORBIDDEN == {"time", "trio"}
+
+
+# Foreign exceptions are translated once, in the adapter that meets them (backends/*): the
+# service catches only the project's own (scheduler/errors.py draws the tree).
+FOREIGN_ERRORS = ("coredis", "h11")
+SERVICE = ROOT / "scheduler" / "service"
+
+
+def foreign_catches(path: Path) -> list[str]:
+    """What `path` takes from coredis.exceptions (an import, or `coredis.exceptions.X`
+    anywhere), and the foreign names its except clauses catch: `h11.X`, or a name imported
+    from coredis or h11."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[str] = []
+    foreign_names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("coredis.exceptions")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] in FOREIGN_ERRORS:
+                foreign_names.update(a.asname or a.name for a in node.names)
+            if node.module.startswith("coredis.exceptions"):
+                found.append(node.module)
+    for node in ast.walk(tree):  # a tuple of them kept for later catches counts too
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+            if ast.unparse(node.value) == "coredis.exceptions":
+                found.append(ast.unparse(node))
+        elif isinstance(node, ast.ExceptHandler) and node.type is not None:
+            for name in ast.walk(node.type):
+                if isinstance(name, ast.Attribute):
+                    root = ast.unparse(name).split(".")[0]
+                    if root == "h11" or root in foreign_names:
+                        found.append(ast.unparse(name))
+                elif isinstance(name, ast.Name) and name.id in foreign_names:
+                    found.append(name.id)
+    return found
+
+
+def test_the_service_catches_no_foreign_redis_or_h11_errors() -> None:
+    offenders = {
+        str(path.relative_to(ROOT)): found
+        for path in sorted(SERVICE.rglob("*.py"))
+        if (found := foreign_catches(path))
+    }
+    assert offenders == {}
+
+
+def test_the_wall_sees_a_foreign_catch(tmp_path: Path) -> None:
+    sample = tmp_path / "m.py"
+    sample.write_text(
+        "import coredis.exceptions\nimport h11\nfrom coredis.exceptions import RedisError\n"
+        "try:\n    pass\nexcept (coredis.exceptions.ConnectionError, h11.RemoteProtocolError):\n"
+        "    pass\nexcept OSError:\n    pass\ntry:\n    pass\nexcept* RedisError:\n    pass\n"
+    )
+    assert set(foreign_catches(sample)) == {
+        "coredis.exceptions",
+        "coredis.exceptions.ConnectionError",
+        "h11.RemoteProtocolError",
+        "RedisError",
+    }

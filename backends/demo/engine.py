@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import trio
 
+from scheduler.errors import SchedulerError
 from scheduler.models.gpu import GpuConfig, GpuModel, GpuStats, Sequence
 
 
@@ -38,7 +39,7 @@ class Refusal(enum.Enum):
     TOO_LONG = "too_long"  # prompt plus output exceed the whole KV cache: a 400
 
 
-class EngineStopped(Exception):
+class EngineStopped(SchedulerError):
     """The engine task is not running, so nothing would ever serve the request."""
 
 

@@ -40,6 +40,8 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from scheduler.errors import SchedulerError
+
 RECEIVE_BYTES = 65536
 HOP_BY_HOP = frozenset(
     {
@@ -61,7 +63,7 @@ _OWN_HEADERS = frozenset({"host", "accept-encoding", "content-length", "transfer
 _NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-class BackendError(Exception):
+class BackendError(SchedulerError):
     """The upstream failed us."""
 
 

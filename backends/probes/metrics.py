@@ -27,6 +27,7 @@ from typing import Protocol
 import trio
 
 from backends.http.client import BackendError, BackendTimeout, HttpClient
+from scheduler.errors import SchedulerError
 from scheduler.models.exposition import Exporter, parse_scrape
 from scheduler.models.pressure import (
     Aggregate,
@@ -60,7 +61,7 @@ _ACCEPT = {"accept": "text/plain;version=0.0.4"}
 _NO_METRICS = frozenset({404, 410})
 
 
-class ScrapeError(Exception):
+class ScrapeError(SchedulerError):
     """A scrape brought no data: unreachable, timed out, an error status, or not Prometheus
     text. Recorded by the probe, never raised out of it."""
 

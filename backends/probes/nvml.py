@@ -20,11 +20,12 @@ from typing import Any
 import trio
 
 from backends.probes.metrics import ModelProbe, ScrapeError
+from scheduler.errors import SchedulerError
 from scheduler.models.pressure import Scrape
 from scheduler.models.pressure_config import ProbeConfig
 
 
-class NvmlUnavailable(Exception):
+class NvmlUnavailable(SchedulerError):
     """NVML cannot be used here: no nvidia-ml-py, no driver, or no GPU."""
 
 

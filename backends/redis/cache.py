@@ -21,7 +21,8 @@ Errors, split by who is to blame:
     CacheError              Redis answered with an error (a bug, or a foreign key type)
     └── CacheUnavailable    Redis could not be reached in time: the caller treats it as a miss
 
-Entries are whole completions; `scheduler.openai.sse` turns them into a stream and back.
+The store behind the `scheduler.core.cache.Cache` role. Entries are whole completions;
+`scheduler.openai.sse` turns them into a stream and back.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import hashlib
 import json
 import math
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import coredis
@@ -39,6 +39,8 @@ import msgpack  # type: ignore[import-untyped]
 import trio
 
 from backends.redis.pipeliner import RedisPipeliner
+from scheduler.core.cache import CacheHit
+from scheduler.errors import SchedulerError
 
 T = TypeVar("T")
 
@@ -132,22 +134,12 @@ _UNAVAILABLE = (
 )
 
 
-class CacheError(Exception):
+class CacheError(SchedulerError):
     """The cache could not do what was asked (see the module docstring's tree)."""
 
 
 class CacheUnavailable(CacheError):
     """Redis could not be reached, or did not answer within the cache's timeout."""
-
-
-@dataclass(frozen=True, slots=True)
-class CacheHit:
-    """A cached response: `stale` once past its fresh time; `age_s` since it was stored."""
-
-    body: bytes
-    content_type: str
-    stale: bool
-    age_s: float
 
 
 def canonical_request(route: str, body: Mapping[str, Any]) -> bytes:

@@ -59,6 +59,7 @@ from scheduler.core.quota_store import (
     QuotaSpec,
     Slot,
 )
+from scheduler.errors import SchedulerError
 
 __all__ = [
     "ALGORITHM_KINDS",
@@ -87,7 +88,7 @@ _UNAVAILABLE = (
 _MOVING = (coredis.exceptions.TryAgainError, coredis.exceptions.AskError)
 
 
-class QuotaStoreError(Exception):
+class QuotaStoreError(SchedulerError):
     """The quota store could not do what was asked (see the module docstring's tree)."""
 
 
@@ -166,7 +167,7 @@ class RedisQuotaStore:
         When a base quota refuses and `burst_credits` is on, the request is admitted on
         `max(1, token_cost)` credits if the balance holds them. `token_cost` 0 peeks the tokens.
         `timeout_s` bounds Redis's time for this call (through the pipeliner: not counting
-        our own event loop's lag) and raises `trio.TooSlowError`: slow, maybe run, not gone.
+        our own event loop's lag) and raises `QuotaStoreUnavailable`: slow, maybe run.
         """
         _check_units(token_cost=token_cost)
         credit_cost = max(1, token_cost) if burst_credits else 0
@@ -285,17 +286,16 @@ class RedisQuotaStore:
     async def _call(self, request: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis request; the one place where coredis' and trio's errors are translated.
 
-        Without a `timeout_s` of its own the caller times the call, and a `trio.TooSlowError`
-        (the pipeliner's round trip ran out) passes through as what it is: slow, not gone."""
+        Without a `timeout_s` of its own the caller times the call (the pipeliner's round
+        trip, bounded by the call's `timeout_s`): running out is the same QuotaStoreUnavailable."""
         try:
             if self._timeout_s is None:
                 return await request()
-            try:
-                with trio.fail_after(self._timeout_s):
-                    return await request()
-            except trio.TooSlowError as exc:
-                message = f"redis did not answer within {self._timeout_s} s"
-                raise QuotaStoreUnavailable(message) from exc
+            with trio.fail_after(self._timeout_s):
+                return await request()
+        except trio.TooSlowError as exc:
+            within = "the call's timeout_s" if self._timeout_s is None else f"{self._timeout_s} s"
+            raise QuotaStoreUnavailable(f"redis did not answer within {within}") from exc
         except _UNAVAILABLE as exc:
             raise QuotaStoreUnavailable(f"redis is unreachable: {exc}") from exc
         except _MOVING as exc:

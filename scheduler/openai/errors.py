@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import math
 
+from scheduler.errors import SchedulerError
 
-class OpenAIError(Exception):
+
+class OpenAIError(SchedulerError):
     """An error response in OpenAI's shape; subclasses say how the headers are carried."""
 
     def __init__(

@@ -29,6 +29,7 @@ from typing import Any, ParamSpec
 import trio
 from quart import Blueprint, Response, request
 
+from backends.redis.errors import RedisUnavailable
 from backends.redis.quota import QuotaStoreError
 from scheduler.core import AIMDConfig, LatencySignal
 from scheduler.openai.body import parse_body
@@ -43,12 +44,13 @@ from scheduler.service.config import (
 )
 from scheduler.service.quota import QuotaSettings
 from scheduler.service.replica import Replica
-from scheduler.service.tenancy import QUOTA_FIELDS, REDIS_ERRORS, KeysUnavailable
+from scheduler.service.tenancy import QUOTA_FIELDS, KeysUnavailable
 
 GAIN_FIELDS = {f.name: f for f in dataclasses.fields(AIMDConfig)}
 MAX_NUMBER = 1e9  # no gain needs more
 KEY_FIELDS = ("tenant", "tier", "bypass")
-REDIS_FAILURES = (*REDIS_ERRORS, KeysUnavailable, QuotaStoreError)
+# Redis's failures, and our own deadline (`_redis_bound`) for the Redis work of a route
+REDIS_FAILURES = (RedisUnavailable, trio.TooSlowError, KeysUnavailable, QuotaStoreError)
 P = ParamSpec("P")
 
 

@@ -26,6 +26,7 @@ from backends.redis.quota import ALGORITHM_KINDS
 from backends.redis.topology import RedisSecrets, parse_redis_url
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateConfig, GateMode, LatencySignal, TierConfig
+from scheduler.errors import SchedulerError
 from scheduler.models.gpu import GpuConfig
 from scheduler.models.pressure_config import ProbeConfig, probe_config_from_mapping
 from scheduler.service.quota import FailMode, QuotaSettings
@@ -38,7 +39,7 @@ MAX_TTL_S = 90 * 86_400.0  # upgrades and credits last at most 90 days
 DEMO_KEYS = {"sk-demo-free": "free", "sk-demo-pro": "pro", "sk-demo-enterprise": "enterprise"}
 
 
-class ConfigError(ValueError):
+class ConfigError(SchedulerError, ValueError):
     """The configuration is invalid; the message names the field."""
 
 

@@ -32,9 +32,9 @@ from typing import Any
 import coredis
 import trio
 
+from backends.redis.errors import RedisUnavailable, translated_redis_errors
 from scheduler.core import AIMDConfig, AIMDController
 from scheduler.service.config import gains_from_dict, gains_to_dict
-from scheduler.service.health import REDIS_ERRORS
 from scheduler.service.metrics import GatewayMetrics
 
 log = logging.getLogger("scheduler.service")
@@ -66,8 +66,8 @@ async def publish_gains(
 ) -> int:
     """Write `config` as the gains document at `key`, with a version above `after` and the
     document's; return that version. Raises trio.TooSlowError (nothing written) when the
-    write cannot happen by `deadline_at` (trio time), or what Redis raised."""
-    with trio.fail_at(deadline_at):
+    write cannot happen by `deadline_at` (trio time), or RedisUnavailable."""
+    with trio.fail_at(deadline_at), translated_redis_errors():
         # keyed: on a Redis Cluster, the clock of the node that checks the deadline
         clock: Any = await redis.eval(CLOCK_SCRIPT, keys=[key])
         redis_now = int(clock[0]) + int(clock[1]) / 1e6
@@ -120,8 +120,8 @@ class GainsOwner:
 
     async def change(self, changes: Mapping[str, Any], *, deadline_at: float) -> AIMDConfig:
         """Some gains by name, over the gains current when the owner takes the change.
-        Raises ValueError (a bad value, nothing applied) or one of REDIS_ERRORS (Redis
-        could not take it by `deadline_at`: applied nowhere)."""
+        Raises ValueError (a bad value, nothing applied), RedisUnavailable or
+        trio.TooSlowError (Redis could not take it by `deadline_at`: applied nowhere)."""
         return await self._submit(lambda c: dataclasses.replace(c, **changes), deadline_at)
 
     async def replace(self, config: AIMDConfig, *, deadline_at: float) -> AIMDConfig:
@@ -178,9 +178,9 @@ class GainsOwner:
             if redis is None:
                 continue
             try:
-                with trio.fail_after(READ_TIMEOUT_S):
+                with translated_redis_errors(), trio.fail_after(READ_TIMEOUT_S):
                     raw = await redis.get(self._key)
-            except REDIS_ERRORS:
+            except RedisUnavailable:
                 continue
             if raw and raw != self._rejected:
                 await self._send.send(raw)

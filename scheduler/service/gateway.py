@@ -23,9 +23,11 @@ import trio
 from opentelemetry import trace
 
 from backends.http.pool import BackendPool
-from backends.redis.cache import CacheError, CacheHit, ResponseCache
+from backends.redis.cache import CacheError
 from policies.ladder import CacheState, Step, fallback_has_headroom
 from scheduler.core import Admit, Outcome, Request, Sample, Shed, ShedReason
+from scheduler.core.backend import Backend
+from scheduler.core.cache import Cache, CacheHit
 from scheduler.openai.body import InferenceCall
 from scheduler.openai.errors import ApiError, overloaded
 from scheduler.openai.sse import check_completion, completion_to_sse, sse_to_completion
@@ -68,7 +70,7 @@ class Gateway:
         *,
         registry: KeyRegistry,
         quota: QuotaGuard,
-        cache: ResponseCache | None,
+        cache: Cache | None,
         background: trio.Nursery,
         metrics: GatewayMetrics,
     ) -> None:
@@ -103,7 +105,7 @@ class Gateway:
             raise ApiError(403, f"The key's tier {record.tier!r} is not configured here.")
         return record
 
-    def pool_for(self, model: str) -> BackendPool:
+    def pool_for(self, model: str) -> Backend:
         pool = self.pools.get(model)
         if pool is None:
             raise ApiError(
@@ -176,7 +178,7 @@ class Gateway:
         job.meter.outcome = "refused_quota"
         raise _over_quota(verdict, call)
 
-    async def _schedule(self, job: Job, pool: BackendPool) -> Reply:
+    async def _schedule(self, job: Job, pool: Backend) -> Reply:
         record, call, meter = job.record, job.call, job.meter
         request = Request(
             next(self._ids),
@@ -244,7 +246,7 @@ class Gateway:
             return f"shared:{model.name}"
         return f"tenant:{record.tenant}"
 
-    def _caching(self, call: InferenceCall) -> tuple[ResponseCache, ModelSettings] | None:
+    def _caching(self, call: InferenceCall) -> tuple[Cache, ModelSettings] | None:
         """The cache and the model, if this call's answer is to be cached."""
         model = self.settings.model(call.model)
         cache = self.cache
@@ -356,9 +358,7 @@ class Gateway:
         except CacheError:
             return None
 
-    def _fallback_pool(
-        self, model: ModelSettings | None
-    ) -> tuple[ModelSettings, BackendPool] | None:
+    def _fallback_pool(self, model: ModelSettings | None) -> tuple[ModelSettings, Backend] | None:
         if model is None or model.fallback is None:
             return None
         target = self.settings.model(model.fallback)
@@ -372,7 +372,7 @@ class Gateway:
         return target, pool
 
     async def _fallback(
-        self, job: Job, fallback: tuple[ModelSettings, BackendPool], extra: dict[str, str]
+        self, job: Job, fallback: tuple[ModelSettings, Backend], extra: dict[str, str]
     ) -> Reply:
         target, pool = fallback
         call = job.call

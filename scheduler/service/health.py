@@ -24,10 +24,10 @@ from typing import Any
 import coredis
 import trio
 
+from backends.redis.errors import RedisUnavailable, translated_redis_errors
 from policies.breaker import BreakerState, ScopedBreakers
 
 log = logging.getLogger("scheduler.service.redis")
-REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 PING_INTERVAL_S = 0.5
 PING_TIMEOUT_S = 0.2
 
@@ -107,12 +107,13 @@ class RedisHealth:
         started = False
         with trio.CancelScope() as scope:
             try:
-                async with client:
-                    self._nodes[name] = (client, scope)
-                    task_status.started()
-                    started = True
-                    await trio.sleep_forever()
-            except* REDIS_ERRORS:  # a client's failures surface in its own nursery
+                with translated_redis_errors():  # a client's failures surface grouped
+                    async with client:
+                        self._nodes[name] = (client, scope)
+                        task_status.started()
+                        started = True
+                        await trio.sleep_forever()
+            except* RedisUnavailable:
                 pass
             finally:
                 if self._nodes.get(name, (None, None))[1] is scope:
@@ -122,10 +123,10 @@ class RedisHealth:
 
     async def _ping_node(self, node: coredis.Redis[Any], errors: list[str]) -> None:
         try:
-            with trio.fail_after(self._timeout_s):
+            with translated_redis_errors(), trio.fail_after(self._timeout_s):
                 await node.ping()
-        except* REDIS_ERRORS as group:
-            errors.append(type(group.exceptions[0]).__name__)
+        except RedisUnavailable as exc:
+            errors.append(exc.kind)
 
     def error(self, *, now: float) -> str | None:
         """Why Redis is not usable at `now`, or None when it is."""

@@ -173,7 +173,7 @@ class QuotaGuard:
                 # the key's slot is moving between nodes: Redis is up and took nothing, so
                 # neither the breaker nor the fail mode has a say; the client retries shortly
                 return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0)
-            except (QuotaStoreError, trio.TooSlowError) as exc:
+            except QuotaStoreError as exc:
                 # an error reply (OOM, MISCONF, a script error) is Redis failing, as a refused
                 # connection is, and it is as definite: the script did not take the quota
                 self.redis_errors += 1

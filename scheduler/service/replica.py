@@ -24,6 +24,7 @@ from backends.http.client import HttpClient
 from backends.http.pool import BackendPool, HttpBackend
 from backends.probes.metrics import PoolPressure
 from backends.redis.cache import ResponseCache
+from backends.redis.errors import RedisUnavailable, translated_redis_errors
 from backends.redis.pipeliner import RedisPipeliner
 from backends.redis.quota import QuotaStoreError, RedisQuotaStore
 from backends.redis.topology import open_redis, shard_of, shards
@@ -33,7 +34,7 @@ from scheduler.service.config import ConfigError, Settings, load_settings
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.gains import GainsOwner
 from scheduler.service.gateway import Gateway
-from scheduler.service.health import REDIS_ERRORS, RedisHealth
+from scheduler.service.health import RedisHealth
 from scheduler.service.metrics import GatewayMetrics
 from scheduler.service.quota import AdaptiveTimeout, FailMode, QuotaGuard
 from scheduler.service.supervisor import DrainFlag
@@ -194,11 +195,12 @@ class Replica:
             )
             # warm up: scripts loaded and a connection open before the first request, so a
             # cold burst does not time out on script compiles and connection set-up
-            with trio.move_on_after(2.0), contextlib.suppress(*REDIS_ERRORS, QuotaStoreError):
+            with trio.move_on_after(2.0), contextlib.suppress(RedisUnavailable, QuotaStoreError):
                 await store.load_scripts()
 
                 async def ping() -> None:
-                    await redis.ping()
+                    with translated_redis_errors():
+                        await redis.ping()
 
                 async with trio.open_nursery() as warm:  # open the pool's connections
                     for _ in range(WARM_CONNECTIONS):
@@ -226,7 +228,7 @@ class Replica:
                     continue
                 try:
                     await self.gains.replace(fresh.controller, deadline_at=trio.current_time() + 1)
-                except REDIS_ERRORS as exc:
+                except (RedisUnavailable, trio.TooSlowError) as exc:
                     log.error("SIGHUP: controller gains not reloaded, Redis failed: %r", exc)
                     continue
                 log.warning("SIGHUP: controller gains reloaded from %s", path)

@@ -30,6 +30,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from prometheus_client import multiprocess
 
 from backends.redis.embedded import EmbeddedRedis, free_port
+from scheduler.errors import SchedulerError
 from scheduler.service.app import create_app
 from scheduler.service.config import (
     DEMO_BACKEND,
@@ -45,7 +46,7 @@ from scheduler.service.supervisor import DrainFlag, Supervisor, WorkerMain, Work
 BACKLOG = 1024
 
 
-class ListenError(Exception):
+class ListenError(SchedulerError):
     """The listening socket cannot be had (port in use, unknown host): said in one line."""
 
 

@@ -17,24 +17,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import coredis
-import coredis.exceptions
 import trio
 
+from backends.redis.errors import RedisUnavailable, translated_redis_errors
 from backends.redis.pipeliner import RedisPipeliner
 from policies.breaker import CircuitBreaker, ScopedBreakers
+from scheduler.errors import SchedulerError
 from scheduler.service.config import KeySettings, key_id
 from scheduler.service.quota import AdaptiveTimeout, QuotaSettings
 
 QUOTA_FIELDS = ("requests", "tokens", "period_s", "algorithm", "request_burst", "token_burst")
-REDIS_ERRORS = (coredis.exceptions.RedisError, OSError, trio.TooSlowError)
 
 
-class KeysUnavailable(Exception):
+class KeysUnavailable(SchedulerError):
     """A key neither known here nor checkable in Redis right now: retry, not 401."""
 
 
@@ -188,7 +189,7 @@ class KeyRegistry:
             # timed by the pipeliner on Redis's time, not our loop's lag (redis_pipeliner)
             meta, upgrade = await self._read(kid, timeout_s=self._timeout.current())
             self._timeout.observe(trio.current_time() - started)
-        except REDIS_ERRORS as exc:
+        except RedisUnavailable as exc:
             if breaker is not None:
                 breaker.record_failure(now=now)
             if stale is None:  # unknown here and unchecked: not the caller's fault (not 401)
@@ -206,10 +207,11 @@ class KeyRegistry:
         """The key's meta and upgrade hashes, in one round trip."""
         assert self.pipeliner is not None, "lookup() checks it"
         meta_key, upgrade_key = self._key(kid, "meta"), self._key(kid, "upgrade")
-        meta, upgrade = await self.pipeliner.execute_each(
-            [lambda pipe: pipe.hgetall(meta_key), lambda pipe: pipe.hgetall(upgrade_key)],
-            timeout_s=timeout_s,
-        )
+        with translated_redis_errors():
+            meta, upgrade = await self.pipeliner.execute_each(
+                [lambda pipe: pipe.hgetall(meta_key), lambda pipe: pipe.hgetall(upgrade_key)],
+                timeout_s=timeout_s,
+            )
         return _decode(meta), _decode(upgrade)
 
     def _record(self, kid: str, meta: dict[str, str], upgrade: dict[str, str]) -> KeyRecord | None:
@@ -228,56 +230,62 @@ class KeyRegistry:
 
     # -- the admin API's operations (Redis required) ------------------------------------------
 
-    def _need_redis(self) -> coredis.Redis[bytes]:
+    @contextmanager
+    def _need_redis(self) -> Iterator[coredis.Redis[bytes]]:
+        """The client, for an admin operation; Redis's failures raised as RedisUnavailable."""
         if self.redis is None:
             raise RuntimeError("Redis is not connected")
-        return self.redis
+        with translated_redis_errors():
+            yield self.redis
 
     async def create(
         self, tenant: str, tier: str, *, bypass: bool, created_unix: float
     ) -> tuple[str, KeyRecord]:
         """A new key; the clear key is returned once and never stored."""
-        redis = self._need_redis()
-        clear = "sk-" + secrets.token_urlsafe(32)
-        kid = self.key_id(clear)
-        await redis.hset(
-            self._key(kid, "meta"),
-            {
-                "tenant": tenant,
-                "tier": tier,
-                "bypass": "1" if bypass else "0",
-                "revoked": "0",
-                "created": str(created_unix),
-            },
-        )
-        await redis.sadd(f"{self._prefix}:keys", [kid])
-        self._cache.pop(kid, None)
-        return clear, KeyRecord(kid, tenant, tier, bypass)
+        with self._need_redis() as redis:
+            clear = "sk-" + secrets.token_urlsafe(32)
+            kid = self.key_id(clear)
+            await redis.hset(
+                self._key(kid, "meta"),
+                {
+                    "tenant": tenant,
+                    "tier": tier,
+                    "bypass": "1" if bypass else "0",
+                    "revoked": "0",
+                    "created": str(created_unix),
+                },
+            )
+            await redis.sadd(f"{self._prefix}:keys", [kid])
+            self._cache.pop(kid, None)
+            return clear, KeyRecord(kid, tenant, tier, bypass)
 
     async def list(self) -> list[KeyRecord]:
-        redis = self._need_redis()
-        ids = {
-            m.decode() if isinstance(m, bytes) else str(m)
-            for m in await redis.smembers(f"{self._prefix}:keys")
-        }
-        kids = sorted(ids | set(self._static))
-        records = []
-        for start in range(0, len(kids), 500):  # a round trip per 500 keys
-            chunk = kids[start : start + 500]
-            async with redis.pipeline(transaction=False) as pipe:
-                replies = [
-                    (pipe.hgetall(self._key(kid, "meta")), pipe.hgetall(self._key(kid, "upgrade")))
-                    for kid in chunk
-                ]
-            for kid, (meta, upgrade) in zip(chunk, replies, strict=True):
-                record = self._record(kid, _decode(await meta), _decode(await upgrade))
-                if record is not None:
-                    records.append(record)
-        return records
+        with self._need_redis() as redis:
+            ids = {
+                m.decode() if isinstance(m, bytes) else str(m)
+                for m in await redis.smembers(f"{self._prefix}:keys")
+            }
+            kids = sorted(ids | set(self._static))
+            records = []
+            for start in range(0, len(kids), 500):  # a round trip per 500 keys
+                chunk = kids[start : start + 500]
+                async with redis.pipeline(transaction=False) as pipe:
+                    replies = [
+                        (
+                            pipe.hgetall(self._key(kid, "meta")),
+                            pipe.hgetall(self._key(kid, "upgrade")),
+                        )
+                        for kid in chunk
+                    ]
+                for kid, (meta, upgrade) in zip(chunk, replies, strict=True):
+                    record = self._record(kid, _decode(await meta), _decode(await upgrade))
+                    if record is not None:
+                        records.append(record)
+            return records
 
     async def exists(self, kid: str) -> bool:
-        redis = self._need_redis()
-        return kid in self._static or bool(await redis.exists([self._key(kid, "meta")]))
+        with self._need_redis() as redis:
+            return kid in self._static or bool(await redis.exists([self._key(kid, "meta")]))
 
     def _base_meta(self, pipe: Any, kid: str) -> None:
         """Config keys get a meta hash the first time the admin API changes them."""
@@ -287,28 +295,30 @@ class KeyRegistry:
             pipe.hsetnx(self._key(kid, "meta"), "tier", base.tier)
 
     async def revoke(self, kid: str) -> None:
-        async with self._need_redis().pipeline(transaction=True) as pipe:
-            self._base_meta(pipe, kid)
-            pipe.hset(self._key(kid, "meta"), {"revoked": "1"})
-        self._cache.pop(kid, None)
+        with self._need_redis() as redis:
+            async with redis.pipeline(transaction=True) as pipe:
+                self._base_meta(pipe, kid)
+                pipe.hset(self._key(kid, "meta"), {"revoked": "1"})
+            self._cache.pop(kid, None)
 
     async def set_override(self, kid: str, fields: dict[str, Any]) -> None:
         """Replace the key's quota override (an empty dict clears it), in one transaction:
         a lookup never sees the old override half-replaced."""
         meta = self._key(kid, "meta")
-        async with self._need_redis().pipeline(transaction=True) as pipe:
-            self._base_meta(pipe, kid)
-            pipe.hdel(meta, ["q_" + f for f in QUOTA_FIELDS])
-            if fields:
-                pipe.hset(meta, {"q_" + k: str(v) for k, v in fields.items()})
-        self._cache.pop(kid, None)
+        with self._need_redis() as redis:
+            async with redis.pipeline(transaction=True) as pipe:
+                self._base_meta(pipe, kid)
+                pipe.hdel(meta, ["q_" + f for f in QUOTA_FIELDS])
+                if fields:
+                    pipe.hset(meta, {"q_" + k: str(v) for k, v in fields.items()})
+            self._cache.pop(kid, None)
 
     async def set_upgrade(self, kid: str, fields: dict[str, Any], *, expires_in_s: float) -> None:
         """A temporary quota upgrade that Redis forgets after `expires_in_s`."""
-        redis = self._need_redis()
-        key = self._key(kid, "upgrade")
-        async with redis.pipeline(transaction=True) as pipe:  # never seen half-written
-            pipe.delete([key])
-            pipe.hset(key, {k: str(v) for k, v in fields.items()})
-            pipe.pexpire(key, max(1, math.ceil(expires_in_s * 1000)))
-        self._cache.pop(kid, None)
+        with self._need_redis() as redis:
+            key = self._key(kid, "upgrade")
+            async with redis.pipeline(transaction=True) as pipe:  # never seen half-written
+                pipe.delete([key])
+                pipe.hset(key, {k: str(v) for k, v in fields.items()})
+                pipe.pexpire(key, max(1, math.ceil(expires_in_s * 1000)))
+            self._cache.pop(kid, None)

@@ -31,10 +31,9 @@ from backends.http.client import (
     BackendTimeout,
     BackendTooLarge,
     BackendUnavailable,
-    Response,
 )
-from backends.http.pool import BackendPool
 from scheduler.core import Outcome
+from scheduler.core.backend import Backend, BackendResponse
 from scheduler.openai.errors import ApiError, overloaded
 from scheduler.service.metrics import BackendErrorKind, backend_error_kind
 from scheduler.service.tracing import tracer
@@ -80,7 +79,7 @@ OPERATIONS = {
 class Target:
     """Where a call goes: the pool, the path, and the model named in the body."""
 
-    pool: BackendPool
+    pool: Backend
     path: str
     model: str
     timeout_s: float  # the whole call, a stream's last byte included
@@ -264,7 +263,7 @@ def _deadline(deadline_at: float, message: str) -> Iterator[None]:
         raise DeadlinePassed(message) from exc
 
 
-def judge(up: Response) -> tuple[Outcome, ApiError | None]:
+def judge(up: BackendResponse) -> tuple[Outcome, ApiError | None]:
     """How a backend status counts for the controller, and what the client gets instead."""
     status = up.status_code
     if status < 400:

@@ -25,12 +25,12 @@ from hypothesis import strategies as st
 from backends.redis.cache import (
     CACHE_KEY_FIELDS,
     CacheError,
-    CacheHit,
     CacheUnavailable,
     ResponseCache,
     canonical_request,
     request_digest,
 )
+from scheduler.core.cache import CacheHit
 from tests.conftest import open_pipelined
 
 DEADLINE_S = 5.0
