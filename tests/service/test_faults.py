@@ -361,7 +361,11 @@ async def test_a_slow_backend_still_answers_and_the_limit_backs_off(
     statuses = check_contract(answers, deadline_s=MAX_WAIT_S + 0.5 + 1.0)
     assert statuses == Counter({200: 40}), statuses
     assert all(a.elapsed_s >= 0.5 for a in answers)
-    assert min(limits) <= 0.5 * before, (before, limits)  # multiplied down, more than once
+    # multiplied down, more than once, from the highest it reached (slow start may first
+    # have grown it while the first slow answers were on their way)
+    peak = max([before, *limits])
+    after_peak = limits[limits.index(peak) :] if peak in limits else limits
+    assert min(after_peak) <= 0.5 * peak, (before, limits)
     await check_quota_kept(rig)
 
 
