@@ -37,12 +37,12 @@ class RedisKeyStore:
     """The key registry's hashes and id set; raises only `RedisUnavailable`."""
 
     def __init__(self, pipeliner: RedisPipeliner, *, prefix: str) -> None:
-        self.pipeliner = pipeliner
+        self._pipeliner = pipeliner
         self._prefix = prefix
 
     @property
     def _redis(self) -> coredis.Redis[Any]:
-        return self.pipeliner.redis
+        return self._pipeliner.redis
 
     def _key(self, key_id: str, role: str) -> str:
         return f"{self._prefix}:{{{key_id}}}:{role}"
@@ -51,7 +51,7 @@ class RedisKeyStore:
         """The key's meta and upgrade hashes, in one round trip."""
         meta_key, upgrade_key = self._key(key_id, "meta"), self._key(key_id, "upgrade")
         with translated_redis_errors():
-            meta, upgrade = await self.pipeliner.execute_each(
+            meta, upgrade = await self._pipeliner.execute_each(
                 [lambda pipe: pipe.hgetall(meta_key), lambda pipe: pipe.hgetall(upgrade_key)],
                 timeout_s=timeout_s,
             )
