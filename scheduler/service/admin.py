@@ -174,7 +174,7 @@ def _add_authentication(admin: Blueprint, replica: Replica) -> None:
             given[7:].strip().encode(), token.encode()
         ):
             raise ApiError(401, "A valid admin token is required.", code="invalid_admin_token")
-        if replica.registry.redis is None and request.path.startswith("/admin/v1/keys"):
+        if replica.registry.store is None and request.path.startswith("/admin/v1/keys"):
             raise redis_unavailable()
 
 

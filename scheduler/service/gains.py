@@ -11,13 +11,7 @@ first and applied here only once Redis took it. So the latest change taken wins:
 change followed by a reload of an unchanged file leaves the file's gains, everywhere; a
 reload followed by an admin change leaves the file's gains with that change on top.
 
-Why Redis checks a deadline: the admin API answers within the Redis timeout, and a 503 must
-mean "not applied anywhere". A write that reaches a paused Redis after the API gave up would
-otherwise be applied later, behind the operator's back (every replica follows the document).
-So a publish first reads Redis's clock, and the script refuses to write once Redis's clock is
-past the caller's deadline. The version lives in the document itself: one key, one slot
-(Redis Cluster), and the read-increment-write is one script. The clock is read on that key's
-node too: on a cluster another node's clock may differ from the one that checks the deadline.
+The document's storage, and why Redis checks a publish's deadline: `backends.redis.gains`.
 """
 
 from __future__ import annotations
@@ -32,7 +26,8 @@ from typing import Any
 import coredis
 import trio
 
-from backends.redis.errors import RedisUnavailable, translated_redis_errors
+from backends.redis.errors import RedisUnavailable
+from backends.redis.gains import publish_gains_document, read_gains_document
 from scheduler.core import AIMDConfig, AIMDController
 from scheduler.service.config import gains_from_dict, gains_to_dict
 from scheduler.service.metrics import GatewayMetrics
@@ -42,24 +37,6 @@ POLL_S = 0.5  # how often a replica looks for gains another one published
 READ_TIMEOUT_S = 0.2
 QUEUE = 64  # changes waiting for the owner; a sender past it waits (under its own deadline)
 
-# ARGV: gains JSON, the latest time (Redis's clock, s) it may be written, the lowest version
-PUBLISH_SCRIPT = """
-local t = redis.call('TIME')
-if tonumber(t[1]) + tonumber(t[2]) / 1000000 > tonumber(ARGV[2]) then return 0 end
-local version = tonumber(ARGV[3])
-local old = redis.call('GET', KEYS[1])
-if old then
-  local ok, doc = pcall(cjson.decode, old)
-  if ok and type(doc) == 'table' and type(doc.version) == 'number' then
-    version = math.max(version, math.floor(doc.version) + 1)
-  end
-end
-redis.call('SET', KEYS[1], '{"version": ' .. string.format('%d', version) ..
-  ', "gains": ' .. ARGV[1] .. '}')
-return version
-"""
-CLOCK_SCRIPT = "return redis.call('TIME')"
-
 
 async def publish_gains(
     redis: coredis.Redis[Any], key: str, config: AIMDConfig, *, after: int, deadline_at: float
@@ -67,18 +44,10 @@ async def publish_gains(
     """Write `config` as the gains document at `key`, with a version above `after` and the
     document's; return that version. Raises trio.TooSlowError (nothing written) when the
     write cannot happen by `deadline_at` (trio time), or RedisUnavailable."""
-    with trio.fail_at(deadline_at), translated_redis_errors():
-        # keyed: on a Redis Cluster, the clock of the node that checks the deadline
-        clock: Any = await redis.eval(CLOCK_SCRIPT, keys=[key])
-        redis_now = int(clock[0]) + int(clock[1]) / 1e6
-        # Redis's clock read before now: its deadline is at or before ours
-        not_after = redis_now + (deadline_at - trio.current_time())
-        args: list[str | int] = [json.dumps(gains_to_dict(config)), repr(not_after), after + 1]
-        written: Any = await redis.eval(PUBLISH_SCRIPT, keys=[key], args=args)
-        version = int(written)
-    if not version:
-        raise trio.TooSlowError("Redis took the gains past their deadline; not written")
-    return version
+    gains_json = json.dumps(gains_to_dict(config))
+    return await publish_gains_document(
+        redis, key, gains_json, after=after, deadline_at=deadline_at
+    )
 
 
 @dataclass(eq=False, slots=True)
@@ -178,8 +147,7 @@ class GainsOwner:
             if redis is None:
                 continue
             try:
-                with translated_redis_errors(), trio.fail_after(READ_TIMEOUT_S):
-                    raw = await redis.get(self._key)
+                raw = await read_gains_document(redis, self._key, timeout_s=READ_TIMEOUT_S)
             except RedisUnavailable:
                 continue
             if raw and raw != self._rejected:

@@ -25,6 +25,7 @@ from backends.http.pool import BackendPool, HttpBackend
 from backends.probes.metrics import PoolPressure
 from backends.redis.cache import ResponseCache
 from backends.redis.errors import RedisUnavailable, translated_redis_errors
+from backends.redis.keys import RedisKeyStore
 from backends.redis.pipeliner import RedisPipeliner
 from backends.redis.quota import QuotaStoreError, RedisQuotaStore
 from backends.redis.topology import open_redis, shard_of, shards
@@ -59,7 +60,6 @@ class Replica:
         self.registry = KeyRegistry(
             settings.keys,
             settings.key_secret,
-            prefix=f"{settings.redis_prefix}:tenancy",
             timeout=self.redis_timeout,
             breakers=self.breakers,
             scope_of=self._shard_of,
@@ -182,7 +182,9 @@ class Replica:
             pipeliner = RedisPipeliner(redis, timeout_s=2 * self.redis_timeout.ceiling_s)
             await nursery.start(pipeliner.run)
             self._redis = redis
-            self.registry.pipeliner = pipeliner
+            self.registry.store = RedisKeyStore(
+                pipeliner, prefix=f"{self.settings.redis_prefix}:tenancy"
+            )
             # no timeout of its own: the quota guard times each call (adaptively)
             self.quota.store = store = RedisQuotaStore(
                 redis, prefix=f"{self.settings.redis_prefix}:quota", pipeliner=pipeliner
@@ -209,7 +211,7 @@ class Replica:
             try:
                 await trio.sleep_forever()
             finally:
-                self._redis = self.registry.pipeliner = self.quota.store = None
+                self._redis = self.registry.store = self.quota.store = None
 
     def current_pressure(self) -> float:
         """The backends' pressure for the controller: the most loaded model's pool."""

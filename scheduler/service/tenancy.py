@@ -5,28 +5,21 @@ revocation or a quota change within a second without a restart. Each replica kee
 for `cache_s` (0.5 s) and then asks Redis again; while Redis is out it keeps using the last
 record it saw (and the config file's keys), so an outage does not lock tenants out.
 
-Redis layout (the key id in a hash tag, as for the quotas):
-
-    <prefix>:{<key_id>}:meta      hash: tenant, tier, bypass, revoked, created, quota overrides
-    <prefix>:{<key_id>}:upgrade   hash: temporary quota fields; its TTL is the upgrade's expiry
-    <prefix>:keys                 set of the key ids created through the admin API
+The records live in Redis through `backends.redis.keys.RedisKeyStore` (its key layout there).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import coredis
 import trio
 
-from backends.redis.errors import RedisUnavailable, translated_redis_errors
-from backends.redis.pipeliner import RedisPipeliner
+from backends.redis.errors import RedisUnavailable
+from backends.redis.keys import RedisKeyStore
 from policies.breaker import CircuitBreaker, ScopedBreakers
 from scheduler.errors import SchedulerError
 from scheduler.service.config import KeySettings, key_id
@@ -78,15 +71,6 @@ def _unpack(packed: _Packed | None) -> KeyRecord | None:
     return None if packed is None else KeyRecord(*packed)
 
 
-def _decode(raw: dict[Any, Any]) -> dict[str, str]:
-    return {
-        (k.decode() if isinstance(k, bytes) else str(k)): (
-            v.decode() if isinstance(v, bytes) else str(v)
-        )
-        for k, v in raw.items()
-    }
-
-
 def _quota_fields(data: dict[str, str], prefix: str = "") -> tuple[tuple[str, Any], ...]:
     fields: list[tuple[str, Any]] = []
     for name in QUOTA_FIELDS:
@@ -110,7 +94,6 @@ class KeyRegistry:
         static: tuple[KeySettings, ...],
         secret: bytes,
         *,
-        prefix: str = "tenancy",
         cache_s: float = 0.5,
         timeout: AdaptiveTimeout | None = None,
         breakers: ScopedBreakers | None = None,
@@ -118,7 +101,6 @@ class KeyRegistry:
     ) -> None:
         self._static = {k.key_id: KeyRecord(k.key_id, k.tenant, k.tier, k.bypass) for k in static}
         self._secret = secret
-        self._prefix = prefix
         self._cache_s = cache_s
         self._timeout = timeout or AdaptiveTimeout(0.1)
         # plain tuples of plain values, which the garbage collector stops tracking: 100,000
@@ -129,14 +111,7 @@ class KeyRegistry:
         self._breakers = breakers
         self.scope_of = scope_of
         self._fetching: dict[str, trio.Event] = {}
-        self.pipeliner: RedisPipeliner | None = None  # Redis, when connected
-
-    @property
-    def redis(self) -> coredis.Redis[Any] | None:
-        return None if self.pipeliner is None else self.pipeliner.redis
-
-    def _key(self, key_id: str, role: str) -> str:
-        return f"{self._prefix}:{{{key_id}}}:{role}"
+        self.store: RedisKeyStore | None = None  # Redis, when connected
 
     def key_id(self, clear_key: str) -> str:
         return key_id(clear_key, self._secret)
@@ -158,7 +133,7 @@ class KeyRegistry:
                 raise KeysUnavailable("the key could not be looked up in time")
             return stale if cached is None else _unpack(cached[0])
         breaker = self._breaker(kid)
-        if self.pipeliner is None:
+        if self.store is None:
             return stale
         if breaker is not None and not breaker.allow(now=now):
             if stale is None:
@@ -166,7 +141,7 @@ class KeyRegistry:
             return stale
         self._fetching[kid] = done = trio.Event()
         try:
-            return await self._fetch(kid, stale, now)
+            return await self._fetch(self.store, kid, stale, now)
         finally:
             del self._fetching[kid]
             done.set()
@@ -174,20 +149,22 @@ class KeyRegistry:
     async def refresh(self, kid: str, *, now: float) -> KeyRecord | None:
         """The record as Redis has it now, not as cached (for the admin API); raises
         KeysUnavailable when Redis cannot say."""
-        if self.pipeliner is None:
+        if self.store is None:
             raise KeysUnavailable("Redis is not connected")
         self._cache.pop(kid, None)
-        return await self._fetch(kid, None, now)
+        return await self._fetch(self.store, kid, None, now)
 
     def _breaker(self, kid: str) -> CircuitBreaker | None:
         return None if self._breakers is None else self._breakers.get(self.scope_of(kid))
 
-    async def _fetch(self, kid: str, stale: KeyRecord | None, now: float) -> KeyRecord | None:
+    async def _fetch(
+        self, store: RedisKeyStore, kid: str, stale: KeyRecord | None, now: float
+    ) -> KeyRecord | None:
         breaker = self._breaker(kid)
         try:
             started = trio.current_time()
             # timed by the pipeliner on Redis's time, not our loop's lag (redis_pipeliner)
-            meta, upgrade = await self._read(kid, timeout_s=self._timeout.current())
+            meta, upgrade = await store.read(kid, timeout_s=self._timeout.current())
             self._timeout.observe(trio.current_time() - started)
         except RedisUnavailable as exc:
             if breaker is not None:
@@ -203,17 +180,6 @@ class KeyRegistry:
         self._cache[kid] = (_pack(record), now)
         return record
 
-    async def _read(self, kid: str, *, timeout_s: float) -> tuple[dict[str, str], dict[str, str]]:
-        """The key's meta and upgrade hashes, in one round trip."""
-        assert self.pipeliner is not None, "lookup() checks it"
-        meta_key, upgrade_key = self._key(kid, "meta"), self._key(kid, "upgrade")
-        with translated_redis_errors():
-            meta, upgrade = await self.pipeliner.execute_each(
-                [lambda pipe: pipe.hgetall(meta_key), lambda pipe: pipe.hgetall(upgrade_key)],
-                timeout_s=timeout_s,
-            )
-        return _decode(meta), _decode(upgrade)
-
     def _record(self, kid: str, meta: dict[str, str], upgrade: dict[str, str]) -> KeyRecord | None:
         base = self._static.get(kid)
         if not meta:
@@ -228,97 +194,70 @@ class KeyRegistry:
             upgrade=_quota_fields(upgrade),
         )
 
-    # -- the admin API's operations (Redis required) ------------------------------------------
+    # -- the admin API's operations (Redis required; its failures raised as RedisUnavailable)
 
-    @contextmanager
-    def _need_redis(self) -> Iterator[coredis.Redis[bytes]]:
-        """The client, for an admin operation; Redis's failures raised as RedisUnavailable."""
-        if self.redis is None:
+    def _need_store(self) -> RedisKeyStore:
+        if self.store is None:
             raise RuntimeError("Redis is not connected")
-        with translated_redis_errors():
-            yield self.redis
+        return self.store
+
+    def _base(self, kid: str) -> tuple[str, str] | None:
+        """A config key's tenant and tier: its meta hash gets them when the admin API first
+        changes it."""
+        base = self._static.get(kid)
+        return None if base is None else (base.tenant, base.tier)
 
     async def create(
         self, tenant: str, tier: str, *, bypass: bool, created_unix: float
     ) -> tuple[str, KeyRecord]:
         """A new key; the clear key is returned once and never stored."""
-        with self._need_redis() as redis:
-            clear = "sk-" + secrets.token_urlsafe(32)
-            kid = self.key_id(clear)
-            await redis.hset(
-                self._key(kid, "meta"),
-                {
-                    "tenant": tenant,
-                    "tier": tier,
-                    "bypass": "1" if bypass else "0",
-                    "revoked": "0",
-                    "created": str(created_unix),
-                },
-            )
-            await redis.sadd(f"{self._prefix}:keys", [kid])
-            self._cache.pop(kid, None)
-            return clear, KeyRecord(kid, tenant, tier, bypass)
+        store = self._need_store()
+        clear = "sk-" + secrets.token_urlsafe(32)
+        kid = self.key_id(clear)
+        await store.create(
+            kid,
+            {
+                "tenant": tenant,
+                "tier": tier,
+                "bypass": "1" if bypass else "0",
+                "revoked": "0",
+                "created": str(created_unix),
+            },
+        )
+        self._cache.pop(kid, None)
+        return clear, KeyRecord(kid, tenant, tier, bypass)
 
     async def list(self) -> list[KeyRecord]:
-        with self._need_redis() as redis:
-            ids = {
-                m.decode() if isinstance(m, bytes) else str(m)
-                for m in await redis.smembers(f"{self._prefix}:keys")
-            }
-            kids = sorted(ids | set(self._static))
-            records = []
-            for start in range(0, len(kids), 500):  # a round trip per 500 keys
-                chunk = kids[start : start + 500]
-                async with redis.pipeline(transaction=False) as pipe:
-                    replies = [
-                        (
-                            pipe.hgetall(self._key(kid, "meta")),
-                            pipe.hgetall(self._key(kid, "upgrade")),
-                        )
-                        for kid in chunk
-                    ]
-                for kid, (meta, upgrade) in zip(chunk, replies, strict=True):
-                    record = self._record(kid, _decode(await meta), _decode(await upgrade))
-                    if record is not None:
-                        records.append(record)
-            return records
+        store = self._need_store()
+        kids = sorted(await store.ids() | set(self._static))
+        records = [
+            self._record(kid, meta, upgrade)
+            for kid, (meta, upgrade) in zip(kids, await store.read_many(kids), strict=True)
+        ]
+        return [record for record in records if record is not None]
 
     async def exists(self, kid: str) -> bool:
-        with self._need_redis() as redis:
-            return kid in self._static or bool(await redis.exists([self._key(kid, "meta")]))
-
-    def _base_meta(self, pipe: Any, kid: str) -> None:
-        """Config keys get a meta hash the first time the admin API changes them."""
-        base = self._static.get(kid)
-        if base is not None:
-            pipe.hsetnx(self._key(kid, "meta"), "tenant", base.tenant)
-            pipe.hsetnx(self._key(kid, "meta"), "tier", base.tier)
+        store = self._need_store()
+        return kid in self._static or await store.exists(kid)
 
     async def revoke(self, kid: str) -> None:
-        with self._need_redis() as redis:
-            async with redis.pipeline(transaction=True) as pipe:
-                self._base_meta(pipe, kid)
-                pipe.hset(self._key(kid, "meta"), {"revoked": "1"})
-            self._cache.pop(kid, None)
+        await self._need_store().update_meta(kid, {"revoked": "1"}, base=self._base(kid))
+        self._cache.pop(kid, None)
 
     async def set_override(self, kid: str, fields: dict[str, Any]) -> None:
         """Replace the key's quota override (an empty dict clears it), in one transaction:
         a lookup never sees the old override half-replaced."""
-        meta = self._key(kid, "meta")
-        with self._need_redis() as redis:
-            async with redis.pipeline(transaction=True) as pipe:
-                self._base_meta(pipe, kid)
-                pipe.hdel(meta, ["q_" + f for f in QUOTA_FIELDS])
-                if fields:
-                    pipe.hset(meta, {"q_" + k: str(v) for k, v in fields.items()})
-            self._cache.pop(kid, None)
+        await self._need_store().update_meta(
+            kid,
+            {"q_" + k: str(v) for k, v in fields.items()},
+            cleared=["q_" + f for f in QUOTA_FIELDS],
+            base=self._base(kid),
+        )
+        self._cache.pop(kid, None)
 
     async def set_upgrade(self, kid: str, fields: dict[str, Any], *, expires_in_s: float) -> None:
         """A temporary quota upgrade that Redis forgets after `expires_in_s`."""
-        with self._need_redis() as redis:
-            key = self._key(kid, "upgrade")
-            async with redis.pipeline(transaction=True) as pipe:  # never seen half-written
-                pipe.delete([key])
-                pipe.hset(key, {k: str(v) for k, v in fields.items()})
-                pipe.pexpire(key, max(1, math.ceil(expires_in_s * 1000)))
-            self._cache.pop(kid, None)
+        await self._need_store().set_upgrade(
+            kid, {k: str(v) for k, v in fields.items()}, expires_in_s=expires_in_s
+        )
+        self._cache.pop(kid, None)

@@ -8,6 +8,7 @@ import uuid
 
 import trio
 
+from backends.redis.keys import RedisKeyStore
 from scheduler.service.tenancy import KeyRegistry
 from tests.conftest import open_pipelined
 
@@ -19,8 +20,8 @@ async def test_looked_up_records_are_cached_as_untracked_values(redis_url: str) 
     about 70 ms on this machine, longer than the Redis timeout of every call in flight."""
     with trio.fail_after(DEADLINE_S):
         async with open_pipelined(redis_url) as (_, pipeliner):
-            registry = KeyRegistry((), b"secret", prefix=f"test-{uuid.uuid4().hex[:8]}")
-            registry.pipeliner = pipeliner
+            registry = KeyRegistry((), b"secret")
+            registry.store = RedisKeyStore(pipeliner, prefix=f"test-{uuid.uuid4().hex[:8]}")
             created = [
                 await registry.create(f"t{i}", "pro", bypass=False, created_unix=0.0)
                 for i in range(20)
