@@ -305,7 +305,7 @@ class QuotaHold:
         self.settled = False
 
     def settle(self, *, used: int, failed: bool, now: float) -> None:
-        """Give back the reserved tokens the call did not `used` and, when the backends
+        """Give back the reserved tokens beyond what the call `used` and, when the backends
         `failed` it, the request too. The local limiter takes no use over the estimate: it is
         a stand-in while Redis is out."""
         if self.settled:
