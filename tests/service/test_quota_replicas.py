@@ -1,10 +1,11 @@
 """Quotas hold exactly across replicas: three gateway processes, one Redis, one demo backend.
 
 Three `scheduler serve` processes share the session's Redis and one demo backend process. Two
-keys, one on a sliding-window-log tier (10 requests a minute) and one on a GCRA tier (10 a
-minute, burst 5), are hammered for 70 s by 60 clients each, spread over the three replicas.
-Whatever replica a request lands on, no 60-second window may hold more admissions than the
+keys, one on a sliding-window-log tier (10 requests per 15 s) and one on a GCRA tier (10 per
+15 s, burst 5), are hammered for 20 s by 60 clients each, spread over the three replicas.
+Whatever replica a request lands on, no 15-second window may hold more admissions than the
 quota allows: 10 for the log, 10 + 5 for the GCRA (its bucket can be full at the window's start).
+(The window's length changes nothing of what is tested; 15 s keeps the test at ~20 s.)
 
 Admission happens in Redis somewhere between a client's send and its receive, so a request
 counts in a window only if both its send and its receive lie inside it: the check can never
@@ -38,8 +39,8 @@ from tests.conftest import start_demo, start_gateway
 SCHEDULER = str(Path(sys.executable).parent / "scheduler")
 REPLICAS = 3
 CLIENTS_PER_KEY = 60
-LOAD_S = 70.0
-PERIOD_S = 60.0
+LOAD_S = 20.0  # more than one window, so windows that straddle two are checked too
+PERIOD_S = 15.0  # the quota's window: any length tests the same sharing
 LIMIT = 10
 BURST = 5
 CHAT = {"model": "demo-small", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -223,8 +224,8 @@ async def test_quotas_hold_across_three_replicas(redis_url: str, tmp_path: Path)
     report = {
         name: {
             "admitted": len(t.admitted),
-            "max_in_60s": t.max_in_window(PERIOD_S),
-            "max_in_60s_by_redis": t.max_in_window(PERIOD_S, redis_only=True),
+            "max_in_window": t.max_in_window(PERIOD_S),
+            "max_in_window_by_redis": t.max_in_window(PERIOD_S, redis_only=True),
             "refused": t.refused,
             "local_decisions": len(t.local_decisions),
             "local_admitted": sum(1 for _, _, local in t.admitted if local),
