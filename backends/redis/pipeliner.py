@@ -50,7 +50,7 @@ from coredis.commands.script import Script
 Command = Callable[[Any], Any]  # given the pipeline, queues one command on it
 LAG_TICK_S = 0.005  # how often LoopLag looks: a late wake-up of this task is the loop's lag
 MOVING_FOR_S = 2.0  # a slot that answered TRYAGAIN keeps a lane of its own this long
-_MOVING_ERRORS = (
+MOVING_ERRORS = (  # a command's error that means its slot is moving, not that Redis failed
     coredis.exceptions.TryAgainError,  # the slot is migrating: a script's keys on both nodes
     coredis.exceptions.AskError,
     coredis.exceptions.ClusterError,  # coredis's redirect tries ran out
@@ -127,7 +127,8 @@ class RedisPipeliner:
         self._max_batch = max_batch
         self._timeout_s = timeout_s
         self._front = _Lane()  # what callers queued, not yet sent (or routed to a node)
-        self._lanes: dict[str, _Lane] = {}  # a Redis Cluster's nodes (and moving slots)
+        # a Redis Cluster's lanes: (node, None) for a node's, (node, slot) for a moving slot's
+        self._lanes: dict[tuple[str, int | None], _Lane] = {}
         self._moving_until: dict[int, float] = {}  # slots that answered TRYAGAIN, until when
         self.lag = LoopLag()
         self.round_trips = 0
@@ -218,11 +219,16 @@ class RedisPipeliner:
         while True:
             await lane.wakeup.wait()
             lane.wakeup = trio.Event()
-            while lane.queue:
-                batch = [p for p in lane.queue[: self._max_batch] if not p.abandoned]
-                del lane.queue[: self._max_batch]
-                if batch:
-                    await send(batch)
+            await self._send_queued(lane, send)
+
+    async def _send_queued(
+        self, lane: _Lane, send: Callable[[list[_Pending]], Awaitable[None]]
+    ) -> None:
+        while lane.queue:
+            batch = [p for p in lane.queue[: self._max_batch] if not p.abandoned]
+            del lane.queue[: self._max_batch]
+            if batch:
+                await send(batch)
 
     def _to_lanes(
         self, batch: list[_Pending], cluster: coredis.RedisCluster[Any], nursery: trio.Nursery
@@ -235,22 +241,22 @@ class RedisPipeliner:
             lane = self._lanes.get(name)
             if lane is None:  # the nodes ever seen: a few, plus one per failover
                 lane = self._lanes[name] = _Lane()
-                if " slot " in name:
-                    nursery.start_soon(self._drain_moving, name, lane)
-                else:
+                if name[1] is None:
                     nursery.start_soon(self._drain, lane, self._send_pipeline)
+                else:
+                    nursery.start_soon(self._drain_moving, name, lane)
             lane.queue.extend(group)
             lane.wakeup.set()
 
     def _per_node(
         self, batch: list[_Pending], cluster: coredis.RedisCluster[Any], now: float
-    ) -> dict[str, list[_Pending]]:
+    ) -> dict[tuple[str, int | None], list[_Pending]]:
         """The batch grouped by the node that serves each command's slot (as the client's slot
         map has it now; a command that meets MOVED or ASK is redirected by coredis), a moving
         slot's apart."""
         probe: Any = cluster.pipeline(transaction=False)
         layout = cluster.connection_pool.cluster_layout
-        groups: dict[str, list[_Pending]] = {}
+        groups: dict[tuple[str, int | None], list[_Pending]] = {}
         for p in batch:
             p.command(probe)
             request = probe.command_stack[-1]
@@ -260,9 +266,8 @@ class RedisPipeliner:
                 name = ""  # no single slot: its own pipeline, where coredis raises the error
             slots = request.affected_slots
             p.slot = slots[0] if len(slots) == 1 else None
-            if self._moving(p.slot, now):
-                name = f"{name} slot {p.slot}"
-            groups.setdefault(name, []).append(p)
+            moving = p.slot if self._moving(p.slot, now) else None
+            groups.setdefault((name, moving), []).append(p)
         return groups
 
     def _moving(self, slot: int | None, now: float | None = None) -> bool:
@@ -273,19 +278,16 @@ class RedisPipeliner:
             trio.current_time() if now is None else now
         )
 
-    async def _drain_moving(self, name: str, lane: _Lane) -> None:
+    async def _drain_moving(self, name: tuple[str, int | None], lane: _Lane) -> None:
         """A moving slot's lane: drained like a node's until the slot has settled and nothing
         is queued, then closed (later commands for the slot go to its node's lane again)."""
-        slot = int(name.rsplit(" ", 1)[1])
-        while lane.queue or self._moving_until.get(slot, -math.inf) > trio.current_time():
+        _, slot = name
+        assert slot is not None
+        while lane.queue or self._moving(slot):
             with trio.move_on_at(self._moving_until.get(slot, -math.inf)):
                 await lane.wakeup.wait()
             lane.wakeup = trio.Event()
-            while lane.queue:
-                batch = [p for p in lane.queue[: self._max_batch] if not p.abandoned]
-                del lane.queue[: self._max_batch]
-                if batch:
-                    await self._send_pipeline(batch)
+            await self._send_queued(lane, self._send_pipeline)
         self._moving_until.pop(slot, None)
         del self._lanes[name]
 
@@ -309,7 +311,7 @@ class RedisPipeliner:
                     p.reply = await request  # ready: the pipeline has run
                 except Exception as exc:  # this command's own error
                     p.error = exc
-                    if isinstance(exc, _MOVING_ERRORS) and p.slot is not None:
+                    if isinstance(exc, MOVING_ERRORS) and p.slot is not None:
                         self._moving_until[p.slot] = trio.current_time() + MOVING_FOR_S
                 p.done.set()
         except trio.TooSlowError:

@@ -50,7 +50,7 @@ import trio
 from coredis.commands.script import Script
 
 from backends.redis.lua import ADD_CREDITS_SCRIPT, SETTLE_SCRIPT, TAKE_SCRIPT
-from backends.redis.pipeliner import RedisPipeliner
+from backends.redis.pipeliner import MOVING_ERRORS, RedisPipeliner
 from policies.ratelimit import CounterState, LogEntry, LogState, RateDecision
 from scheduler.core.quota_store import (
     ALGORITHM_KINDS,
@@ -83,9 +83,6 @@ _UNAVAILABLE = (
     TimeoutError,
     OSError,
 )
-# a slot being moved between nodes: TRYAGAIN (a script's keys are on both), or redirects
-# still unsettled after the client's tries (coredis raises a bare ClusterError then)
-_MOVING = (coredis.exceptions.TryAgainError, coredis.exceptions.AskError)
 
 
 class QuotaStoreError(SchedulerError):
@@ -298,9 +295,7 @@ class RedisQuotaStore:
             raise QuotaStoreUnavailable(f"redis did not answer within {within}") from exc
         except _UNAVAILABLE as exc:
             raise QuotaStoreUnavailable(f"redis is unreachable: {exc}") from exc
-        except _MOVING as exc:
-            raise QuotaStoreBusy(f"the key's slot is moving: {exc}") from exc
-        except coredis.exceptions.ClusterError as exc:  # redirected CLUSTER_ATTEMPTS times
+        except MOVING_ERRORS as exc:  # TRYAGAIN, or redirects not settled in coredis's tries
             raise QuotaStoreBusy(f"the key's slot is moving: {exc}") from exc
         except coredis.exceptions.RedisError as exc:
             raise QuotaStoreError(f"redis refused a quota command: {exc}") from exc

@@ -43,7 +43,7 @@ from scheduler.service.quota import (
     rate_limit_headers,
 )
 from scheduler.service.tenancy import KeyRecord, KeyRegistry, KeysUnavailable
-from scheduler.service.upstream import Ended, Reply, Target, call_stream, call_whole
+from scheduler.service.upstream import Ended, OnEnd, Reply, Target, call_stream, call_whole
 
 PATHS = {
     "chat": "/v1/chat/completions",
@@ -212,20 +212,33 @@ class Gateway:
             "bypass" if record.bypass else "queued_admitted" if queued else "admitted"
         )
         meter.outcome = outcome
-        server = self.settings.server
+        on_end = partial(self._ended, job, decision)
+        keep_bytes = self._stream_keep_bytes(call)
+        return await self._call(job, pool, call.model, job.raw, on_end, keep_bytes=keep_bytes)
+
+    async def _call(
+        self,
+        job: Job,
+        pool: Backend,
+        model: str,
+        body: bytes,
+        on_end: OnEnd,
+        *,
+        keep_bytes: int = 0,
+    ) -> Reply:
+        """Send `body` to `model`'s `pool`, whole or streamed as the client asked."""
+        call, server = job.call, self.settings.server
         target = Target(
             pool,
             PATHS[call.route],
-            call.model,
+            model,
             server.request_timeout_s,
-            self._stream_keep_bytes(call),
+            keep_bytes,
             server.first_byte_timeout_s,
         )
         call_backend = call_stream if call.stream else call_whole
-        on_end = partial(self._ended, job, decision)
-        return await call_backend(
-            target, job.raw, _forwarded(job.headers), call.prompt_tokens, on_end
-        )
+        forward = _forwarded(job.headers)
+        return await call_backend(target, body, forward, call.prompt_tokens, on_end)
 
     def _ended(self, job: Job, admit: Admit, ended: Ended) -> None:
         """The admitted call's end: the gate's slot back, the quota settled, the answer cached."""
@@ -377,22 +390,13 @@ class Gateway:
         target, pool = fallback
         call = job.call
         body = json.dumps({**call.body, "model": target.name}).encode()
-        server = self.settings.server
-        to = Target(
-            pool,
-            PATHS[call.route],
-            target.name,
-            server.request_timeout_s,
-            first_byte_timeout_s=server.first_byte_timeout_s,
-        )
         extra = {**extra, "x-scheduler-degraded": f"fallback:{target.name}"}
 
         def on_end(ended: Ended) -> None:  # outside the gate: nothing to release
             job.settle_ended(ended)
             job.meter.backend_done(model=target.name, error=ended.error, now=trio.current_time())
 
-        call_backend = call_stream if call.stream else call_whole
-        reply = await call_backend(to, body, _forwarded(job.headers), call.prompt_tokens, on_end)
+        reply = await self._call(job, pool, target.name, body, on_end)
         reply.headers.update(extra)
         return reply
 

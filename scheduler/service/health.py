@@ -70,8 +70,7 @@ class RedisHealth:
         if redis is None:  # the client is being closed (shutting down): no news
             return
         if isinstance(redis, coredis.RedisCluster):
-            nodes = await self._primaries(redis, holders)
-            count = len(redis.connection_pool.cluster_layout.primaries)
+            nodes, count = await self._primaries(redis, holders)
         else:
             nodes, count = [redis], 1
         errors: list[str] = []
@@ -86,9 +85,10 @@ class RedisHealth:
 
     async def _primaries(
         self, cluster: coredis.RedisCluster[Any], holders: trio.Nursery
-    ) -> list[coredis.Redis[Any]]:
+    ) -> tuple[list[coredis.Redis[Any]], int]:
         """A client per primary of the slot map, kept from ping to ping (one connection each,
-        not one a ping); a node no longer a primary has its client closed."""
+        not one a ping), and how many primaries the map has (a client may have failed to
+        open); a node no longer a primary has its client closed."""
         wanted = {node.name: node for node in cluster.connection_pool.cluster_layout.primaries}
         for name in [name for name in self._nodes if name not in wanted]:
             self._nodes.pop(name)[1].cancel()
@@ -97,7 +97,7 @@ class RedisHealth:
                 client = node.as_client(**cluster.connection_pool.connection_kwargs)
                 with trio.move_on_after(self._timeout_s):
                     await holders.start(self._hold, name, client)
-        return [client for client, _ in self._nodes.values()]
+        return [client for client, _ in self._nodes.values()], len(wanted)
 
     async def _hold(
         self, name: str, client: coredis.Redis[Any], *, task_status: trio.TaskStatus[None]
