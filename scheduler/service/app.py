@@ -1,4 +1,7 @@
-"""The HTTP surface on quart-trio: OpenAI-compatible routes, health, readiness, OpenAPI.
+"""The HTTP surface: OpenAI-compatible routes, health, readiness, OpenAPI, the admin API.
+
+The inference routes are a bare ASGI app in front (`scheduler.service.inference`, which says
+why); the rest is quart-trio.
 
 Every error leaves as OpenAI-shaped JSON: the handlers raise `ApiError`, and the framework's
 own errors (404, 405, 413) and anything unexpected are translated by the handlers below, so
@@ -10,27 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from typing import Any
 
 import trio
 from hypercorn.typing import ASGISendCallable, ASGISendEvent
-from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind
 from quart import Response, request
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from scheduler.openai.body import read_call
 from scheduler.openai.errors import ApiError
 from scheduler.service import http1
 from scheduler.service.admin import create_admin
+from scheduler.service.inference import InferenceApp
 from scheduler.service.openapi import openapi_document
 from scheduler.service.replica import Replica
-from scheduler.service.tracing import tracer
-from scheduler.service.upstream import Reply
 
 log = logging.getLogger("scheduler.service")
 
@@ -64,25 +61,13 @@ def _error_response(error: ApiError) -> Response:
     return Response(error.body(), status=error.status, headers=error.headers())
 
 
-async def _ending(
-    span: trace.Span, body: AsyncGenerator[bytes, None]
-) -> AsyncGenerator[bytes, None]:
-    """`body`, then the end of the server span; closing this closes `body` at once (the
-    upstream call and the admission ticket with it)."""
-    try:
-        async with aclosing(body):
-            async for chunk in body:
-                yield chunk
-    finally:
-        span.end()
-
-
 def _json(data: Any, status: int = 200) -> Response:
     return Response(json.dumps(data), status=status, content_type="application/json")
 
 
-def create_app(replica: Replica) -> QuartTrio:
-    """The quart-trio app for one replica."""
+def create_app(replica: Replica) -> InferenceApp:
+    """The ASGI app for one replica: the inference routes bare (`InferenceApp`), the rest on
+    quart-trio."""
     app = _App("scheduler")
     # a path is matched as sent: werkzeug would otherwise answer `/v1//models` with a 308 and
     # an HTML page (a redirect no OpenAI client follows for a POST); unknown paths get our 404
@@ -100,69 +85,12 @@ def create_app(replica: Replica) -> QuartTrio:
     async def stop() -> None:
         await replica.stop()
 
-    _add_inference_routes(app, replica)
     _add_model_routes(app, replica)
     _add_operations_routes(app, replica)
     app.register_blueprint(create_admin(replica))
     _add_framing_hooks(app)
     _add_error_handlers(app, replica.settings.server.max_body_bytes)
-    return app
-
-
-def _add_inference_routes(app: QuartTrio, replica: Replica) -> None:
-    @app.post("/v1/chat/completions")
-    async def chat_completions() -> Response:
-        return await _inference(replica, "chat")
-
-    @app.post("/v1/completions")
-    async def completions() -> Response:
-        return await _inference(replica, "completions")
-
-    @app.post("/v1/embeddings")
-    async def embeddings() -> Response:
-        return await _inference(replica, "embeddings")
-
-
-async def _inference(replica: Replica, route: str) -> Response:
-    """One inference request under its server span; a stream's span ends with its last byte."""
-    headers = {k.lower(): v for k, v in request.headers.items()}
-    span = tracer().start_span(
-        f"{request.method} {request.path}",
-        context=propagate.extract(headers),
-        kind=SpanKind.SERVER,
-        attributes={"http.request.method": request.method, "url.path": request.path},
-    )
-    try:
-        with trace.use_span(span, record_exception=False):
-            reply = await _answer(replica, route, headers, span)
-    except BaseException as exc:
-        if isinstance(exc, ApiError):
-            span.set_attribute("http.response.status_code", exc.status)
-            span.set_attribute("error.type", exc.code or exc.type)
-        span.end()
-        raise
-    span.set_attribute("http.response.status_code", reply.status)
-    if isinstance(reply.body, bytes):
-        span.end()
-        return Response(reply.body, status=reply.status, headers=reply.headers)
-    # a stream: the span lasts until its last byte is sent (or the client goes away)
-    response = Response(_ending(span, reply.body), status=reply.status, headers=reply.headers)
-    response.timeout = None
-    return response
-
-
-async def _answer(replica: Replica, route: str, headers: dict[str, str], span: trace.Span) -> Reply:
-    gateway = replica.gateway
-    # the body first: answering before it is read would leave it in the connection
-    raw = await request.get_data(cache=False, as_text=False)
-    assert isinstance(raw, bytes)
-    key = await gateway.authenticate(headers.get("authorization"))
-    span.set_attribute("scheduler.tier", key.tier)
-    server = replica.settings.server
-    call = read_call(route, raw, default_max_tokens=server.default_max_tokens)
-    span.set_attribute("gen_ai.request.model", call.model)
-    span.set_attribute("scheduler.stream", call.stream)
-    return await gateway.serve(key, call, raw, headers)
+    return InferenceApp(replica, app)
 
 
 def _add_model_routes(app: QuartTrio, replica: Replica) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AbstractContextManager, AsyncExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import trio
@@ -36,7 +36,7 @@ from scheduler.core import Outcome
 from scheduler.core.backend import Backend, BackendResponse
 from scheduler.openai.errors import ApiError, overloaded
 from scheduler.service.metrics import BackendErrorKind, backend_error_kind
-from scheduler.service.tracing import tracer
+from scheduler.service.tracing import tracer, tracing_on
 
 SATURATED = frozenset({429, 503})
 
@@ -90,7 +90,10 @@ class Target:
         return started_at + min(self.timeout_s, self.first_byte_timeout_s)
 
 
-def _client_span(target: Target, prompt_tokens: int) -> trace.Span:
+def _client_span(target: Target, prompt_tokens: int) -> trace.Span | None:
+    """The backend call's span, or None when tracing is off."""
+    if not tracing_on():
+        return None
     operation = OPERATIONS.get(target.path, "chat")
     return tracer().start_span(
         f"{operation} {target.model}",
@@ -104,7 +107,14 @@ def _client_span(target: Target, prompt_tokens: int) -> trace.Span:
     )
 
 
-def _end_span(span: trace.Span, ended: Ended) -> None:
+def _current(span: trace.Span | None) -> AbstractContextManager[object]:
+    """`span` made current (so `traceparent` carries it to the backend), when there is one."""
+    return nullcontext() if span is None else trace.use_span(span, end_on_exit=False)
+
+
+def _end_span(span: trace.Span | None, ended: Ended) -> None:
+    if span is None:
+        return
     span.set_attribute("http.response.status_code", ended.status)
     span.set_attribute("gen_ai.usage.output_tokens", ended.output_tokens)
     span.set_attribute("scheduler.outcome", ended.outcome.value)
@@ -125,7 +135,7 @@ async def call_whole(
     try:
         # `timeout_s` bounds the whole call, not each read: a backend dripping bytes is late too
         whole_at = started_at + target.timeout_s
-        with trace.use_span(span, end_on_exit=False), _deadline(whole_at, WHOLE_LATE):
+        with _current(span), _deadline(whole_at, WHOLE_LATE):
             async with target.pool.post(
                 target.path, raw, headers, timeout_s=target.timeout_s
             ) as up:
@@ -178,7 +188,7 @@ async def _stream_chunks(
         async with AsyncExitStack() as stack:
             # current only while the request is sent (traceparent), never across a yield
             deadline = _deadline(target.first_byte_at(started_at), FIRST_BYTE_LATE)
-            with trace.use_span(span, end_on_exit=False), deadline:
+            with _current(span), deadline:
                 up = await stack.enter_async_context(
                     target.pool.post(target.path, raw, headers, timeout_s=target.timeout_s)
                 )
