@@ -12,8 +12,8 @@ What the framework did for these routes is done here, in the same terms:
 - the body is read whole first, at most `server.max_body_bytes` (a larger one: 413 and the
   connection closed, the rest unread), within `BODY_TIMEOUT_S` (else 408, closed);
 - `Content-Length` with `Transfer-Encoding` is refused (400, closed), as RFC 9112 asks;
-- a client that goes away (hypercorn's `http.disconnect`) cancels the answer at once, its
-  queue seat and its backend call with it;
+- a client that goes away (hypercorn's `http.disconnect`, told through `http1.ON_DISCONNECT`)
+  cancels the answer at once, its queue seat and its backend call with it;
 - every error leaves as OpenAI-shaped JSON: an `ApiError` as itself, anything else as a
   logged 500, never a traceback;
 - the last send of an answer is shielded: for an answer that closes its connection,
@@ -24,6 +24,7 @@ What the framework did for these routes is done here, in the same terms:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
@@ -41,6 +42,7 @@ from opentelemetry.trace import SpanKind
 
 from scheduler.openai.body import read_call
 from scheduler.openai.errors import ApiError
+from scheduler.service.http1 import ON_DISCONNECT
 from scheduler.service.replica import Replica
 from scheduler.service.tracing import tracer, tracing_on
 from scheduler.service.upstream import Reply
@@ -81,26 +83,30 @@ class InferenceApp:
         self, route: str, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            raw = await self._body(headers, receive)  # read first, so that the connection
-            # can carry the next request whatever the answer
-        except _Gone:
-            return
-        except ApiError as error:
-            await _send_error(send, error)
-            return
-        if scope["method"] != "POST":
-            method, path = scope["method"], scope["path"]
-            refusal = ApiError(405, f"Method {method} is not allowed on {path}.")
-            refusal.extra_headers["allow"] = "POST"
-            await _send_error(send, refusal)
-            return
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_when_gone, receive, nursery.cancel_scope)
+        # one cancel scope for the request: the body's deadline, then the client's going away
+        # (told by hypercorn, `http1.ON_DISCONNECT`: no task of our own waits for it)
+        with trio.CancelScope(deadline=trio.current_time() + BODY_TIMEOUT_S) as request:
+            scope["extensions"][ON_DISCONNECT] = request.cancel  # type: ignore[assignment]
             try:
-                await self._answer(route, scope, headers, raw, send)
-            finally:
-                nursery.cancel_scope.cancel()
+                # read first, so that the connection can carry the next request whatever
+                # the answer
+                raw = await self._body(headers, receive)
+            except _Gone:
+                return
+            except ApiError as error:
+                await _send_error(send, error)
+                return
+            request.deadline = math.inf
+            if scope["method"] != "POST":
+                method, path = scope["method"], scope["path"]
+                refusal = ApiError(405, f"Method {method} is not allowed on {path}.")
+                refusal.extra_headers["allow"] = "POST"
+                await _send_error(send, refusal)
+                return
+            await self._answer(route, scope, headers, raw, send)
+        if request.cancelled_caught and trio.current_time() >= request.deadline:  # not gone
+            message = f"The request body was not received within {BODY_TIMEOUT_S:g} s."
+            await _send_error(send, _closing(ApiError(408, message)))
 
     async def _body(self, headers: dict[str, str], receive: ASGIReceiveCallable) -> bytes:
         """The request's whole body; raises the ApiError that refuses it."""
@@ -113,20 +119,17 @@ class InferenceApp:
             raise _too_large(limit)
         chunks: list[bytes] = []
         size = 0
-        with trio.move_on_after(BODY_TIMEOUT_S):
-            while True:
-                event = await receive()
-                if event["type"] != "http.request":
-                    raise _Gone  # http.disconnect
-                body = event.get("body", b"")
-                size += len(body)
-                if size > limit:
-                    raise _too_large(limit)
-                chunks.append(body)
-                if not event.get("more_body", False):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        message = f"The request body was not received within {BODY_TIMEOUT_S:g} s."
-        raise _closing(ApiError(408, message))
+        while True:
+            event = await receive()
+            if event["type"] != "http.request":
+                raise _Gone  # http.disconnect
+            body = event.get("body", b"")
+            size += len(body)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(body)
+            if not event.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _answer(
         self,
@@ -191,13 +194,6 @@ class InferenceApp:
             span.set_attribute("gen_ai.request.model", call.model)
             span.set_attribute("scheduler.stream", call.stream)
         return await gateway.serve(key, call, raw, headers)
-
-
-async def _cancel_when_gone(receive: ASGIReceiveCallable, scope: trio.CancelScope) -> None:
-    """Cancel `scope` when the client goes away (the body is read: nothing else comes)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
 
 
 def _closing(error: ApiError) -> ApiError:

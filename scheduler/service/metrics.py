@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PREFIX = "scheduler_"  # of every series
 OTHER = "other"  # the label of a tier, model or route that is not configured
+REQUEST_SERIES_MAX = 4096  # (tier, route, model, outcome) combinations remembered
 
 RequestOutcome = Literal[
     "admitted",
@@ -157,6 +158,7 @@ class GatewayMetrics:
         self._tiers = tuple(t.name for t in tiers)
         self._models = frozenset(models)
         self._routes = frozenset(routes)
+        self._request_series: dict[tuple[str, str, str, str], tuple[Any, Any, Any | None]] = {}
         self.buckets = slo_buckets([t.slo_s for t in tiers] + [t.max_wait_s for t in tiers])
         self._registry = CollectorRegistry()
         self._build()
@@ -290,16 +292,34 @@ class GatewayMetrics:
     ) -> None:
         """Count one answered request. `queue_wait_s` is None when it never reached the
         queue; `latency_s` is observed only for outcomes that served a completion."""
+        series = self._request_series.get((tier, route, model, outcome))
+        if series is None:
+            series = self._request_series_for(tier, route, model, outcome)
+        requests, queue_wait, duration = series
+        requests.inc()
+        if queue_wait_s is not None:
+            queue_wait.observe(max(0.0, queue_wait_s))
+        if duration is not None:
+            duration.observe(max(0.0, latency_s))
+
+    def _request_series_for(
+        self, tier: str, route: str, model: str, outcome: RequestOutcome
+    ) -> tuple[Any, Any, Any | None]:
+        """The series one answered request counts in, looked up once per combination (a
+        labelled child costs microseconds to find, per request otherwise)."""
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}")
-        tier = self._tier(tier)
-        route = route if route in self._routes else OTHER
-        model = model if model in self._models else OTHER
-        self._requests.labels(tier, route, model, outcome).inc()
-        if queue_wait_s is not None:
-            self._queue_wait.labels(tier).observe(max(0.0, queue_wait_s))
-        if outcome in SERVED:
-            self._duration.labels(tier, route).observe(max(0.0, latency_s))
+        shown = self._tier(tier)
+        shown_route = route if route in self._routes else OTHER
+        shown_model = model if model in self._models else OTHER
+        series = (
+            self._requests.labels(shown, shown_route, shown_model, outcome),
+            self._queue_wait.labels(shown),
+            self._duration.labels(shown, shown_route) if outcome in SERVED else None,
+        )
+        if len(self._request_series) < REQUEST_SERIES_MAX:  # bounded: names are the client's
+            self._request_series[(tier, route, model, outcome)] = series
+        return series
 
     def meter(self, *, tier: str, route: str, model: str, now: float) -> RequestMeter:
         """A request's tally, reported once by `RequestMeter.done`."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TypeVar
 
@@ -83,13 +83,19 @@ class QuotaSettings:
     request_burst: int = 0  # GCRA only; 0 = the limit
     token_burst: int = 0
 
-    def specs(self) -> tuple[QuotaSpec | None, QuotaSpec | None]:
+    _specs: tuple[QuotaSpec | None, QuotaSpec | None] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
         def spec(limit: int, burst: int) -> QuotaSpec | None:
             if limit <= 0:
                 return None
             return QuotaSpec(self.algorithm, Quota(limit, self.period_s, burst or None))
 
-        return spec(self.requests, self.request_burst), spec(self.tokens, self.token_burst)
+        specs = spec(self.requests, self.request_burst), spec(self.tokens, self.token_burst)
+        object.__setattr__(self, "_specs", specs)  # worked out once, not per request
+
+    def specs(self) -> tuple[QuotaSpec | None, QuotaSpec | None]:
+        return self._specs
 
     @property
     def unlimited(self) -> bool:

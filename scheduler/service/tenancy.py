@@ -44,6 +44,8 @@ class KeyRecord:
 
     def quotas(self, tier_default: QuotaSettings) -> QuotaSettings:
         """The tier's quotas, then the key's override, then a live temporary upgrade."""
+        if not self.override and not self.upgrade:
+            return tier_default
         return dataclasses.replace(tier_default, **{**dict(self.override), **dict(self.upgrade)})
 
     def public(self) -> dict[str, Any]:
