@@ -11,6 +11,7 @@ success or error, carries the quota's rate-limit headers once the quota was deci
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -51,6 +52,7 @@ PATHS = {
     "embeddings": "/v1/embeddings",
 }
 FORWARDED_HEADERS = ("traceparent", "tracestate", "openai-organization", "openai-project")
+WRITTEN_MAX = 10_000  # requests whose cache write this replica remembers (`_written_lately`)
 SHED_MESSAGES = {
     ShedReason.DEADLINE: ("The request waited too long in the queue; the service is busy.", 2.0),
     ShedReason.QUEUE_FULL: ("The service's queue for your tier is full.", 1.0),
@@ -83,6 +85,8 @@ class Gateway:
         self.metrics = metrics
         self._background = background
         self._ids = itertools.count(1)
+        self._cache_read = any(Step.CACHE in t.ladder.steps for t in settings.tiers)
+        self._written_at: dict[tuple[str, str, bytes], float] = {}  # see `_written_lately`
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
         if not authorization or not authorization.lower().startswith("bearer "):
@@ -260,12 +264,28 @@ class Gateway:
         return f"tenant:{record.tenant}"
 
     def _caching(self, call: InferenceCall) -> tuple[Cache, ModelSettings] | None:
-        """The cache and the model, if this call's answer is to be cached."""
+        """The cache and the model, if this call's answer is to be cached: not when no tier's
+        ladder has a cache step (nothing would ever read it)."""
         model = self.settings.model(call.model)
         cache = self.cache
         if cache is None or model is None or model.cache_fresh_s <= 0 or not self.quota.redis_up:
             return None
+        if not self._cache_read:
+            return None
         return cache, model
+
+    def _written_lately(self, written: tuple[str, str, bytes], within_s: float) -> bool:
+        """Whether this replica stored an answer to these very request bytes (`written`: the
+        scope, the route and the body's digest) within `within_s`: then its entry is still
+        fresh, and a hot prompt is not written again on every answer."""
+        written_at = self._written_at.get(written)
+        return written_at is not None and trio.current_time() - written_at < within_s
+
+    def _note_written(self, written: tuple[str, str, bytes]) -> None:
+        self._written_at.pop(written, None)  # re-inserted last: the order is of writes
+        if len(self._written_at) >= WRITTEN_MAX:  # the older half goes: memory stays bounded
+            self._written_at = dict(list(self._written_at.items())[WRITTEN_MAX // 2 :])
+        self._written_at[written] = trio.current_time()
 
     def _stream_keep_bytes(self, call: InferenceCall) -> int:
         """How much of a streamed answer to keep for the cache (0: none)."""
@@ -277,19 +297,25 @@ class Gateway:
         return caching[0].max_bytes
 
     def _cache_put(self, job: Job, body: bytes) -> None:
-        """Store a whole answer, or the completion a streamed one's events add up to."""
+        """Store a whole answer, or the completion a streamed one's events add up to; not
+        again if this replica stored the same request (the same bytes) within a tenth of its
+        freshness (`_written_lately`)."""
         call = job.call
         caching = self._caching(call)
         if caching is None:
             return
         cache, model = caching
+        scope = self._scope(job.record, model)
+        written = (scope, call.route, hashlib.sha256(job.raw).digest())
+        if self._written_lately(written, model.cache_fresh_s / 10):
+            return
         try:  # only a well-formed answer: never an HTML page, a stream cut short, ...
             if call.stream:
                 body = sse_to_completion(PATHS[call.route], body)
             check_completion(PATHS[call.route], body)
         except Exception:  # not a whole answer (this runs in `on_end`: no raise)
             return
-        scope = self._scope(job.record, model)
+        self._note_written(written)
 
         async def put() -> None:
             with contextlib.suppress(CacheError):

@@ -120,3 +120,74 @@ async def test_an_entry_that_cannot_be_streamed_goes_on_to_the_fallback(
     assert r.headers["x-scheduler-shed"] == "deadline"
     assert r.headers["x-scheduler-degraded"] == "fallback:demo-tiny"
     assert r.text.rstrip().endswith("data: [DONE]")
+
+
+async def test_a_hot_prompt_is_written_once_per_tenth_of_its_freshness(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> None:
+    """The same request bytes answered again within a tenth of `cache_fresh_s` are not written
+    again (the entry is still fresh); after that they are, and other bytes always are."""
+    demo = await start_demo(nursery)
+    key = f"sk-{uuid.uuid4().hex}"
+    text, prefix, tenant = config("demo", key)
+    text = text.replace('fallback = "demo-tiny"', 'fallback = "demo-tiny"\ncache_fresh_s = 10')
+    gateway = await start_gateway(nursery, settings_from(tmp_path, text, demo, redis_url))
+    auth = {"authorization": f"Bearer {key}"}
+    hot, other = chat("hot prompt"), chat("another prompt")
+    async with (
+        httpx2.AsyncClient(timeout=10) as client,
+        coredis.Redis.from_url(redis_url) as redis,
+    ):
+        cache = ResponseCache(redis, prefix=f"{prefix}:cache")
+
+        async def answered_then_entry(body: dict[str, object]) -> bytes | None:
+            r = await client.post(gateway + CHAT, json=body, headers=auth)
+            assert r.status_code == 200, r.text
+            return await redis.get(cache.key(f"tenant:{tenant}", CHAT, body))
+
+        async def written(body: dict[str, object], unlike: bytes | None) -> bytes:
+            """The entry for `body`, once one other than `unlike` is there."""
+            entry_key = cache.key(f"tenant:{tenant}", CHAT, body)
+            while (entry := await redis.get(entry_key)) in (None, unlike):
+                await trio.sleep(0.01)
+            assert entry is not None
+            return entry
+
+        with trio.fail_after(20):
+            await answered_then_entry(hot)
+            first = await written(hot, None)
+            started = trio.current_time()
+            for _ in range(3):  # each answer has an id of its own: a write would show
+                assert await answered_then_entry(hot) == first
+            await answered_then_entry(other)
+            await written(other, None)
+            assert await redis.get(cache.key(f"tenant:{tenant}", CHAT, hot)) == first
+            assert trio.current_time() - started < 1.0, "too slow to say: the window is 1 s"
+            await trio.sleep_until(started + 1.0)
+            await answered_then_entry(hot)
+            await written(hot, first)  # written again, a tenth of 10 s later
+
+
+async def test_nothing_is_cached_when_no_ladder_reads_the_cache(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> None:
+    demo = await start_demo(nursery)
+    body = chat("read by nobody")
+    entries = []
+    for ladder in ('["fallback"]', '["cache", "fallback"]'):
+        key = f"sk-{uuid.uuid4().hex}"
+        text, prefix, tenant = config("demo", key)
+        text = text.replace('ladder = ["cache", "fallback"]', f"ladder = {ladder}")
+        gateway = await start_gateway(nursery, settings_from(tmp_path, text, demo, redis_url))
+        async with httpx2.AsyncClient(timeout=10) as client:
+            r = await client.post(
+                gateway + CHAT, json=body, headers={"authorization": f"Bearer {key}"}
+            )
+            assert r.status_code == 200, r.text
+        entries.append(f"{prefix}:cache")
+        entries[-1] = ResponseCache(None, prefix=entries[-1]).key(f"tenant:{tenant}", CHAT, body)  # type: ignore[arg-type]
+    async with coredis.Redis.from_url(redis_url) as redis:
+        with trio.fail_after(10):  # the second gateway's write lands, the first's was sent first
+            while not await redis.exists([entries[1]]):
+                await trio.sleep(0.01)
+        assert not await redis.exists([entries[0]])
