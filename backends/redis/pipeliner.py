@@ -83,21 +83,32 @@ class LoopLag:
             await self._ticked.wait()
 
 
-class _Pending:
-    __slots__ = ("abandoned", "command", "done", "error", "reply", "slot")
+OnError = Callable[[BaseException], None]
 
-    def __init__(self, command: Command) -> None:
+
+class _Pending:
+    __slots__ = ("abandoned", "command", "done", "error", "on_error", "reply", "slot")
+
+    def __init__(self, command: Command, on_error: OnError | None = None) -> None:
         self.command = command
         self.slot: int | None = None  # on a Redis Cluster, the one slot its keys are in
         self.done = trio.Event()
         self.reply: Any = None
         self.error: BaseException | None = None
         self.abandoned = False
+        self.on_error = on_error  # `execute_soon`'s: nobody waits on `done`
+
+    def finish(self, reply: Any = None, error: BaseException | None = None) -> None:
+        """The command's outcome, once (a later one is ignored)."""
+        if self.done.is_set():
+            return
+        self.reply, self.error = reply, error
+        self.done.set()
+        if error is not None and self.on_error is not None:
+            self.on_error(error)
 
     def fail(self, error: BaseException) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
+        self.finish(error=error)
 
     def unwrap(self) -> Any:
         if self.error is not None:
@@ -131,8 +142,42 @@ class RedisPipeliner:
         self._lanes: dict[tuple[str, int | None], _Lane] = {}
         self._moving_until: dict[int, float] = {}  # slots that answered TRYAGAIN, until when
         self.lag = LoopLag()
+        self._nursery: trio.Nursery | None = None  # `run`'s
         self.round_trips = 0
         self.commands = 0
+
+    def execute_soon(self, command: Command, on_error: OnError) -> None:
+        """Queue `command(pipeline)` and return at once: its reply is dropped and a failure
+        goes to `on_error` (called from the pipeliner's task), as for a write nobody waits
+        for (a quota's settlement), which then costs no task of the caller's. A script Redis
+        no longer knows is sent again on its own, as by `evalsha`."""
+        self._front.queue.append(_Pending(command, on_error))
+        self._front.wakeup.set()
+
+    def evalsha_soon(
+        self, script: Script[Any], keys: Sequence[Any], args: Sequence[Any], on_error: OnError
+    ) -> None:
+        """`evalsha` without waiting (`execute_soon`)."""
+
+        def command(pipe: Any) -> Any:
+            return pipe.evalsha(script.sha, keys=keys, args=args)
+
+        def failed(error: BaseException) -> None:
+            if isinstance(error, coredis.exceptions.NoScriptError) and self._nursery is not None:
+                self._nursery.start_soon(self._load_and_run, script, keys, args, on_error)
+            else:
+                on_error(error)
+
+        self.execute_soon(command, failed)
+
+    async def _load_and_run(
+        self, script: Script[Any], keys: Sequence[Any], args: Sequence[Any], on_error: OnError
+    ) -> None:
+        try:
+            with trio.fail_after(self._timeout_s):
+                await script(keys=keys, args=args)
+        except Exception as exc:
+            on_error(exc)
 
     async def execute(self, command: Command, *, timeout_s: float | None = None) -> Any:
         """Queue `command(pipeline)` and return its reply (see `execute_each`)."""
@@ -202,6 +247,7 @@ class RedisPipeliner:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.lag.run)
             task_status.started()
             if isinstance(self.redis, coredis.RedisCluster):
@@ -308,12 +354,13 @@ class RedisPipeliner:
                     requests = [p.command(pipe) for p in batch]
             for p, request in zip(batch, requests, strict=True):
                 try:
-                    p.reply = await request  # ready: the pipeline has run
+                    reply = await request  # ready: the pipeline has run
                 except Exception as exc:  # this command's own error
-                    p.error = exc
                     if isinstance(exc, MOVING_ERRORS) and p.slot is not None:
                         self._moving_until[p.slot] = trio.current_time() + MOVING_FOR_S
-                p.done.set()
+                    p.finish(error=exc)
+                else:
+                    p.finish(reply)
         except trio.TooSlowError:
             self._suspect_layout()
             for p in batch:

@@ -74,6 +74,7 @@ __all__ = [
 ]
 
 RedisState = float | LogState | CounterState | None
+OnSettleError = Callable[["QuotaStoreError"], None]
 T = TypeVar("T")
 
 _UNAVAILABLE = (
@@ -187,6 +188,7 @@ class RedisQuotaStore:
         actual: int,
         paid_with_credits: bool = False,
         now: float | None = None,
+        on_error: OnSettleError | None = None,
     ) -> None:
         """Settle a reservation of `reserved` tokens that really used `actual`.
 
@@ -202,10 +204,16 @@ class RedisQuotaStore:
         args: list[str | int] = [_now_arg(now), self._floor_ms, *_spec_args(tokens, 0)[:4]]
         args += [reserved - actual, 1 if paid_with_credits else 0]
         keys = [self.state_key(key_id, "tokens", tokens), self.key(key_id, "credits")]
-        await self._run(self._settle, keys, args)
+        await self._run_settle(keys, args, on_error)
 
     async def give_back_request(
-        self, key_id: str, *, requests: QuotaSpec, credits: int = 0, now: float | None = None
+        self,
+        key_id: str,
+        *,
+        requests: QuotaSpec,
+        credits: int = 0,
+        now: float | None = None,
+        on_error: OnSettleError | None = None,
     ) -> None:
         """Give back the request taken at admission, for a call the backends failed to answer:
         one unit to the request quota or, for a request admitted on burst credits, `credits`
@@ -215,7 +223,21 @@ class RedisQuotaStore:
         args: list[str | int] = [_now_arg(now), self._floor_ms, *_spec_args(requests, 0)[:4]]
         args += [credits or 1, paid]
         keys = [self.state_key(key_id, "requests", requests), self.key(key_id, "credits")]
-        await self._run(self._settle, keys, args)
+        await self._run_settle(keys, args, on_error)
+
+    async def _run_settle(
+        self, keys: list[str], args: list[str | int], on_error: OnSettleError | None
+    ) -> None:
+        """The settle script, waited for; or, with `on_error` and a pipeliner, queued without
+        waiting (this coroutine then never suspends) and its failure told to `on_error`."""
+        if on_error is None or self._pipeliner is None:
+            await self._run(self._settle, keys, args)
+            return
+
+        def failed(error: BaseException) -> None:
+            on_error(_translated(error) or QuotaStoreError(f"redis failed: {error!r}"))
+
+        self._pipeliner.evalsha_soon(self._settle, keys, args, failed)
 
     async def add_credits(
         self, key_id: str, amount: int, *, ttl_s: float, now: float | None = None
@@ -293,12 +315,24 @@ class RedisQuotaStore:
         except trio.TooSlowError as exc:
             within = "the call's timeout_s" if self._timeout_s is None else f"{self._timeout_s} s"
             raise QuotaStoreUnavailable(f"redis did not answer within {within}") from exc
-        except _UNAVAILABLE as exc:
-            raise QuotaStoreUnavailable(f"redis is unreachable: {exc}") from exc
-        except MOVING_ERRORS as exc:  # TRYAGAIN, or redirects not settled in coredis's tries
-            raise QuotaStoreBusy(f"the key's slot is moving: {exc}") from exc
-        except coredis.exceptions.RedisError as exc:
-            raise QuotaStoreError(f"redis refused a quota command: {exc}") from exc
+        except Exception as exc:
+            error = _translated(exc)
+            if error is None:
+                raise
+            raise error from exc
+
+
+def _translated(exc: BaseException) -> QuotaStoreError | None:
+    """The store's error for a coredis or trio error (None: not one of theirs)."""
+    if isinstance(exc, trio.TooSlowError):
+        return QuotaStoreUnavailable("redis did not answer in time")
+    if isinstance(exc, _UNAVAILABLE):
+        return QuotaStoreUnavailable(f"redis is unreachable: {exc}")
+    if isinstance(exc, MOVING_ERRORS):  # TRYAGAIN, or redirects not settled in coredis's tries
+        return QuotaStoreBusy(f"the key's slot is moving: {exc}")
+    if isinstance(exc, coredis.exceptions.RedisError):
+        return QuotaStoreError(f"redis refused a quota command: {exc}")
+    return None
 
 
 def _check_units(**units: int) -> None:

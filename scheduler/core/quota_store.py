@@ -24,7 +24,7 @@ simulator, the guard's settlement), so every caller goes through the same async 
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
@@ -120,14 +120,24 @@ class QuotaStore(Protocol):
         actual: int,
         paid_with_credits: bool = False,
         now: float | None = None,
+        on_error: Callable[[Exception], None] | None = None,
     ) -> None:
-        """Settle a reservation of `reserved` tokens that really used `actual`."""
+        """Settle a reservation of `reserved` tokens that really used `actual`. With
+        `on_error` the store may return without waiting for the settlement (then never
+        suspending), telling a failure to `on_error` instead of raising it."""
         ...
 
     async def give_back_request(
-        self, key_id: str, *, requests: QuotaSpec, credits: int = 0, now: float | None = None
+        self,
+        key_id: str,
+        *,
+        requests: QuotaSpec,
+        credits: int = 0,
+        now: float | None = None,
+        on_error: Callable[[Exception], None] | None = None,
     ) -> None:
-        """Give back the request unit (or the `credits` it was admitted on)."""
+        """Give back the request unit (or the `credits` it was admitted on); `on_error` as
+        for `settle`."""
         ...
 
     async def add_credits(
@@ -153,10 +163,17 @@ class Reservation:
     credits_spent: int = 0
 
     async def settle(
-        self, store: QuotaStore, *, used: int, failed: bool, now: float | None = None
+        self,
+        store: QuotaStore,
+        *,
+        used: int,
+        failed: bool,
+        now: float | None = None,
+        on_error: Callable[[Exception], None] | None = None,
     ) -> None:
         """Settle by how the call ended: the tokens to what it `used` (0 when it `failed`)
-        and, when the backends `failed` it, the request (or its credits) back too."""
+        and, when the backends `failed` it, the request (or its credits) back too.
+        `on_error`: the store need not wait (see `QuotaStore.settle`)."""
         credits = self.credits_spent
         if self.tokens is not None:
             await store.settle(
@@ -166,11 +183,12 @@ class Reservation:
                 actual=0 if failed else used,
                 paid_with_credits=credits > 0,
                 now=now,
+                on_error=on_error,
             )
         if failed and self.requests is not None and (credits == 0 or self.tokens is None):
             # credits spent with a token quota went back with the tokens just now
             await store.give_back_request(
-                self.key_id, requests=self.requests, credits=credits, now=now
+                self.key_id, requests=self.requests, credits=credits, now=now, on_error=on_error
             )
 
 
@@ -245,12 +263,19 @@ class MemoryQuotaStore:
         actual: int,
         paid_with_credits: bool = False,
         now: float | None = None,
+        on_error: Callable[[Exception], None] | None = None,
     ) -> None:
         if reserved != actual:
             self._settle("tokens", key_id, tokens, reserved - actual, paid_with_credits, now)
 
     async def give_back_request(
-        self, key_id: str, *, requests: QuotaSpec, credits: int = 0, now: float | None = None
+        self,
+        key_id: str,
+        *,
+        requests: QuotaSpec,
+        credits: int = 0,
+        now: float | None = None,
+        on_error: Callable[[Exception], None] | None = None,
     ) -> None:
         self._settle("requests", key_id, requests, credits or 1, credits > 0, now)
 

@@ -159,13 +159,7 @@ class Gateway:
         if verdict.source in (Source.LOCAL, Source.CLOSED):
             self.metrics.fail_mode_decision(tier.core.name, tier.fail_mode)
         if verdict.allowed:
-            job.hold = self.quota.hold(
-                record.key_id,
-                job.quotas,
-                verdict,
-                reserved=int(call.cost),
-                spawn=self._background.start_soon,
-            )
+            job.hold = self.quota.hold(record.key_id, job.quotas, verdict, reserved=int(call.cost))
             return rate_limit_headers(verdict)
         trace.get_current_span().add_event(
             "quota.refused",

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import TypeVar
 
 import trio
@@ -204,35 +203,29 @@ class QuotaGuard:
         return self._local_take(key_id, quotas, token_cost, now)
 
     def hold(
-        self,
-        key_id: str,
-        quotas: QuotaSettings,
-        verdict: Verdict,
-        *,
-        reserved: int,
-        spawn: Callable[[Callable[[], Awaitable[None]]], None],
+        self, key_id: str, quotas: QuotaSettings, verdict: Verdict, *, reserved: int
     ) -> QuotaHold | None:
         """What an allowed `verdict` holds of the key's quotas, to settle when the call ends
-        (None when nothing was taken: refused, unlimited). A Redis settlement runs in a task
-        started by `spawn` (a request never waits on it)."""
+        (None when nothing was taken: refused, unlimited)."""
         if not verdict.allowed or verdict.source not in (Source.REDIS, Source.LOCAL):
             return None
         if verdict.source is Source.LOCAL:
             requests, tokens = self._shares(quotas)
-            return QuotaHold(Reservation(key_id, requests, tokens, reserved), self, None)
+            return QuotaHold(Reservation(key_id, requests, tokens, reserved), self, local=True)
         requests, tokens = quotas.specs()
         reservation = Reservation(key_id, requests, tokens, reserved, verdict.credits_spent)
-        return QuotaHold(reservation, self, spawn)
+        return QuotaHold(reservation, self, local=False)
 
-    async def _settle_in_redis(self, reservation: Reservation, used: int, failed: bool) -> None:
+    def _settle_in_redis(self, reservation: Reservation, used: int, failed: bool) -> None:
+        """Queue the settlement; a request never waits on it (a failure leaves the
+        reservation to expire with its window)."""
         store = self.store
         if store is None:  # Redis was turned off since: the reservation expires with its window
             return
-        try:
-            await reservation.settle(store, used=used, failed=failed)
-        except QuotaStoreBusy:  # its slot is moving (routing): it expires with its window
-            pass
-        except Exception:  # the reservation then expires with its window
+        completed(reservation.settle(store, used=used, failed=failed, on_error=self._unsettled))
+
+    def _unsettled(self, error: Exception) -> None:
+        if not isinstance(error, QuotaStoreBusy):  # a slot moving is routing, not a failure
             self.redis_errors += 1
 
     def _redis_down(self, scope: str, now: float) -> bool:
@@ -297,17 +290,12 @@ class QuotaHold:
     """What one admitted request holds of its key's quotas, as the gate's `Ticket` holds a
     slot: it ends exactly once (a second `settle` does nothing), by how the call ended."""
 
-    __slots__ = ("_guard", "_reservation", "_spawn", "settled")
+    __slots__ = ("_guard", "_local", "_reservation", "settled")
 
-    def __init__(
-        self,
-        reservation: Reservation,
-        guard: QuotaGuard,
-        spawn: Callable[[Callable[[], Awaitable[None]]], None] | None,
-    ) -> None:
+    def __init__(self, reservation: Reservation, guard: QuotaGuard, *, local: bool) -> None:
         self._reservation = reservation
         self._guard = guard
-        self._spawn = spawn  # None: the fail-open limiter's, settled here and now
+        self._local = local  # the fail-open limiter's, else Redis's
         self.settled = False
 
     def settle(self, *, used: int, failed: bool, now: float) -> None:
@@ -318,11 +306,11 @@ class QuotaHold:
             return
         self.settled = True
         reservation, guard = self._reservation, self._guard
-        if self._spawn is None:
+        if self._local:
             used = min(used, reservation.reserved)
             completed(reservation.settle(guard._local, used=used, failed=failed, now=now))
         else:
-            self._spawn(partial(guard._settle_in_redis, reservation, used, failed))
+            guard._settle_in_redis(reservation, used, failed)
 
 
 def _pruned(entries: dict[str, T], keep: Callable[[T], bool]) -> dict[str, T]:

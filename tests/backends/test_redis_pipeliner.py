@@ -127,3 +127,24 @@ async def test_a_round_trip_over_its_timeout_fails_as_too_slow(redis_url: str) -
                 await pipeliner.execute(lambda pipe: pipe.ping())
             await redis.ping()  # returns when the pause is over
             assert await pipeliner.execute(lambda pipe: pipe.ping())
+
+
+async def test_a_command_sent_soon_runs_and_only_its_failure_is_told(redis_url: str) -> None:
+    """`execute_soon` waits for nothing: the command runs in a later round trip, its reply
+    is dropped, and its own error (or a script Redis no longer knows, sent again on its own)
+    reaches `on_error` from the pipeliner's task."""
+    prefix = uuid.uuid4().hex
+    errors: list[BaseException] = []
+    with trio.fail_after(DEADLINE_S):
+        async with open_pipelined(redis_url) as (redis, pipeliner):
+            script = redis.register_script("return redis.call('SET', KEYS[1], ARGV[1])")
+            await redis.script_flush()
+            pipeliner.execute_soon(lambda pipe: pipe.set(f"{prefix}:a", "1"), errors.append)
+            pipeliner.execute_soon(lambda pipe: pipe.incr(f"{prefix}:a"), errors.append)
+            pipeliner.execute_soon(lambda pipe: pipe.hset(f"{prefix}:a", {"f": 1}), errors.append)
+            pipeliner.evalsha_soon(script, [f"{prefix}:s"], ["loaded"], errors.append)
+            while await redis.get(f"{prefix}:s") is None:  # NOSCRIPT, then run alone
+                await trio.sleep(0.01)
+            assert await pipeliner.execute(lambda pipe: pipe.get(f"{prefix}:a")) == b"2"
+    (error,) = errors  # HSET on a string: WRONGTYPE, told and nothing else
+    assert isinstance(error, coredis.exceptions.WrongTypeError | coredis.exceptions.ResponseError)

@@ -436,18 +436,15 @@ async def test_the_fail_open_limiter_settles_like_redis() -> None:
         return await guard.check("k", quotas, FailMode.OPEN, token_cost=cost, now=0.0)
 
     def hold(verdict: Verdict, reserved: int) -> QuotaHold:
-        held = guard.hold("k", quotas, verdict, reserved=reserved, spawn=never)
+        held = guard.hold("k", quotas, verdict, reserved=reserved)
         assert held is not None
         return held
-
-    def never(task: object) -> None:
-        raise AssertionError("the local limiter settles at once")
 
     first = await take(80)
     assert first.source is Source.LOCAL and first.allowed
     refused = await take(80)
     assert not refused.allowed  # 160 > 100 tokens
-    assert guard.hold("k", quotas, refused, reserved=80, spawn=never) is None
+    assert guard.hold("k", quotas, refused, reserved=80) is None
     first_hold = hold(first, 80)
     first_hold.settle(used=30, failed=False, now=0.0)
     first_hold.settle(used=0, failed=True, now=0.0)  # a hold ends once: this does nothing

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -287,8 +286,7 @@ async def run_service(text: str, tmp_path: Path, sim: SimRun) -> Log:
         if not verdict.allowed:
             log.add(now, "refused", (now, key), "quota")
             return
-        spawn = cast(Callable[[Any], None], nursery.start_soon)
-        hold = guard.hold(key, tier.quotas, verdict, reserved=int(call.cost), spawn=spawn)
+        hold = guard.hold(key, tier.quotas, verdict, reserved=int(call.cost))
         request = Request(next(ids), key, tier_name, key, "m", call.cost, now)  # _schedule
         decision = await dispatcher.wait_decision(dispatcher.submit(request))
         if isinstance(decision, Shed):  # the ladder is ["reject"]: a 503, the quota back
