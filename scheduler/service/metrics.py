@@ -242,6 +242,11 @@ class GatewayMetrics:
         counter = self._counter
         self._backend_errors = counter("backend_errors", "Failed backend calls.", ("model", "kind"))
         self._redis_errors = counter("redis_errors", "Failed Redis calls.")
+        self._would_refuse = counter(
+            "quota_would_refuse",
+            "Requests a shadow quota (enforce = false) would have refused, admitted.",
+            ("tier", "reason"),
+        )
         self._fail_mode = counter(
             "fail_mode_decisions",
             "Quota decisions taken without Redis, by the tier's fail mode.",
@@ -317,6 +322,10 @@ class GatewayMetrics:
     def fail_mode_decision(self, tier: str, mode: FailMode) -> None:
         """A quota decision taken by the tier's fail mode because Redis was out."""
         self._fail_mode.labels(self._tier(tier), mode.value).inc()
+
+    def quota_would_refuse(self, tier: str, reason: str) -> None:
+        """A shadow quota would have refused this request (`reason`: a refusal's reason)."""
+        self._would_refuse.labels(self._tier(tier), reason).inc()
 
     def gains_rejected(self) -> None:
         """A gains document from Redis was malformed and left unapplied."""
