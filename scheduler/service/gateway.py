@@ -194,6 +194,10 @@ class Gateway:
             raise
         if not record.bypass:
             meter.queue_wait_s = decision.queued_s
+            admitted, now = isinstance(decision, Admit), trio.current_time()
+            self.metrics.queue_decided(
+                record.tier, record.key_id, cost=call.cost, admitted=admitted, now=now
+            )
         if isinstance(decision, Shed):
             return await self._shed(job, decision)
         span.add_event(
