@@ -3,8 +3,8 @@
 Why one module: a refusal names the knob that decided, where it stands and what was measured
 against it. That table, from each cause to its knob, is written once, here; the gateway and
 the upstream call only say which cause it was, and `scheduler.openai.errors.refused` makes the
-answer. A reason the table does not know cannot be shed: `SHED` covers every `ShedReason`
-(a test holds it to that).
+answer. `SHED` has an entry for every `ShedReason` (a test holds it to that), so a new way
+of shedding cannot ship unexplained.
 
     cause                          status  reason                limit (knob)
     over a key's quota             429     requests | tokens     tiers.T.quota.requests, ...
@@ -51,36 +51,32 @@ def quota_refusal(
         refusal = Refusal(
             "redis_unavailable", f"tiers.{name}.fail_mode", observed=verdict.failing_s
         )
-        return (
-            refusal,
-            "Your quota could not be checked (Redis is failing); retry shortly.",
-            (verdict.retry_after_s),
-        )
+        message = "Your quota could not be checked (Redis is failing); retry shortly."
+        return refusal, message, verdict.retry_after_s
     if source is Source.UNVERIFIED:
         refusal = Refusal("redis_unverified", "redis.down_after_s", DOWN_AFTER_S, verdict.failing_s)
         return refusal, "Your quota could not be checked in time; retry shortly.", 1.0
     if source is Source.MOVING:
         refusal = Refusal("redis_slot_moving", "redis.cluster")
         return refusal, "Your quota's Redis slot is moving between nodes; retry shortly.", 1.0
-    return _over_quota(verdict, record, name, cost)
+    return _over_quota(verdict, record, tier, cost)
 
 
 def _over_quota(
-    verdict: Verdict, record: KeyRecord, tier: str, cost: int
+    verdict: Verdict, record: KeyRecord, tier: TierSettings, cost: int
 ) -> tuple[Refusal, str, float]:
     which, decision = "requests", verdict.requests
     if verdict.tokens is not None and not verdict.tokens.allowed:
         which, decision = "tokens", verdict.tokens
-    if decision is None or decision.allowed:  # Redis's last word, while it is out
+    if decision is None or decision.allowed:
+        # Redis is out and said last that this key's quota is used up: all of it, still
         which = verdict.spent or "requests"
-        knob = quota_knob(record, tier, which)
-        refusal = Refusal(which, knob)
-        return (
-            refusal,
-            f"Rate limit reached ({knob}); retry after Retry-After.",
-            (verdict.retry_after_s),
-        )
-    knob = quota_knob(record, tier, which)
+        knob = quota_knob(record, tier.core.name, which)
+        limit = getattr(record.quotas(tier.quotas), which)
+        refusal = Refusal(which, knob, limit, limit)
+        message = f"Rate limit reached ({knob}, used up); retry after Retry-After."
+        return refusal, message, verdict.retry_after_s
+    knob = quota_knob(record, tier.core.name, which)
     units = cost if which == "tokens" else 1
     if math.isinf(decision.retry_after_s):
         refusal = Refusal(f"{which}_too_large", knob, decision.limit, units, retryable=False)

@@ -421,3 +421,23 @@ async def test_saturated_and_unreachable_backends_are_named(
     assert error["observed"] == 503 and error["retryable"] is True
     error = refusal(nowhere, 503, "backend_unavailable", "models.nowhere.backends")
     assert error["retryable"] is True
+
+
+async def test_a_key_redis_said_was_used_up_stays_refused_while_it_is_gone(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    demo = await start_demo(nursery)
+    with EmbeddedRedis() as redis:
+        gateway = await start_gateway(nursery, settings_for(tmp_path, OUTAGE, demo, redis.url))
+        async with httpx2.AsyncClient(timeout=10) as client:
+            with trio.fail_after(15):
+                assert (await post(client, gateway, "open", chat("a"))).status_code == 200
+                by_redis = await post(client, gateway, "open", chat("b"))
+                redis.stop()
+                remembered = await post(client, gateway, "open", chat("c"))
+    error = refusal(by_redis, 429, "requests", "tiers.open.quota.requests")
+    assert (error["threshold"], error["observed"]) == (1, 2)
+    assert "x-ratelimit-source" not in by_redis.headers
+    error = refusal(remembered, 429, "requests", "tiers.open.quota.requests")
+    assert (error["threshold"], error["observed"]) == (1, 1)  # all of it used, Redis said
+    assert remembered.headers["x-ratelimit-source"] == "local"
