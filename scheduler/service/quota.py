@@ -198,6 +198,7 @@ class QuotaGuard:
                     tokens=tokens,
                     token_cost=token_cost,
                     timeout_s=self.timeout.current(),
+                    burst_credits=quotas.enforce,  # a shadow quota's refusal spends nothing
                 )
                 self.timeout.observe(trio.current_time() - started)
             except QuotaStoreBusy:

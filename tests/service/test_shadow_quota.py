@@ -17,9 +17,9 @@ import pytest
 import trio
 
 from backends.redis.embedded import free_port
-from scheduler.service.config import ConfigError, load_settings, startup_lines
+from scheduler.service.config import ConfigError, key_id, load_settings, startup_lines
 from tests.conftest import start_demo, start_gateway
-from tests.service.test_rejections import chat, cost, post, settings_for
+from tests.service.test_rejections import TOKEN, chat, cost, post, settings_for
 
 SHADOW = """
 [tiers.trial]
@@ -89,6 +89,28 @@ async def test_a_shadow_quota_counts_reports_and_never_refuses(
     # an enforced quota beside it is untouched
     assert [r.status_code for r in strict] == [200, 200, 429]
     assert SHADOW_HEADER not in strict[0].headers
+
+
+async def test_a_shadow_quota_spends_no_burst_credits(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> None:
+    # credits are a real balance: a quota only being tried must not spend them on requests
+    # it would refuse (an enforced one would, see test_admin)
+    demo = await start_demo(nursery)
+    settings = settings_for(tmp_path, SHADOW, demo, redis_url)
+    credits = f"/admin/v1/keys/{key_id('k-trial', settings.key_secret)}/credits"
+    admin = {"authorization": f"Bearer {TOKEN}"}
+    gateway = await start_gateway(nursery, settings)
+    async with httpx2.AsyncClient(timeout=10) as client:
+        with trio.fail_after(20):
+            r = await client.post(gateway + credits, json={"amount": 5000}, headers=admin)
+            assert r.status_code == 200, r.text
+            trial = [await post(client, gateway, "trial", chat(f"c{i}")) for i in range(4)]
+            r = await client.post(gateway + credits, json={"amount": 1}, headers=admin)
+    assert [r.headers[SHADOW_HEADER].split(";")[0] for r in trial] == ["allow"] * 2 + [
+        "would-refuse"
+    ] * 2
+    assert r.json()["credits"] == 5001, r.json()
 
 
 async def test_a_shadow_quota_admits_when_it_cannot_be_checked(
