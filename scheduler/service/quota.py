@@ -18,7 +18,7 @@ counts what it admits and refuses what would not fit), but a refusal is turned i
 admission marked `would_refuse`: it took nothing, so it holds nothing to settle, and the
 gateway reports it (header and metric) instead of answering 429. The counts therefore follow
 what enforcing the quota would have admitted, so "would have refused" is what enforcing it
-would refuse.
+would refuse. It spends no burst credits (a real balance) on what it would refuse.
 """
 
 from __future__ import annotations
