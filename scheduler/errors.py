@@ -16,6 +16,7 @@ adapter that meets them, with `raise ... from exc`; the service catches only the
     ├── RedisUnavailable                Redis gone, late or refusing: backends/redis/errors.py
     ├── QuotaStoreError                 Redis refused a quota command: backends/redis/quota.py
     │   ├── QuotaStoreUnavailable       Redis gone or late
+    │   │   └── QuotaStoreTimeout       late: slow or gone, it may still run the script
     │   └── QuotaStoreBusy              the key's slot is moving (routing, not health)
     ├── CacheError                      Redis refused a cache command: backends/redis/cache.py
     │   └── CacheUnavailable            Redis gone or late

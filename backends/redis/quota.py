@@ -29,6 +29,7 @@ Errors, split by who is to blame:
     QuotaStoreError              Redis answered with an error (OOM, MISCONF, a script error, a
     │                            foreign key type): it did not take the quota
     ├── QuotaStoreUnavailable    Redis could not be reached in time
+    │   └── QuotaStoreTimeout    no answer in time (it may still run the script)
     └── QuotaStoreBusy           the key's Redis Cluster slot is being migrated (TRYAGAIN):
                                  Redis is up, took nothing, and will answer once it settles
 The first two are a Redis failure to the caller (the service's tier fail mode applies);
@@ -68,6 +69,7 @@ __all__ = [
     "QuotaSpec",
     "QuotaStoreBusy",
     "QuotaStoreError",
+    "QuotaStoreTimeout",
     "QuotaStoreUnavailable",
     "RedisQuotaStore",
     "Slot",
@@ -92,6 +94,11 @@ class QuotaStoreError(SchedulerError):
 
 class QuotaStoreUnavailable(QuotaStoreError):
     """Redis could not be reached, or did not answer within the store's timeout."""
+
+
+class QuotaStoreTimeout(QuotaStoreUnavailable):
+    """Redis did not answer in time: slow or gone, it cannot say which, and it may still run
+    the script it was sent (unlike a refused connection or an error reply, which are definite)."""
 
 
 class QuotaStoreBusy(QuotaStoreError):
@@ -312,9 +319,9 @@ class RedisQuotaStore:
                 return await request()
             with trio.fail_after(self._timeout_s):
                 return await request()
-        except trio.TooSlowError as exc:
+        except (trio.TooSlowError, TimeoutError) as exc:
             within = "the call's timeout_s" if self._timeout_s is None else f"{self._timeout_s} s"
-            raise QuotaStoreUnavailable(f"redis did not answer within {within}") from exc
+            raise QuotaStoreTimeout(f"redis did not answer within {within}") from exc
         except Exception as exc:
             error = _translated(exc)
             if error is None:
@@ -324,8 +331,8 @@ class RedisQuotaStore:
 
 def _translated(exc: BaseException) -> QuotaStoreError | None:
     """The store's error for a coredis or trio error (None: not one of theirs)."""
-    if isinstance(exc, trio.TooSlowError):
-        return QuotaStoreUnavailable("redis did not answer in time")
+    if isinstance(exc, trio.TooSlowError | TimeoutError):
+        return QuotaStoreTimeout("redis did not answer in time")
     if isinstance(exc, _UNAVAILABLE):
         return QuotaStoreUnavailable(f"redis is unreachable: {exc}")
     if isinstance(exc, MOVING_ERRORS):  # TRYAGAIN, or redirects not settled in coredis's tries

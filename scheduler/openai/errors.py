@@ -7,12 +7,21 @@
 
 Every error body is `{"error": {"message", "type", "param", "code"}}`; `retry_after_s`
 becomes a `Retry-After` header in whole seconds, at least 1.
+
+Why refusals carry more: a 429 or a 503 is the gateway deciding, and a client (or the
+operator reading its logs) can only act on it if it says which knob decided, where that knob
+stands, what was measured against it, and whether asking again can succeed. Every 429 and
+503 is therefore made by `refused`, the one constructor, from a `Refusal`; its fields join
+OpenAI's four inside `error` (clients that know only those four ignore the rest), a 503 names
+its reason in `x-scheduler-shed`, and both always carry `Retry-After`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 from scheduler.errors import SchedulerError
 
@@ -38,9 +47,17 @@ class OpenAIError(SchedulerError):
         self.code = code
         self.retry_after_s = retry_after_s
         self.extra_headers: dict[str, str] = {}  # what a response adds (rate-limit fields)
+        self.refusal: Refusal | None = None  # a 429 or 503: why (see `refused`)
 
     def body(self) -> bytes:
-        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        error: dict[str, object] = {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.code,
+        }
+        if self.refusal is not None:
+            error.update(self.refusal.fields())
         return json.dumps({"error": error}).encode()
 
     def retry_after(self) -> str | None:
@@ -65,7 +82,64 @@ def bad_request(message: str, *, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
 
-def overloaded(message: str, retry_after_s: float) -> ApiError:
-    return ApiError(
-        503, message, type="server_error", code="overloaded", retry_after_s=retry_after_s
+Number = int | float
+OVERLOADED = ("server_error", "overloaded")
+MAX_RETRY_AFTER_S = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a request was refused (README "Rejections"): `reason` is the machine-readable
+    cause (also in `x-scheduler-shed` on a 503), `limit` the knob that decided, by its config
+    path (`tiers.free.max_depth`) or, for a switch or an outside cause, its name;
+    `threshold` where that knob stands and `observed` what was measured against it (None
+    where the knob is a switch, not a number); `retryable` whether the same request, sent
+    again after `Retry-After`, can succeed."""
+
+    reason: str
+    limit: str
+    threshold: Number | None = None
+    observed: Number | None = None
+    retryable: bool = True
+
+    def fields(self) -> dict[str, object]:
+        def number(value: Number | None) -> Number | None:
+            if value is None or not math.isfinite(value):
+                return None
+            return int(value) if float(value).is_integer() else round(value, 3)
+
+        return {
+            "reason": self.reason,
+            "limit": self.limit,
+            "threshold": number(self.threshold),
+            "observed": number(self.observed),
+            "retryable": self.retryable,
+        }
+
+
+def refused(
+    status: Literal[429, 503],
+    message: str,
+    refusal: Refusal,
+    *,
+    retry_after_s: float,
+    type: str | None = None,
+    code: str | None = None,
+) -> ApiError:
+    """The one constructor of a 429 (over a quota) or a 503 (shed, or something we depend
+    on is out): OpenAI's shape, `refusal`'s fields inside `error`, `Retry-After` always, and
+    on a 503 the reason in `x-scheduler-shed`. A 429 defaults to OpenAI's
+    `rate_limit_exceeded`, a 503 to `server_error` / `overloaded`."""
+    kind, default_code = ("requests", "rate_limit_exceeded") if status == 429 else OVERLOADED
+    error = ApiError(
+        status,
+        message,
+        type=type or kind,
+        code=code or default_code,
+        # a day at most, and a delay that is not a number (never expected) is a second
+        retry_after_s=min(retry_after_s, MAX_RETRY_AFTER_S) if retry_after_s >= 0 else 1.0,
     )
+    if status == 503:
+        error.extra_headers["x-scheduler-shed"] = refusal.reason
+    error.refusal = refusal
+    return error

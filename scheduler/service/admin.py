@@ -33,7 +33,7 @@ from backends.redis.errors import RedisUnavailable
 from backends.redis.quota import QuotaStoreError
 from scheduler.core import AIMDConfig, LatencySignal
 from scheduler.openai.body import parse_body
-from scheduler.openai.errors import ApiError, bad_request
+from scheduler.openai.errors import ApiError, Refusal, bad_request, refused
 from scheduler.service.config import (
     MAX_COUNT,
     MAX_TTL_S,
@@ -55,13 +55,9 @@ P = ParamSpec("P")
 
 
 def redis_unavailable() -> ApiError:
-    return ApiError(
-        503,
-        "Redis is unavailable: the admin API cannot read or change shared state now.",
-        type="server_error",
-        code="redis_unavailable",
-        retry_after_s=1,
-    )
+    message = "Redis is unavailable: the admin API cannot read or change shared state now."
+    refusal = Refusal("redis_unavailable", "redis.timeout_s")
+    return refused(503, message, refusal, retry_after_s=1.0, code="redis_unavailable")
 
 
 @contextmanager

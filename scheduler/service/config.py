@@ -269,6 +269,7 @@ def quota_settings(table: Table, base: QuotaSettings | None = None) -> QuotaSett
         "request_burst": table.get("request_burst", int, base.request_burst),
         "token_burst": table.get("token_burst", int, base.token_burst),
     }
+    enforce = table.get("enforce", bool, base.enforce)
     table.done()
     period_s = values["period_s"]
     _check(0 < period_s <= MAX_PERIOD_S, table.where("period_s"), "must be in (0, 1 year]")
@@ -278,7 +279,12 @@ def quota_settings(table: Table, base: QuotaSettings | None = None) -> QuotaSett
             table.where(name),
             f"must be in [0, {MAX_COUNT}] (0 = no such quota)",
         )
-    return QuotaSettings(algorithm, **values)  # type: ignore[arg-type]
+    _check(
+        enforce or values["requests"] > 0 or values["tokens"] > 0,
+        table.where("enforce"),
+        "a shadow quota (enforce = false) needs requests or tokens to count",
+    )
+    return QuotaSettings(algorithm, **values, enforce=enforce)  # type: ignore[arg-type]
 
 
 def _keys(
@@ -526,7 +532,8 @@ def startup_lines(settings: Settings) -> list[str]:
         q = tier.quotas
         parts = [f"{q.requests} requests"] if q.requests else []
         parts += [f"{q.tokens} tokens"] if q.tokens else []
-        quota = f"{' and '.join(parts)} per {q.period_s:g} s per key ({q.algorithm})"
+        shadow = ", shadow: counted, never refused" if not q.enforce else ""
+        quota = f"{' and '.join(parts)} per {q.period_s:g} s per key ({q.algorithm}{shadow})"
         lines.append(f"tier {tier.core.name}: {quota if parts else 'no quota'}")
     if not settings.keys:
         admin = (

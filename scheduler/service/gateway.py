@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import itertools
 import json
-import math
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from scheduler.core import Admit, Outcome, Request, Sample, Shed, ShedReason
 from scheduler.core.backend import Backend
 from scheduler.core.cache import Cache, CacheHit
 from scheduler.openai.body import InferenceCall
-from scheduler.openai.errors import ApiError, overloaded
+from scheduler.openai.errors import ApiError
 from scheduler.openai.sse import check_completion, completion_to_sse, sse_to_completion
 from scheduler.service.config import ModelSettings, Settings, TierSettings
 from scheduler.service.dispatcher import Dispatcher
@@ -40,9 +39,9 @@ from scheduler.service.quota import (
     QuotaHold,
     QuotaSettings,
     Source,
-    Verdict,
-    rate_limit_headers,
+    quota_headers,
 )
+from scheduler.service.refusals import keys_unavailable, quota_error, quota_refusal, shed_error
 from scheduler.service.tenancy import KeyRecord, KeyRegistry, KeysUnavailable
 from scheduler.service.upstream import Ended, OnEnd, Reply, Target, call_stream, call_whole
 
@@ -53,12 +52,6 @@ PATHS = {
 }
 FORWARDED_HEADERS = ("traceparent", "tracestate", "openai-organization", "openai-project")
 WRITTEN_MAX = 10_000  # requests whose cache write this replica remembers (`_written_lately`)
-SHED_MESSAGES = {
-    ShedReason.DEADLINE: ("The request waited too long in the queue; the service is busy.", 2.0),
-    ShedReason.QUEUE_FULL: ("The service's queue for your tier is full.", 1.0),
-    ShedReason.OVERLOAD: ("The service is overloaded; lower tiers are shed first.", 1.0),
-    ShedReason.DRAINING: ("This replica is draining: retry on another.", 5.0),
-}
 
 
 class Gateway:
@@ -100,7 +93,7 @@ class Gateway:
         try:
             record = await self.registry.lookup(kid, now=trio.current_time())
         except KeysUnavailable as exc:
-            raise overloaded("Your API key could not be checked; retry shortly.", 1.0) from exc
+            raise keys_unavailable() from exc
         if record is None:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         if record.revoked:
@@ -160,7 +153,11 @@ class Gateway:
             self.metrics.fail_mode_decision(tier.core.name, tier.fail_mode)
         if verdict.allowed:
             job.hold = self.quota.hold(record.key_id, job.quotas, verdict, reserved=int(call.cost))
-            return rate_limit_headers(verdict)
+            if verdict.would_refuse:  # a shadow quota: counted and reported, never refused
+                refusal = quota_refusal(verdict, record, tier, int(call.cost))[0]
+                self.metrics.quota_would_refuse(tier.core.name, refusal.reason)
+                return quota_headers(verdict, job.quotas, refusal)
+            return quota_headers(verdict, job.quotas)
         trace.get_current_span().add_event(
             "quota.refused",
             {
@@ -168,13 +165,9 @@ class Gateway:
                 "scheduler.retry_after_s": verdict.retry_after_s,
             },
         )
-        if verdict.source in (Source.CLOSED, Source.UNVERIFIED):
-            job.meter.outcome = "refused_redis_down"
-            raise overloaded(
-                "Your quota could not be checked; retry shortly.", verdict.retry_after_s
-            )
-        job.meter.outcome = "refused_quota"
-        raise _over_quota(verdict, call)
+        redis_down = verdict.source in (Source.CLOSED, Source.UNVERIFIED, Source.MOVING)
+        job.meter.outcome = "refused_redis_down" if redis_down else "refused_quota"
+        raise quota_error(verdict, record, tier, int(call.cost))
 
     async def _schedule(self, job: Job, pool: Backend) -> Reply:
         record, call, meter = job.record, job.call, job.meter
@@ -199,6 +192,10 @@ class Gateway:
             raise
         if not record.bypass:
             meter.queue_wait_s = decision.queued_s
+            admitted, now = isinstance(decision, Admit), trio.current_time()
+            self.metrics.queue_decided(
+                record.tier, record.key_id, cost=call.cost, admitted=admitted, now=now
+            )
         if isinstance(decision, Shed):
             return await self._shed(job, decision)
         span.add_event(
@@ -375,10 +372,8 @@ class Gateway:
             meter.outcome = "shed_fallback"
             return await self._fallback(job, fallback, shed_header)
         meter.outcome = "refused_overload"
-        message, retry_after_s = SHED_MESSAGES[shed.reason]
-        error = overloaded(message, retry_after_s)
-        error.extra_headers.update(shed_header)
-        raise error
+        core = self.dispatcher.core
+        raise shed_error(shed, tier, core.statistics(), core.controller)
 
     async def _cache_get(self, job: Job, model: ModelSettings | None) -> CacheHit | None:
         call = job.call
@@ -458,29 +453,6 @@ class Job:
         failed = ended.status == 0 or ended.status == 429 or ended.status >= 500
         ok = 200 <= ended.status < 300
         self.settle(used=used if ok else 0, failed=failed)
-
-
-def _over_quota(verdict: Verdict, call: InferenceCall) -> ApiError:
-    """The 429 for a refused `verdict`, with its rate-limit headers."""
-    message = "Rate limit reached for your API key. Retry after the time in Retry-After."
-    retry_after_s = verdict.retry_after_s
-    tokens = verdict.tokens
-    if tokens is not None and not tokens.allowed and math.isinf(tokens.retry_after_s):
-        message = (
-            f"Request too large: it may use {int(call.cost)} tokens (prompt estimate plus "
-            f"max_tokens) but the key's token quota is {tokens.limit} per "
-            f"{verdict.period_s:g} s. Lower max_tokens or the prompt."
-        )
-        retry_after_s = verdict.period_s
-    error = ApiError(
-        429,
-        message,
-        type="tokens" if tokens is not None and not tokens.allowed else "requests",
-        code="rate_limit_exceeded",
-        retry_after_s=min(retry_after_s, 86_400.0),
-    )
-    error.extra_headers.update(rate_limit_headers(verdict))
-    return error
 
 
 def _forwarded(headers: dict[str, str]) -> dict[str, str]:

@@ -46,6 +46,7 @@ from prometheus_client import (
 from backends.http.client import BackendError, BackendTimeout, BackendUnavailable
 from policies.breaker import BreakerState
 from scheduler.core import SchedulerStats, ShedReason
+from scheduler.core.fairness import FairnessWindow
 
 if TYPE_CHECKING:
     from scheduler.core import AIMDConfig
@@ -78,6 +79,7 @@ SERVED: frozenset[RequestOutcome] = frozenset(
 ROUTES = ("chat", "completions", "embeddings")
 BASE_BUCKETS_S = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SLO_MULTIPLES = (0.1, 0.25, 0.5, 1.0, 2.0)
+FAIRNESS_WINDOW_S = 30.0  # the recent window of each tier's Jain's index
 BREAKER_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
@@ -165,6 +167,7 @@ class GatewayMetrics:
         self._seen_shed: dict[tuple[str, str], int] = {}
         self._seen_adjustments = {"increase": 0, "decrease": 0}
         self._seen_redis_errors = 0
+        self.fairness = FairnessWindow(FAIRNESS_WINDOW_S)
         for t in tiers:
             self._tier_slo.labels(t.name).set(t.slo_s)
             self._tier_max_wait.labels(t.name).set(t.max_wait_s)
@@ -209,6 +212,19 @@ class GatewayMetrics:
         )
         self._depth = self._gauge("queue_depth", "Requests queued.", "livesum", ("tier",))
         self._inflight = self._gauge("inflight", "Requests admitted and not finished.", "livesum")
+        self._fairness = self._gauge(
+            "tier_fairness_index",
+            f"Jain's index of the tier's keys' served tokens over their max-min fair shares, "
+            f"over the last {FAIRNESS_WINDOW_S:g} s (1: fair; 1/n: one key took all).",
+            "livemin",
+            ("tier",),
+        )
+        self._fairness_keys = self._gauge(
+            "tier_fairness_keys",
+            "Keys the tier's fairness index is over (those that asked in its window).",
+            "livemax",
+            ("tier",),
+        )
 
     def _build_controller(self) -> None:
         """The controller's state and gains, then the tiers' targets they are compared with."""
@@ -244,6 +260,11 @@ class GatewayMetrics:
         counter = self._counter
         self._backend_errors = counter("backend_errors", "Failed backend calls.", ("model", "kind"))
         self._redis_errors = counter("redis_errors", "Failed Redis calls.")
+        self._would_refuse = counter(
+            "quota_would_refuse",
+            "Requests a shadow quota (enforce = false) would have refused, admitted.",
+            ("tier", "reason"),
+        )
         self._fail_mode = counter(
             "fail_mode_decisions",
             "Quota decisions taken without Redis, by the tier's fail mode.",
@@ -263,10 +284,13 @@ class GatewayMetrics:
         for tier in self._tiers:
             self._queue_wait.labels(tier)
             self._depth.labels(tier)
+            self._fairness.labels(tier).set(1.0)
             for reason in ShedReason:
                 self._shed.labels(tier, reason.value)
             for mode in ("open", "closed"):
                 self._fail_mode.labels(tier, mode)
+            for quota in ("requests", "tokens"):
+                self._would_refuse.labels(tier, quota)
             for route in routes:
                 self._duration.labels(tier, route)
         for model in self._models:
@@ -329,6 +353,13 @@ class GatewayMetrics:
         reason = ShedReason(reason)
         self._shed.labels(self._tier(tier), reason.value).inc()
 
+    def queue_decided(
+        self, tier: str, key_id: str, *, cost: float, admitted: bool, now: float
+    ) -> None:
+        """A request of `key_id` left the queue, admitted or shed: for the fairness index."""
+        if tier in self._tiers:
+            self.fairness.record(tier, key_id, cost=cost, admitted=admitted, now=now)
+
     def backend_error(self, model: str, kind: BackendErrorKind) -> None:
         if kind not in BACKEND_ERROR_KINDS:
             raise ValueError(f"unknown backend error kind {kind!r}")
@@ -337,6 +368,10 @@ class GatewayMetrics:
     def fail_mode_decision(self, tier: str, mode: FailMode) -> None:
         """A quota decision taken by the tier's fail mode because Redis was out."""
         self._fail_mode.labels(self._tier(tier), mode.value).inc()
+
+    def quota_would_refuse(self, tier: str, reason: str) -> None:
+        """A shadow quota would have refused this request (`reason`: a refusal's reason)."""
+        self._would_refuse.labels(self._tier(tier), reason).inc()
 
     def gains_rejected(self) -> None:
         """A gains document from Redis was malformed and left unapplied."""
@@ -369,6 +404,12 @@ class GatewayMetrics:
             if new > 0:
                 self._adjustments.labels(direction).inc(new)
             self._seen_adjustments[direction] = total
+
+    def update_fairness(self, *, now: float) -> None:
+        """Each tier's fairness index and its key count over the window ending `now`."""
+        for tier in self._tiers:
+            self._fairness.labels(tier).set(self.fairness.index(tier, now=now))
+            self._fairness_keys.labels(tier).set(self.fairness.active_keys(tier, now=now))
 
     def controller_config(self, config: AIMDConfig) -> None:
         """Export the gains the panels compare against (call again after a live change)."""

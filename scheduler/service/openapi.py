@@ -26,6 +26,33 @@ _ERROR = {
         }
     },
 }
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+# every 429 and 503: OpenAI's four fields and why (README "Rejections", scheduler.openai.errors)
+_REFUSAL = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": [
+                *_ERROR["properties"]["error"]["required"],  # type: ignore[index]
+                "reason",
+                "limit",
+                "threshold",
+                "observed",
+                "retryable",
+            ],
+            "properties": {
+                **_ERROR["properties"]["error"]["properties"],  # type: ignore[index]
+                "reason": {"type": "string", "description": "Why; on a 503 also x-scheduler-shed."},
+                "limit": {"type": "string", "description": "The knob that decided."},
+                "threshold": {**_NUMBER_OR_NULL, "description": "Where the knob stands."},
+                "observed": {**_NUMBER_OR_NULL, "description": "What was measured against it."},
+                "retryable": {"type": "boolean", "description": "Can the same request succeed?"},
+            },
+        }
+    },
+}
 _RETRY_AFTER = {
     "Retry-After": {
         "description": "Seconds to wait before retrying.",
@@ -48,9 +75,10 @@ _RATE_LIMIT = {
 
 
 def _error(description: str, *, retry: bool = False, limits: bool = False) -> dict[str, Any]:
+    schema = "#/components/schemas/" + ("Refusal" if retry else "Error")
     response: dict[str, Any] = {
         "description": description,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        "content": {"application/json": {"schema": {"$ref": schema}}},
     }
     headers = {**(_RETRY_AFTER if retry else {}), **(_RATE_LIMIT if limits else {})}
     if headers:
@@ -379,7 +407,7 @@ def _operations_paths() -> dict[str, Any]:
 
 
 _COMPONENTS = {
-    "schemas": {"Error": _ERROR},
+    "schemas": {"Error": _ERROR, "Refusal": _REFUSAL},
     "securitySchemes": {
         "bearer": {"type": "http", "scheme": "bearer"},
         "admin": {

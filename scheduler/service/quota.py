@@ -12,10 +12,18 @@ quota divided by the replica count (so the fleet stays near the quota), except f
 last said were used up, until their reset; `closed` refuses with a 503. A Redis that is only
 slow (a timeout, a pause just begun) may still have run the script: admitting then could
 count a request twice and over-admit, so the answer is 503 "retry in 1 s".
+
+Shadow mode: a quota with `enforce = false` is decided exactly as an enforced one (the script
+counts what it admits and refuses what would not fit), but a refusal is turned into an
+admission marked `would_refuse`: it took nothing, so it holds nothing to settle, and the
+gateway reports it (header and metric) instead of answering 429. The counts therefore follow
+what enforcing the quota would have admitted, so "would have refused" is what enforcing it
+would refuse. It spends no burst credits (a real balance) on what it would refuse.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Callable
@@ -24,7 +32,7 @@ from typing import TypeVar
 
 import trio
 
-from backends.redis.quota import QuotaStoreBusy, QuotaStoreError
+from backends.redis.quota import QuotaStoreBusy, QuotaStoreError, QuotaStoreTimeout
 from policies.breaker import BreakerState, ScopedBreakers
 from policies.ratelimit import Quota, RateDecision
 from scheduler.core.quota_store import (
@@ -36,6 +44,7 @@ from scheduler.core.quota_store import (
     Reservation,
     completed,
 )
+from scheduler.openai.errors import Refusal
 
 T = TypeVar("T")
 SPENT_KEYS_MAX = 100_000  # keys remembered as used up, for the fail-open limiter
@@ -73,7 +82,8 @@ class FailMode(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class QuotaSettings:
-    """A key's request and token quotas over `period_s` (0 = no such quota)."""
+    """A key's request and token quotas over `period_s` (0 = no such quota); with
+    `enforce` off, a shadow quota (counted and reported, never refusing)."""
 
     algorithm: AlgorithmKind = "sliding_log"
     period_s: float = 60.0
@@ -81,6 +91,7 @@ class QuotaSettings:
     tokens: int = 0
     request_burst: int = 0  # GCRA only; 0 = the limit
     token_burst: int = 0
+    enforce: bool = True
 
     _specs: tuple[QuotaSpec | None, QuotaSpec | None] = field(init=False, repr=False, compare=False)
 
@@ -107,6 +118,7 @@ class Source(enum.Enum):
     UNLIMITED = "unlimited"
     CLOSED = "closed"  # fail-closed refusal while Redis is out
     UNVERIFIED = "unverified"  # Redis slow, not known down: refused, retry in a second
+    MOVING = "moving"  # the key's Redis Cluster slot is moving: refused, retry in a second
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +131,9 @@ class Verdict:
     credits_spent: int = 0
     credits_left: int | None = None
     period_s: float = 60.0
+    failing_s: float = math.nan  # CLOSED, UNVERIFIED: how long Redis has been failing
+    spent: str = ""  # LOCAL, refused by Redis's last word: "requests" or "tokens"
+    would_refuse: bool = False  # a shadow quota's refusal, admitted (nothing was taken)
 
 
 class QuotaGuard:
@@ -139,7 +154,7 @@ class QuotaGuard:
         self.timeout = timeout
         self.replicas = replicas
         self._local = MemoryQuotaStore()  # the fail-open limiter, on this replica's shares
-        self._spent_until: dict[str, float] = {}
+        self._spent_until: dict[str, tuple[float, str]] = {}  # until, and which quota
         # per scope: since when calls fail, and whether the last was refused (or timed out)
         self._failing_since: dict[str, float] = {}
         self._unreachable: dict[str, bool] = {}
@@ -150,6 +165,22 @@ class QuotaGuard:
         return self.store is not None and self.breakers.state is BreakerState.CLOSED
 
     async def check(
+        self,
+        key_id: str,
+        quotas: QuotaSettings,
+        fail_mode: FailMode,
+        *,
+        token_cost: int,
+        now: float,
+    ) -> Verdict:
+        """The quota decision for one request of `token_cost` tokens; a shadow quota's
+        refusal comes back allowed, marked `would_refuse`."""
+        verdict = await self._decide(key_id, quotas, fail_mode, token_cost=token_cost, now=now)
+        if verdict.allowed or quotas.enforce:
+            return verdict
+        return dataclasses.replace(verdict, allowed=True, would_refuse=True)
+
+    async def _decide(
         self,
         key_id: str,
         quotas: QuotaSettings,
@@ -172,18 +203,20 @@ class QuotaGuard:
                     tokens=tokens,
                     token_cost=token_cost,
                     timeout_s=self.timeout.current(),
+                    burst_credits=quotas.enforce,  # a shadow quota's refusal spends nothing
                 )
                 self.timeout.observe(trio.current_time() - started)
             except QuotaStoreBusy:
                 # the key's slot is moving between nodes: Redis is up and took nothing, so
                 # neither the breaker nor the fail mode has a say; the client retries shortly
-                return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0)
+                return Verdict(False, Source.MOVING, retry_after_s=1.0)
             except QuotaStoreError as exc:
                 # an error reply (OOM, MISCONF, a script error) is Redis failing, as a refused
-                # connection is, and it is as definite: the script did not take the quota
+                # connection is, and it is as definite: the script did not take the quota; a
+                # timeout is not (the script may run yet): down only after DOWN_AFTER_S
                 self.redis_errors += 1
                 breaker.record_failure(now=now)
-                self._unreachable[scope] = isinstance(exc, QuotaStoreError)
+                self._unreachable[scope] = not isinstance(exc, QuotaStoreTimeout)
                 self._failing_since.setdefault(scope, now)
             else:
                 breaker.record_success(now=now)
@@ -191,15 +224,17 @@ class QuotaGuard:
                 self._unreachable.pop(scope, None)
                 self._remember(key_id, decision, now)
                 return _from_decision(decision, quotas.period_s)
+        failing_s = now - self._failing_since.get(scope, now)
         if fail_mode is FailMode.CLOSED:
-            return Verdict(False, Source.CLOSED, retry_after_s=breaker.config.open_s)
-        spent_until = self._spent_until.get(key_id, -math.inf)
+            open_s = breaker.config.open_s
+            return Verdict(False, Source.CLOSED, retry_after_s=open_s, failing_s=failing_s)
+        spent_until, spent = self._spent_until.get(key_id, (-math.inf, ""))
         if spent_until > now:  # Redis said this key is used up: that still holds
-            return Verdict(False, Source.LOCAL, retry_after_s=spent_until - now)
+            return Verdict(False, Source.LOCAL, retry_after_s=spent_until - now, spent=spent)
         if not self._redis_down(scope, now):
             # slow, not gone (our own loop under load, or a pause just begun): the script may
             # have run, so admitting here could count the request twice; retry in a second
-            return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0)
+            return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0, failing_s=failing_s)
         return self._local_take(key_id, quotas, token_cost, now)
 
     def hold(
@@ -207,7 +242,9 @@ class QuotaGuard:
     ) -> QuotaHold | None:
         """What an allowed `verdict` holds of the key's quotas, to settle when the call ends
         (None when nothing was taken: refused, unlimited)."""
-        if not verdict.allowed or verdict.source not in (Source.REDIS, Source.LOCAL):
+        if verdict.would_refuse or not verdict.allowed:
+            return None
+        if verdict.source not in (Source.REDIS, Source.LOCAL):
             return None
         if verdict.source is Source.LOCAL:
             requests, tokens = self._shares(quotas)
@@ -237,21 +274,21 @@ class QuotaGuard:
 
     def _remember(self, key_id: str, decision: QuotaDecision, now: float) -> None:
         """Keep, per key, until when Redis said its quota is used up (for fail-open mode)."""
-        until = -math.inf
-        for d in (decision.requests, decision.tokens):
+        until, spent = -math.inf, ""
+        for name, d in (("requests", decision.requests), ("tokens", decision.tokens)):
             if d is None:
                 continue
-            if not d.allowed:
-                until = max(until, now + d.retry_after_s)
-            elif d.remaining <= 0:
-                until = max(until, now + d.reset_after_s)
+            if not d.allowed and now + d.retry_after_s > until:
+                until, spent = now + d.retry_after_s, name
+            elif d.allowed and d.remaining <= 0 and now + d.reset_after_s > until:
+                until, spent = now + d.reset_after_s, name
         if until <= now:
             self._spent_until.pop(key_id, None)
             return
         self._spent_until.pop(key_id, None)  # re-inserted last: the order is of updates
         if len(self._spent_until) >= SPENT_KEYS_MAX:
-            self._spent_until = _pruned(self._spent_until, lambda t: t > now)
-        self._spent_until[key_id] = until
+            self._spent_until = _pruned(self._spent_until, lambda t: t[0] > now)
+        self._spent_until[key_id] = (until, spent)
 
     def _local_take(
         self, key_id: str, quotas: QuotaSettings, token_cost: int, now: float
@@ -370,3 +407,22 @@ def rate_limit_headers(verdict: Verdict) -> dict[str, str]:
     if verdict.source is Source.LOCAL:
         headers["x-ratelimit-source"] = "local"
     return headers
+
+
+SHADOW_HEADER = "x-scheduler-quota-shadow"
+
+
+def quota_headers(
+    verdict: Verdict, quotas: QuotaSettings, would_refuse: Refusal | None = None
+) -> dict[str, str]:
+    """The headers of an admitted request's quota: the rate-limit fields of an enforced one;
+    for a shadow quota only `x-scheduler-quota-shadow`, `allow` or `would-refuse` with the
+    refusal's reason, knob, threshold and measured value (a client that throttles itself on
+    the rate-limit fields must not react to a quota that is only being tried)."""
+    if quotas.enforce or quotas.unlimited:
+        return rate_limit_headers(verdict)
+    if would_refuse is None:
+        return {SHADOW_HEADER: "allow"}
+    fields = would_refuse.fields()
+    parts = [f"{k}={fields[k]}" for k in ("reason", "limit", "threshold", "observed")]
+    return {SHADOW_HEADER: "; ".join(["would-refuse", *(p for p in parts if "=None" not in p)])}

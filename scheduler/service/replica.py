@@ -162,6 +162,7 @@ class Replica:
     def _export_metrics(self, core: Scheduler, now: float) -> None:
         """Every controller tick: the core's, the controller's and Redis's state."""
         self.metrics.update_from(core.statistics())
+        self.metrics.update_fairness(now=now)
         self.metrics.controller_config(self.controller.config)
         in_use = shards(self._redis)
         if in_use is not None:

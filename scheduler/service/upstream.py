@@ -34,8 +34,9 @@ from backends.http.client import (
 )
 from scheduler.core import Outcome
 from scheduler.core.backend import Backend, BackendResponse
-from scheduler.openai.errors import ApiError, overloaded
+from scheduler.openai.errors import ApiError
 from scheduler.service.metrics import BackendErrorKind, backend_error_kind
+from scheduler.service.refusals import backend_saturated, backend_unavailable
 from scheduler.service.tracing import tracer, tracing_on
 
 SATURATED = frozenset({429, 503})
@@ -141,7 +142,7 @@ async def call_whole(
             ) as up:
                 body = await up.read()
                 status = up.status_code
-                outcome, error = judge(up)
+                outcome, error = judge(up, target.model)
                 if error is not None:
                     failed = backend_error_kind(status=status)
                     raise error
@@ -151,7 +152,7 @@ async def call_whole(
         failed = backend_error_kind(exc)
         if isinstance(exc, BackendTimeout | BackendUnavailable):
             outcome = Outcome.DROPPED
-        raise backend_error(exc) from exc
+        raise backend_error(exc, target.model) from exc
     except trio.Cancelled:  # the client went away while the backend worked on its request
         abandoned = True
         raise
@@ -193,7 +194,7 @@ async def _stream_chunks(
                     target.pool.post(target.path, raw, headers, timeout_s=target.timeout_s)
                 )
             status = up.status_code
-            outcome, error = judge(up)
+            outcome, error = judge(up, target.model)
             if error is not None:
                 failed = backend_error_kind(status=status)
                 with _deadline(started_at + target.timeout_s, WHOLE_LATE):
@@ -222,9 +223,9 @@ async def _stream_chunks(
         if isinstance(exc, BackendTimeout | BackendUnavailable):
             outcome = Outcome.DROPPED
         if not head_sent:
-            raise backend_error(exc) from exc
+            raise backend_error(exc, target.model) from exc
         # the headers are gone already: end the stream with an SSE error event
-        yield b"data: " + backend_error(exc).body() + b"\n\n"
+        yield b"data: " + backend_error(exc, target.model).body() + b"\n\n"
     except (trio.Cancelled, GeneratorExit):  # the client left: closed or stopped reading
         abandoned = outcome is not Outcome.COMPLETED
         raise
@@ -273,27 +274,29 @@ def _deadline(deadline_at: float, message: str) -> Iterator[None]:
         raise DeadlinePassed(message) from exc
 
 
-def judge(up: BackendResponse) -> tuple[Outcome, ApiError | None]:
+def judge(up: BackendResponse, model: str) -> tuple[Outcome, ApiError | None]:
     """How a backend status counts for the controller, and what the client gets instead."""
     status = up.status_code
     if status < 400:
         return Outcome.COMPLETED, None
     if status in SATURATED:
-        return Outcome.DROPPED, overloaded("The model's backends are saturated.", 1.0)
+        retry_after = next((v for k, v in up.headers if k == b"retry-after"), None)
+        text = None if retry_after is None else retry_after.decode("latin-1")
+        return Outcome.DROPPED, backend_saturated(model, status, text)
     if status < 500:
         return Outcome.IGNORED, None  # the backend's own 4xx is passed through as is
     message = f"The backend failed with status {status}."
     return Outcome.IGNORED, ApiError(502, message, type="server_error", code="bad_gateway")
 
 
-def backend_error(exc: BackendError) -> ApiError:
+def backend_error(exc: BackendError, model: str) -> ApiError:
     if isinstance(exc, BackendTimeout):
         message = (
             str(exc) if isinstance(exc, DeadlinePassed) else "The backend did not answer in time."
         )
         return ApiError(504, message, type="server_error", code="timeout")
     if isinstance(exc, BackendUnavailable):
-        return overloaded("No backend is available for this model right now.", 2.0)
+        return backend_unavailable(model)
     message = "The backend's response broke off."
     if isinstance(exc, BackendTooLarge):
         message = "The backend's answer is larger than backend_limits.max_response_bytes."

@@ -106,6 +106,39 @@ def test_two_backlogged_keys_never_differ_by_more_than_twice_the_largest_cost(
         assert abs(served["a"] - served["b"]) <= 2 * largest, (served, largest)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    a_costs=st.lists(st.integers(1, 500), min_size=1, max_size=20),
+    b_costs=st.lists(st.integers(1, 500), min_size=1, max_size=20),
+    b_joins_after=st.integers(0, 30),
+)
+def test_the_bound_holds_over_every_interval_also_for_a_key_that_joins_late(
+    a_costs: list[int], b_costs: list[int], b_joins_after: int
+) -> None:
+    """The same bound over every stretch of the service in which both keys are backlogged,
+    not only from the start: `b` arrives after `a` was served alone for a while (it gets no
+    credit for that time, and owes none)."""
+    queue = WeightedFairQueue([TierConfig("pro", 1, max_wait_s=1e9, max_depth=10**9)])
+    rounds = 30
+    for n in range(rounds):
+        queue.push(req("pro", "a", cost=a_costs[n % len(a_costs)]), now=0)
+    alone = [queue.pop() for _ in range(min(b_joins_after, rounds - 1))]
+    assert all(e is not None and e.request.key_id == "a" for e in alone)
+    for n in range(rounds):
+        queue.push(req("pro", "b", cost=b_costs[n % len(b_costs)]), now=0)
+    largest = max(a_costs + b_costs)
+    gap = [0]  # served to a minus served to b, after each pop while both are backlogged
+    left = Counter({"a": rounds - len(alone), "b": rounds})
+    while left["a"] and left["b"]:
+        entry = queue.pop()
+        assert entry is not None
+        key, cost = entry.request.key_id, int(entry.request.cost)
+        gap.append(gap[-1] + (cost if key == "a" else -cost))
+        left[key] -= 1
+    # any stretch [i, j]: its service difference is gap[j] - gap[i]
+    assert max(gap) - min(gap) <= 2 * largest, (gap, largest)
+
+
 def test_a_noisy_key_does_not_starve_its_neighbour() -> None:
     queue = WeightedFairQueue([TierConfig("free", 1, max_wait_s=60, max_depth=10_000)])
     for _ in range(1000):

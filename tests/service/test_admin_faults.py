@@ -24,6 +24,7 @@ from scheduler.service.config import load_settings
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
 from tests.service.test_admin import ADMIN, CONFIG, TOKEN, chat, eventually
+from tests.support.error_shape import error_fields
 
 PREFIX = f"admin-faults-{uuid.uuid4().hex}"
 
@@ -167,7 +168,7 @@ async def assert_every_redis_route_is_a_quick_503(
         where = f"{method} {path}: {r.status_code} {r.text[:200]} in {took_s:.2f} s"
         assert r.status_code == 503, where
         assert int(r.headers["retry-after"]) >= 1, where
-        assert set(r.json()["error"]) == {"message", "type", "param", "code"}, where
+        assert set(r.json()["error"]) == error_fields(503), where
         assert r.json()["error"]["code"] == "redis_unavailable", where
         assert took_s < ANSWER_WITHIN_S, where
         slowest_s = max(slowest_s, took_s)

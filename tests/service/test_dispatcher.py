@@ -59,11 +59,11 @@ async def test_finish_admits_the_next_in_fair_order(
     free = dispatcher.submit(request("free"))
     gold = dispatcher.submit(request("gold"))
     await trio.sleep(0.5)
-    assert not free.event.is_set() and not gold.event.is_set()
+    assert free.decision is None and gold.decision is None  # queued
     dispatcher.finish(first.ticket, Sample(0.5))
     decision = await dispatcher.wait_decision(gold)
     assert isinstance(decision, Admit)
-    assert not free.event.is_set()
+    assert free.decision is None
 
 
 async def test_a_cancelled_wait_gives_the_seat_back(

@@ -37,6 +37,7 @@ from backends.demo.server import DemoConfig, serve_demo_backend
 from backends.redis.quota import RedisQuotaStore
 from scheduler.service.config import Settings, key_id, load_settings
 from tests.conftest import FAST_GPU, start_demo, start_gateway
+from tests.support.error_shape import error_fields
 from tests.support.fault_proxy import Fault, FaultProxy, serve_fault_proxy
 
 TOKEN = "faults-admin"
@@ -239,7 +240,7 @@ def check_contract(answers: list[Answer], *, deadline_s: float) -> Counter[int]:
             assert int(a.headers.get("retry-after", "0")) >= 1, (a.status, a.headers)
         if a.status >= 400:
             error = a.error()
-            assert set(error) == {"message", "type", "param", "code"}, error
+            assert set(error) == error_fields(a.status), error
             assert error["message"], error
     return statuses
 

@@ -46,6 +46,7 @@ from scheduler.service.gateway import FORWARDED_HEADERS
 from scheduler.service.openapi import openapi_document
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_gateway
+from tests.support.error_shape import OPENAI_FIELDS, REFUSAL_FIELDS
 
 T = TypeVar("T")
 TOKEN = "fuzz-admin-token"
@@ -112,13 +113,24 @@ def strict_json(body: bytes) -> Any:
     return json.loads(body, parse_constant=refuse)
 
 
-def error_problems(body: bytes) -> list[str]:
+def error_problems(body: bytes, *, refusal: bool) -> list[str]:
+    """OpenAI's four fields, and on a 429 or 503 the refusal's five (README "Rejections")."""
     try:
         error = strict_json(body)["error"]
     except (ValueError, TypeError, KeyError) as exc:
         return [f"error body is not OpenAI-shaped JSON ({exc!r}): {body[:200]!r}"]
-    if not isinstance(error, dict) or set(error) != {"message", "type", "param", "code"}:
+    fields = OPENAI_FIELDS | REFUSAL_FIELDS if refusal else OPENAI_FIELDS
+    if not isinstance(error, dict) or set(error) != fields:
         return [f"error object has the wrong fields: {body[:200]!r}"]
+    if refusal and not (
+        isinstance(error["reason"], str)
+        and isinstance(error["limit"], str)
+        and isinstance(error["retryable"], bool)
+        and all(
+            error[k] is None or isinstance(error[k], int | float) for k in ("threshold", "observed")
+        )
+    ):
+        return [f"refusal fields have the wrong types: {body[:200]!r}"]
     kinds = [
         isinstance(error["message"], str) and bool(error["message"]),
         isinstance(error["type"], str),
@@ -149,7 +161,7 @@ def reply_problems(
     """Everything wrong with one reply to `method template`; empty when it is as documented."""
     headers = list(headers)
     doc = documented(method, template, status)
-    is_error = status >= 400 and (doc is None or "#/components/schemas/Error" in str(doc))
+    is_error = status >= 400 and (doc is None or "#/components/schemas/" in str(doc))
     needs_retry = status in (429, 503) and (doc is None or "Retry-After" in doc.get("headers", {}))
     problems = header_problems(headers, retry_after=needs_retry)
     if doc is None:
@@ -163,7 +175,7 @@ def reply_problems(
     if is_error:
         if not content_type.startswith("application/json"):
             problems.append(f"error with content-type {content_type!r}")
-        problems += error_problems(body)
+        problems += error_problems(body, refusal=status in (429, 503))
     elif content_type.startswith("application/json") and method != "HEAD":
         try:
             strict_json(body)

@@ -110,6 +110,8 @@ def test_render_has_every_metric_with_conventional_names() -> None:
         "scheduler_fail_mode_decisions_total",
         "scheduler_redis_up",
         "scheduler_breaker_state",
+        "scheduler_tier_fairness_index",
+        "scheduler_quota_would_refuse_total",
     ):
         assert name in names, name
     labels = {k for _, pairs in samples(fed()) for k, _ in pairs}
@@ -368,3 +370,19 @@ def test_dashboard_queries_only_metrics_that_exist() -> None:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
             assert panel["targets"], panel["title"]
+
+
+def test_each_tier_shows_its_fairness_index_over_its_window() -> None:
+    metrics = GatewayMetrics(TIERS, ["demo-small"])
+    for t in range(10):
+        metrics.queue_decided("free", "a", cost=10, admitted=True, now=t)
+        metrics.queue_decided("free", "b", cost=10, admitted=t % 2 == 0, now=t)
+    metrics.queue_decided("unknown", "a", cost=10, admitted=False, now=9.0)  # not a tier here
+    metrics.update_fairness(now=10.0)
+    # a got 100 and b 50 of 150, fair shares 75 each: ratios 4/3 and 2/3, Jain's 0.9
+    assert value(metrics, "scheduler_tier_fairness_index", tier="free") == pytest.approx(0.9)
+    assert value(metrics, "scheduler_tier_fairness_keys", tier="free") == 2
+    assert value(metrics, "scheduler_tier_fairness_index", tier="enterprise") == 1.0
+    assert value(metrics, "scheduler_tier_fairness_keys", tier="enterprise") == 0
+    metrics.update_fairness(now=100.0)  # the window has passed: nothing left to be unfair
+    assert value(metrics, "scheduler_tier_fairness_index", tier="free") == 1.0

@@ -45,6 +45,7 @@ from scheduler.service.quota import (
 )
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
+from tests.support.error_shape import error_fields
 
 DEFAULT_MAX_TOKENS = 256  # the gateway's server.default_max_tokens
 METERED = """
@@ -107,7 +108,7 @@ def assert_key_not_leaked(response: httpx2.Response, key: str) -> None:
 def assert_openai_error(response: httpx2.Response, status: int) -> dict[str, Any]:
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == error_fields(status)
     assert error["message"]
     return dict(error)
 
