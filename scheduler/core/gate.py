@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from scheduler.core.request import Outcome, Request
 
+_COMPLETED, _DROPPED = Outcome.COMPLETED, Outcome.DROPPED
+
 
 class GateMode(enum.Enum):
     RATE = "rate"
@@ -73,7 +75,7 @@ class Gate:
         self._refilled_at = now
         self._ids = itertools.count(1)
         self._inflight = 0
-        self._counts = dict.fromkeys(Outcome, 0)
+        self._completed = self._dropped = self._ignored = 0
         self._admitted = 0
         self._peak_inflight = 0
         self._window_admitted = 0
@@ -116,7 +118,7 @@ class Gate:
             self._refilled_at = now
 
     def can_admit(self, *, now: float) -> bool:
-        if self._rate_mode is False:
+        if not self._rate_mode:
             return self._inflight < self._window
         self._refill(now)
         return self._tokens >= 1.0
@@ -131,10 +133,13 @@ class Gate:
 
     def admit(self, request: Request, *, now: float) -> Ticket | None:
         """A ticket if the limit allows one more request now, else None."""
-        if not self.can_admit(now=now):
-            return None
-        if self._config.mode is GateMode.RATE:
+        if self._rate_mode:
+            self._refill(now)
+            if not self._tokens >= 1.0:
+                return None
             self._tokens -= 1.0
+        elif self._inflight >= self._window:
+            return None
         self._inflight += 1
         self._admitted += 1
         self._window_admitted += 1
@@ -154,7 +159,12 @@ class Gate:
             raise RuntimeError(f"ticket {ticket.id} already ended as {ticket.outcome.value}")
         ticket.outcome = outcome
         self._inflight -= 1
-        self._counts[outcome] += 1
+        if outcome is _COMPLETED:
+            self._completed += 1
+        elif outcome is _DROPPED:
+            self._dropped += 1
+        else:
+            self._ignored += 1
 
     def take_utilization(self, *, now: float) -> float:
         """How much of the limit was used since the last call (0..1+), and start anew.
@@ -177,7 +187,7 @@ class Gate:
             limit=self._limit,
             inflight=self._inflight,
             admitted=self._admitted,
-            completed=self._counts[Outcome.COMPLETED],
-            dropped=self._counts[Outcome.DROPPED],
-            ignored=self._counts[Outcome.IGNORED],
+            completed=self._completed,
+            dropped=self._dropped,
+            ignored=self._ignored,
         )
