@@ -117,15 +117,16 @@ class Gate:
             )
             self._refilled_at = now
 
-    def can_admit(self, *, now: float) -> bool:
+    def room(self, *, now: float) -> int:
+        """How many admissions the limit allows now, one after the other."""
         if not self._rate_mode:
-            return self._inflight < self._window
+            return max(0, self._window - self._inflight)
         self._refill(now)
-        return self._tokens >= 1.0
+        return int(self._tokens) if self._tokens >= 1.0 else 0  # each admission takes 1.0
 
     def ready_at(self, *, now: float) -> float:
-        """When `can_admit` turns true by time alone (`math.inf` if only a release will do)."""
-        if self.can_admit(now=now):
+        """When `room` turns positive by time alone (`math.inf` if only a release will do)."""
+        if self.room(now=now) > 0:
             return now
         if self._config.mode is GateMode.WINDOW:
             return math.inf

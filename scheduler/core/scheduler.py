@@ -122,10 +122,12 @@ class Scheduler:
         """Admit queued requests in fair order while the gate allows."""
         admitted: list[Admit] = []
         queue, gate, entries, all_counts = self._queue, self._gate, self._entries, self._counts
-        while queue.depth and gate.can_admit(now=now):
+        room = gate.room(now=now)
+        while room and queue.depth:
             entry = queue.pop()
             if entry is None:
                 break
+            room -= 1
             request = entry.request
             del entries[request.id]
             ticket = gate.admit(request, now=now)

@@ -174,12 +174,13 @@ class GpuModel:
         request could never fit in the KV cache."""
         self.advance(now)
         seq = Sequence(seq_id, max(0, prompt_tokens), max(1, output_tokens), now)
-        if seq.kv_tokens > self.config.kv_capacity_tokens or (
-            len(self._waiting) >= self.config.max_waiting and (self._waiting or not self._fits(seq))
+        config, waiting = self.config, self._waiting
+        if seq.kv_tokens > config.kv_capacity_tokens or (
+            len(waiting) >= config.max_waiting and (waiting or not self._fits(seq))
         ):
             self._refused += 1
             return None
-        self._waiting.append(seq)
+        waiting.append(seq)
         self._start_waiting()
         return seq
 
@@ -219,7 +220,8 @@ class GpuModel:
             seq = waiting.popleft()
             seq.started_at = self._now
             seq.start_step = step
-            seq.prefilled_step = prefilled = step + seq.prompt_tokens / config.prefill_tokens_per_step
+            prefilled = step + seq.prompt_tokens / config.prefill_tokens_per_step
+            seq.prefilled_step = prefilled
             seq.first_step = first = prefilled + 1
             seq.done_step = done = first + seq.output_tokens - 1
             self._running[seq.id] = seq
