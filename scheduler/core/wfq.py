@@ -172,11 +172,10 @@ class WeightedFairQueue:
         if tier.depth >= config.max_depth:
             return None
         tier_deadline = request.arrival_at + config.max_wait_s
+        entry = Entry(request, min(request.deadline_at, tier_deadline), tier)
         if request.deadline_at < tier_deadline:
-            entry = Entry(request, request.deadline_at, tier)
-            heapq.heappush(self._early, (request.deadline_at, next(self._seq), entry))
+            heapq.heappush(self._early, (entry.deadline_at, next(self._seq), entry))
         else:
-            entry = Entry(request, tier_deadline, tier)
             tier.fifo.append(entry)
         key_id = request.key_id
         flow = tier.flows.get(key_id)

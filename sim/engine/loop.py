@@ -308,7 +308,8 @@ class Simulation:
         """Room freed on the backends: every replica admits what its gate allows."""
         self._need_poll = False
         for replica in self._replicas:
-            self._poll(replica, now)
+            if replica.sched.depth:
+                self._poll(replica, now)
 
     def _poll(self, replica: Replica, now: float) -> None:
         """Admit what the replica's gate allows, again while ending requests frees room."""
