@@ -59,6 +59,7 @@ class EntryState(enum.Enum):
 
 
 _QUEUED, _ADMITTED = EntryState.QUEUED, EntryState.ADMITTED
+_MAX_SPARE_FLOWS = 1024  # emptied key flows kept for reuse; a burst of keys does not pin more
 
 
 class Entry:
@@ -141,7 +142,7 @@ class WeightedFairQueue:
         self._seq = itertools.count()
         self._early: list[tuple[float, int, Entry]] = []  # caller deadlines before the tier's
         self._depth = 0
-        self._spare_flows: list[_KeyFlow] = []  # retired flows, reused: no churn per key
+        self._spare_flows: list[_KeyFlow] = []  # retired flows, reused: less churn per key
 
     @property
     def depth(self) -> int:
@@ -254,7 +255,8 @@ class WeightedFairQueue:
             heapq.heappop(heap)
             key_id = flow.key_id
             del tier.flows[key_id]
-            self._spare_flows.append(flow)
+            if len(self._spare_flows) < _MAX_SPARE_FLOWS:
+                self._spare_flows.append(flow)
             if finish > tier.vtime:
                 key_finish = tier.key_finish
                 key_finish[key_id] = finish
