@@ -30,6 +30,7 @@ from typing import NamedTuple, Protocol
 from scheduler.core.request import Outcome
 
 _MAX_SAMPLES = 2048  # per tick; a busier tick keeps the most recent
+_COMPLETED, _DROPPED = Outcome.COMPLETED, Outcome.DROPPED
 
 
 class LatencySignal(enum.Enum):
@@ -192,12 +193,14 @@ class AIMDController:
         self._slow_start = self._slow_start and config.slow_start_growth > 1
 
     def record(self, sample: Sample) -> None:
-        if sample.outcome is Outcome.DROPPED:
+        outcome = sample.outcome
+        if outcome is _COMPLETED:
+            signals = self._signals
+            if len(signals) >= _MAX_SAMPLES:
+                del signals[: _MAX_SAMPLES // 2]
+            signals.append(sample.signal(self._config.latency_signal))
+        elif outcome is _DROPPED:
             self._drops += 1
-        elif sample.outcome is Outcome.COMPLETED:
-            if len(self._signals) >= _MAX_SAMPLES:
-                del self._signals[: _MAX_SAMPLES // 2]
-            self._signals.append(sample.signal(self._config.latency_signal))
 
     def tick(
         self, *, now: float, utilization: float, pressure: float, inflight: int = 0, unseen: int = 0

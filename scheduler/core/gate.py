@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from scheduler.core.request import Outcome, Request
 
+_COMPLETED, _DROPPED = Outcome.COMPLETED, Outcome.DROPPED
+
 
 class GateMode(enum.Enum):
     RATE = "rate"
@@ -73,7 +75,7 @@ class Gate:
         self._refilled_at = now
         self._ids = itertools.count(1)
         self._inflight = 0
-        self._counts = dict.fromkeys(Outcome, 0)
+        self._completed = self._dropped = self._ignored = 0
         self._admitted = 0
         self._peak_inflight = 0
         self._window_admitted = 0
@@ -115,15 +117,16 @@ class Gate:
             )
             self._refilled_at = now
 
-    def can_admit(self, *, now: float) -> bool:
-        if self._rate_mode is False:
-            return self._inflight < self._window
+    def room(self, *, now: float) -> int:
+        """How many admissions the limit allows now, one after the other."""
+        if not self._rate_mode:
+            return max(0, self._window - self._inflight)
         self._refill(now)
-        return self._tokens >= 1.0
+        return int(self._tokens) if self._tokens >= 1.0 else 0  # each admission takes 1.0
 
     def ready_at(self, *, now: float) -> float:
-        """When `can_admit` turns true by time alone (`math.inf` if only a release will do)."""
-        if self.can_admit(now=now):
+        """When `room` turns positive by time alone (`math.inf` if only a release will do)."""
+        if self.room(now=now) > 0:
             return now
         if self._config.mode is GateMode.WINDOW:
             return math.inf
@@ -131,10 +134,13 @@ class Gate:
 
     def admit(self, request: Request, *, now: float) -> Ticket | None:
         """A ticket if the limit allows one more request now, else None."""
-        if not self.can_admit(now=now):
-            return None
-        if self._config.mode is GateMode.RATE:
+        if self._rate_mode:
+            self._refill(now)
+            if not self._tokens >= 1.0:
+                return None
             self._tokens -= 1.0
+        elif self._inflight >= self._window:
+            return None
         self._inflight += 1
         self._admitted += 1
         self._window_admitted += 1
@@ -154,7 +160,12 @@ class Gate:
             raise RuntimeError(f"ticket {ticket.id} already ended as {ticket.outcome.value}")
         ticket.outcome = outcome
         self._inflight -= 1
-        self._counts[outcome] += 1
+        if outcome is _COMPLETED:
+            self._completed += 1
+        elif outcome is _DROPPED:
+            self._dropped += 1
+        else:
+            self._ignored += 1
 
     def take_utilization(self, *, now: float) -> float:
         """How much of the limit was used since the last call (0..1+), and start anew.
@@ -177,7 +188,7 @@ class Gate:
             limit=self._limit,
             inflight=self._inflight,
             admitted=self._admitted,
-            completed=self._counts[Outcome.COMPLETED],
-            dropped=self._counts[Outcome.DROPPED],
-            ignored=self._counts[Outcome.IGNORED],
+            completed=self._completed,
+            dropped=self._dropped,
+            ignored=self._ignored,
         )

@@ -24,6 +24,7 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class _TierCounts:
+    config: TierConfig
     submitted: int = 0
     admitted: int = 0
     admitted_after_queue: int = 0
@@ -59,7 +60,7 @@ class Scheduler:
         self._controller = controller
         self._gate = Gate(config.gate, limit=controller.limit, now=now)
         self._entries: dict[int, Entry] = {}
-        self._counts = {t.name: _TierCounts() for t in config.tiers}
+        self._counts = {t.name: _TierCounts(t) for t in config.tiers}
         self._draining = False
 
     @property
@@ -83,19 +84,21 @@ class Scheduler:
 
     def submit(self, request: Request, *, now: float) -> Decision:
         """Admit at once, queue, or shed (queue full, congestion, draining)."""
-        tier = self._queue.tier(request.tier)
-        counts = self._counts[request.tier]
+        counts = self._counts.get(request.tier)
+        if counts is None:
+            raise KeyError(f"unknown tier {request.tier!r}")
         counts.submitted += 1
         if self._draining:
             return self._shed(request, ShedReason.DRAINING, counts)
-        if self._queue.depth == 0:
+        queue = self._queue
+        if queue.depth == 0:
             ticket = self._gate.admit(request, now=now)
             if ticket is not None:
                 counts.admitted += 1
                 return Admit(request, ticket, 0.0)
-        if tier.shed_on_overload and self._controller.congested:
+        if counts.config.shed_on_overload and self._controller.congested:
             return self._shed(request, ShedReason.OVERLOAD, counts)
-        entry = self._queue.push(request, now=now)
+        entry = queue.push(request, now=now)
         if entry is None:
             return self._shed(request, ShedReason.QUEUE_FULL, counts)
         self._entries[request.id] = entry
@@ -118,16 +121,18 @@ class Scheduler:
     def poll(self, *, now: float) -> list[Admit]:
         """Admit queued requests in fair order while the gate allows."""
         admitted: list[Admit] = []
-        queue, gate = self._queue, self._gate
-        while queue.depth and gate.can_admit(now=now):
+        queue, gate, entries, all_counts = self._queue, self._gate, self._entries, self._counts
+        room = gate.room(now=now)
+        while room and queue.depth:
             entry = queue.pop()
             if entry is None:
                 break
+            room -= 1
             request = entry.request
-            del self._entries[request.id]
+            del entries[request.id]
             ticket = gate.admit(request, now=now)
             assert ticket is not None
-            counts = self._counts[request.tier]
+            counts = all_counts[request.tier]
             counts.admitted += 1
             counts.admitted_after_queue += 1
             admitted.append(Admit(request, ticket, now - request.arrival_at))

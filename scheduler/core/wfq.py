@@ -58,23 +58,29 @@ class EntryState(enum.Enum):
     EXPIRED = "expired"
 
 
+_QUEUED, _ADMITTED = EntryState.QUEUED, EntryState.ADMITTED
+_MAX_SPARE_FLOWS = 1024  # emptied key flows kept for reuse; a burst of keys does not pin more
+
+
 class Entry:
     """A queued request and its place in the queue; the handle for `cancel`."""
 
-    __slots__ = ("deadline_at", "request", "state")
+    __slots__ = ("deadline_at", "request", "state", "tier")
 
-    def __init__(self, request: Request, deadline_at: float) -> None:
+    def __init__(self, request: Request, deadline_at: float, tier: _Tier) -> None:
         self.request = request
         self.deadline_at = deadline_at
-        self.state = EntryState.QUEUED
+        self.state = _QUEUED
+        self.tier = tier
 
 
 class _KeyFlow:
-    __slots__ = ("entries", "key_id", "start")
+    """A key with queued entries; an emptied one is kept for reuse (`_spare_flows`)."""
 
-    def __init__(self, key_id: str, start: float) -> None:
+    __slots__ = ("entries", "key_id")
+
+    def __init__(self, key_id: str) -> None:
         self.key_id = key_id
-        self.start = start
         self.entries: deque[Entry] = deque()
 
 
@@ -136,6 +142,7 @@ class WeightedFairQueue:
         self._seq = itertools.count()
         self._early: list[tuple[float, int, Entry]] = []  # caller deadlines before the tier's
         self._depth = 0
+        self._spare_flows: list[_KeyFlow] = []  # retired flows, reused: less churn per key
 
     @property
     def depth(self) -> int:
@@ -162,19 +169,27 @@ class WeightedFairQueue:
             raise KeyError(f"unknown tier {request.tier!r}")
         if not request.cost > 0:
             raise ValueError(f"request.cost must be > 0, got {request.cost}")
-        if tier.depth >= tier.config.max_depth:
+        config = tier.config
+        if tier.depth >= config.max_depth:
             return None
-        tier_deadline = request.arrival_at + tier.config.max_wait_s
-        entry = Entry(request, min(request.deadline_at, tier_deadline))
+        tier_deadline = request.arrival_at + config.max_wait_s
+        entry = Entry(request, min(request.deadline_at, tier_deadline), tier)
         if request.deadline_at < tier_deadline:
             heapq.heappush(self._early, (entry.deadline_at, next(self._seq), entry))
         else:
             tier.fifo.append(entry)
-        flow = tier.flows.get(request.key_id)
+        key_id = request.key_id
+        flow = tier.flows.get(key_id)
         if flow is None:
-            start = max(tier.vtime, tier.key_finish.pop(request.key_id, tier.vtime))
-            flow = _KeyFlow(request.key_id, start)
-            tier.flows[request.key_id] = flow
+            vtime = tier.vtime
+            start = max(vtime, tier.key_finish.pop(key_id, vtime))
+            spare = self._spare_flows
+            if spare:
+                flow = spare.pop()
+                flow.key_id = key_id
+            else:
+                flow = _KeyFlow(key_id)
+            tier.flows[key_id] = flow
             heapq.heappush(tier.heap, (start, next(self._seq), flow))
         flow.entries.append(entry)
         tier.depth += 1
@@ -182,12 +197,12 @@ class WeightedFairQueue:
         if not tier.active:
             tier.active = True
             tier.start = max(self._vtime, tier.finish)
-            heapq.heappush(self._root, (tier.start, -tier.config.weight, next(self._seq), tier))
+            heapq.heappush(self._root, (tier.start, -config.weight, next(self._seq), tier))
         return entry
 
     def cancel(self, entry: Entry) -> bool:
         """Take a queued entry out (O(1)); False if it already left the queue."""
-        if entry.state is not EntryState.QUEUED:
+        if entry.state is not _QUEUED:
             return False
         entry.state = EntryState.CANCELLED
         self._forget(entry)
@@ -195,66 +210,69 @@ class WeightedFairQueue:
 
     def pop(self) -> Entry | None:
         """The next entry in fair order, marked admitted; None when the queue is empty."""
-        while self._root:
-            tier = self._root[0][3]
+        root = self._root
+        while root:
+            tier = root[0][3]
             entry = self._pop_from_tier(tier)
             if entry is None:  # only dead entries were left in this tier
-                heapq.heappop(self._root)
+                heapq.heappop(root)
                 tier.active = False
                 continue
-            cost = entry.request.cost
-            self._vtime = tier.start
-            tier.finish = tier.start + cost / tier.config.weight
-            entry.state = EntryState.ADMITTED
-            self._forget(entry)
+            weight = tier.config.weight
+            self._vtime = start = tier.start
+            tier.finish = finish = start + entry.request.cost / weight
+            entry.state = _ADMITTED
+            tier.depth -= 1
+            self._depth -= 1
             if tier.depth > 0:
-                tier.start = tier.finish
-                heapq.heapreplace(
-                    self._root, (tier.start, -tier.config.weight, next(self._seq), tier)
-                )
+                tier.start = finish
+                heapq.heapreplace(root, (finish, -weight, next(self._seq), tier))
             else:
-                heapq.heappop(self._root)
+                heapq.heappop(root)
                 tier.active = False
             return entry
         return None
 
     def _pop_from_tier(self, tier: _Tier) -> Entry | None:
+        """The next live entry of `tier`'s keys; a key left empty retires, its finish tag
+        kept while it is ahead of the tier's virtual time."""
         heap = tier.heap
         while heap:
-            start, _, flow = heap[0]
+            finish, _, flow = heap[0]
             entries = flow.entries
-            while entries and entries[0].state is not EntryState.QUEUED:
+            while entries and entries[0].state is not _QUEUED:
                 entries.popleft()
-            if not entries:
-                heapq.heappop(heap)
-                self._retire(tier, flow, start)
-                continue
-            entry = entries.popleft()
-            tier.vtime = start
-            finish = start + entry.request.cost
-            while entries and entries[0].state is not EntryState.QUEUED:
-                entries.popleft()
+            entry = None
             if entries:
-                flow.start = finish
-                heapq.heapreplace(heap, (finish, next(self._seq), flow))
-            else:
-                heapq.heappop(heap)
-                self._retire(tier, flow, finish)
-            return entry
+                entry = entries.popleft()
+                tier.vtime = finish
+                finish += entry.request.cost
+                while entries and entries[0].state is not _QUEUED:
+                    entries.popleft()
+                if entries:
+                    heapq.heapreplace(heap, (finish, next(self._seq), flow))
+                    return entry
+            heapq.heappop(heap)
+            key_id = flow.key_id
+            del tier.flows[key_id]
+            if len(self._spare_flows) < _MAX_SPARE_FLOWS:
+                self._spare_flows.append(flow)
+            if finish > tier.vtime:
+                key_finish = tier.key_finish
+                key_finish[key_id] = finish
+                if len(key_finish) >= tier.sweep_at_size:
+                    self._sweep(tier)
+            if entry is not None:
+                return entry
         return None
 
-    def _retire(self, tier: _Tier, flow: _KeyFlow, finish: float) -> None:
-        del tier.flows[flow.key_id]
-        if finish > tier.vtime:
-            tier.key_finish[flow.key_id] = finish
-            if len(tier.key_finish) >= tier.sweep_at_size:
-                vtime = tier.vtime
-                tier.key_finish = {k: f for k, f in tier.key_finish.items() if f > vtime}
-                tier.sweep_at_size = max(1024, 2 * len(tier.key_finish))
+    def _sweep(self, tier: _Tier) -> None:
+        vtime = tier.vtime
+        tier.key_finish = {k: f for k, f in tier.key_finish.items() if f > vtime}
+        tier.sweep_at_size = max(1024, 2 * len(tier.key_finish))
 
     def _forget(self, entry: Entry) -> None:
-        tier = self._tiers[entry.request.tier]
-        tier.depth -= 1
+        entry.tier.depth -= 1
         self._depth -= 1
 
     def next_deadline(self) -> float:
@@ -262,12 +280,12 @@ class WeightedFairQueue:
         best = math.inf
         for tier in self._tiers.values():
             fifo = tier.fifo
-            while fifo and fifo[0].state is not EntryState.QUEUED:
+            while fifo and fifo[0].state is not _QUEUED:
                 fifo.popleft()
             if fifo and fifo[0].deadline_at < best:
                 best = fifo[0].deadline_at
         early = self._early
-        while early and early[0][2].state is not EntryState.QUEUED:
+        while early and early[0][2].state is not _QUEUED:
             heapq.heappop(early)
         if early and early[0][0] < best:
             best = early[0][0]
@@ -278,14 +296,14 @@ class WeightedFairQueue:
         expired: list[Entry] = []
         for tier in self._tiers.values():
             fifo = tier.fifo
-            while fifo and (fifo[0].state is not EntryState.QUEUED or fifo[0].deadline_at <= now):
+            while fifo and (fifo[0].state is not _QUEUED or fifo[0].deadline_at <= now):
                 entry = fifo.popleft()
-                if entry.state is EntryState.QUEUED:
+                if entry.state is _QUEUED:
                     self._expire(entry, expired)
         early = self._early
-        while early and (early[0][2].state is not EntryState.QUEUED or early[0][0] <= now):
+        while early and (early[0][2].state is not _QUEUED or early[0][0] <= now):
             entry = heapq.heappop(early)[2]
-            if entry.state is EntryState.QUEUED:
+            if entry.state is _QUEUED:
                 self._expire(entry, expired)
         return expired
 

@@ -23,6 +23,10 @@ The rules, close to what vLLM does:
 Since all running sequences advance at the same rate, the model keeps one "step counter"
 that grows at 1 / step_time(running) per second; a sequence's first token and end are fixed
 points on that counter, kept in heaps (the processor-sharing trick): O(log n) per event.
+The step time is kept, recomputed whenever the batch changes (a start, an end, a prompt
+done, a cancel or new rules), since every question about time asks it; and a cancelled
+sequence is the only kind whose heap entries can be dead, so they are looked for only after
+a cancel.
 """
 
 from __future__ import annotations
@@ -150,7 +154,10 @@ class GpuModel:
         self._prefilling: set[int] = set()
         self._kv_used = 0
         self._context = 0.0  # context_of() summed over the running sequences
+        self._step_s = 0.0  # seconds per step of the current batch (`_restep`)
+        self._cancelled = 0  # cancels of running sequences: their heap entries are dead
         self._started = self._finished = self._refused = 0
+        self._restep()
 
     @property
     def running(self) -> int:
@@ -167,12 +174,13 @@ class GpuModel:
         request could never fit in the KV cache."""
         self.advance(now)
         seq = Sequence(seq_id, max(0, prompt_tokens), max(1, output_tokens), now)
-        if seq.kv_tokens > self.config.kv_capacity_tokens or (
-            len(self._waiting) >= self.config.max_waiting and (self._waiting or not self._fits(seq))
+        config, waiting = self.config, self._waiting
+        if seq.kv_tokens > config.kv_capacity_tokens or (
+            len(waiting) >= config.max_waiting and (waiting or not self._fits(seq))
         ):
             self._refused += 1
             return None
-        self._waiting.append(seq)
+        waiting.append(seq)
         self._start_waiting()
         return seq
 
@@ -183,6 +191,7 @@ class GpuModel:
             del self._running[seq.id]
             self._prefilling.discard(seq.id)
             self._release(seq)
+            self._cancelled += 1
             seq.done_step = -math.inf  # its heap entries are now dead
             seq.finished_at = now
             self._start_waiting()
@@ -205,24 +214,26 @@ class GpuModel:
         )
 
     def _start_waiting(self) -> None:
-        while self._waiting and self._fits(self._waiting[0]):
-            seq = self._waiting.popleft()
+        """Start what fits from the waiting room, then set the step time of the batch."""
+        waiting, config, step = self._waiting, self.config, self._step
+        while waiting and self._fits(waiting[0]):
+            seq = waiting.popleft()
             seq.started_at = self._now
-            seq.start_step = self._step
-            seq.prefilled_step = (
-                self._step + seq.prompt_tokens / self.config.prefill_tokens_per_step
-            )
-            seq.first_step = seq.prefilled_step + 1
-            seq.done_step = seq.first_step + seq.output_tokens - 1
+            seq.start_step = step
+            prefilled = step + seq.prompt_tokens / config.prefill_tokens_per_step
+            seq.prefilled_step = prefilled
+            seq.first_step = first = prefilled + 1
+            seq.done_step = done = first + seq.output_tokens - 1
             self._running[seq.id] = seq
-            if self.config.prefill_s_per_token > 0 and seq.prompt_tokens > 0:
+            if config.prefill_s_per_token > 0 and seq.prompt_tokens > 0:
                 self._prefilling.add(seq.id)
-                heapq.heappush(self._prefills, (seq.prefilled_step, seq.id, seq))
+                heapq.heappush(self._prefills, (prefilled, seq.id, seq))
             self._kv_used += seq.kv_tokens
             self._context += context_of(seq.prompt_tokens, seq.output_tokens)
             self._started += 1
-            heapq.heappush(self._firsts, (seq.first_step, seq.id, seq))
-            heapq.heappush(self._ends, (seq.done_step, seq.id, seq))
+            heapq.heappush(self._firsts, (first, seq.id, seq))
+            heapq.heappush(self._ends, (done, seq.id, seq))
+        self._restep()
 
     def _release(self, seq: Sequence) -> None:
         self._kv_used -= seq.kv_tokens
@@ -230,12 +241,12 @@ class GpuModel:
         if not self._running:
             self._context = 0.0  # no float residue left behind
 
-    def _step_s(self) -> float:
-        return self.config.step_s(len(self._running), len(self._prefilling), self._context)
+    def _restep(self) -> None:
+        self._step_s = self.config.step_s(len(self._running), len(self._prefilling), self._context)
 
     def step_at(self, now: float) -> float:
         """The step counter at `now` if nothing starts or ends before then."""
-        step_s = self._step_s()
+        step_s = self._step_s
         if not self._running or step_s == 0:
             return math.inf if self._running else self._step
         return self._step + (now - self._now) / step_s
@@ -244,19 +255,26 @@ class GpuModel:
         """When the counter reaches `step` at the current batch size."""
         if step <= self._step:
             return self._now
-        return self._now + (step - self._step) * self._step_s()
+        return self._now + (step - self._step) * self._step_s
 
     def next_event_at(self) -> float:
         """When the next first token or completion is due (`math.inf` when idle)."""
-        self._drop_dead()
+        if self._cancelled:
+            self._drop_dead()
         due = [h[0][0] for h in (self._prefills, self._firsts, self._ends) if h]
         return self.time_of_step(min(due)) if due else math.inf
 
-    def next_prefill_end_at(self) -> float:
-        """When the next costed prompt is done and steps speed up (`math.inf` if none): a
+    def next_finish_at(self) -> float:
+        """When the next running sequence finishes at the current batch size, or sooner when
+        a costed prompt is done and steps speed up (`math.inf` if neither is pending): a
         caller that wakes only for completions must wake then too, or it wakes late."""
-        self._drop_dead()
-        return self.time_of_step(self._prefills[0][0]) if self._prefills else math.inf
+        if self._cancelled:
+            self._drop_dead()
+        ends, prefills = self._ends, self._prefills
+        finish_at = self.time_of_step(ends[0][0]) if ends else math.inf
+        if prefills:
+            return min(finish_at, self.time_of_step(prefills[0][0]))
+        return finish_at
 
     def _drop_dead(self) -> None:
         for heap in (self._prefills, self._firsts, self._ends):
@@ -267,22 +285,32 @@ class GpuModel:
         """Move to `now`; returns the sequences that finished, in order. First-token times
         are filled in on the sequences as they pass."""
         finished: list[Sequence] = []
+        prefills, firsts, ends, pop = self._prefills, self._firsts, self._ends, heapq.heappop
         while True:
-            self._drop_dead()
-            due = [h[0][0] for h in (self._prefills, self._firsts, self._ends) if h]
-            if not due or self.time_of_step(min(due)) > now:
+            if self._cancelled:
+                self._drop_dead()
+            step = math.inf  # the earliest head of the three heaps (their steps are finite)
+            if prefills:
+                step = prefills[0][0]
+            if firsts and firsts[0][0] < step:
+                step = firsts[0][0]
+            if ends and ends[0][0] < step:
+                step = ends[0][0]
+            if step == math.inf:
                 break
-            step = min(due)
-            self._now = self.time_of_step(step)
+            at = self._now if step <= self._step else self._now + (step - self._step) * self._step_s
+            if at > now:
+                break
+            self._now = at
             self._step = step
-            if self._prefills and self._prefills[0][0] == step:
-                self._prefilling.discard(heapq.heappop(self._prefills)[2].id)
-            elif self._firsts and self._firsts[0][0] == step:
-                seq = heapq.heappop(self._firsts)[2]
-                seq.first_token_at = self._now
+            if prefills and prefills[0][0] == step:
+                self._prefilling.discard(pop(prefills)[2].id)
+                self._restep()
+            elif firsts and firsts[0][0] == step:
+                pop(firsts)[2].first_token_at = at
             else:
-                seq = heapq.heappop(self._ends)[2]
-                seq.finished_at = self._now
+                seq = pop(ends)[2]
+                seq.finished_at = at
                 del self._running[seq.id]
                 self._release(seq)
                 self._finished += 1
@@ -312,7 +340,7 @@ class GpuModel:
             waiting=len(self._waiting),
             kv_used_tokens=self._kv_used,
             kv_usage=self._kv_used / self.config.kv_capacity_tokens,
-            step_s=self._step_s(),
+            step_s=self._step_s,
             started=self._started,
             finished=self._finished,
             refused=self._refused,

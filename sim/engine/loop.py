@@ -188,9 +188,11 @@ class Simulation:
             for source in self._sources:
                 source.until(window_end, rows)
             rows.sort()
+            heap, events_until, arrive = self._heap, self._events_until, self._arrive
             for row in rows:
-                self._events_until(row[0])
-                self._arrive(*row)
+                if heap[0][0] <= row[0]:  # the heap always holds the next tick
+                    events_until(row[0])
+                arrive(*row)
         self._final_limits = tuple(r.sched.controller.limit for r in self._replicas)
 
     def _events_until(self, now: float) -> None:
@@ -306,7 +308,8 @@ class Simulation:
         """Room freed on the backends: every replica admits what its gate allows."""
         self._need_poll = False
         for replica in self._replicas:
-            self._poll(replica, now)
+            if replica.sched.depth:
+                self._poll(replica, now)
 
     def _poll(self, replica: Replica, now: float) -> None:
         """Admit what the replica's gate allows, again while ending requests frees room."""
@@ -355,10 +358,6 @@ class Simulation:
         else:
             best.inflight[seq.id] = (ticket, ts, k, replica)
             loads[index] += 1
-            if seq.start_step == seq.start_step and not best.pending:  # started (not nan)
-                heapq.heappush(best.ends, (seq.done_step, seq.id, seq))
-            else:
-                best.track(seq)
         self._reschedule(best, now)
 
     def _drop(self, ticket: Ticket, ts: TierState, replica: Replica, now: float) -> None:
@@ -370,10 +369,10 @@ class Simulation:
     def _reschedule(self, backend: Backend, now: float) -> None:
         """Keep one wake-up pending at the backend's next finish; end at once what is due
         now (float rounding can leave an end a hair past the time it was computed for)."""
-        due = backend.next_finish_at()
+        due = backend.gpu.next_finish_at()
         while due <= now:
             self._complete(backend, now)
-            due = backend.next_finish_at()
+            due = backend.gpu.next_finish_at()
         if due != backend.wake_at:
             backend.wake_at = due
             if due < _INF:

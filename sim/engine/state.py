@@ -7,10 +7,8 @@ so they are records, not objects with behaviour behind properties.
 
 from __future__ import annotations
 
-import heapq
 import math
 from array import array
-from collections import deque
 
 from policies.ladder import ShedLadder
 from policies.ratelimit import Quota
@@ -18,7 +16,6 @@ from scheduler.core import Scheduler, ShedReason, Ticket
 from scheduler.core.quota_store import AlgorithmKind, MemoryQuotaStore, Reservation, completed
 from scheduler.core.quota_store import QuotaSpec as StoreSpec
 from scheduler.models.gpu import GpuConfig, GpuModel
-from scheduler.models.gpu import Sequence as GpuSequence
 from scheduler.models.pressure import PressureConfig, PressureModel, Scrape, pool_pressure
 from sim.engine.model import QuotaAlgorithm, QuotaSpec, QuotaUnit, TierSpec
 from sim.engine.results import Percentiles, TierResult, jain_index
@@ -166,27 +163,13 @@ Flight = tuple[Ticket, TierState, int, "Replica"]
 
 
 class Backend:
-    """One GPU model, the requests it holds, and when its next request finishes.
+    """One GPU model, the requests it holds, and when the loop wakes it.
 
-    Why `ends` and `pending`: the model's `next_event_at` also names first tokens, which end
-    nothing, so waking for them would double the backend wake-ups. The sequences' own
-    `done_step` and the model's `time_of_step` say when the next one finishes: `ends` orders
-    the started sequences by it, `pending` keeps the waiting ones in the model's FIFO order
-    until they start. A prompt's end (with `prefill_s_per_token`) speeds the steps up, so the
-    backend wakes then too: else a finish would come before its wake-up.
+    It wakes when its next request finishes (`GpuModel.next_finish_at`), not for first
+    tokens, which end nothing: waking for them would double the backend wake-ups.
     """
 
-    __slots__ = (
-        "alive",
-        "config",
-        "ends",
-        "gpu",
-        "index",
-        "inflight",
-        "pending",
-        "pressure",
-        "wake_at",
-    )
+    __slots__ = ("alive", "config", "gpu", "index", "inflight", "pressure", "wake_at")
 
     def __init__(self, index: int, config: GpuConfig, now: float, probe: PressureConfig) -> None:
         self.index = index
@@ -196,36 +179,12 @@ class Backend:
         self.pressure = PressureModel(probe)  # what the service's probe of this backend knows
         self.wake_at = _INF
         self.inflight: dict[int, Flight] = {}
-        self.ends: list[tuple[float, int, GpuSequence]] = []
-        self.pending: deque[GpuSequence] = deque()
 
     def reset(self, now: float) -> None:
         """Start over empty (a backend restored after a loss)."""
         self.gpu = GpuModel(self.config, now=now)
         self.inflight.clear()
-        self.ends.clear()
-        self.pending.clear()
         self.wake_at = _INF
-
-    def track(self, seq: GpuSequence) -> None:
-        """Note a sequence just submitted, and any that started with it."""
-        pending = self.pending
-        pending.append(seq)
-        while pending and pending[0].start_step == pending[0].start_step:  # not nan: started
-            started = pending.popleft()
-            heapq.heappush(self.ends, (started.done_step, started.id, started))
-
-    def next_finish_at(self) -> float:
-        """When the next running sequence finishes at the current batch size."""
-        ends = self.ends
-        while ends and ends[0][2].finished_at == ends[0][2].finished_at:  # not nan: ended
-            heapq.heappop(ends)
-        pending = self.pending
-        while pending and pending[0].start_step == pending[0].start_step:
-            started = pending.popleft()
-            heapq.heappush(ends, (started.done_step, started.id, started))
-        finish_at = self.gpu.time_of_step(ends[0][0]) if ends else _INF
-        return min(finish_at, self.gpu.next_prefill_end_at())  # steps speed up then
 
 
 def probe_config(gpu: GpuConfig, tick_s: float) -> PressureConfig:

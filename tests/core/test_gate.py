@@ -136,3 +136,17 @@ def test_zero_window_is_refused() -> None:
         Gate(GateConfig(), limit=0, now=0.0)
     with pytest.raises(ValueError, match=r"gate\.burst_s"):
         GateConfig(GateMode.RATE, burst_s=0)
+
+
+def test_room_is_how_many_admissions_succeed_in_a_row() -> None:
+    for config, limit in ((GateConfig(GateMode.WINDOW), 3.7), (GateConfig(GateMode.RATE), 70.0)):
+        gate = Gate(config, limit=limit, now=0.0)  # rate: a bucket of 70 x 0.05 = 3.5
+        room = gate.room(now=0.0)
+        assert room == 3
+        assert all(gate.admit(req(), now=0.0) is not None for _ in range(room))
+        assert gate.room(now=0.0) == 0
+        assert gate.admit(req(), now=0.0) is None
+    bypassed = Gate(GateConfig(), limit=1, now=0.0)
+    bypassed.admit_bypass(req(), now=0.0)
+    bypassed.admit_bypass(req(), now=0.0)
+    assert bypassed.room(now=0.0) == 0  # over the window by bypass: no room, not less

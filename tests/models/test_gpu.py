@@ -127,3 +127,18 @@ def test_each_token_of_context_in_the_batch_slows_every_step() -> None:
     assert a.finished_at == pytest.approx(11 * (0.01 + 5.5e-5))
     assert b.finished_at == pytest.approx(11 * (0.01 + 11e-5 + 0.01))
     assert GpuConfig().decode_per_kv_token_s == 0.0  # the demo's default model is unchanged
+
+
+def test_next_finish_at_is_the_earliest_end_or_a_prompt_done_sooner() -> None:
+    cfg = GpuConfig(decode_base_s=0.01, decode_per_seq_s=0.0, prefill_tokens_per_step=100)
+    gpu = GpuModel(cfg)
+    assert gpu.next_finish_at() == math.inf
+    long = gpu.submit(1, 0, 100, now=0.0)
+    short = gpu.submit(2, 0, 10, now=0.0)
+    assert long and short
+    assert gpu.next_finish_at() == pytest.approx(0.1)  # first tokens end nothing
+    gpu.cancel(short, now=0.05)
+    assert gpu.next_finish_at() == pytest.approx(1.0)  # a cancelled end is not reported
+    costed = GpuModel(GpuConfig(decode_base_s=0.01, decode_per_seq_s=0.0, prefill_s_per_token=1e-4))
+    assert costed.submit(1, 512, 100, now=0.0) is not None
+    assert costed.next_finish_at() == pytest.approx(0.01 + 512 * 1e-4)  # the prompt's step
