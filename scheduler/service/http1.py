@@ -1,6 +1,6 @@
 """HTTP/1.1 where hypercorn and h11 are looser than RFC 9112 or than our clients need.
 
-Five changes, each in the one place that decides it (private names of hypercorn and h11, so
+Six changes, each in the one place that decides it (private names of hypercorn and h11, so
 `tests/service/test_http_surface.py` and `tests/service/test_keepalive.py` fail if an upgrade
 moves them; `install` then logs a warning and leaves that part as it was):
 
@@ -26,6 +26,12 @@ moves them; `install` then logs a warning and leaves that part as it was):
   and a task per request: ~30 us). An app that puts a callable in its scope's extensions under
   `ON_DISCONNECT` has it called as the message is handed over (`_spawn_app_telling_gone`),
   and cancels its own work from there.
+- A whole answer in one write: hypercorn writes a response's head, its body and its end
+  (`b""` for a body framed by `Content-Length`) as three socket writes, each under the
+  connection's send lock: three lock round trips, two or three writes and as many yields to
+  trio's scheduler per answer. A head with `Content-Length` is now held and written with the
+  body (`_send_h11_event_coalescing`), and an empty write is not made, so a whole answer is
+  one write; a streamed (chunked) head still goes at once, and every chunk as it comes.
 """
 
 from __future__ import annotations
@@ -150,6 +156,31 @@ async def _answer_while_only_half_closed(server: TCPServer, protocol: H11Protoco
     return True
 
 
+_send_h11_event = H11Protocol._send_h11_event
+_HELD = "_scheduler_held_head"  # the head a protocol holds until its body is written
+
+
+async def _send_h11_event_coalescing(self: H11Protocol, event: Any) -> None:
+    """hypercorn's writing of one h11 event, a head with `Content-Length` held for its body."""
+    try:
+        data = self.connection.send(event)
+    except h11.LocalProtocolError:
+        if self.connection.their_state != h11.ERROR:
+            raise
+        return
+    if isinstance(event, h11.Response) and any(
+        name.lower() == b"content-length" for name, _ in event.headers
+    ):
+        setattr(self, _HELD, data)
+        return
+    held = getattr(self, _HELD, b"")
+    if held:
+        setattr(self, _HELD, b"")
+        data = held + data
+    if data:
+        await self.send(RawData(data=data))
+
+
 _spawn_app = TaskGroup.spawn_app
 
 
@@ -174,7 +205,7 @@ async def _spawn_app_telling_gone(
 
 
 def install() -> None:
-    """Install the five changes in this process (idempotent)."""
+    """Install the six changes in this process (idempotent)."""
     if hasattr(H11Protocol, "_send_error_response"):
         H11Protocol._send_error_response = _send_json_error_response  # type: ignore[method-assign]
     else:
@@ -189,3 +220,7 @@ def install() -> None:
         log.warning("hypercorn changed: a half-closed request is not answered")
     # (a hypercorn that spawns apps otherwise fails the tests of a client that goes away)
     TaskGroup.spawn_app = _spawn_app_telling_gone  # type: ignore[method-assign]
+    if H11Protocol._send_h11_event in (_send_h11_event, _send_h11_event_coalescing):
+        H11Protocol._send_h11_event = _send_h11_event_coalescing  # type: ignore[method-assign]
+    else:
+        log.warning("hypercorn changed: a whole answer is written in several writes")

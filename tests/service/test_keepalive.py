@@ -167,3 +167,44 @@ async def test_a_client_that_half_closes_after_its_request_gets_the_answer(
                 pass
     assert status.startswith(b"HTTP/1.1 200"), status + body
     assert b'"object": ' in body
+
+
+async def test_a_whole_answer_is_one_write(
+    gateway_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Head and body of an answer framed by Content-Length leave in one socket write (not
+    head, body and an empty end: three writes under the connection's send lock), on a
+    connection that then carries the next request; a stream's head still goes at once."""
+    writes: list[tuple[int, bytes]] = []  # (the client's port, the data) for the client's
+    send_all = trio.SocketStream.send_all
+
+    async def counted(self: trio.SocketStream, data: bytes | bytearray | memoryview) -> None:
+        if self.socket.getsockname()[1] == gateway_port:
+            writes.append((self.socket.getpeername()[1], bytes(data)))
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", counted)
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n%s"
+    )
+    stream_body = BODY[:-1] + b', "stream": true}'
+    with trio.fail_after(20):
+        stream = await trio.open_tcp_stream("127.0.0.1", gateway_port)
+        port = stream.socket.getsockname()[1]
+        buffer = bytearray()
+        for _ in range(2):
+            await stream.send_all(request % (len(BODY), BODY))
+            head, body = await read_response(stream, buffer)
+            assert head.startswith(b"HTTP/1.1 200"), head
+        mine = [data for p, data in writes if p == port]
+        assert len(mine) == 2, [len(d) for d in mine]  # one per answer
+        assert all(data.endswith(body[-20:]) and b"\r\n\r\n" in data for data in mine)
+        writes.clear()
+        await stream.send_all(request % (len(stream_body), stream_body))
+        while b"0\r\n\r\n" not in buffer:  # the chunked stream's end
+            buffer += await stream.receive_some(65536)
+        await stream.aclose()
+    mine = [data for p, data in writes if p == port]
+    assert mine[0].startswith(b"HTTP/1.1 200") and mine[0].endswith(b"\r\n\r\n")  # the head
+    assert len(mine) > 2  # then the events as they come
