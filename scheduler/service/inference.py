@@ -42,7 +42,7 @@ from opentelemetry.trace import SpanKind
 
 from scheduler.openai.body import read_call
 from scheduler.openai.errors import ApiError
-from scheduler.service.http1 import ON_DISCONNECT
+from scheduler.service.http1 import ON_DISCONNECT, next_message
 from scheduler.service.replica import Replica
 from scheduler.service.tracing import tracer, tracing_on
 from scheduler.service.upstream import Reply
@@ -120,7 +120,7 @@ class InferenceApp:
         chunks: list[bytes] = []
         size = 0
         while True:
-            event = await receive()
+            event = await next_message(receive)
             if event["type"] != "http.request":
                 raise _Gone  # http.disconnect
             body = event.get("body", b"")

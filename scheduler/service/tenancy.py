@@ -122,13 +122,16 @@ class KeyRegistry:
         """The live record of `kid` (None: unknown). Revoked records are returned as such.
 
         Concurrent lookups of one key share one fetch: a burst on a key whose record just
-        expired asks Redis once, not once per request."""
+        expired asks Redis once, not once per request, and while that fetch is out the others
+        go on with the record Redis gave last (no request waits on another's fetch)."""
         cached = self._cache.get(kid)
         if cached is not None and now - cached[1] < self._cache_s:
             return _unpack(cached[0])
         stale = _unpack(cached[0]) if cached is not None else self._static.get(kid)
         fetching = self._fetching.get(kid)
         if fetching is not None:
+            if cached is not None:  # Redis's last word, a fetch's time older than allowed
+                return stale
             await fetching.wait()
             cached = self._cache.get(kid)
             if cached is None and stale is None:
