@@ -75,6 +75,11 @@ class BackendTimeout(BackendError):
     pass
 
 
+class BackendDeadline(BackendTimeout):
+    """A read outlasted the response's `deadline_at`: the caller's bound, not the backend's
+    read timeout."""
+
+
 class BackendBroken(BackendError):
     pass
 
@@ -170,6 +175,10 @@ class Response:
         self.headers: list[tuple[bytes, bytes]] = list(head.headers)  # names in lower case
         self._read_timeout_s = read_timeout_s
         self.complete = False
+        # an absolute bound on every read of the body, set by the caller as it goes (one
+        # cancel scope per read instead of the caller's around it: a stream's chunks each
+        # cost one less)
+        self.deadline_at = math.inf
 
     def end_to_end_headers(self) -> dict[str, str]:
         """The headers a proxy passes on (RFC 9110 §7.6.1: not the hop-by-hop ones)."""
@@ -182,7 +191,7 @@ class Response:
     async def chunks(self) -> AsyncIterator[bytes]:
         conn = self._conn
         while True:
-            event = await _next_event(conn, self._read_timeout_s)
+            event = await _next_event(conn, self._read_timeout_s, deadline_at=self.deadline_at)
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -319,23 +328,30 @@ class OriginPool:
 
 
 async def _next_event(
-    conn: _Connection, read_timeout_s: float, *, retry_until: float = -math.inf
+    conn: _Connection,
+    read_timeout_s: float,
+    *,
+    retry_until: float = -math.inf,
+    deadline_at: float = math.inf,
 ) -> object:
-    """The next h11 event, reading as needed; a connection that ends before any byte
-    arrives, until `retry_until`, raises _Retry."""
+    """The next h11 event, reading as needed, each read within `read_timeout_s` and before
+    `deadline_at` (else BackendDeadline); a connection that ends before any byte arrives,
+    until `retry_until`, raises _Retry."""
     retry = True
     try:
         while True:
             event = conn.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            with trio.fail_after(read_timeout_s):
+            with trio.fail_at(min(trio.current_time() + read_timeout_s, deadline_at)):
                 data = await conn.stream.receive_some(RECEIVE_BYTES)
             if not data and retry and trio.current_time() <= retry_until:
                 raise _Retry
             retry = False
             conn.h11.receive_data(bytes(data))  # the same object when it is bytes already
     except trio.TooSlowError as exc:
+        if trio.current_time() >= deadline_at:
+            raise BackendDeadline("the response's deadline passed") from exc
         raise BackendTimeout("the backend stopped sending in time") from exc
     except _NETWORK_ERRORS as exc:
         if retry and trio.current_time() <= retry_until:

@@ -16,6 +16,8 @@ from typing import Protocol
 class BackendResponse(Protocol):
     """A backend's answer, streamed: read `status_code` and the headers, then the body once."""
 
+    deadline_at: float  # every read of the body ends by then (or raises), set as it goes
+
     @property
     def status_code(self) -> int: ...
 

@@ -40,7 +40,9 @@ moves them; `install` then logs a warning and leaves that part as it was):
   hypercorn restarts after every answer is started without a lock and without waiting for it
   to start (`_SingleTask`: the next request on the connection waited on both); the request's
   messages (body, end, disconnect) are handed to the app without a yield when its queue has
-  room; and `next_message` lets the app take a message that is already there without one.
+  room; `next_message` lets the app take a message that is already there without one; and
+  a write takes the connection's send lock without a yield when it is free
+  (`_protocol_send_taking_a_free_lock`).
 """
 
 from __future__ import annotations
@@ -191,6 +193,28 @@ async def _send_h11_event_coalescing(self: H11Protocol, event: Any) -> None:
         await self.send(RawData(data=data))
 
 
+_protocol_send = TCPServer.protocol_send
+
+
+async def _protocol_send_taking_a_free_lock(self: TCPServer, event: Any) -> None:
+    """hypercorn's `protocol_send`, the send lock taken at once when nobody holds it."""
+    if not isinstance(event, RawData):
+        await _protocol_send(self, event)
+        return
+    lock = self.send_lock
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
+        with trio.CancelScope(shield=True):
+            await self.stream.send_all(event.data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        await self.protocol.handle(Closed())
+    finally:
+        lock.release()
+
+
 _spawn_app = TaskGroup.spawn_app
 _TrioSingleTask = getattr(tcp_server, "TrioSingleTask", None)
 
@@ -275,6 +299,7 @@ def install() -> None:
         H11Protocol._send_h11_event = _send_h11_event_coalescing  # type: ignore[method-assign]
     else:
         log.warning("hypercorn changed: a whole answer is written in several writes")
+    TCPServer.protocol_send = _protocol_send_taking_a_free_lock  # type: ignore[method-assign]
     if getattr(tcp_server, "TrioSingleTask", None) in (_TrioSingleTask, _SingleTask):
         tcp_server.TrioSingleTask = _SingleTask  # type: ignore[assignment,attr-defined]
     else:

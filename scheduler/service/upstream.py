@@ -27,6 +27,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from backends.http.client import (
+    BackendDeadline,
     BackendError,
     BackendTimeout,
     BackendTooLarge,
@@ -169,15 +170,23 @@ async def call_whole(
 async def call_stream(
     target: Target, raw: bytes, headers: dict[str, str], prompt_tokens: int, on_end: OnEnd
 ) -> Reply:
-    chunks = _stream_chunks(target, raw, headers, prompt_tokens, on_end)
-    first = await chunks.__anext__()  # opens the upstream call; see the module docstring
-    status, upstream_headers = json.loads(first)
+    head: list[tuple[int, dict[str, str]]] = []  # the upstream's status and headers
+    chunks = _stream_chunks(target, raw, headers, prompt_tokens, on_end, head)
+    await chunks.__anext__()  # opens the upstream call; see the module docstring
+    status, upstream_headers = head[0]
     return Reply(status, upstream_headers, chunks)
 
 
 async def _stream_chunks(
-    target: Target, raw: bytes, headers: dict[str, str], prompt_tokens: int, on_end: OnEnd
+    target: Target,
+    raw: bytes,
+    headers: dict[str, str],
+    prompt_tokens: int,
+    on_end: OnEnd,
+    head: list[tuple[int, dict[str, str]]],
 ) -> AsyncGenerator[bytes, None]:
+    """The call, primed by its first (empty) chunk once `head` holds the upstream's status
+    and headers; then the body's chunks."""
     started_at = trio.current_time()
     outcome, ttft, events, total, status = Outcome.IGNORED, math.nan, 0, None, 0
     failed: BackendErrorKind | None = None
@@ -201,10 +210,11 @@ async def _stream_chunks(
                     await up.read()
                 raise error
             outcome = Outcome.IGNORED  # until the stream ends well
-            yield json.dumps([up.status_code, up.end_to_end_headers()]).encode()
+            head.append((up.status_code, up.end_to_end_headers()))
+            yield b""  # primed: `call_stream` reads the head
             head_sent = True
             pieces = up.chunks()
-            while chunk := await _next_chunk(pieces, target, started_at, math.isnan(ttft)):
+            while chunk := await _next_chunk(up, pieces, target, started_at, math.isnan(ttft)):
                 if math.isnan(ttft):
                     ttft = trio.current_time() - started_at
                 events += chunk.count(b"data:")
@@ -241,18 +251,25 @@ async def _stream_chunks(
 
 
 async def _next_chunk(
-    pieces: AsyncIterator[bytes], target: Target, started_at: float, before_first_byte: bool
+    up: BackendResponse,
+    pieces: AsyncIterator[bytes],
+    target: Target,
+    started_at: float,
+    before_first_byte: bool,
 ) -> bytes:
     """The stream's next body chunk (b"" at its end), by the stream's deadline: the first
-    byte's until one came, then the whole stream's."""
+    byte's until one came, then the whole stream's (`deadline_at`: the client's read is
+    bounded by it, no scope of our own per chunk)."""
     if before_first_byte:
-        deadline = _deadline(target.first_byte_at(started_at), FIRST_BYTE_LATE)
+        up.deadline_at, late = target.first_byte_at(started_at), FIRST_BYTE_LATE
     else:
-        deadline = _deadline(started_at + target.timeout_s, WHOLE_LATE)
-    with deadline:
+        up.deadline_at, late = started_at + target.timeout_s, WHOLE_LATE
+    try:
         async for chunk in pieces:
             if chunk:
                 return chunk
+    except BackendDeadline as exc:
+        raise DeadlinePassed(late) from exc
     return b""
 
 
