@@ -15,8 +15,8 @@ Phases (`--phase`, all by default; `--only` picks the targets of the first two):
   own CPU time (/proc/PID/stat) over the phase divided by the answers it gave: for the
   gateway, its process and the Redis server together (the bench starts that Redis and
   passes `--redis-url`, so that its PID is known).
-- half: an open loop at half of the bare proxy's best closed-loop rate, for the latency
-  each target adds (p50 and p99 against the bare proxy's).
+- half: an open loop at half of the bare proxy's best closed-loop rate (or `--half-rate`),
+  for the latency each target adds (p50 and p99 against the bare proxy's).
 - slow: the gateway with `--workers 2` in front of a stub answering each request in 500 ms,
   `--slow-clients` (500) clients for `--llm-seconds` (10) from the gateway's start: req/s
   answered between 0.5 s (the first answer's earliest) and 10 s against the ideal
@@ -33,7 +33,10 @@ load back (with the defaults, 16 and 512, both would); its key has the Redis quo
 Every run counts whatever is not a whole 2xx answer (the goal is none) and prints it.
 The machine this runs on has 2 cores: the load generator (up to a core at 2,000 streams) and
 the stub backend take CPU from the servers under test, the same for every target; read the
-ratios, and the absolute rates as this machine's. The last table is the goals'.
+ratios, and the absolute rates as this machine's. The `others` column is what the rest of
+the machine took meanwhile (its busy time in /proc/stat less every process measured here):
+a goal row reading a run where that exceeded 0.25 cores is marked `*`, a busy machine's.
+The last table is the goals'.
 Run as `python bench/gateway.py` (about 3 minutes), or e.g.
 `python bench/gateway.py --phase closed --only bare --only gateway+quota --clients 128
 --rounds 3` (each round runs every target in turn; the throughput ratio is the rounds'
@@ -225,8 +228,9 @@ class Bench:
         return max(rates) / 2
 
     def half_phase(self, targets: dict[str, Target], loads: dict[str, Load]) -> None:
-        seconds, rate = self.args.seconds, self.half_rate(loads)
-        print(f"\nopen loop at {rate:.0f} req/s (half the bare proxy's best), {seconds:g} s each")
+        seconds, rate = self.args.seconds, self.args.half_rate or self.half_rate(loads)
+        said = "--half-rate" if self.args.half_rate else "half the bare proxy's best"
+        print(f"\nopen loop at {rate:.0f} req/s ({said}), {seconds:g} s each")
         print(
             f"{'target':<17} {'p50 ms':>7} {'p99 ms':>7} {'+p50 ms':>8} {'+p99 ms':>8}"
             f" {'others':>12}  non-2xx"
@@ -368,6 +372,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--seconds", type=float, default=6.0, help="each closed/half run")
     parser.add_argument("--rounds", type=int, default=1, help="closed loops: every target, N times")
+    parser.add_argument("--half-rate", type=float, help="the half phase's req/s, not measured")
     parser.add_argument("--slow-clients", type=int, default=500)
     parser.add_argument("--streams", type=int, default=2000)
     parser.add_argument("--llm-seconds", type=float, default=10.0, help="each slow/sse run")
