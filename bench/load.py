@@ -148,7 +148,7 @@ class Load:
         async def spawn(nursery: trio.Nursery, http: HttpClient, start_at: float) -> None:
             for i in range(count):
                 await trio.sleep_until(start_at + i / rate)
-                nursery.start_soon(self._one, http, tally, start_at, False)
+                nursery.start_soon(self._one, http, tally, start_at, False, start_at + i / rate)
 
         return await self._metered(tally, OPEN_CONNECTIONS, spawn)
 
@@ -171,9 +171,18 @@ class Load:
         tally.cut_off = tally.started - tally.answered
         return tally
 
-    async def _one(self, http: HttpClient, tally: Tally, start_at: float, stream: bool) -> None:
+    async def _one(
+        self,
+        http: HttpClient,
+        tally: Tally,
+        start_at: float,
+        stream: bool,
+        due_at: float | None = None,
+    ) -> None:
+        """One request; its latency counts from `due_at` when given (an open loop's schedule:
+        a late start is the load generator's delay, still the client's wait)."""
         tally.started += 1
-        started = trio.current_time()
+        started = trio.current_time() if due_at is None else due_at
         try:
             if stream:
                 failure = await self._stream(http, tally, start_at, started)
