@@ -24,21 +24,22 @@ from pathlib import Path
 import trio
 
 from backends.redis.embedded import free_port
-from bench.gateway import GATEWAY_TOML, closed_loop, run_phase, start
+from bench.load import Load
+from bench.rig import body, gateway_toml, start
 from tests.support.redis_topologies import RedisClusterTopology, RedisNode, cli
 
 QUOTA_KEY = "sk-bench-quota"
 
 
-def gateway(stack: ExitStack, tmp: Path, demo: str, redis_url: str) -> int:
+def gateway(stack: ExitStack, tmp: Path, demo: str, redis_url: str) -> str:
     port = free_port()
     config = tmp / f"gateway-{port}.toml"
-    config.write_text(GATEWAY_TOML.replace("{demo}", demo))
+    config.write_text(gateway_toml({"demo-small": demo}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
     env["SCHEDULER_REDIS_URL"] = redis_url
     scheduler = str(Path(sys.executable).parent / "scheduler")
     start(stack, [scheduler, "serve", "--config", str(config), "--port", str(port)], port, env)
-    return port
+    return f"http://127.0.0.1:{port}/v1/chat/completions"
 
 
 def redis_cpu_s(ports: list[int]) -> float:
@@ -64,24 +65,27 @@ def measure(clients: int, seconds: float, rounds: int) -> dict[str, list[float]]
         single = RedisNode(free_port(), Path(tmp) / "single", ("--appendonly", "no")).start()
         stack.callback(single.stop)
         cluster = stack.enter_context(RedisClusterTopology(masters=3))
-        ports = {
-            "single": gateway(stack, Path(tmp), demo, f"redis://127.0.0.1:{single.port}/0"),
-            "cluster": gateway(stack, Path(tmp), demo, cluster.url),
+        loads = {
+            name: Load(gateway(stack, Path(tmp), demo, url), QUOTA_KEY, body("demo-small"), {})
+            for name, url in (
+                ("single", f"redis://127.0.0.1:{single.port}/0"),
+                ("cluster", cluster.url),
+            )
         }
         servers = {"single": [single.port], "cluster": cluster.master_ports()}
-        rps: dict[str, list[float]] = {name: [] for name in ports}
-        for port in ports.values():
-            trio.run(closed_loop, port, QUOTA_KEY, 8, 1.0)  # warm-up
+        rps: dict[str, list[float]] = {name: [] for name in loads}
+        for load in loads.values():
+            trio.run(load.closed, 8, 1.0)  # warm-up
         for _ in range(rounds):
-            for name, port in ports.items():
+            for name, load in loads.items():
                 cpu_before_s = redis_cpu_s(servers[name])
-                latencies, _, by_status = run_phase(closed_loop, port, QUOTA_KEY, clients, seconds)
-                redis_us = (
-                    1e6 * (redis_cpu_s(servers[name]) - cpu_before_s) / max(1, len(latencies))
-                )
-                rps[name].append(len(latencies) / seconds)
+                tally = trio.run(load.closed, clients, seconds)
+                answered = len(tally.latencies)
+                redis_us = 1e6 * (redis_cpu_s(servers[name]) - cpu_before_s) / max(1, answered)
+                rps[name].append(answered / seconds)
+                non_2xx = dict(tally.failures) or 0
                 print(
-                    f"{name}: {len(latencies) / seconds:.0f} req/s, non-2xx {by_status or 0}, "
+                    f"{name}: {answered / seconds:.0f} req/s, non-2xx {non_2xx}, "
                     f"Redis CPU {redis_us:.0f} us per request"
                 )
     return rps
