@@ -173,19 +173,23 @@ _HELD = "_scheduler_held_head"  # the head a protocol holds until its body is wr
 
 
 async def _send_h11_event_coalescing(self: H11Protocol, event: Any) -> None:
-    """hypercorn's writing of one h11 event, a head with `Content-Length` held for its body."""
-    try:
-        data = self.connection.send(event)
-    except h11.LocalProtocolError:
-        if self.connection.their_state != h11.ERROR:
-            raise
-        return
-    if isinstance(event, h11.Response) and any(
+    """hypercorn's writing of one h11 event, a head with `Content-Length` held for its body
+    and an empty write not made (hypercorn's own writing, and its error handling, once the
+    client's side is broken)."""
+    held: bytes = getattr(self, _HELD, b"")
+    framed = isinstance(event, h11.Response) and any(
         name.lower() == b"content-length" for name, _ in event.headers
-    ):
+    )
+    if self.connection.their_state is h11.ERROR:  # hypercorn's 400 path
+        if held:
+            setattr(self, _HELD, b"")
+            await self.send(RawData(data=held))
+        await _send_h11_event(self, event)
+        return
+    data = self.connection.send(event) or b""  # (hypercorn re-raises its errors here too)
+    if framed:
         setattr(self, _HELD, data)
         return
-    held = getattr(self, _HELD, b"")
     if held:
         setattr(self, _HELD, b"")
         data = held + data
