@@ -43,7 +43,9 @@ from scheduler.service.metrics import multiprocess_dir
 from scheduler.service.replica import Replica
 from scheduler.service.supervisor import DrainFlag, Supervisor, WorkerMain, WorkerPipes
 
-BACKLOG = 1024
+# connections waiting to be accepted: 2,000 clients connecting at once (LLM-shaped load, a
+# fleet restarting) overflowed 1,024 and some were refused; Linux caps it at somaxconn (4096)
+BACKLOG = 4096
 
 
 class ListenError(SchedulerError):
