@@ -22,14 +22,16 @@ its caller; when the whole round trip fails, every caller in it gets a fresh
 `timeout_s`), so callers translate them as they would a direct call's.
 
 A caller may bound its wait (`timeout_s`) on Redis's time, not on this process's (for a
-moving slot, a wait that runs out raises `TryAgainError`: the move, not Redis's health): a deadline
-also passes while our own event loop is behind (a CPU-bound burst, a collector pause), and a
-reply that came back in a millisecond then sits unread in the socket. So `LoopLag`, a task that
-sleeps in short ticks, sums how late each tick wakes; a wait whose deadline passes is extended
-by the loop lag since it began, and fails (`trio.TooSlowError`) only when Redis had its whole
-`timeout_s` of time the loop was there to read the reply, or when the pipeliner's own round
-trip timeout ran out. A Redis that stops answering is still found out in `timeout_s` while the
-loop keeps up; under CPU saturation a call is slower, not failed.
+moving slot, a wait that runs out raises `TryAgainError`: the move, not Redis's health): a
+deadline also passes while our own event loop is behind (a CPU-bound burst, a collector
+pause), and a reply that came back in a millisecond then sits unread in the socket. So
+`LoopLag`, a task that sleeps in short ticks, sums how late each tick wakes; a wait whose
+deadline passes is extended by the loop lag since it began, and fails (`trio.TooSlowError`)
+only when Redis had its whole `timeout_s` of time the loop was there to read the reply, or
+when the pipeliner's own round trip timeout ran out. The clock of a command queued behind
+other round trips starts when it is sent, or when Redis last answered if that is later
+(`_wait_answered`). A Redis that stops answering is still found out in `timeout_s` while
+the loop keeps up; under CPU saturation a call is slower, not failed.
 
 Scripts go as EVALSHA (coredis would check every script with SCRIPT EXISTS first, a round
 trip per pipeline); a script Redis no longer knows (a restart, SCRIPT FLUSH) is sent once
@@ -87,7 +89,17 @@ OnError = Callable[[BaseException], None]
 
 
 class _Pending:
-    __slots__ = ("abandoned", "command", "done", "error", "on_error", "reply", "slot")
+    __slots__ = (
+        "abandoned",
+        "command",
+        "done",
+        "error",
+        "lag_at_send_s",
+        "on_error",
+        "reply",
+        "sent_at",
+        "slot",
+    )
 
     def __init__(self, command: Command, on_error: OnError | None = None) -> None:
         self.command = command
@@ -97,6 +109,8 @@ class _Pending:
         self.error: BaseException | None = None
         self.abandoned = False
         self.on_error = on_error  # `execute_soon`'s: nobody waits on `done`
+        self.sent_at: float | None = None  # when its round trip began
+        self.lag_at_send_s = 0.0  # `LoopLag.total_s` then
 
     def finish(self, reply: Any = None, error: BaseException | None = None) -> None:
         """The command's outcome, once (a later one is ignored)."""
@@ -142,6 +156,7 @@ class RedisPipeliner:
         self._lanes: dict[tuple[str, int | None], _Lane] = {}
         self._moving_until: dict[int, float] = {}  # slots that answered TRYAGAIN, until when
         self.lag = LoopLag()
+        self._answered_at = -math.inf  # when the last round trip came back (or failed)
         self._nursery: trio.Nursery | None = None  # `run`'s
         self.round_trips = 0
         self.commands = 0
@@ -205,23 +220,30 @@ class RedisPipeliner:
         return [p.unwrap() for p in pending]
 
     async def _wait_answered(self, pending: list[_Pending], timeout_s: float) -> None:
-        """Wait for every reply, for `timeout_s` plus the loop's lag meanwhile, and never
-        longer than the round trip's own timeout."""
-        started_at = trio.current_time()
-        lag_at_start_s = self.lag.total_s
-        last_at = started_at + self._timeout_s
-        deadline_at = started_at + timeout_s
+        """Wait for every reply, for `timeout_s` from when its command was sent plus the
+        loop's lag meanwhile, and never longer than the round trip's own timeout from now.
+        A command still queued behind other round trips (a burst of thousands of callers
+        takes several) waits on this process, not on Redis: while round trips keep coming
+        back, its clock has not started; it runs from the last one back (so a Redis that
+        stops answering fails the queued commands too, `timeout_s` after its last answer)."""
+        waiting_at, lag_at_wait_s = trio.current_time(), self.lag.total_s
+        last_at = waiting_at + self._timeout_s
+
+        def deadline(p: _Pending) -> float:
+            if p.sent_at is None:
+                since = max(waiting_at, self._answered_at)
+                return since + timeout_s + self.lag.total_s - lag_at_wait_s
+            return p.sent_at + timeout_s + self.lag.total_s - p.lag_at_send_s
+
         for p in pending:
             while not p.done.is_set():
-                with trio.move_on_at(min(deadline_at, last_at)):
+                with trio.move_on_at(min(deadline(p), last_at)):
                     await p.done.wait()
                     break
                 # the deadline passed: first let the lag monitor see the loop up to now
                 with trio.move_on_at(last_at):
                     await self.lag.wait_ticked_after(trio.current_time())
-                lag_s = self.lag.total_s - lag_at_start_s
-                deadline_at = started_at + timeout_s + lag_s
-                if not p.done.is_set() and min(deadline_at, last_at) <= trio.current_time():
+                if not p.done.is_set() and min(deadline(p), last_at) <= trio.current_time():
                     if self._moving(p.slot):  # held up by coredis's retries of TRYAGAIN
                         raise coredis.exceptions.TryAgainError("the key's slot is migrating")
                     raise trio.TooSlowError
@@ -348,6 +370,9 @@ class RedisPipeliner:
     async def _send_pipeline(self, batch: list[_Pending]) -> None:
         self.round_trips += 1
         self.commands += len(batch)
+        now, lag_s = trio.current_time(), self.lag.total_s
+        for p in batch:
+            p.sent_at, p.lag_at_send_s = now, lag_s
         try:
             with trio.fail_after(self._timeout_s):
                 async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
@@ -372,5 +397,6 @@ class RedisPipeliner:
                 error.__cause__ = exc
                 p.fail(error)
         finally:
+            self._answered_at = trio.current_time()
             for p in batch:  # cancelled (shutting down): the callers see a timeout
                 p.fail(trio.TooSlowError())

@@ -79,3 +79,39 @@ async def test_loop_lag_sums_how_late_its_ticks_wake() -> None:
             elapsed_s = trio.current_time() - blocked_at
             nursery.cancel_scope.cancel()
     assert BLOCK_S * 0.9 <= lag.total_s - before_s <= elapsed_s
+
+
+SLOW_SCRIPT = """
+local t = redis.call('TIME')
+local stop = t[1] * 1000000 + t[2] + tonumber(ARGV[1])
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop
+return 1
+"""
+
+
+async def test_a_command_queued_behind_other_round_trips_is_timed_from_its_own(
+    redis_url: str,
+) -> None:
+    """A burst bigger than a batch takes several round trips, one after another: a command
+    waiting for its turn waits on this process, not on Redis, so a timeout shorter than the
+    burst but longer than each round trip fails none of them."""
+    with trio.fail_after(DEADLINE_S):
+        async with open_pipelined(redis_url, max_batch=1) as (redis, pipeliner):
+            script = redis.register_script(SLOW_SCRIPT)
+            await redis.script_load(SLOW_SCRIPT)
+            results: list[object] = []
+
+            async def caller() -> None:  # each round trip takes Redis 5 ms
+                try:
+                    results.append(
+                        await pipeliner.evalsha(script, [uuid.uuid4().hex], [5000], timeout_s=0.03)
+                    )
+                except trio.TooSlowError as exc:
+                    results.append(exc)
+
+            started_at = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for _ in range(20):
+                    nursery.start_soon(caller)
+            assert trio.current_time() - started_at >= 0.1  # the burst outlasted the timeout
+    assert results == [1] * 20
