@@ -82,8 +82,9 @@ class FailMode(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class QuotaSettings:
-    """A key's request and token quotas over `period_s` (0 = no such quota); with
-    `enforce` off, a shadow quota (counted and reported, never refusing)."""
+    """A key's request and token quotas over `period_s` (0 = no such quota), and its cap on
+    requests open at once (`scheduler.service.controls`); with `enforce` off, a shadow quota
+    (counted and reported, never refusing)."""
 
     algorithm: AlgorithmKind = "sliding_log"
     period_s: float = 60.0
@@ -92,6 +93,7 @@ class QuotaSettings:
     request_burst: int = 0  # GCRA only; 0 = the limit
     token_burst: int = 0
     enforce: bool = True
+    max_concurrency: int = 0  # the key's requests open at once, per replica; 0 = no cap
 
     _specs: tuple[QuotaSpec | None, QuotaSpec | None] = field(init=False, repr=False, compare=False)
 

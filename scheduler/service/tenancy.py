@@ -25,7 +25,15 @@ from scheduler.errors import SchedulerError
 from scheduler.service.config import KeySettings, key_id
 from scheduler.service.quota import AdaptiveTimeout, QuotaSettings
 
-QUOTA_FIELDS = ("requests", "tokens", "period_s", "algorithm", "request_burst", "token_burst")
+QUOTA_FIELDS = (
+    "requests",
+    "tokens",
+    "period_s",
+    "algorithm",
+    "request_burst",
+    "token_burst",
+    "max_concurrency",
+)
 
 
 class KeysUnavailable(SchedulerError):
