@@ -34,6 +34,7 @@ from scheduler.openai.sse import check_completion, completion_to_sse, sse_to_com
 from scheduler.service.config import ModelSettings, Settings, TierSettings
 from scheduler.service.controls import OpenRequests, RequestControls, request_controls
 from scheduler.service.dispatcher import Dispatcher
+from scheduler.service.levers import LeversOwner
 from scheduler.service.metrics import GatewayMetrics, RequestMeter, RequestOutcome
 from scheduler.service.quota import (
     QuotaGuard,
@@ -75,6 +76,7 @@ class Gateway:
         cache: Cache | None,
         background: trio.Nursery,
         metrics: GatewayMetrics,
+        levers: LeversOwner,
     ) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
@@ -83,6 +85,7 @@ class Gateway:
         self.quota = quota
         self.cache = cache
         self.metrics = metrics
+        self.levers = levers  # the SRE's, live: a lower backend timeout, tenants in bypass
         self._background = background
         self._ids = itertools.count(1)
         self._cache_read = any(Step.CACHE in t.ladder.steps for t in settings.tiers)
@@ -125,6 +128,7 @@ class Gateway:
         self, record: KeyRecord, call: InferenceCall, raw: bytes, headers: dict[str, str]
     ) -> Reply:
         """Answer `call`; raises ApiError (with the rate-limit headers) for any refusal."""
+        record = self.levers.value.applied_to(record)  # its tenant may be in bypass
         pool = self.pool_for(call.model)
         tier = self.settings.tier(record.tier)
         meter = self.metrics.meter(
@@ -252,7 +256,7 @@ class Gateway:
             pool,
             PATHS[call.route],
             model,
-            server.request_timeout_s,
+            self.levers.value.timeout_s(server.request_timeout_s),  # lowered by an SRE?
             keep_bytes,
             server.first_byte_timeout_s,
         )

@@ -166,7 +166,19 @@ def _admin_schemas(tiers: list[str]) -> dict[str, dict[str, Any]]:
         },
         "additionalProperties": False,
     }
-    return {"quota": quota, "upgrade": upgrade, "new_key": new_key, "credits": credits}
+    bypass = {
+        "type": "object",
+        "required": ["bypass"],
+        "properties": {"bypass": {"type": "boolean"}},
+        "additionalProperties": False,
+    }
+    return {
+        "quota": quota,
+        "upgrade": upgrade,
+        "new_key": new_key,
+        "credits": credits,
+        "bypass": bypass,
+    }
 
 
 def _gains_schema() -> dict[str, Any]:
@@ -207,6 +219,12 @@ def _key_paths(tiers: list[str]) -> dict[str, Any]:
             {
                 **_admin("get", "One key's record", "The record."),
                 **_admin("delete", "Revoke a key", "Revoked."),
+                **_admin(
+                    "patch",
+                    "Turn the key into a bypass key, or back (every replica)",
+                    "The record.",
+                    body["bypass"],
+                ),
             }
         ),
         "/admin/v1/keys/{key_id}/quota": with_id(
@@ -228,9 +246,43 @@ def _key_paths(tiers: list[str]) -> dict[str, Any]:
     }
 
 
-def _admin_paths(tiers: list[str]) -> dict[str, Any]:
+def _lever_paths(tiers: list[str], request_timeout_s: float) -> dict[str, Any]:
+    """The SRE's emergency levers (`scheduler.service.levers`)."""
+    timeout = {
+        "type": "object",
+        "required": ["request_timeout_s"],
+        "properties": {
+            "request_timeout_s": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0,
+                "maximum": request_timeout_s,
+                "description": "Lower the backend request timeout; null: the config's again.",
+            }
+        },
+        "additionalProperties": False,
+    }
+    tenant = [{"name": "tenant", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {
+        "/admin/v1/levers": {
+            **_admin("get", "The emergency levers", "The levers."),
+            **_admin("put", "Lower the backend timeout live, or back", "The levers.", timeout),
+        },
+        "/admin/v1/tenants/{tenant}": {
+            "parameters": tenant,
+            **_admin(
+                "patch",
+                "Turn every key of a tenant into bypass, or back (every replica)",
+                "The levers.",
+                _admin_schemas(tiers)["bypass"],
+            ),
+        },
+    }
+
+
+def _admin_paths(tiers: list[str], request_timeout_s: float) -> dict[str, Any]:
     return {
         **_key_paths(tiers),
+        **_lever_paths(tiers, request_timeout_s),
         "/admin/v1/controller": {
             **_admin("get", "The controller's gains and state", "Gains and state."),
             **_admin(
@@ -463,7 +515,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.1 document of what a process with `settings` serves."""
     # the admin routes only where they are served: with no admin token they answer 404
     tiers = [t.core.name for t in settings.tiers]
-    admin = _admin_paths(tiers) if settings.admin_token else {}
+    timeout_s = settings.server.request_timeout_s
+    admin = _admin_paths(tiers, timeout_s) if settings.admin_token else {}
     return {
         "openapi": "3.1.0",
         "info": {"title": "inference-scheduler gateway", "version": "0.1.0"},

@@ -254,6 +254,13 @@ class KeyRegistry:
         await self._need_store().update_meta(kid, {"revoked": "1"}, base=self._base(kid))
         self._cache.pop(kid, None)
 
+    async def set_bypass(self, kid: str, bypass: bool) -> None:
+        """Turn the key into a bypass key, or back (every replica within `cache_s`)."""
+        await self._need_store().update_meta(
+            kid, {"bypass": "1" if bypass else "0"}, base=self._base(kid)
+        )
+        self._cache.pop(kid, None)
+
     async def set_override(self, kid: str, fields: dict[str, Any]) -> None:
         """Replace the key's quota override (an empty dict clears it), in one transaction:
         a lookup never sees the old override half-replaced."""
