@@ -135,7 +135,9 @@ class Gateway:
             tier=record.tier, route=call.route, model=call.model, now=trio.current_time()
         )
         controls = request_controls(headers, tier, self.settings.tiers)  # a 400 if malformed
-        job = Job(record, tier, call, raw, headers, meter, record.quotas(tier.quotas), controls)
+        congested = self.dispatcher.core.controller.congested  # health-driven quotas
+        quotas = record.quotas(tier.quotas).under_congestion(congested)
+        job = Job(record, tier, call, raw, headers, meter, quotas, controls)
         try:
             self._enter(job)
             limit_headers = {} if record.bypass else await self._take_quota(job)

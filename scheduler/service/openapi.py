@@ -69,6 +69,10 @@ _RATE_LIMIT = {
         "x-ratelimit-limit-tokens": "The key's token quota per period.",
         "x-ratelimit-remaining-tokens": "Tokens left in the period.",
         "x-ratelimit-reset-tokens": "Time until the token quota is whole again.",
+        "x-ratelimit-congested-factor": (
+            "Present while the backends are congested and the tier's quota is scaled down "
+            "(tiers.T.quota.congested_factor): the limits above are that fraction."
+        ),
         "RateLimit-Policy": 'IETF quota policies, e.g. "requests";q=60;w=60.',
         "RateLimit": 'IETF quota state, e.g. "requests";r=59;t=1.',
     }.items()

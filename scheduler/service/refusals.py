@@ -90,9 +90,13 @@ def _over_quota(
         return refusal, message, verdict.period_s
     observed = max(0, decision.limit - decision.remaining) + units
     refusal = Refusal(which, knob, decision.limit, observed)
+    scaled = ""
+    if verdict.scaled_by != 1:  # health-driven: the quota shrunk while the backends are busy
+        factor = f"tiers.{tier.core.name}.quota.congested_factor"
+        scaled = f" ({factor} {verdict.scaled_by:g} of it while the backends are congested)"
     message = (
         f"Rate limit reached for your API key: {knob} is {decision.limit} per "
-        f"{verdict.period_s:g} s and this request would make it {observed}. "
+        f"{verdict.period_s:g} s{scaled} and this request would make it {observed}. "
         "Retry after the time in Retry-After."
     )
     return refusal, message, verdict.retry_after_s
