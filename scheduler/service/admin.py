@@ -1,16 +1,19 @@
-"""The admin API under /admin/v1/, for SREs: keys, quotas, credits, controller gains, drain.
+"""The admin API under /admin/v1/, for SREs: keys, quotas, credits, controller gains, the
+emergency levers (a lower backend timeout, keys and tenants in bypass), drain.
 
 Authenticated by its own token (`SCHEDULER_ADMIN_TOKEN`); without one the whole API is off
 (404). Changes live in Redis, so every replica sees them: key records within the registry's
-cache time (0.5 s), controller gains at the next gains poll (0.5 s), this replica at once.
+cache time (0.5 s), controller gains and levers at their next poll (0.5 s), this replica at
+once.
 Bodies are validated like the config file: a bad field, or one no route knows, is refused
 with a 400 that names it.
 
 Every route that needs Redis does its Redis work within the Redis timeout (the adaptive one,
 at least `redis.timeout_s`); a Redis that is down, paused or refusing is a 503 with
-`Retry-After`, translated in one place (`_redis_bound`). A gains change is published to
-Redis first and applied here only once Redis took it: everywhere or nowhere. Routes that need
-no Redis (reading the controller, drain) keep working during an outage.
+`Retry-After`, translated in one place (`_redis_bound`). A gains or levers change is
+published to Redis first and applied here only once Redis took it: everywhere or nowhere.
+Routes that need no Redis (reading the controller or the levers, drain) keep working during
+an outage.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from scheduler.service.config import (
     gains_to_dict,
     quota_settings,
 )
+from scheduler.service.levers import Levers
 from scheduler.service.quota import QuotaSettings
 from scheduler.service.replica import Replica
 from scheduler.service.tenancy import QUOTA_FIELDS, KeysUnavailable
@@ -154,6 +158,7 @@ def create_admin(replica: Replica) -> Blueprint:
     _add_key_routes(admin, replica, uses_redis)
     _add_quota_routes(admin, replica, uses_redis)
     _add_controller_routes(admin, replica, uses_redis)
+    _add_lever_routes(admin, replica, uses_redis)
     _add_drain_routes(admin, replica)
     return admin
 
@@ -333,6 +338,79 @@ def _add_controller_routes(
         except ValueError as exc:
             raise bad_request(str(exc)) from exc
         return _json({"gains": gains_to_dict(config)})
+
+
+def _bypass(body: dict[str, Any], where: str) -> bool:
+    _refuse_unknown(body, ("bypass",), where)
+    bypass = body.get("bypass")
+    if not isinstance(bypass, bool):
+        raise bad_request(f"{where}.bypass: expected a boolean", param="bypass")
+    return bypass
+
+
+def _timeout_lever(body: dict[str, Any], configured_s: float) -> float | None:
+    """A levers body's `request_timeout_s`: a number in (0, the config's], or null (back)."""
+    _refuse_unknown(body, ("request_timeout_s",), "levers")
+    if "request_timeout_s" not in body:
+        raise bad_request("levers: give request_timeout_s (null: back to the config's)")
+    value = body["request_timeout_s"]
+    if value is None:
+        return None
+    where = "levers.request_timeout_s"
+    timeout_s = _number(value, where, low=0, high=configured_s)
+    if timeout_s <= 0:
+        raise bad_request(f"{where}: must be > 0", param="request_timeout_s")
+    return timeout_s
+
+
+def _add_lever_routes(
+    admin: Blueprint, replica: Replica, uses_redis: Callable[[Route], Route]
+) -> None:
+    levers = replica.levers
+    configured_s = replica.settings.server.request_timeout_s
+
+    def shown(value: Levers) -> dict[str, Any]:
+        return {**value.public(), "effective_request_timeout_s": value.timeout_s(configured_s)}
+
+    async def change(make: Callable[[Levers], Levers]) -> Response:
+        # the route's own deadline: Redis refuses the write past it (scheduler.service.shared)
+        value = await levers.change(make, deadline_at=trio.current_effective_deadline())
+        return _json(shown(value))
+
+    @admin.get("/levers")
+    async def get_levers() -> Response:
+        return _json(shown(levers.value))
+
+    @admin.put("/levers")
+    @uses_redis
+    async def set_levers() -> Response:
+        """The backend request timeout, lowered live on every replica, or back (null)."""
+        timeout_s = _timeout_lever(await _body(), configured_s)
+        return await change(lambda v: dataclasses.replace(v, request_timeout_s=timeout_s))
+
+    @admin.patch("/tenants/<tenant>")
+    @uses_redis
+    async def set_tenant(tenant: str) -> Response:
+        """Every key of `tenant` a bypass key, on every replica, or back."""
+        bypass = _bypass(await _body(), "tenant")
+        if bypass:
+            return await change(
+                lambda v: dataclasses.replace(v, bypass_tenants=v.bypass_tenants | {tenant})
+            )
+        return await change(
+            lambda v: dataclasses.replace(v, bypass_tenants=v.bypass_tenants - {tenant})
+        )
+
+    @admin.patch("/keys/<key_id>")
+    @uses_redis
+    async def set_key(key_id: str) -> Response:
+        """The key a bypass key, or back (every replica within the registry's cache time)."""
+        await _known(replica, key_id)
+        bypass = _bypass(await _body(), "key")
+        await replica.registry.set_bypass(key_id, bypass)
+        record = await replica.registry.refresh(key_id, now=trio.current_time())
+        assert record is not None
+        return _json(record.public())
 
 
 def _add_drain_routes(admin: Blueprint, replica: Replica) -> None:

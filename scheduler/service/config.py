@@ -268,23 +268,31 @@ def quota_settings(table: Table, base: QuotaSettings | None = None) -> QuotaSett
         "tokens": table.get("tokens", int, base.tokens),
         "request_burst": table.get("request_burst", int, base.request_burst),
         "token_burst": table.get("token_burst", int, base.token_burst),
+        "max_concurrency": table.get("max_concurrency", int, base.max_concurrency),
     }
     enforce = table.get("enforce", bool, base.enforce)
+    congested_factor = table.get("congested_factor", float, base.congested_factor)
     table.done()
+    _check(0 < congested_factor <= 1, table.where("congested_factor"), "must be in (0, 1]")
     period_s = values["period_s"]
     _check(0 < period_s <= MAX_PERIOD_S, table.where("period_s"), "must be in (0, 1 year]")
-    for name in ("requests", "tokens", "request_burst", "token_burst"):
+    for name in ("requests", "tokens", "request_burst", "token_burst", "max_concurrency"):
         _check(
             0 <= values[name] <= MAX_COUNT,
             table.where(name),
             f"must be in [0, {MAX_COUNT}] (0 = no such quota)",
         )
     _check(
-        enforce or values["requests"] > 0 or values["tokens"] > 0,
+        enforce or any(values[name] > 0 for name in ("requests", "tokens", "max_concurrency")),
         table.where("enforce"),
-        "a shadow quota (enforce = false) needs requests or tokens to count",
+        "a shadow quota (enforce = false) needs requests, tokens or max_concurrency to count",
     )
-    return QuotaSettings(algorithm, **values, enforce=enforce)  # type: ignore[arg-type]
+    return QuotaSettings(
+        algorithm,  # type: ignore[arg-type]
+        **values,  # type: ignore[arg-type]
+        enforce=enforce,
+        congested_factor=congested_factor,
+    )
 
 
 def _keys(

@@ -32,7 +32,9 @@ from scheduler.openai.body import InferenceCall
 from scheduler.openai.errors import ApiError
 from scheduler.openai.sse import check_completion, completion_to_sse, sse_to_completion
 from scheduler.service.config import ModelSettings, Settings, TierSettings
+from scheduler.service.controls import OpenRequests, RequestControls, request_controls
 from scheduler.service.dispatcher import Dispatcher
+from scheduler.service.levers import LeversOwner
 from scheduler.service.metrics import GatewayMetrics, RequestMeter, RequestOutcome
 from scheduler.service.quota import (
     QuotaGuard,
@@ -41,7 +43,13 @@ from scheduler.service.quota import (
     Source,
     quota_headers,
 )
-from scheduler.service.refusals import keys_unavailable, quota_error, quota_refusal, shed_error
+from scheduler.service.refusals import (
+    concurrency_error,
+    keys_unavailable,
+    quota_error,
+    quota_refusal,
+    shed_error,
+)
 from scheduler.service.tenancy import KeyRecord, KeyRegistry, KeysUnavailable
 from scheduler.service.upstream import Ended, OnEnd, Reply, Target, call_stream, call_whole
 
@@ -68,6 +76,7 @@ class Gateway:
         cache: Cache | None,
         background: trio.Nursery,
         metrics: GatewayMetrics,
+        levers: LeversOwner,
     ) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
@@ -76,10 +85,12 @@ class Gateway:
         self.quota = quota
         self.cache = cache
         self.metrics = metrics
+        self.levers = levers  # the SRE's, live: a lower backend timeout, tenants in bypass
         self._background = background
         self._ids = itertools.count(1)
         self._cache_read = any(Step.CACHE in t.ladder.steps for t in settings.tiers)
         self._written_at: dict[tuple[str, str, bytes], float] = {}  # see `_written_lately`
+        self._open = OpenRequests()  # each key's requests open here, for its max_concurrency
 
     async def authenticate(self, authorization: str | None) -> KeyRecord:
         if not authorization or not authorization.lower().startswith("bearer "):
@@ -117,13 +128,18 @@ class Gateway:
         self, record: KeyRecord, call: InferenceCall, raw: bytes, headers: dict[str, str]
     ) -> Reply:
         """Answer `call`; raises ApiError (with the rate-limit headers) for any refusal."""
+        record = self.levers.value.applied_to(record)  # its tenant may be in bypass
         pool = self.pool_for(call.model)
         tier = self.settings.tier(record.tier)
         meter = self.metrics.meter(
             tier=record.tier, route=call.route, model=call.model, now=trio.current_time()
         )
-        job = Job(record, tier, call, raw, headers, meter, record.quotas(tier.quotas))
+        controls = request_controls(headers, tier, self.settings.tiers)  # a 400 if malformed
+        congested = self.dispatcher.core.controller.congested  # health-driven quotas
+        quotas = record.quotas(tier.quotas).under_congestion(congested)
+        job = Job(record, tier, call, raw, headers, meter, quotas, controls)
         try:
+            self._enter(job)
             limit_headers = {} if record.bypass else await self._take_quota(job)
             try:
                 reply = await self._schedule(job, pool)
@@ -137,6 +153,19 @@ class Gateway:
         if isinstance(reply.body, bytes) or meter.outcome == "shed_cache":
             meter.done(now=trio.current_time())  # a backend stream reports from its on_end
         return reply
+
+    def _enter(self, job: Job) -> None:
+        """Count `job` open for its key until its answer ends, or refuse it over the key's
+        `max_concurrency` (counted only, for a shadow quota)."""
+        key_id, cap = job.record.key_id, job.quotas.max_concurrency
+        leave = self._open.enter_nowait(key_id, cap)
+        if leave is None and not job.quotas.enforce:
+            self.metrics.quota_would_refuse(job.tier.core.name, "concurrency")
+            leave = self._open.enter_nowait(key_id, 0)
+        if leave is None:
+            job.meter.outcome = "refused_quota"
+            raise concurrency_error(job.record, job.tier.core.name, cap, self._open.count(key_id))
+        job.meter.on_done = leave
 
     async def _take_quota(self, job: Job) -> dict[str, str]:
         """Take the key's quota for `job` (its hold, to settle at the end); the rate-limit
@@ -171,14 +200,16 @@ class Gateway:
 
     async def _schedule(self, job: Job, pool: Backend) -> Reply:
         record, call, meter = job.record, job.call, job.meter
+        arrival_at = trio.current_time()
         request = Request(
             next(self._ids),
             record.tenant,
-            record.tier,
+            job.controls.tier.core.name,  # its key's tier, or the lower one it asked for
             record.key_id,
             call.model,
             call.cost,
-            trio.current_time(),
+            arrival_at,
+            job.controls.deadline_at(arrival_at),
         )
         dispatcher = self.dispatcher
         span = trace.get_current_span()
@@ -227,7 +258,7 @@ class Gateway:
             pool,
             PATHS[call.route],
             model,
-            server.request_timeout_s,
+            self.levers.value.timeout_s(server.request_timeout_s),  # lowered by an SRE?
             keep_bytes,
             server.first_byte_timeout_s,
         )
@@ -373,7 +404,8 @@ class Gateway:
             return await self._fallback(job, fallback, shed_header)
         meter.outcome = "refused_overload"
         core = self.dispatcher.core
-        raise shed_error(shed, tier, core.statistics(), core.controller)
+        queued_in = job.controls.tier  # whose bounds shed it: the tier it queued as
+        raise shed_error(shed, queued_in, core.statistics(), core.controller)
 
     async def _cache_get(self, job: Job, model: ModelSettings | None) -> CacheHit | None:
         call = job.call
@@ -428,6 +460,7 @@ class Job:
     headers: dict[str, str]
     meter: RequestMeter
     quotas: QuotaSettings  # the key's, worked out once
+    controls: RequestControls  # how it queues: its tier, or lower, as it asked
     hold: QuotaHold | None = None  # None: bypass, unlimited, or nothing taken
 
     def settle(self, *, used: int, failed: bool) -> None:

@@ -27,7 +27,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -289,7 +289,7 @@ class GatewayMetrics:
                 self._shed.labels(tier, reason.value)
             for mode in ("open", "closed"):
                 self._fail_mode.labels(tier, mode)
-            for quota in ("requests", "tokens"):
+            for quota in ("requests", "tokens", "concurrency"):
                 self._would_refuse.labels(tier, quota)
             for route in routes:
                 self._duration.labels(tier, route)
@@ -460,6 +460,7 @@ class RequestMeter:
     outcome: RequestOutcome = "error"
     queue_wait_s: float | None = None
     reported: bool = False
+    on_done: Callable[[], None] | None = None  # told once, when the request is reported
 
     def backend_done(self, *, model: str, error: BackendErrorKind | None, now: float) -> None:
         """A backend call for this request ended, failed if `error` says how."""
@@ -478,6 +479,8 @@ class RequestMeter:
         if self.reported:
             return
         self.reported = True
+        if self.on_done is not None:
+            self.on_done()
         self.metrics.request_done(
             tier=self.tier,
             route=self.route,

@@ -7,6 +7,7 @@ from typing import Any
 
 from scheduler.core import AIMDConfig
 from scheduler.service.config import MAX_COUNT, MAX_PERIOD_S, MAX_TTL_S, Settings
+from scheduler.service.controls import MAX_WAIT_HEADER, PRIORITY_HEADER
 
 GAINS = [f.name for f in dataclasses.fields(AIMDConfig)]
 
@@ -68,6 +69,10 @@ _RATE_LIMIT = {
         "x-ratelimit-limit-tokens": "The key's token quota per period.",
         "x-ratelimit-remaining-tokens": "Tokens left in the period.",
         "x-ratelimit-reset-tokens": "Time until the token quota is whole again.",
+        "x-ratelimit-congested-factor": (
+            "Present while the backends are congested and the tier's quota is scaled down "
+            "(tiers.T.quota.congested_factor): the limits above are that fraction."
+        ),
         "RateLimit-Policy": 'IETF quota policies, e.g. "requests";q=60;w=60.',
         "RateLimit": 'IETF quota state, e.g. "requests";r=59;t=1.',
     }.items()
@@ -129,6 +134,7 @@ _QUOTA_FIELDS = {
     "tokens": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
     "request_burst": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
     "token_burst": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
+    "max_concurrency": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
 }
 
 
@@ -164,7 +170,19 @@ def _admin_schemas(tiers: list[str]) -> dict[str, dict[str, Any]]:
         },
         "additionalProperties": False,
     }
-    return {"quota": quota, "upgrade": upgrade, "new_key": new_key, "credits": credits}
+    bypass = {
+        "type": "object",
+        "required": ["bypass"],
+        "properties": {"bypass": {"type": "boolean"}},
+        "additionalProperties": False,
+    }
+    return {
+        "quota": quota,
+        "upgrade": upgrade,
+        "new_key": new_key,
+        "credits": credits,
+        "bypass": bypass,
+    }
 
 
 def _gains_schema() -> dict[str, Any]:
@@ -205,6 +223,12 @@ def _key_paths(tiers: list[str]) -> dict[str, Any]:
             {
                 **_admin("get", "One key's record", "The record."),
                 **_admin("delete", "Revoke a key", "Revoked."),
+                **_admin(
+                    "patch",
+                    "Turn the key into a bypass key, or back (every replica)",
+                    "The record.",
+                    body["bypass"],
+                ),
             }
         ),
         "/admin/v1/keys/{key_id}/quota": with_id(
@@ -226,9 +250,43 @@ def _key_paths(tiers: list[str]) -> dict[str, Any]:
     }
 
 
-def _admin_paths(tiers: list[str]) -> dict[str, Any]:
+def _lever_paths(tiers: list[str], request_timeout_s: float) -> dict[str, Any]:
+    """The SRE's emergency levers (`scheduler.service.levers`)."""
+    timeout = {
+        "type": "object",
+        "required": ["request_timeout_s"],
+        "properties": {
+            "request_timeout_s": {
+                "type": ["number", "null"],
+                "exclusiveMinimum": 0,
+                "maximum": request_timeout_s,
+                "description": "Lower the backend request timeout; null: the config's again.",
+            }
+        },
+        "additionalProperties": False,
+    }
+    tenant = [{"name": "tenant", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {
+        "/admin/v1/levers": {
+            **_admin("get", "The emergency levers", "The levers."),
+            **_admin("put", "Lower the backend timeout live, or back", "The levers.", timeout),
+        },
+        "/admin/v1/tenants/{tenant}": {
+            "parameters": tenant,
+            **_admin(
+                "patch",
+                "Turn every key of a tenant into bypass, or back (every replica)",
+                "The levers.",
+                _admin_schemas(tiers)["bypass"],
+            ),
+        },
+    }
+
+
+def _admin_paths(tiers: list[str], request_timeout_s: float) -> dict[str, Any]:
     return {
         **_key_paths(tiers),
+        **_lever_paths(tiers, request_timeout_s),
         "/admin/v1/controller": {
             **_admin("get", "The controller's gains and state", "Gains and state."),
             **_admin(
@@ -244,7 +302,35 @@ def _admin_paths(tiers: list[str]) -> dict[str, Any]:
     }
 
 
-def _inference(summary: str, schema: dict[str, Any], *, streams: bool) -> dict[str, Any]:
+def _controls(tiers: list[str]) -> list[dict[str, Any]]:
+    """The per-request controls (`scheduler.service.controls`): lower only, clamped."""
+    return [
+        {
+            "name": PRIORITY_HEADER,
+            "in": "header",
+            "required": False,
+            "description": (
+                "Queue as this tier if its weight is below the key's tier's; a tier that is "
+                "not lower is clamped to the key's own (never an error). Unknown tier: 400."
+            ),
+            "schema": {"type": "string", "enum": tiers},
+        },
+        {
+            "name": MAX_WAIT_HEADER,
+            "in": "header",
+            "required": False,
+            "description": (
+                "Wait at most this many seconds in the queue; above the tier's max_wait_s it "
+                "is clamped to it (never an error). Not a number > 0: 400."
+            ),
+            "schema": {"type": "string", "pattern": r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)$"},
+        },
+    ]
+
+
+def _inference(
+    summary: str, schema: dict[str, Any], *, streams: bool, tiers: list[str]
+) -> dict[str, Any]:
     ok: dict[str, Any] = {"application/json": {"schema": {"type": "object"}}}
     if streams:
         ok["text/event-stream"] = {
@@ -258,6 +344,7 @@ def _inference(summary: str, schema: dict[str, Any], *, streams: bool) -> dict[s
         "post": {
             "summary": summary,
             "security": [{"bearer": []}],
+            "parameters": _controls(tiers),
             "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
             "responses": {
                 "200": {
@@ -269,7 +356,9 @@ def _inference(summary: str, schema: dict[str, Any], *, streams: bool) -> dict[s
                 "401": _error("Missing, unknown or revoked API key."),
                 "403": _error("The key's tier is not configured on this gateway."),
                 "404": _error("Unknown model."),
-                "429": _error("Over the key's quota.", retry=True, limits=True),
+                "429": _error(
+                    "Over the key's quota, or its max_concurrency.", retry=True, limits=True
+                ),
                 "413": _error("Body larger than the configured limit."),
                 "502": _error("The backend failed."),
                 "503": _error("Overloaded, shed, or no backend available.", retry=True),
@@ -312,7 +401,7 @@ def _json_ok(description: str, schema: dict[str, Any] = _STATUS) -> dict[str, An
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _inference_paths() -> dict[str, Any]:
+def _inference_paths(tiers: list[str]) -> dict[str, Any]:
     """The OpenAI-compatible POST routes."""
     messages = {
         "type": "array",
@@ -334,12 +423,19 @@ def _inference_paths() -> dict[str, Any]:
             "Chat completion (OpenAI-compatible)",
             _request_schema("messages", messages),
             streams=True,
+            tiers=tiers,
         ),
         "/v1/completions": _inference(
-            "Text completion (OpenAI-compatible)", _request_schema("prompt", text), streams=True
+            "Text completion (OpenAI-compatible)",
+            _request_schema("prompt", text),
+            streams=True,
+            tiers=tiers,
         ),
         "/v1/embeddings": _inference(
-            "Embeddings (OpenAI-compatible)", _request_schema("input", text), streams=False
+            "Embeddings (OpenAI-compatible)",
+            _request_schema("input", text),
+            streams=False,
+            tiers=tiers,
         ),
     }
 
@@ -422,14 +518,16 @@ _COMPONENTS = {
 def openapi_document(settings: Settings) -> dict[str, Any]:
     """The OpenAPI 3.1 document of what a process with `settings` serves."""
     # the admin routes only where they are served: with no admin token they answer 404
-    admin = _admin_paths([t.core.name for t in settings.tiers]) if settings.admin_token else {}
+    tiers = [t.core.name for t in settings.tiers]
+    timeout_s = settings.server.request_timeout_s
+    admin = _admin_paths(tiers, timeout_s) if settings.admin_token else {}
     return {
         "openapi": "3.1.0",
         "info": {"title": "inference-scheduler gateway", "version": "0.1.0"},
         "servers": [{"url": "/"}],
         "components": _COMPONENTS,
         "paths": {
-            **_inference_paths(),
+            **_inference_paths(tiers),
             "/v1/models": _models_path(),
             **_operations_paths(),
             "/v1/models/{model}": _model_path(),

@@ -34,6 +34,7 @@ import trio
 
 from backends.redis.quota import QuotaStoreBusy, QuotaStoreError, QuotaStoreTimeout
 from policies.breaker import BreakerState, ScopedBreakers
+from policies.health import quota_factor, scaled_limit
 from policies.ratelimit import Quota, RateDecision
 from scheduler.core.quota_store import (
     AlgorithmKind,
@@ -82,8 +83,9 @@ class FailMode(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class QuotaSettings:
-    """A key's request and token quotas over `period_s` (0 = no such quota); with
-    `enforce` off, a shadow quota (counted and reported, never refusing)."""
+    """A key's request and token quotas over `period_s` (0 = no such quota), and its cap on
+    requests open at once (`scheduler.service.controls`); with `enforce` off, a shadow quota
+    (counted and reported, never refusing)."""
 
     algorithm: AlgorithmKind = "sliding_log"
     period_s: float = 60.0
@@ -92,6 +94,9 @@ class QuotaSettings:
     request_burst: int = 0  # GCRA only; 0 = the limit
     token_burst: int = 0
     enforce: bool = True
+    max_concurrency: int = 0  # the key's requests open at once, per replica; 0 = no cap
+    congested_factor: float = 1.0  # the limits' fraction while congested (`policies.health`)
+    scaled_by: float = 1.0  # the factor these limits are under now (`under_congestion`)
 
     _specs: tuple[QuotaSpec | None, QuotaSpec | None] = field(init=False, repr=False, compare=False)
 
@@ -106,6 +111,21 @@ class QuotaSettings:
 
     def specs(self) -> tuple[QuotaSpec | None, QuotaSpec | None]:
         return self._specs
+
+    def under_congestion(self, congested: bool) -> QuotaSettings:
+        """These quotas as they apply now: each limit (and burst) times `congested_factor`
+        while the controller reports congestion (`policies.health`), else themselves."""
+        factor = quota_factor(self.congested_factor, congested=congested)
+        if factor == 1:
+            return self
+        return dataclasses.replace(
+            self,
+            requests=scaled_limit(self.requests, factor),
+            tokens=scaled_limit(self.tokens, factor),
+            request_burst=scaled_limit(self.request_burst, factor),
+            token_burst=scaled_limit(self.token_burst, factor),
+            scaled_by=factor,
+        )
 
     @property
     def unlimited(self) -> bool:
@@ -134,6 +154,7 @@ class Verdict:
     failing_s: float = math.nan  # CLOSED, UNVERIFIED: how long Redis has been failing
     spent: str = ""  # LOCAL, refused by Redis's last word: "requests" or "tokens"
     would_refuse: bool = False  # a shadow quota's refusal, admitted (nothing was taken)
+    scaled_by: float = 1.0  # the factor the limits were under (`QuotaSettings.scaled_by`)
 
 
 class QuotaGuard:
@@ -176,6 +197,8 @@ class QuotaGuard:
         """The quota decision for one request of `token_cost` tokens; a shadow quota's
         refusal comes back allowed, marked `would_refuse`."""
         verdict = await self._decide(key_id, quotas, fail_mode, token_cost=token_cost, now=now)
+        if quotas.scaled_by != 1 and not quotas.unlimited:
+            verdict = dataclasses.replace(verdict, scaled_by=quotas.scaled_by)
         if verdict.allowed or quotas.enforce:
             return verdict
         return dataclasses.replace(verdict, allowed=True, would_refuse=True)
@@ -383,6 +406,9 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
+FACTOR_HEADER = "x-ratelimit-congested-factor"
+
+
 def rate_limit_headers(verdict: Verdict) -> dict[str, str]:
     """OpenAI's `x-ratelimit-*` fields and the IETF `RateLimit-Policy` / `RateLimit` fields."""
     headers: dict[str, str] = {}
@@ -406,6 +432,8 @@ def rate_limit_headers(verdict: Verdict) -> dict[str, str]:
         headers["x-ratelimit-burst-credits-spent"] = str(verdict.credits_spent)
     if verdict.source is Source.LOCAL:
         headers["x-ratelimit-source"] = "local"
+    if verdict.scaled_by != 1:  # the limits above are the congested ones
+        headers[FACTOR_HEADER] = f"{verdict.scaled_by:g}"
     return headers
 
 

@@ -9,6 +9,7 @@ of shedding cannot ship unexplained.
     cause                          status  reason                limit (knob)
     over a key's quota             429     requests | tokens     tiers.T.quota.requests, ...
     a request no quota can hold    429     tokens_too_large      tiers.T.quota.tokens
+    a key's requests open at once  429     concurrency           tiers.T.quota.max_concurrency
     Redis out, fail mode closed    503     redis_unavailable     tiers.T.fail_mode
     Redis slow, not known down     503     redis_unverified      redis.down_after_s
     the key's slot moving          503     redis_slot_moving     redis.cluster
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from scheduler.core import AIMDController, Controller, SchedulerStats, Shed, ShedReason
 from scheduler.openai.errors import ApiError, Refusal, refused
 from scheduler.service.config import TierSettings
+from scheduler.service.controls import MAX_WAIT_HEADER
 from scheduler.service.quota import DOWN_AFTER_S, Source, Verdict, rate_limit_headers
 from scheduler.service.tenancy import KeyRecord
 
@@ -88,9 +90,13 @@ def _over_quota(
         return refusal, message, verdict.period_s
     observed = max(0, decision.limit - decision.remaining) + units
     refusal = Refusal(which, knob, decision.limit, observed)
+    scaled = ""
+    if verdict.scaled_by != 1:  # health-driven: the quota shrunk while the backends are busy
+        factor = f"tiers.{tier.core.name}.quota.congested_factor"
+        scaled = f" ({factor} {verdict.scaled_by:g} of it while the backends are congested)"
     message = (
         f"Rate limit reached for your API key: {knob} is {decision.limit} per "
-        f"{verdict.period_s:g} s and this request would make it {observed}. "
+        f"{verdict.period_s:g} s{scaled} and this request would make it {observed}. "
         "Retry after the time in Retry-After."
     )
     return refusal, message, verdict.retry_after_s
@@ -107,6 +113,17 @@ def quota_error(verdict: Verdict, record: KeyRecord, tier: TierSettings, cost: i
     return error
 
 
+def concurrency_error(record: KeyRecord, tier: str, cap: int, open_now: int) -> ApiError:
+    """The 429 of a key that has `open_now` requests open here, at its cap (`controls`)."""
+    knob = quota_knob(record, tier, "max_concurrency")
+    refusal = Refusal("concurrency", knob, cap, open_now + 1)
+    message = (
+        f"Too many requests at once for your API key: {knob} is {cap} open at a time on this "
+        "replica. Wait for one to end, or retry after Retry-After."
+    )
+    return refused(429, message, refusal, retry_after_s=1.0)
+
+
 def keys_unavailable() -> ApiError:
     """A key neither known here nor checkable in Redis now: retry, not a 401."""
     refusal = Refusal("keys_unavailable", "redis.timeout_s")
@@ -120,6 +137,10 @@ _Explain = Callable[[Shed, TierSettings, SchedulerStats, Controller], Refusal]
 
 
 def _deadline(shed: Shed, tier: TierSettings, stats: SchedulerStats, _: Controller) -> Refusal:
+    """The tier's longest wait, or the shorter one the request asked for (`controls`)."""
+    asked_s = shed.request.deadline_at - shed.request.arrival_at
+    if asked_s < tier.core.max_wait_s:
+        return Refusal("deadline", f"request.{MAX_WAIT_HEADER}", asked_s, shed.queued_s)
     name = tier.core.name
     return Refusal("deadline", f"tiers.{name}.max_wait_s", tier.core.max_wait_s, shed.queued_s)
 

@@ -36,6 +36,7 @@ from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.gains import GainsOwner
 from scheduler.service.gateway import Gateway
 from scheduler.service.health import RedisHealth
+from scheduler.service.levers import LEVERS, LEVERS_KEY, Levers, LeversOwner
 from scheduler.service.metrics import GatewayMetrics
 from scheduler.service.quota import AdaptiveTimeout, FailMode, QuotaGuard
 from scheduler.service.supervisor import DrainFlag
@@ -80,6 +81,14 @@ class Replica:
             redis=lambda: self._redis,
             metrics=self.metrics,
         )
+        # the SRE's emergency levers, shared by every replica like the gains
+        self.levers = LeversOwner(
+            Levers(),
+            LEVERS,
+            key=f"{settings.redis_prefix}:{LEVERS_KEY}",
+            shared=bool(settings.redis_url),
+            redis=lambda: self._redis,
+        )
         self._gateway: Gateway | None = None
         self._client = HttpClient(settings.backend_limits)
         self._redis: coredis.Redis[bytes] | None = None
@@ -110,6 +119,7 @@ class Replica:
             await nursery.start(self._hold_redis, settings.redis_url)
             await nursery.start(self.redis_health.watch, lambda: self._redis)
         await nursery.start(self.gains.run)
+        await nursery.start(self.levers.run)
         await nursery.start(dispatcher.run)
         dispatcher.on_tick.append(partial(self._export_metrics, dispatcher.core))
         pools = await self._start_backends(nursery)
@@ -124,6 +134,7 @@ class Replica:
             cache=self._cache,
             background=nursery,
             metrics=self.metrics,
+            levers=self.levers,
         )
         # what start-up built lives as long as the process: keep it out of the collector's
         # full passes, whose pauses (50-160 ms) would otherwise exceed the Redis timeout

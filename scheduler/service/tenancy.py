@@ -25,7 +25,15 @@ from scheduler.errors import SchedulerError
 from scheduler.service.config import KeySettings, key_id
 from scheduler.service.quota import AdaptiveTimeout, QuotaSettings
 
-QUOTA_FIELDS = ("requests", "tokens", "period_s", "algorithm", "request_burst", "token_burst")
+QUOTA_FIELDS = (
+    "requests",
+    "tokens",
+    "period_s",
+    "algorithm",
+    "request_burst",
+    "token_burst",
+    "max_concurrency",
+)
 
 
 class KeysUnavailable(SchedulerError):
@@ -247,6 +255,13 @@ class KeyRegistry:
 
     async def revoke(self, kid: str) -> None:
         await self._need_store().update_meta(kid, {"revoked": "1"}, base=self._base(kid))
+        self._cache.pop(kid, None)
+
+    async def set_bypass(self, kid: str, bypass: bool) -> None:
+        """Turn the key into a bypass key, or back (every replica within `cache_s`)."""
+        await self._need_store().update_meta(
+            kid, {"bypass": "1" if bypass else "0"}, base=self._base(kid)
+        )
         self._cache.pop(kid, None)
 
     async def set_override(self, kid: str, fields: dict[str, Any]) -> None:

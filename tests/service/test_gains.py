@@ -123,7 +123,7 @@ async def test_a_stale_document_from_the_follower_does_not_undo_a_change(rig: Ri
         stale = await rig.redis.get(rig.key)
         assert stale is not None
         changed = await rig.owner.change({"increase_step": 3}, deadline_at=deadline())
-        rig.owner._take(stale)  # as the follower's read, arriving late
+        rig.owner.document._take(stale)  # as the follower's read, arriving late
         assert rig.owner.config == changed
 
 

@@ -1,4 +1,7 @@
-"""The controller gains' document in Redis: one key, `{"version": n, "gains": {...}}`.
+"""Shared documents in Redis: one key each, `{"version": n, "<field>": {...}}`.
+
+What replicas share live, and change through the admin API (the controller's gains, the
+SRE's levers), is one such document; each replica follows it (`scheduler.service.shared`).
 
 Why Redis checks a deadline: the admin API answers within the Redis timeout, and a 503 must
 mean "not applied anywhere". A write that reaches a paused Redis after the API gave up would
@@ -8,8 +11,8 @@ past the caller's deadline. The version lives in the document itself: one key, o
 (Redis Cluster), and the read-increment-write is one script. The clock is read on that key's
 node too: on a cluster another node's clock may differ from the one that checks the deadline.
 
-What the gains mean is `scheduler.service.gains`'s; this module only stores the document.
-Redis's failures are raised as `RedisUnavailable`, translated here.
+What a document means is its owner's; this module only stores it. Redis's failures are raised
+as `RedisUnavailable`, translated here.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import trio
 
 from backends.redis.errors import translated_redis_errors
 
-# ARGV: gains JSON, the latest time (Redis's clock, s) it may be written, the lowest version
+# ARGV: the body's JSON, the latest time (Redis's clock, s) it may be written, the lowest
+# version, the body's field name
 PUBLISH_SCRIPT = """
 local t = redis.call('TIME')
 if tonumber(t[1]) + tonumber(t[2]) / 1000000 > tonumber(ARGV[2]) then return 0 end
@@ -34,16 +38,22 @@ if old then
   end
 end
 redis.call('SET', KEYS[1], '{"version": ' .. string.format('%d', version) ..
-  ', "gains": ' .. ARGV[1] .. '}')
+  ', "' .. ARGV[4] .. '": ' .. ARGV[1] .. '}')
 return version
 """
 CLOCK_SCRIPT = "return redis.call('TIME')"
 
 
-async def publish_gains_document(
-    redis: coredis.Redis[Any], key: str, gains_json: str, *, after: int, deadline_at: float
+async def publish_document(
+    redis: coredis.Redis[Any],
+    key: str,
+    field: str,
+    body_json: str,
+    *,
+    after: int,
+    deadline_at: float,
 ) -> int:
-    """Write `gains_json` as the gains of the document at `key`, with a version above `after`
+    """Write `body_json` as the `field` of the document at `key`, with a version above `after`
     and the document's; return that version. Raises trio.TooSlowError (nothing written) when
     the write cannot happen by `deadline_at` (trio time), or RedisUnavailable."""
     with trio.fail_at(deadline_at), translated_redis_errors():
@@ -52,17 +62,15 @@ async def publish_gains_document(
         redis_now = int(clock[0]) + int(clock[1]) / 1e6
         # Redis's clock read before now: its deadline is at or before ours
         not_after = redis_now + (deadline_at - trio.current_time())
-        args: list[str | int] = [gains_json, repr(not_after), after + 1]
+        args: list[str | int] = [body_json, repr(not_after), after + 1, field]
         written: Any = await redis.eval(PUBLISH_SCRIPT, keys=[key], args=args)
         version = int(written)
     if not version:
-        raise trio.TooSlowError("Redis took the gains past their deadline; not written")
+        raise trio.TooSlowError(f"Redis took the {field} past their deadline; not written")
     return version
 
 
-async def read_gains_document(
-    redis: coredis.Redis[bytes], key: str, *, timeout_s: float
-) -> bytes | None:
+async def read_document(redis: coredis.Redis[bytes], key: str, *, timeout_s: float) -> bytes | None:
     """The document at `key` as stored (None: none); raises RedisUnavailable, a timeout
     included."""
     with translated_redis_errors(), trio.fail_after(timeout_s):
