@@ -189,14 +189,26 @@ class Response:
         }
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives: what came in one read is one piece (a backend's chunks
+        already buffered are joined, so a proxy that is behind catches up in fewer, larger
+        writes instead of one per chunk)."""
         conn = self._conn
+        event = await _next_event(conn, self._read_timeout_s, deadline_at=self.deadline_at)
         while True:
-            event = await _next_event(conn, self._read_timeout_s, deadline_at=self.deadline_at)
-            if isinstance(event, h11.Data):
-                yield bytes(event.data)
-            elif isinstance(event, h11.EndOfMessage):
+            if isinstance(event, h11.EndOfMessage):
                 self.complete = True
                 return
+            if not isinstance(event, h11.Data):
+                event = await _next_event(conn, self._read_timeout_s, deadline_at=self.deadline_at)
+                continue
+            piece = bytes(event.data)
+            event = _buffered_event(conn)  # what is buffered already, without a read
+            while isinstance(event, h11.Data):
+                piece += event.data
+                event = _buffered_event(conn)
+            yield piece
+            if event is h11.NEED_DATA:
+                event = await _next_event(conn, self._read_timeout_s, deadline_at=self.deadline_at)
 
     async def read(self) -> bytes:
         """The whole body; BackendTooLarge past `max_response_bytes` (memory stays bounded:
@@ -325,6 +337,14 @@ class OriginPool:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
+
+
+def _buffered_event(conn: _Connection) -> object:
+    """The next h11 event from what was read already (`h11.NEED_DATA` if none)."""
+    try:
+        return conn.h11.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise BackendBroken(f"the backend's response made no sense: {exc}") from exc
 
 
 async def _next_event(
