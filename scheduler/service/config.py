@@ -234,6 +234,7 @@ def _tiers(root: Table) -> tuple[TierSettings, ...]:
                 max_wait_s=max_wait_s,
                 max_depth=t.get("max_depth", int, 1000),
                 shed_on_overload=t.get("shed_on_overload", bool, False),
+                fail_fast=t.get("fail_fast", bool, True),
             ),
             "tiers",
         )

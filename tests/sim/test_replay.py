@@ -101,15 +101,16 @@ output_tokens = { dist = "uniform", min = 5, max = 60 }
 [tiers.quota]
 unit = "tokens"
 algorithm = "sliding_counter"
-limit = 500
+limit = 800
 period_s = 1
-burst = 800
+burst = 1600
 
 [[tiers]]
 name = "free"
 weight = 1
 max_wait_s = 1
 max_depth = 10
+fail_fast = false  # its queue fills: shed when full and at the deadline (Pro fails fast)
 shed_on_overload = true
 slo_latency_s = 10
 rate_rps = 14
@@ -270,7 +271,7 @@ async def run_service(text: str, tmp_path: Path, sim: SimRun) -> Log:
     dispatcher = Dispatcher(
         cast(Scheduler, core),
         tick_s=lambda: controller.config.tick_s,
-        pressure=lambda: sim.pressures.get(trio.current_time(), math.nan),
+        pressure=lambda: (sim.pressures.get(trio.current_time(), math.nan), trio.current_time()),
     )
     guard = QuotaGuard(None, ScopedBreakers(), replicas=1, timeout=AdaptiveTimeout(0.05))
     ids = iter(range(1, len(schedule) + 1))
@@ -333,7 +334,8 @@ async def test_every_decision_is_the_services(
     # every decision acts in this schedule: quota refusals, admissions at once and after a
     # wait, queueing, shedding for each reason, and a controller that moves both ways
     assert {("refused", "quota"), ("admit", ""), ("admit", "after a wait"), ("queue", "")} <= kinds
-    assert {("shed", "deadline"), ("shed", "queue_full"), ("shed", "overload")} <= kinds
+    sheds = {"deadline", "queue_full", "overload", "predicted_wait"}
+    assert {("shed", reason) for reason in sheds} <= kinds
     limits = [float(d.split(" ")[0]) for _, what, _, d in expected if what == "tick"]
     assert any(b > a for a, b in itertools.pairwise(limits))
     assert any(b < a for a, b in itertools.pairwise(limits))
