@@ -128,7 +128,7 @@ class Scheduler:
             return 0.0
         share = self._counts[tier].config.weight / queue.active_weight(tier)
         slots_per_s = gate.limit if self._rate_mode else None
-        drain_rate = self._wait.drain_rate(slots_per_s=slots_per_s, window=gate.window())
+        drain_rate = self._wait.drain_rate(slots_per_s=slots_per_s, window=gate.window(), now=now)
         return self._wait.predict_wait_s(
             tier, backlog, request.cost, share=share, drain_rate=drain_rate, now=now
         )

@@ -11,7 +11,9 @@ Why this estimate: the work ahead of the request leaves its tier at the tier's r
 - The tier's rate: the gate's drain rate times the tier's share. While there is a queue
   the gate is full, so it drains at its limit in rate mode, or its window over the mean time
   a call holds a slot in window mode (Little's law), times the mean cost of a call; both
-  means follow the calls that ended. Counting admissions instead fails twice: after a cut of
+  means follow the calls that ended, and lag by a few dozen calls when the backends speed up
+  again, so the cost per second the calls ended with, measured while there was a queue,
+  counts instead when it is more. Counting admissions instead fails twice: after a cut of
   the limit nothing is admitted until in-flight is down to it (a rate of 0 for a moment, and
   every arrival predicted to wait forever), and after an idle spell they show the demand,
   not the capacity. The share is the tier's weight among the queued tiers (the fair queue's
@@ -28,8 +30,8 @@ import math
 from scheduler.core.wfq import Backlog
 
 _CALLS = 64  # the means of latency and cost follow about this many recent calls
-_TIME_CONSTANT_S = 1.0  # of a tier's measured share: a few ticks, quick at a spike's onset
-_FRESH_S = 5.0  # a share measured longer ago than this no longer counts
+_TIME_CONSTANT_S = 1.0  # of the per-tick averages: a few ticks, quick at a spike's onset
+_FRESH_S = 5.0  # a share or rate measured longer ago than this no longer counts
 
 
 class WaitPredictor:
@@ -40,6 +42,10 @@ class WaitPredictor:
         "_at",
         "_backlogged",
         "_cost",
+        "_ended",
+        "_ended_at_tick",
+        "_ended_rate",
+        "_ended_rate_at",
         "_latency_s",
         "_measured_at",
         "_shares",
@@ -49,6 +55,9 @@ class WaitPredictor:
         self._at = now
         self._latency_s = math.nan  # mean time a call holds its slot
         self._cost = math.nan  # mean cost of a call
+        self._ended = self._ended_at_tick = 0.0  # cost of the calls that ended: running totals
+        self._ended_rate = math.nan  # of it per second, while there was a queue
+        self._ended_rate_at = -math.inf
         self._shares = dict.fromkeys(tiers, math.nan)  # of the admitted cost, while backlogged
         self._measured_at = dict.fromkeys(tiers, -math.inf)
         self._admitted = dict.fromkeys(tiers, 0.0)  # running totals at the last tick
@@ -56,6 +65,7 @@ class WaitPredictor:
 
     def observe_call(self, latency_s: float, cost: float) -> None:
         """A call of `cost` ended after holding its slot `latency_s`."""
+        self._ended += cost
         if math.isnan(self._latency_s):
             self._latency_s, self._cost = latency_s, cost
             return
@@ -73,6 +83,13 @@ class WaitPredictor:
         keep = math.exp(-elapsed / _TIME_CONSTANT_S)
         deltas = {name: cost - self._admitted[name] for name, cost in admitted.items()}
         total = sum(deltas.values())
+        if any(self._backlogged.values()) and any(depths.values()):
+            sample = (self._ended - self._ended_at_tick) / elapsed
+            fresh = now - self._ended_rate_at <= _FRESH_S + elapsed
+            old = self._ended_rate
+            self._ended_rate = old * keep + sample * (1 - keep) if fresh else sample
+            self._ended_rate_at = now
+        self._ended_at_tick = self._ended
         shares, measured_at = self._shares, self._measured_at
         for name, delta in deltas.items():
             queued = depths[name] > 0
@@ -85,11 +102,15 @@ class WaitPredictor:
             self._backlogged[name] = queued
         self._at = now
 
-    def drain_rate(self, *, slots_per_s: float | None, window: int) -> float:
+    def drain_rate(self, *, slots_per_s: float | None, window: int, now: float) -> float:
         """The cost per second a full gate lets through: `slots_per_s` in rate mode (None in
-        window mode, where it is `window` over the mean latency); nan before any call ended."""
+        window mode, where it is `window` over the mean latency), or what ended per second
+        of late if more; nan before any call ended."""
         per_s = slots_per_s if slots_per_s is not None else window / self._latency_s
-        return per_s * self._cost
+        rate = per_s * self._cost
+        if now - self._ended_rate_at <= _FRESH_S and self._ended_rate > rate:
+            return self._ended_rate
+        return rate
 
     def predict_wait_s(
         self,

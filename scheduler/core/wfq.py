@@ -40,7 +40,7 @@ class TierConfig:
     max_wait_s: float
     max_depth: int
     shed_on_overload: bool = False
-    fail_fast: bool = True
+    fail_fast: bool = False
 
     def __post_init__(self) -> None:
         where = f"tiers.{self.name or '?'}"

@@ -123,13 +123,17 @@ def test_a_tier_is_predicted_at_least_its_weighted_share() -> None:
 
 def test_the_drain_rate_is_the_gates_pace_times_the_mean_cost() -> None:
     predictor = WaitPredictor(["a"], now=0.0)
-    assert math.isnan(predictor.drain_rate(slots_per_s=None, window=10))
+    assert math.isnan(predictor.drain_rate(slots_per_s=None, window=10, now=0.0))
     predictor.observe_call(2.0, 100.0)
-    assert predictor.drain_rate(slots_per_s=None, window=10) == 500.0  # 10 slots / 2 s
-    assert predictor.drain_rate(slots_per_s=3.0, window=10) == 300.0  # rate mode: the limit
+    assert predictor.drain_rate(slots_per_s=None, window=10, now=0.0) == 500.0  # 10 slots / 2 s
+    assert (
+        predictor.drain_rate(slots_per_s=3.0, window=10, now=0.0) == 300.0
+    )  # rate mode: the limit
     for _ in range(500):
         predictor.observe_call(1.0, 50.0)
-    assert predictor.drain_rate(slots_per_s=None, window=10) == pytest.approx(500.0, rel=1e-3)
+    assert predictor.drain_rate(slots_per_s=None, window=10, now=0.0) == pytest.approx(
+        500.0, rel=1e-3
+    )
 
 
 def test_a_tiers_measured_share_counts_while_backlogged_and_fresh() -> None:

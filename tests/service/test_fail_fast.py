@@ -29,6 +29,7 @@ fail_fast = false
 weight = 1
 max_wait_s = {FREE_WAIT_S}
 max_depth = 1000
+fail_fast = true
 
 [[keys]]
 key = "k-pro"

@@ -12,8 +12,7 @@ the answers. What must hold at every level:
 - Free is shed before Pro, Pro before Enterprise (shed fractions ordered);
 - every answer is a 200 or a 503 with Retry-After;
 - memory stays bounded: the queue depth of each tier, read from `/metrics` during the run,
-  never exceeds its `max_depth` (Free does not fail fast, so that its bound is hit), and in
-  flight never exceeds the controller's `max_limit`.
+  never exceeds its `max_depth`, and in flight never exceeds the controller's `max_limit`.
 """
 
 from __future__ import annotations
@@ -58,7 +57,6 @@ max_wait_s = {MAX_WAIT_S["free"]}
 max_depth = {MAX_DEPTH["free"]}
 slo_s = {SLO_S["free"]}
 shed_on_overload = true
-fail_fast = false  # its queue fills and waits out its deadline: the depth bound is hit
 
 [[keys]]
 key = "k-enterprise"
