@@ -134,6 +134,7 @@ def gateway_config(
             "max_wait_s": tier.max_wait_s,
             "max_depth": tier.max_depth,
             "shed_on_overload": tier.shed_on_overload,
+            "fail_fast": tier.fail_fast,
             "slo_s": tier.slo_latency_s,
             "ladder": ["reject"],  # what the simulator's ladder does without cache or fallback
         }

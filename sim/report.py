@@ -48,6 +48,7 @@ TIER_KEYS = (
     "shed_reasons",
     "latency_s",
     "queue_wait_s",
+    "shed_wait_s",
     "fairness",
     "first_shed_at",
 )
@@ -86,6 +87,7 @@ def tier_json(t: TierResult) -> dict[str, Any]:
         "shed_reasons": t.shed_reasons,
         "latency_s": _percentiles(t.latency_s),
         "queue_wait_s": _percentiles(t.queue_wait_s),
+        "shed_wait_s": _percentiles(t.shed_wait_s),
         "fairness": t.fairness,
         "first_shed_at": t.first_shed_at,
     }
@@ -182,6 +184,10 @@ def _triple(p: Percentiles) -> str:
     return "/".join("-" if math.isnan(v) else f"{v:.2f}" for v in (p.p50, p.p95, p.p99))
 
 
+def _pair(p: Percentiles) -> str:
+    return "/".join("-" if math.isnan(v) else f"{v:.2f}" for v in (p.p50, p.p95))
+
+
 TIER_HEADERS = (
     "tier",
     "offered",
@@ -195,6 +201,7 @@ TIER_HEADERS = (
     "good%",
     "latency p50/p95/p99 s",
     "wait p50/p95/p99 s",
+    "shed after p50/p95 s",
     "jain",
 )
 
@@ -215,6 +222,7 @@ def tier_table(r: SimResult) -> str:
             f"{100 * t.goodput_ratio:.1f}",
             _triple(t.latency_s),
             _triple(t.queue_wait_s),
+            _pair(t.shed_wait_s),
             f"{t.fairness:.3f}" if not math.isnan(t.fairness) else "-",
         )
         for t in r.tiers

@@ -155,6 +155,7 @@ def _tier(t: Table) -> TierSpec:
         slo_latency_s=t.number("slo_latency_s", gt=0),
         arrivals=arrivals,
         shed_on_overload=t.flag("shed_on_overload", False),
+        fail_fast=t.flag("fail_fast", False),
         keys=t.integer("keys", 100, ge=1),
         key_skew=t.number("key_skew", 1.0, ge=0),
         prompt_tokens=_sizes(t, "prompt_tokens", 200),

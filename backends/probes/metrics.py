@@ -200,6 +200,13 @@ class PoolPressure:
     def pressure(self, now: float) -> float:
         return pool_pressure([probe.reading(now) for probe in self.probes], self.aggregate)
 
+    def scraped_at(self, now: float) -> float:
+        """When the oldest scrape behind `pressure` was taken: what was dispatched since
+        is not in it. `now` when no fresh scrape counts (a stale backend already reads as
+        saturated, so nothing needs crediting)."""
+        ages = [r.age_s for r in (p.reading(now) for p in self.probes) if r.known and not r.stale]
+        return now - max(ages, default=0.0)
+
     def statistics(self, now: float | None = None) -> PoolPressureStatistics:
         """A snapshot per backend; `now` defaults to trio's clock."""
         now = trio.current_time() if now is None else now

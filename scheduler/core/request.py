@@ -49,6 +49,7 @@ class ShedReason(enum.Enum):
     QUEUE_FULL = "queue_full"
     OVERLOAD = "overload"
     DRAINING = "draining"
+    PREDICTED_WAIT = "predicted_wait"  # would wait past its deadline: shed on arrival
 
 
 class Outcome(enum.Enum):
@@ -74,11 +75,13 @@ class Queued(NamedTuple):
 
 
 class Shed(NamedTuple):
-    """The request could not be admitted; the service walks the tier's shed ladder."""
+    """The request could not be admitted; the service walks the tier's shed ladder.
+    `predicted_wait_s`: for `PREDICTED_WAIT`, the wait that was predicted."""
 
     request: Request
     reason: ShedReason
     queued_s: float = 0.0
+    predicted_wait_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,10 @@ One driver owns it (the service's dispatcher task, or the simulator's event loop
 always with the current time: `submit` for each arrival, `poll` to admit what the gate allows,
 `expire` at `next_deadline()`, `finish` when a backend call ends, and `tick` every
 `tick_s` of the controller. Each returns decisions; nothing here waits or does I/O.
+
+An arrival that must queue is shed at once (`PREDICTED_WAIT`) when its tier fails fast and
+the wait predicted for it (`scheduler.core.wait`) is longer than it may wait: its answer from
+the shed ladder comes now, not at its deadline, which stays the backstop.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scheduler.core.controller import Controller, ControllerStats, Sample
-from scheduler.core.gate import Gate, GateConfig, GateStats, Ticket
+from scheduler.core.gate import Gate, GateConfig, GateMode, GateStats, Ticket
 from scheduler.core.request import Admit, Decision, Outcome, Queued, Request, Shed, ShedReason
+from scheduler.core.wait import WaitPredictor
 from scheduler.core.wfq import Entry, QueueStats, TierConfig, WeightedFairQueue
 
 
@@ -27,6 +32,7 @@ class _TierCounts:
     config: TierConfig
     submitted: int = 0
     admitted: int = 0
+    admitted_cost: float = 0.0
     admitted_after_queue: int = 0
     bypassed: int = 0
     shed: dict[ShedReason, int] = field(default_factory=lambda: dict.fromkeys(ShedReason, 0))
@@ -61,6 +67,8 @@ class Scheduler:
         self._gate = Gate(config.gate, limit=controller.limit, now=now)
         self._entries: dict[int, Entry] = {}
         self._counts = {t.name: _TierCounts(t) for t in config.tiers}
+        self._wait = WaitPredictor([t.name for t in config.tiers], now=now)
+        self._rate_mode = config.gate.mode is GateMode.RATE
         self._draining = False
 
     @property
@@ -95,14 +103,35 @@ class Scheduler:
             ticket = self._gate.admit(request, now=now)
             if ticket is not None:
                 counts.admitted += 1
+                counts.admitted_cost += request.cost
                 return Admit(request, ticket, 0.0)
-        if counts.config.shed_on_overload and self._controller.congested:
+        config = counts.config
+        if config.shed_on_overload and self._controller.congested:
             return self._shed(request, ShedReason.OVERLOAD, counts)
+        if config.fail_fast:
+            wait_s = self.predict_wait_s(request, now=now)
+            if wait_s > min(request.deadline_at, request.arrival_at + config.max_wait_s) - now:
+                counts.shed[ShedReason.PREDICTED_WAIT] += 1
+                return Shed(request, ShedReason.PREDICTED_WAIT, predicted_wait_s=wait_s)
         entry = queue.push(request, now=now)
         if entry is None:
             return self._shed(request, ShedReason.QUEUE_FULL, counts)
         self._entries[request.id] = entry
         return Queued(request)
+
+    def predict_wait_s(self, request: Request, *, now: float) -> float:
+        """How long `request` would wait in the queue if it were queued now (0 while the
+        admission rate is not known yet)."""
+        queue, tier, gate = self._queue, request.tier, self._gate
+        backlog = queue.backlog(tier, request.key_id)
+        if not backlog.tier_cost:
+            return 0.0
+        share = self._counts[tier].config.weight / queue.active_weight(tier)
+        slots_per_s = gate.limit if self._rate_mode else None
+        drain_rate = self._wait.drain_rate(slots_per_s=slots_per_s, window=gate.window(), now=now)
+        return self._wait.predict_wait_s(
+            tier, backlog, request.cost, share=share, drain_rate=drain_rate, now=now
+        )
 
     def _shed(self, request: Request, reason: ShedReason, counts: _TierCounts) -> Shed:
         counts.shed[reason] += 1
@@ -134,6 +163,7 @@ class Scheduler:
             assert ticket is not None
             counts = all_counts[request.tier]
             counts.admitted += 1
+            counts.admitted_cost += request.cost
             counts.admitted_after_queue += 1
             admitted.append(Admit(request, ticket, now - request.arrival_at))
         return admitted
@@ -159,6 +189,7 @@ class Scheduler:
         """End an admitted request; its sample feeds the controller."""
         self._gate.release(ticket, sample.outcome)
         self._controller.record(sample)
+        self._wait.observe_call(sample.latency_s, ticket.request.cost)
 
     def ignore(self, ticket: Ticket) -> None:
         """End an admitted request that says nothing about load (client gone, bad request)."""
@@ -168,7 +199,12 @@ class Scheduler:
         """Let the controller look at the last interval and set the gate's new limit.
         `unseen`: how many more requests are in flight now than when the scrape that
         `pressure` comes from was taken (0 when it is fresh)."""
-        gate = self._gate
+        gate, queue = self._gate, self._queue
+        self._wait.observe_tick(
+            now=now,
+            admitted={name: c.admitted_cost for name, c in self._counts.items()},
+            depths={name: queue.tier_depth(name) for name in self._counts},
+        )
         utilization = gate.take_utilization(now=now)
         limit = self._controller.tick(
             now=now,

@@ -24,6 +24,7 @@ import itertools
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from scheduler.core.request import Request
 
@@ -31,13 +32,15 @@ from scheduler.core.request import Request
 @dataclass(frozen=True, slots=True)
 class TierConfig:
     """One tier's share and bounds. `shed_on_overload` tiers are shed at once while the
-    controller reports congestion instead of waiting in the queue."""
+    controller reports congestion instead of waiting in the queue; `fail_fast` tiers are shed
+    at once when the wait predicted for a request is longer than it may wait."""
 
     name: str
     weight: float
     max_wait_s: float
     max_depth: int
     shed_on_overload: bool = False
+    fail_fast: bool = False
 
     def __post_init__(self) -> None:
         where = f"tiers.{self.name or '?'}"
@@ -49,6 +52,15 @@ class TierConfig:
             raise ValueError(f"{where}.max_wait_s must be > 0, got {self.max_wait_s}")
         if self.max_depth < 1:
             raise ValueError(f"{where}.max_depth must be >= 1, got {self.max_depth}")
+
+
+class Backlog(NamedTuple):
+    """What a new request of a key finds in its tier: the tier's queued cost, the key's part
+    of it, and how many keys share the tier (the key among them)."""
+
+    tier_cost: float
+    key_cost: float
+    keys: int
 
 
 class EntryState(enum.Enum):
@@ -77,17 +89,19 @@ class Entry:
 class _KeyFlow:
     """A key with queued entries; an emptied one is kept for reuse (`_spare_flows`)."""
 
-    __slots__ = ("entries", "key_id")
+    __slots__ = ("cost", "entries", "key_id")
 
     def __init__(self, key_id: str) -> None:
         self.key_id = key_id
         self.entries: deque[Entry] = deque()
+        self.cost = 0.0  # of its live (queued) entries
 
 
 class _Tier:
     __slots__ = (
         "active",
         "config",
+        "cost",
         "depth",
         "fifo",
         "finish",
@@ -102,6 +116,7 @@ class _Tier:
     def __init__(self, config: TierConfig) -> None:
         self.config = config
         self.depth = 0  # live (queued) entries
+        self.cost = 0.0  # their total cost
         self.active = False  # present in the root heap
         self.start = 0.0  # root-level start tag while active
         self.finish = 0.0  # root-level finish tag of the last service
@@ -187,11 +202,14 @@ class WeightedFairQueue:
             if spare:
                 flow = spare.pop()
                 flow.key_id = key_id
+                flow.cost = 0.0
             else:
                 flow = _KeyFlow(key_id)
             tier.flows[key_id] = flow
             heapq.heappush(tier.heap, (start, next(self._seq), flow))
         flow.entries.append(entry)
+        flow.cost += request.cost
+        tier.cost += request.cost
         tier.depth += 1
         self._depth += 1
         if not tier.active:
@@ -224,6 +242,7 @@ class WeightedFairQueue:
             entry.state = _ADMITTED
             tier.depth -= 1
             self._depth -= 1
+            tier.cost = tier.cost - entry.request.cost if tier.depth else 0.0
             if tier.depth > 0:
                 tier.start = finish
                 heapq.heapreplace(root, (finish, -weight, next(self._seq), tier))
@@ -245,6 +264,7 @@ class WeightedFairQueue:
             entry = None
             if entries:
                 entry = entries.popleft()
+                flow.cost -= entry.request.cost
                 tier.vtime = finish
                 finish += entry.request.cost
                 while entries and entries[0].state is not _QUEUED:
@@ -272,8 +292,23 @@ class WeightedFairQueue:
         tier.sweep_at_size = max(1024, 2 * len(tier.key_finish))
 
     def _forget(self, entry: Entry) -> None:
-        entry.tier.depth -= 1
+        tier, cost = entry.tier, entry.request.cost
+        tier.flows[entry.request.key_id].cost -= cost  # its flow holds it until it is popped
+        tier.depth -= 1
+        tier.cost = tier.cost - cost if tier.depth else 0.0
         self._depth -= 1
+
+    def backlog(self, tier: str, key_id: str) -> Backlog:
+        """What a request of `key_id` would find queued in its tier."""
+        t = self._tiers[tier]
+        flow = t.flows.get(key_id)
+        if flow is None:
+            return Backlog(t.cost, 0.0, len(t.flows) + 1)
+        return Backlog(t.cost, flow.cost, len(t.flows))
+
+    def active_weight(self, besides: str) -> float:
+        """The weight of the tiers with queued requests, and of tier `besides` in any case."""
+        return sum(t.config.weight for name, t in self._tiers.items() if t.depth or name == besides)
 
     def next_deadline(self) -> float:
         """When the earliest queued request expires (`math.inf` when none)."""

@@ -204,6 +204,7 @@ DEFAULT_TIERS = {
         "max_wait_s": 15.0,
         "max_depth": 1000,
         "slo_s": 20.0,
+        "fail_fast": True,
         "quota": {"requests": 100, "tokens": 100_000},
     },
     "free": {
@@ -212,6 +213,7 @@ DEFAULT_TIERS = {
         "max_depth": 500,
         "slo_s": 10.0,
         "shed_on_overload": True,
+        "fail_fast": True,
         "quota": {"requests": 10, "tokens": 10_000},
     },
 }
@@ -234,6 +236,7 @@ def _tiers(root: Table) -> tuple[TierSettings, ...]:
                 max_wait_s=max_wait_s,
                 max_depth=t.get("max_depth", int, 1000),
                 shed_on_overload=t.get("shed_on_overload", bool, False),
+                fail_fast=t.get("fail_fast", bool, False),
             ),
             "tiers",
         )

@@ -12,6 +12,7 @@ frees the room (a `finish`, a tick that raises the limit) and its handler woken.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import trio
@@ -51,12 +52,13 @@ class Dispatcher:
         core: Scheduler,
         *,
         tick_s: Callable[[], float],
-        pressure: Callable[[], float],
+        pressure: Callable[[], tuple[float, float]],
         drained: Callable[[], bool] = lambda: False,
     ) -> None:
         self.core = core
         self._tick_s = tick_s
-        self._pressure = pressure
+        self._pressure = pressure  # (pressure, when its scrape was taken)
+        self._inflight_at: deque[tuple[float, int]] = deque()  # (time, in flight), for `unseen`
         self._drained = drained
         self._shutting_down = False
         self._wakeup = trio.Event()
@@ -137,6 +139,7 @@ class Dispatcher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         core = self.core
         next_tick_at = trio.current_time() + self._tick_s()
+        self._inflight_at.append((trio.current_time(), core.gate.inflight))
         task_status.started()
         while True:
             wake_at = min(core.next_deadline(now=trio.current_time()), next_tick_at)
@@ -144,16 +147,26 @@ class Dispatcher:
                 await self._wakeup.wait()
             self._wakeup = trio.Event()
             now = trio.current_time()
+            self._inflight_at.append((now, core.gate.inflight))
             self._follow_drain()
             for shed in core.expire(now=now):
                 self._waiters.pop(shed.request.id).settle(shed)
             self._admit(now)
             if now >= next_tick_at:
-                core.tick(now=now, pressure=self._pressure())
+                pressure, scraped_at = self._pressure()
+                core.tick(now=now, pressure=pressure, unseen=self._unseen(scraped_at))
                 for hook in self.on_tick:
                     hook(now)
                 next_tick_at = now + self._tick_s()
                 self._admit(now)
+
+    def _unseen(self, scraped_at: float) -> int:
+        """How many more are in flight now than when the scrape was taken (as the simulator's
+        `Replica.unseen`): in flight at the timer's last wake-up at or before the scrape."""
+        log = self._inflight_at
+        while len(log) > 1 and log[1][0] <= scraped_at:
+            log.popleft()
+        return max(0, self.core.gate.inflight - log[0][1]) if log else 0
 
     def _admit(self, now: float) -> None:
         for admit in self.core.poll(now=now):

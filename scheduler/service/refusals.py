@@ -170,6 +170,15 @@ def _overload(
     return Refusal("overload", f"tiers.{tier.core.name}.shed_on_overload")
 
 
+def _predicted_wait(
+    shed: Shed, tier: TierSettings, stats: SchedulerStats, _: Controller
+) -> Refusal:
+    name = tier.core.name
+    return Refusal(
+        "predicted_wait", f"tiers.{name}.max_wait_s", tier.core.max_wait_s, shed.predicted_wait_s
+    )
+
+
 def _draining(shed: Shed, tier: TierSettings, stats: SchedulerStats, _: Controller) -> Refusal:
     return Refusal("draining", "replica.draining")
 
@@ -187,6 +196,11 @@ SHED: dict[ShedReason, tuple[str, float, _Explain]] = {
         _overload,
     ),
     ShedReason.DRAINING: ("This replica is draining: retry on another.", 5.0, _draining),
+    ShedReason.PREDICTED_WAIT: (
+        "The wait in your tier's queue would be longer than its longest wait; the service is busy.",
+        2.0,
+        _predicted_wait,
+    ),
 }
 
 

@@ -225,10 +225,13 @@ class Replica:
             finally:
                 self._redis = self.registry.store = self.quota.store = None
 
-    def current_pressure(self) -> float:
-        """The backends' pressure for the controller: the most loaded model's pool."""
+    def current_pressure(self) -> tuple[float, float]:
+        """The backends' pressure for the controller (the most loaded model's pool), and
+        when the oldest scrape behind it was taken."""
         now = trio.current_time()
-        return max((p.pressure(now) for p in self.pressure.values()), default=0.0)
+        pools = self.pressure.values()
+        pressure = max((p.pressure(now) for p in pools), default=0.0)
+        return pressure, min((p.scraped_at(now) for p in pools), default=now)
 
     async def _reload_gains_on_sighup(self, path: str) -> None:
         """SIGHUP: read the config file again and apply its controller gains (only those;

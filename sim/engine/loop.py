@@ -96,7 +96,7 @@ class Simulation:
         self.seed = scenario.seed if seed is None else seed
         self.controller_spec = controller or scenario.controller
         tier_configs = tuple(
-            TierConfig(t.name, t.weight, t.max_wait_s, t.max_depth, t.shed_on_overload)
+            TierConfig(t.name, t.weight, t.max_wait_s, t.max_depth, t.shed_on_overload, t.fail_fast)
             for t in scenario.tiers
         )
         self._replicas: list[Replica] = []
@@ -242,7 +242,7 @@ class Simulation:
             elif now + ts.max_wait_s < replica.wake_at:  # its deadline may be the first
                 replica.wake_at = now + ts.max_wait_s
                 self._push(replica.wake_at, _WAKE, replica)
-        elif not self._shedding.shed(ts, decision.reason, p, o, now):
+        elif not self._shedding.shed(ts, decision.reason, p, o, now, 0.0):
             ts.give_back(key, int(cost), now)
         if self._need_poll:
             self._poll_all(now)
@@ -299,7 +299,7 @@ class Simulation:
         info, shed = replica.info, self._shedding.shed
         for expired in replica.sched.expire(now=now):
             ts, _, p, o = info.pop(expired.request.id)
-            if not shed(ts, expired.reason, p, o, now):
+            if not shed(ts, expired.reason, p, o, now, expired.queued_s):
                 ts.give_back(expired.request.key_id, int(expired.request.cost), now)
         self._poll(replica, now)
         self._arm(replica, now)

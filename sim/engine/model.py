@@ -114,6 +114,7 @@ class TierSpec:
     slo_latency_s: float
     arrivals: Arrivals
     shed_on_overload: bool = False
+    fail_fast: bool = False
     keys: int = 100
     key_skew: float = 1.0
     prompt_tokens: SizeDist = field(default_factory=SizeDist)

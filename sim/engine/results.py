@@ -89,6 +89,7 @@ class TierResult:
     shed_reasons: dict[str, int]
     latency_s: Percentiles
     queue_wait_s: Percentiles
+    shed_wait_s: Percentiles  # arrival to the shed decision, of requests the core shed
     fairness: float
     first_shed_at: float
     mean_prompt_tokens: float

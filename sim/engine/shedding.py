@@ -44,10 +44,17 @@ class Shedding:
         self._ids = itertools.count(1)
         self.inflight = 0
 
-    def shed(self, ts: TierState, reason: ShedReason, p: int, o: int, now: float) -> bool:
-        """Count a shed request by `reason` and by the ladder step that served it; whether
-        it got an answer (the cache or the fallback) rather than a 503."""
+    def shed(
+        self, ts: TierState, reason: ShedReason, p: int, o: int, now: float, waited_s: float
+    ) -> bool:
+        """Count a shed request by `reason` and by the ladder step that served it, and the
+        `waited_s` before it was shed; whether it got an answer (the cache or the fallback)
+        rather than a 503."""
         ts.reasons[reason] += 1
+        if waited_s > 0:
+            ts.shed_waits.append(waited_s)
+        else:
+            ts.shed_zero_waits += 1
         if ts.first_shed_at == math.inf:
             ts.first_shed_at = now
         ratio = ts.cache_ratio

@@ -68,6 +68,8 @@ class TierState:
         "reasons",
         "refused",
         "shed",
+        "shed_waits",
+        "shed_zero_waits",
         "slo",
         "spec",
         "waits",
@@ -97,6 +99,8 @@ class TierState:
         self.latencies: array[float] = array("d")
         self.waits: array[float] = array("d")  # queue waits > 0 (most are 0: counted apart)
         self.zero_waits = 0
+        self.shed_waits: array[float] = array("d")  # arrival to shed, when > 0
+        self.shed_zero_waits = 0
         self.last = (0, 0, 0, 0)  # offered, admitted, goodput, not served: at the last sample
 
     def take_quota(self, key: str, tokens: int, now: float) -> bool:
@@ -151,6 +155,7 @@ class TierState:
             shed_reasons={r.value: c for r, c in self.reasons.items()},
             latency_s=Percentiles.of(self.latencies),
             queue_wait_s=Percentiles.of(self.waits, zeros=self.zero_waits),
+            shed_wait_s=Percentiles.of(self.shed_waits, zeros=self.shed_zero_waits),
             fairness=jain_index(shares),
             first_shed_at=self.first_shed_at,
             mean_prompt_tokens=self.prompt_sum / n,

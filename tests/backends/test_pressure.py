@@ -826,3 +826,11 @@ def local_nvml() -> Iterator[NvmlProbe]:
 async def test_nvml_on_this_machine(local_nvml: NvmlProbe) -> None:
     reading = await local_nvml.scrape_once(0.0)
     assert reading.known and 0.0 <= reading.pressure <= 1.0
+
+
+async def test_a_pool_tells_when_its_oldest_fresh_scrape_was_taken() -> None:
+    first, second = await probes(Scrape(at=0, kv_usage=0.2), Scrape(at=0, kv_usage=0.6))
+    await second.scrape_once(0.75)
+    pool = PoolPressure([first, second])
+    assert pool.scraped_at(1.0) == pytest.approx(0.0)  # the older scrape is behind the mean
+    assert pool.scraped_at(10.0) == 10.0  # both stale: read as saturated, nothing to credit

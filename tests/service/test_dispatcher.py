@@ -35,7 +35,7 @@ def request(tier: str) -> Request:
 @pytest.fixture
 async def dispatcher(nursery: trio.Nursery) -> Dispatcher:
     core = Scheduler(SchedulerConfig(TIERS), FixedController(1), now=trio.current_time())
-    d = Dispatcher(core, tick_s=lambda: 0.25, pressure=lambda: 0.0)
+    d = Dispatcher(core, tick_s=lambda: 0.25, pressure=lambda: (0.0, trio.current_time()))
     await nursery.start(d.run)
     return d
 
@@ -80,3 +80,39 @@ async def test_a_cancelled_wait_gives_the_seat_back(
     assert isinstance(later, Admit)
     await trio.sleep(0.01)
     assert dispatcher.core.gate.inflight == 1
+
+
+class SeeingController(FixedController):
+    """A fixed limit that writes down the in-flight credit each tick is given."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__(limit)
+        self.unseen: list[int] = []
+
+    def tick(
+        self, *, now: float, utilization: float, pressure: float, inflight: int = 0, unseen: int = 0
+    ) -> float:
+        self.unseen.append(unseen)
+        return super().tick(now=now, utilization=utilization, pressure=pressure)
+
+
+async def test_the_tick_credits_what_was_dispatched_since_the_scrape(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    controller = SeeingController(10)
+    core = Scheduler(SchedulerConfig(TIERS), controller, now=trio.current_time())
+    scraped_at = [trio.current_time()]
+    d = Dispatcher(core, tick_s=lambda: 0.25, pressure=lambda: (0.0, scraped_at[0]))
+    await nursery.start(d.run)
+    await trio.sleep(0.1)
+    admits = [await d.wait_decision(d.submit(request("gold"))) for _ in range(3)]
+    await trio.sleep(0.2)  # the tick at 0.25 s: the scrape from 0 s saw none of the three
+    assert controller.unseen == [3]
+    scraped_at[0] = trio.current_time()  # a scrape taken with the three in flight
+    await trio.sleep(0.25)
+    assert controller.unseen == [3, 0]
+    for admit in admits:
+        assert isinstance(admit, Admit)
+        d.finish(admit.ticket, Sample(0.1))
+    await trio.sleep(0.25)  # in flight went down since the scrape: nothing unseen
+    assert controller.unseen == [3, 0, 0]

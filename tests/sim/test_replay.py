@@ -92,6 +92,7 @@ name = "pro"
 weight = 3
 max_wait_s = 3
 max_depth = 40
+fail_fast = true  # shed on arrival; Free waits: shed when its queue is full, at the deadline
 slo_latency_s = 10
 rate_rps = 8
 keys = 3
@@ -101,9 +102,9 @@ output_tokens = { dist = "uniform", min = 5, max = 60 }
 [tiers.quota]
 unit = "tokens"
 algorithm = "sliding_counter"
-limit = 500
+limit = 800
 period_s = 1
-burst = 800
+burst = 1600
 
 [[tiers]]
 name = "free"
@@ -270,7 +271,7 @@ async def run_service(text: str, tmp_path: Path, sim: SimRun) -> Log:
     dispatcher = Dispatcher(
         cast(Scheduler, core),
         tick_s=lambda: controller.config.tick_s,
-        pressure=lambda: sim.pressures.get(trio.current_time(), math.nan),
+        pressure=lambda: (sim.pressures.get(trio.current_time(), math.nan), trio.current_time()),
     )
     guard = QuotaGuard(None, ScopedBreakers(), replicas=1, timeout=AdaptiveTimeout(0.05))
     ids = iter(range(1, len(schedule) + 1))
@@ -333,7 +334,8 @@ async def test_every_decision_is_the_services(
     # every decision acts in this schedule: quota refusals, admissions at once and after a
     # wait, queueing, shedding for each reason, and a controller that moves both ways
     assert {("refused", "quota"), ("admit", ""), ("admit", "after a wait"), ("queue", "")} <= kinds
-    assert {("shed", "deadline"), ("shed", "queue_full"), ("shed", "overload")} <= kinds
+    sheds = {"deadline", "queue_full", "overload", "predicted_wait"}
+    assert {("shed", reason) for reason in sheds} <= kinds
     limits = [float(d.split(" ")[0]) for _, what, _, d in expected if what == "tick"]
     assert any(b > a for a, b in itertools.pairwise(limits))
     assert any(b < a for a, b in itertools.pairwise(limits))
