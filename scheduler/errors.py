@@ -23,6 +23,7 @@ adapter that meets them, with `raise ... from exc`; the service catches only the
     ├── BackendError                    an HTTP backend failed: backends/http/client.py
     │   ├── BackendUnavailable          refused or unreachable (nothing was sent)
     │   ├── BackendTimeout              no answer in time
+    │   │   ├── BackendDeadline         a read outlasted the response's `deadline_at`
     │   │   └── DeadlinePassed          the request's own bound ran out: service/upstream.py
     │   └── BackendBroken               the answer broke off or made no sense
     │       └── BackendTooLarge         past `BackendLimits.max_response_bytes`
