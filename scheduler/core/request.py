@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -82,15 +81,6 @@ class Shed(NamedTuple):
     reason: ShedReason
     queued_s: float = 0.0
     predicted_wait_s: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    """A refusal the caller should retry after `retry_after_s` (quota, overload)."""
-
-    reason: str
-    retry_after_s: float
-    detail: dict[str, float] = field(default_factory=dict)
 
 
 Decision = Admit | Queued | Shed
