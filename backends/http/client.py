@@ -246,7 +246,11 @@ class OriginPool:
         if body or method not in ("GET", "HEAD"):
             head.append(("content-length", str(len(body))))
         request = h11.Request(method=method, target=target, headers=head)
-        async with self._slots:
+        try:  # a free slot is taken without a yield to the scheduler (`Semaphore` yields)
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
             conn = self._take_idle()
             response: Response | None = None
             try:
@@ -261,6 +265,8 @@ class OriginPool:
                     self._give_back(response._conn)
                 elif response is not None:
                     response._conn.close()
+        finally:
+            self._slots.release()
 
     async def _exchange(
         self, conn: _Connection | None, request: h11.Request, body: bytes, read_timeout_s: float
