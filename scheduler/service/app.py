@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from scheduler.openai.errors import ApiError
 from scheduler.service import http1
 from scheduler.service.admin import create_admin
-from scheduler.service.inference import InferenceApp
+from scheduler.service.inference import InferenceApp, ambiguous_framing, body_too_large
 from scheduler.service.openapi import openapi_document
 from scheduler.service.replica import Replica
 
@@ -140,9 +140,7 @@ def _add_framing_hooks(app: QuartTrio) -> None:
         """Content-Length and Transfer-Encoding both: the body's end is ambiguous (request
         smuggling's trick), so RFC 9112 has the connection closed; refused, read, closed."""
         if "content-length" in request.headers and "transfer-encoding" in request.headers:
-            error = ApiError(400, "Content-Length and Transfer-Encoding must not both be sent.")
-            error.extra_headers["Connection"] = "close"
-            raise error
+            raise ambiguous_framing()
 
     @app.after_request
     async def read_the_rest(response: Response) -> Response:
@@ -170,7 +168,7 @@ def _add_error_handlers(app: QuartTrio, max_body_bytes: int) -> None:
         messages = {
             404: f"Unknown route: {request.method} {request.path}",
             405: f"Method {request.method} is not allowed on {request.path}.",
-            413: f"The request body is larger than {max_body_bytes} bytes.",
+            413: body_too_large(max_body_bytes).message,
         }
         message = messages.get(status, error.description or error.name)
         kind = "invalid_request_error" if status < 500 else "server_error"

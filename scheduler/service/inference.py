@@ -111,12 +111,11 @@ class InferenceApp:
     async def _body(self, headers: dict[str, str], receive: ASGIReceiveCallable) -> bytes:
         """The request's whole body; raises the ApiError that refuses it."""
         if "content-length" in headers and "transfer-encoding" in headers:
-            message = "Content-Length and Transfer-Encoding must not both be sent."
-            raise _closing(ApiError(400, message))
+            raise ambiguous_framing()
         limit = self._max_body_bytes
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise _too_large(limit)
+            raise body_too_large(limit)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -126,7 +125,7 @@ class InferenceApp:
             body = event.get("body", b"")
             size += len(body)
             if size > limit:
-                raise _too_large(limit)
+                raise body_too_large(limit)
             chunks.append(body)
             if not event.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -201,7 +200,15 @@ def _closing(error: ApiError) -> ApiError:
     return error
 
 
-def _too_large(limit: int) -> ApiError:
+def ambiguous_framing() -> ApiError:
+    """Content-Length and Transfer-Encoding both: the body's end is ambiguous (request
+    smuggling's trick), so RFC 9112 has the connection closed (both apps refuse it so)."""
+    message = "Content-Length and Transfer-Encoding must not both be sent."
+    return _closing(ApiError(400, message))
+
+
+def body_too_large(limit: int) -> ApiError:
+    """A body over `server.max_body_bytes`: refused unread, the connection closed."""
     return _closing(ApiError(413, f"The request body is larger than {limit} bytes."))
 
 

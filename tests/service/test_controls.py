@@ -9,9 +9,7 @@ the cap, and its slots come back when its answers end (streams included).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +19,17 @@ import trio
 
 from scheduler.models.gpu import GpuConfig
 from scheduler.openai.errors import ApiError
-from scheduler.service.config import Settings, load_settings
+from scheduler.service.config import load_settings
 from scheduler.service.controls import (
     MAX_WAIT_HEADER,
     PRIORITY_HEADER,
     OpenRequests,
     request_controls,
 )
-from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
+from tests.service.test_rejections import TOKEN, settings_for
 from tests.support.error_shape import error_fields
 
-TOKEN = "admin-controls"
 SLOW_GPU = GpuConfig(max_batch=1, max_waiting=64, decode_base_s=0.02, decode_per_seq_s=0.0)
 
 CONFIG = """
@@ -80,15 +77,6 @@ initial_limit = 1
 min_limit = 1
 max_limit = 1
 """
-
-
-def settings_for(tmp_path: Path, demo: str, redis_url: str, text: str = CONFIG) -> Settings:
-    path = tmp_path / f"{uuid.uuid4().hex}.toml"
-    path.write_text(text)
-    settings = load_settings(path, env={"SCHEDULER_ADMIN_TOKEN": TOKEN}, overrides={"port": 0})
-    prefix = f"controls-{uuid.uuid4().hex[:12]}"
-    settings = dataclasses.replace(settings, redis_url=redis_url, redis_prefix=prefix)
-    return with_demo_url(settings, demo)
 
 
 def chat(content: str, max_tokens: int = 1, *, stream: bool = False) -> dict[str, Any]:
@@ -173,7 +161,7 @@ def test_open_requests_end_once_and_leave_nothing_behind() -> None:
 async def gateway(nursery: trio.Nursery, redis_url: str, tmp_path: Path) -> str:
     """One request at a time to a slow backend (20 ms a token)."""
     demo = await start_demo(nursery, SLOW_GPU)
-    return await start_gateway(nursery, settings_for(tmp_path, demo, redis_url))
+    return await start_gateway(nursery, settings_for(tmp_path, CONFIG, demo, redis_url))
 
 
 async def behind_a_holder(
@@ -254,7 +242,7 @@ async def test_a_key_over_its_concurrency_cap_gets_a_429_until_one_ends(
     nursery: trio.Nursery, redis_url: str, tmp_path: Path
 ) -> None:
     demo = await start_demo(nursery, SLOW_GPU)
-    gateway = await start_gateway(nursery, settings_for(tmp_path, demo, redis_url))
+    gateway = await start_gateway(nursery, settings_for(tmp_path, CONFIG, demo, redis_url))
     url = gateway + "/v1/chat/completions"
     auth = {"authorization": "Bearer k-capped"}
     answers: list[httpx2.Response] = []
@@ -313,7 +301,7 @@ async def test_a_cap_refusal_takes_no_quota(
     """The cap is checked before the quota: a refused request leaves the quota as it was."""
     text = CONFIG.replace("max_concurrency = 2", "max_concurrency = 1\nrequests = 100")
     demo = await start_demo(nursery, SLOW_GPU)
-    gateway = await start_gateway(nursery, settings_for(tmp_path, demo, redis_url, text))
+    gateway = await start_gateway(nursery, settings_for(tmp_path, text, demo, redis_url))
     url = gateway + "/v1/chat/completions"
     auth = {"authorization": "Bearer k-capped"}
     async with httpx2.AsyncClient(timeout=20) as client:
