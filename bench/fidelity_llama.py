@@ -10,6 +10,11 @@ URL), with a fixed window of the fitted batch and then with AIMD. Prints the cal
 error per point, each run's comparison, and the load average beside each. The report: FIDELITY.md.
 
     python bench/fidelity_llama.py [--duration 90] [--parallel 4] [--controller both]
+                                   [--engine-cpu N]
+
+`--engine-cpu N` runs llama-server on CPU N alone and this process (the gateway, the client,
+Redis) on the others: the engine then has a core of its own, as it has its own GPU in a
+deployment, and its step times no longer depend on what the gateway is doing.
 """
 
 from __future__ import annotations
@@ -105,13 +110,18 @@ def main() -> int:
     )
     parser.add_argument("--load", type=float, default=1.5, help="offered / fitted capacity")
     parser.add_argument("--controller", choices=("fixed", "aimd", "both"), default="both")
+    parser.add_argument("--engine-cpu", type=int, help="llama-server on this CPU alone")
     args = parser.parse_args()
+    if args.engine_cpu is not None:  # before Redis and the engine start: they inherit it
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - {args.engine_cpu})
     build = ensure_llama_server(log=_log)
     options = ServerOptions(
         parallel=args.parallel, ctx_size=args.parallel * 2048, threads=args.threads
     )
     failed = False
     with LlamaServer(build, ensure_model(build), options) as server, EmbeddedRedis() as redis:
+        if args.engine_cpu is not None:
+            server.pin({args.engine_cpu})
         bounds = Bounds(prompts=(48, 192), output_tokens=OUTPUT_MEAN, max_concurrency=16)
         print(f"calibrating llama-server {options}, load average {_load()}")
         fit = trio.run(calibrate, server.url, MODEL_ALIAS, bounds, _log)

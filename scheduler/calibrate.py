@@ -6,6 +6,9 @@ request's first token and its last, so the time per output token is (last - firs
 The same burst runs through the model in `sim.calibration`, so the fit compares like with like.
 Concurrency doubles from 1 for each prompt length, and stops two levels after throughput stops
 growing (or at `--max-concurrency`); the whole run stops at `--max-requests` or `--time-limit`.
+Then a join per prompt length: a batch one short of full decoding, and one more request sent
+once all have their first token, timed to its own first token (what a prompt costs the
+batch it joins, which a burst into an idle engine never shows; `rounds` times each).
 
 Prompts are `scheduler.openai.body.prompt_text`: 4 P - 1 characters, which the gateway
 estimates as P tokens, each starting with an id of its own (engines cache prompts, by
@@ -41,12 +44,14 @@ from sim.calibration import (
     ERROR_COLUMNS,
     SATURATION_GAIN,
     Fit,
+    JoinPoint,
     Point,
     backends_section,
     error_table,
     fit,
     kv_capacity_from_metrics,
     running_from_metrics,
+    saturation_concurrency,
 )
 from sim.report import format_table
 
@@ -95,20 +100,24 @@ class Profiler:
             time.monotonic() < self._deadline_at
         )
 
-    async def one(self, prompt_tokens: int) -> Sample:
+    async def one(
+        self, prompt_tokens: int, output_tokens: int = 0, first: trio.Event | None = None
+    ) -> Sample:
+        """One streamed request (`output_tokens`, else the bounds'), `first` set at its first
+        token."""
         self._next_id += 1
         self.requests += 1
         body = {
             "model": self.model,
             "prompt": prompt_text(self._next_id, prompt_tokens),
-            "max_tokens": self.bounds.output_tokens,
+            "max_tokens": output_tokens or self.bounds.output_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},
             "ignore_eos": True,  # vLLM and llama.cpp honour it; others ignore the field
             "temperature": 0,
         }
         sent = time.monotonic()
-        first = math.nan
+        first_at = math.nan
         tokens = 0
         usage: dict[str, int] = {}
         async with self.client.stream("POST", self.url + "/v1/completions", json=body) as r:
@@ -123,13 +132,15 @@ class Profiler:
                     usage = chunk["usage"]
                 if any(c.get("text") for c in chunk.get("choices") or ()):
                     tokens += 1
-                    if math.isnan(first):
-                        first = time.monotonic()
+                    if math.isnan(first_at):
+                        first_at = time.monotonic()
+                        if first is not None:
+                            first.set()
         done = time.monotonic()
         return Sample(
             int(usage.get("prompt_tokens") or prompt_tokens),
             int(usage.get("completion_tokens") or tokens),
-            first - sent,
+            first_at - sent,
             done - sent,
         )
 
@@ -151,6 +162,34 @@ class Profiler:
         if running and max(running) < concurrency:  # the engine ran fewer than were sent
             self.max_batch = max(self.max_batch or 0, max(running))
         return _point(concurrency, samples, wall_s)
+
+    async def join(self, decoding: int, prompt_tokens: int) -> JoinPoint:
+        """`rounds` times: `decoding` requests of this prompt length and three times the
+        output, and once all have their first token, one more of the same prompt length,
+        timed to its first token."""
+        long_output = 3 * self.bounds.output_tokens
+        running: list[Sample] = []
+        joins: list[Sample] = []
+        for _ in range(self.bounds.rounds):
+            async with trio.open_nursery() as nursery:
+                firsts = [trio.Event() for _ in range(decoding)]
+                for event in firsts:
+                    nursery.start_soon(self._into, running, prompt_tokens, long_output, event)
+                for event in firsts:
+                    await event.wait()
+                joins.append(await self.one(prompt_tokens, 2))
+        return JoinPoint(
+            decoding=decoding,
+            prompt_tokens=round(statistics.median(s.prompt_tokens for s in joins)),
+            running_prompt_tokens=round(statistics.median(s.prompt_tokens for s in running)),
+            running_output_tokens=round(statistics.median(s.output_tokens for s in running)),
+            ttft_s=statistics.median(s.ttft_s for s in joins),
+        )
+
+    async def _into(
+        self, samples: list[Sample], prompt_tokens: int, output_tokens: int, first: trio.Event
+    ) -> None:
+        samples.append(await self.one(prompt_tokens, output_tokens, first))
 
     async def _watch_running(self, *, task_status: trio.TaskStatus[list[int]]) -> None:
         """The engine's running count every METRICS_POLL_S, into the list it reports started
@@ -186,6 +225,22 @@ class Profiler:
                 best_tps = max(best_tps, point.throughput_tps)
                 concurrency *= 2
         return points
+
+    async def profile_joins(self, points: Sequence[Point], log: Log) -> list[JoinPoint]:
+        """A join per prompt length into a batch one short of full (the batch from the
+        metrics, else the throughput's knee), within the budget."""
+        decoding = (self.max_batch or saturation_concurrency(points)) - 1
+        joins: list[JoinPoint] = []
+        for prompt in self.bounds.prompts if decoding > 0 else ():
+            if not self._budget_for(decoding + 1):
+                break
+            join = await self.join(decoding, prompt)
+            joins.append(join)
+            log(
+                f"calibrate: {decoding} decoding, a {join.prompt_tokens}-token prompt joins: "
+                f"ttft {1000 * join.ttft_s:7.1f} ms ({self.requests} requests)"
+            )
+        return joins
 
     async def kv_capacity_tokens(self) -> int | None:
         try:
@@ -235,8 +290,9 @@ async def calibrate(url: str, model: str, bounds: Bounds, log: Log) -> Fit:
     async with httpx2.AsyncClient(timeout=timeout, limits=pool) as client:
         profiler = Profiler(client, url, model, bounds)
         points = await profiler.profile(log)
+        joins = await profiler.profile_joins(points, log)
         kv = await profiler.kv_capacity_tokens()
-    return fit(points, kv_capacity_tokens=kv, max_batch=profiler.max_batch)
+    return fit(points, kv_capacity_tokens=kv, max_batch=profiler.max_batch, joins=joins)
 
 
 def _backend_error(exc: Exception) -> Exception:

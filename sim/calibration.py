@@ -18,6 +18,9 @@ The fit, given the points:
   step after a 206-token prompt was measured 20-35 % slower than after a 62-token one on
   llama.cpp), and the prefill terms (steps per prompt token, seconds per
   prompt token in the batch) from the first-token times of the bursts that fit in the batch;
+- `prefill_join_s` from the joins: a prompt sent while `decoding` sequences are past their
+  first token, its first-token time against the model's without a join cost (a burst into an
+  idle engine never shows that cost; a steady stream of arrivals pays it on every start);
 - `kv_capacity_tokens` and `max_waiting` are not timings: they come from the engine's metrics
   when it tells them (the caller passes them), else stay at the model's defaults.
 
@@ -27,6 +30,7 @@ Pure: measurements in, a `Fit` out; no I/O, no clock.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -50,6 +54,29 @@ class Point:
 
 
 @dataclass(frozen=True, slots=True)
+class JoinPoint:
+    """One measured join: a prompt of `prompt_tokens` sent once `decoding` requests of
+    `running_prompt_tokens` and `running_output_tokens` each had their first token; its
+    median time to first token."""
+
+    decoding: int
+    prompt_tokens: int
+    running_prompt_tokens: int
+    running_output_tokens: int
+    ttft_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class JoinError:
+    point: JoinPoint
+    ttft_s: float  # predicted
+
+    @property
+    def ttft_error(self) -> float:
+        return abs(self.ttft_s - self.point.ttft_s) / self.point.ttft_s
+
+
+@dataclass(frozen=True, slots=True)
 class PointError:
     point: Point
     ttft_s: float  # predicted
@@ -69,11 +96,13 @@ class Fit:
     gpu: GpuConfig
     errors: tuple[PointError, ...]
     saturation_concurrency: int
+    join_errors: tuple[JoinError, ...] = ()
 
     @property
     def mean_error(self) -> float:
-        both = [e.ttft_error for e in self.errors] + [e.tpot_error for e in self.errors]
-        return sum(both) / len(both) if both else math.nan
+        every = [e.ttft_error for e in self.errors] + [e.tpot_error for e in self.errors]
+        every += [e.ttft_error for e in self.join_errors]
+        return sum(every) / len(every) if every else math.nan
 
 
 def predict_burst(gpu: GpuConfig, point: Point) -> PointError:
@@ -93,6 +122,43 @@ def predict_burst(gpu: GpuConfig, point: Point) -> PointError:
         if s.output_tokens > 1
     ]
     return PointError(point, _mean(ttft), _mean(tpot))
+
+
+def predict_join(gpu: GpuConfig, point: JoinPoint) -> float:
+    """The model's first-token time for `point`'s joining prompt: the running requests start
+    together, and the prompt comes when the last of them has its first token."""
+    model = GpuModel(gpu)
+    running = [
+        model.submit(i, point.running_prompt_tokens, point.running_output_tokens, now=0.0)
+        for i in range(point.decoding)
+    ]
+    while any(s is not None and math.isnan(s.first_token_at) for s in running):
+        model.advance(model.next_event_at())
+    at = max((s.first_token_at for s in running if s is not None), default=0.0)
+    joiner = model.submit(point.decoding, point.prompt_tokens, 2, now=at)
+    if joiner is None:
+        return math.nan
+    while math.isnan(joiner.first_token_at):
+        model.advance(model.next_event_at())
+    return joiner.first_token_at - at
+
+
+def _join_term(joins: Sequence[JoinPoint], gpu: GpuConfig) -> GpuConfig:
+    """`prefill_join_s`: what the joins' first tokens took beyond the model's without it, over
+    what one second of join cost adds to them (the model is linear in it, nearly)."""
+    if not joins or gpu.prefill_s_per_token == 0:
+        return gpu
+    probe = 0.001
+    with_probe = replace(gpu, prefill_join_s=probe)
+    shares = []
+    for j in joins:
+        without = predict_join(gpu, j)
+        slope = (predict_join(with_probe, j) - without) / probe
+        if slope > 0 and not math.isnan(without):
+            shares.append((j.ttft_s - without) / slope)
+    if not shares:
+        return gpu
+    return replace(gpu, prefill_join_s=max(0.0, statistics.median(shares)))
 
 
 def saturation_concurrency(points: Sequence[Point]) -> int:
@@ -118,9 +184,10 @@ def fit(
     kv_capacity_tokens: int | None = None,
     max_waiting: int | None = None,
     max_batch: int | None = None,
+    joins: Sequence[JoinPoint] = (),
 ) -> Fit:
-    """The `GpuConfig` that reproduces `points` best (see the module's docstring); `max_batch`
-    when the engine's metrics told it (`running_from_metrics`)."""
+    """The `GpuConfig` that reproduces `points` and `joins` best (see the module's docstring);
+    `max_batch` when the engine's metrics told it (`running_from_metrics`)."""
     if not points:
         raise ValueError("no measurements to fit")
     base = GpuConfig()
@@ -130,10 +197,16 @@ def fit(
         max_waiting=base.max_waiting if max_waiting is None else max_waiting,
     )
     knee = saturation_concurrency(points)
-    return _fit_for_batch(points, replace(base, max_batch=max_batch or knee), knee)
+    gpu = _join_term(joins, _fit_bursts(points, replace(base, max_batch=max_batch or knee)))
+    return Fit(
+        gpu,
+        tuple(predict_burst(gpu, p) for p in points),
+        knee,
+        tuple(JoinError(j, predict_join(gpu, j)) for j in joins),
+    )
 
 
-def _fit_for_batch(points: Sequence[Point], gpu: GpuConfig, knee: int) -> Fit:
+def _fit_bursts(points: Sequence[Point], gpu: GpuConfig) -> GpuConfig:
     gpu = _decode_terms(points, gpu)
     # a burst of c inside the batch: TTFT - step_s(c) = prompt / rate * step_s(c)
     #   + c * prompt * prefill_s_per_token (all c prompts are prefilled before any first token)
@@ -145,9 +218,7 @@ def _fit_for_batch(points: Sequence[Point], gpu: GpuConfig, knee: int) -> Fit:
     ]
     samples = rows
     per_step, per_token = _prefill_terms(samples)
-    gpu = replace(gpu, prefill_tokens_per_step=1 / per_step, prefill_s_per_token=per_token)
-    errors = tuple(predict_burst(gpu, p) for p in points)
-    return Fit(gpu, errors, knee)
+    return replace(gpu, prefill_tokens_per_step=1 / per_step, prefill_s_per_token=per_token)
 
 
 def _burst_step_s(gpu: GpuConfig, p: Point) -> float:
@@ -336,13 +407,29 @@ def backends_section(fit: Fit, *, comment: str = "") -> str:
         f"prefill_tokens_per_step = {gpu.prefill_tokens_per_step:.6g}",
         f"prefill_s_per_token = {gpu.prefill_s_per_token:.6g}",
         f"decode_per_kv_token_s = {gpu.decode_per_kv_token_s:.6g}",
+        f"prefill_join_s = {gpu.prefill_join_s:.6g}",
     ]
     return "\n".join(lines) + "\n"
 
 
 def error_table(fit: Fit) -> list[tuple[str, ...]]:
-    """Rows for `sim.report.format_table`: each point, measured, predicted, error."""
-    return [
+    """Rows for `sim.report.format_table`: each point, measured, predicted, error; a join
+    shows as `k+1` (k decoding, one joining) with no time per token."""
+    joins: list[tuple[str, ...]] = [
+        (
+            f"{e.point.decoding}+1",
+            str(e.point.prompt_tokens),
+            f"{1000 * e.point.ttft_s:.1f}",
+            f"{1000 * e.ttft_s:.1f}",
+            f"{100 * e.ttft_error:.1f}%",
+            "-",
+            "-",
+            "-",
+            "-",
+        )
+        for e in fit.join_errors
+    ]
+    bursts: list[tuple[str, ...]] = [
         (
             str(e.point.concurrency),
             str(e.point.prompt_tokens),
@@ -356,6 +443,7 @@ def error_table(fit: Fit) -> list[tuple[str, ...]]:
         )
         for e in fit.errors
     ]
+    return bursts + joins
 
 
 ERROR_COLUMNS = (

@@ -18,7 +18,13 @@ The rules, close to what vLLM does:
 - attention reads every running sequence's KV cache at every step, so a step costs
   `decode_per_kv_token_s` more per token of context in the batch (0 by default). A
   sequence's context is counted as its prompt plus half its output (its mean over its life),
-  so the step time changes only when a sequence starts or ends.
+  so the step time changes only when a sequence starts or ends;
+- a prompt that joins a batch in which other sequences are already decoding costs
+  `prefill_join_s` more per decoding sequence (0 by default), paid as more prefill (so the
+  whole batch waits for it). llama.cpp shows it: a 96-token prompt took 54 ms alone and 76 ms
+  beside 3 decoding sequences, where one more sequence in a decode step costs ~1 ms (it
+  splits such a batch into more passes over the weights); a burst of prompts into an idle
+  engine never pays it, a steady stream of arrivals pays it on every start.
 
 Since all running sequences advance at the same rate, the model keeps one "step counter"
 that grows at 1 / step_time(running) per second; a sequence's first token and end are fixed
@@ -47,6 +53,7 @@ class GpuConfig:
     prefill_tokens_per_step: float = 512.0
     prefill_s_per_token: float = 0.0
     decode_per_kv_token_s: float = 0.0
+    prefill_join_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "kv_capacity_tokens"):
@@ -59,9 +66,12 @@ class GpuConfig:
             "decode_per_seq_s",
             "prefill_s_per_token",
             "decode_per_kv_token_s",
+            "prefill_join_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"backend.{name} must be >= 0, got {getattr(self, name)}")
+        if self.prefill_join_s > 0 and self.prefill_s_per_token == 0:
+            raise ValueError("backend.prefill_join_s needs backend.prefill_s_per_token > 0")
         if not self.prefill_tokens_per_step > 0:
             raise ValueError(
                 f"backend.prefill_tokens_per_step must be > 0, got {self.prefill_tokens_per_step}"
@@ -82,8 +92,9 @@ class GpuConfig:
         """Requests per second at a full batch, for planning and tests."""
         steps = output_tokens + prompt_tokens / self.prefill_tokens_per_step
         context = self.max_batch * context_of(prompt_tokens, output_tokens)
-        batch_s = steps * self.step_s(self.max_batch, 0, context) + (
-            self.max_batch * prompt_tokens * self.prefill_s_per_token
+        batch_s = steps * self.step_s(self.max_batch, 0, context) + self.max_batch * (
+            prompt_tokens * self.prefill_s_per_token
+            + (self.max_batch - 1) * self.prefill_join_s  # each start joins the others
         )
         return math.inf if batch_s == 0 else self.max_batch / batch_s
 
@@ -216,16 +227,26 @@ class GpuModel:
     def _start_waiting(self) -> None:
         """Start what fits from the waiting room, then set the step time of the batch."""
         waiting, config, step = self._waiting, self.config, self._step
+        # a join's cost as prompt tokens, per sequence decoding when the newcomers start: past
+        # its prompt before this step, and not ending at it (a wave that ends together is
+        # followed by one that starts together, into an idle batch)
+        join_tokens = 0.0
+        if config.prefill_join_s > 0 and waiting:
+            decoding = sum(
+                1 for seq in self._running.values() if seq.prefilled_step < step < seq.done_step
+            )
+            join_tokens = decoding * config.prefill_join_s / config.prefill_s_per_token
         while waiting and self._fits(waiting[0]):
             seq = waiting.popleft()
             seq.started_at = self._now
             seq.start_step = step
-            prefilled = step + seq.prompt_tokens / config.prefill_tokens_per_step
+            prompt = seq.prompt_tokens + join_tokens
+            prefilled = step + prompt / config.prefill_tokens_per_step
             seq.prefilled_step = prefilled
             seq.first_step = first = prefilled + 1
             seq.done_step = done = first + seq.output_tokens - 1
             self._running[seq.id] = seq
-            if config.prefill_s_per_token > 0 and seq.prompt_tokens > 0:
+            if config.prefill_s_per_token > 0 and prompt > 0:
                 self._prefilling.add(seq.id)
                 heapq.heappush(self._prefills, (prefilled, seq.id, seq))
             self._kv_used += seq.kv_tokens

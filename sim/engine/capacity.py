@@ -43,7 +43,8 @@ def request_time_s(gpu: GpuConfig, prompt_tokens: float, output_tokens: float) -
     steps = output_tokens + prompt_tokens / gpu.prefill_tokens_per_step
     batch = full_batch(gpu, prompt_tokens, output_tokens)
     step_s = gpu.step_s(batch, 0, batch * context_of(prompt_tokens, output_tokens))
-    return steps * step_s + batch * prompt_tokens * gpu.prefill_s_per_token
+    joins = (batch - 1) * gpu.prefill_join_s  # each start joins the others decoding
+    return steps * step_s + batch * (prompt_tokens * gpu.prefill_s_per_token + joins)
 
 
 def capacity_rps(pool: BackendPool, prompt_tokens: float, output_tokens: float) -> float:

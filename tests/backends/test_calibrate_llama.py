@@ -47,8 +47,13 @@ def test_calibrate_writes_a_backends_section_and_prints_its_error(
     header, _, *rows = printed.out.splitlines()
     assert header.split()[:5] == ["conc", "prompt", "ttft", "ms", "model"]
     table = [r.split() for r in rows if r[:1].isdigit()]
-    assert {r[0] for r in table} >= {"1", "2"} and len(table) >= 4
-    assert all(r[4].endswith("%") and r[7].endswith("%") for r in table)
+    bursts = [r for r in table if r[0].isdigit()]
+    assert {r[0] for r in bursts} >= {"1", "2"} and len(bursts) >= 4
+    assert all(r[4].endswith("%") and r[7].endswith("%") for r in bursts)
+    # then a join per prompt length: 1 decoding (a batch of 2, one short), one joining
+    joins = [r for r in table if r[0] == "1+1"]
+    assert len(joins) == 2 and all(r[4].endswith("%") and r[5] == "-" for r in joins)
+    assert "prefill_join_s = " in out.read_text(encoding="utf-8")
     gpu = parse_scenario(TIER + out.read_text(encoding="utf-8")).backends.gpu
     # the engine's own slots, from its requests_processing while a burst of 4 ran (a
     # throughput knee, the fallback, moves with the machine's noise)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -105,6 +106,44 @@ def test_a_newcomers_prompt_slows_the_running_sequences_by_its_prefill_cost() ->
     # the newcomer: 0.2 steps of prompt (0.01 * 0.2 + 0.2 s), then its first token one step on
     assert newcomer.first_token_at - 0.105 == pytest.approx(0.002 + 0.2 + 0.01)
     assert GpuConfig().prefill_s_per_token == 0.0  # the demo's default model is unchanged
+
+
+def test_a_prompt_that_joins_decoding_sequences_costs_the_batch_its_join() -> None:
+    """llama.cpp's join cost (bench/FIDELITY.md): a prompt that starts while others decode
+    costs `prefill_join_s` more per decoding sequence, paid by the whole batch; a burst into
+    an idle engine and a wave that follows one ending together pay nothing."""
+    cfg = GpuConfig(
+        max_batch=4,
+        decode_base_s=0.01,
+        decode_per_seq_s=0.0,
+        prefill_tokens_per_step=1000,
+        prefill_s_per_token=0.001,
+    )
+    joining = dataclasses.replace(cfg, prefill_join_s=0.005)
+
+    def join(gpu: GpuConfig) -> tuple[float, float]:
+        model = GpuModel(gpu)
+        running = [model.submit(i, 0, 50, now=0.0) for i in range(3)]
+        newcomer = model.submit(9, 100, 5, now=0.105)
+        model.advance(10.0)
+        assert newcomer is not None and running[0] is not None
+        return newcomer.first_token_at - 0.105, running[0].finished_at
+
+    (plain_ttft, plain_end), (ttft, end) = join(cfg), join(joining)
+    # 3 decoding x 5 ms = 15 ms more prefill: the newcomer's first token and everyone's end
+    assert ttft - plain_ttft == pytest.approx(0.015, rel=0.02)
+    assert end - plain_end == pytest.approx(0.015, rel=0.02)
+
+    def waves(gpu: GpuConfig) -> list[float]:
+        model = GpuModel(gpu)  # 8 at once into 4 slots: the second wave starts as one
+        seqs = [model.submit(i, 100, 10, now=0.0) for i in range(8)]
+        model.advance(10.0)
+        return [s.first_token_at for s in seqs if s is not None]
+
+    assert waves(joining) == pytest.approx(waves(cfg))
+    assert GpuConfig().prefill_join_s == 0.0  # the demo's default model is unchanged
+    with pytest.raises(ValueError, match="prefill_s_per_token"):
+        GpuConfig(prefill_join_s=0.005)  # a join is paid as prefill: it needs a prefill cost
 
 
 def test_each_token_of_context_in_the_batch_slows_every_step() -> None:

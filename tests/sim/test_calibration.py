@@ -8,11 +8,13 @@ import pytest
 
 from scheduler.models.gpu import GpuConfig
 from sim.calibration import (
+    JoinPoint,
     Point,
     backends_section,
     fit,
     kv_capacity_from_metrics,
     predict_burst,
+    predict_join,
     running_from_metrics,
     saturation_concurrency,
 )
@@ -74,6 +76,24 @@ def test_the_fit_finds_the_model_that_made_the_measurements(gpu: GpuConfig) -> N
     assert result.gpu.prefill_tokens_per_step == pytest.approx(gpu.prefill_tokens_per_step)
     assert result.gpu.prefill_s_per_token == pytest.approx(gpu.prefill_s_per_token, abs=1e-9)
     assert result.mean_error == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_fit_finds_the_join_cost_that_bursts_never_show() -> None:
+    """An engine whose prompts cost 6 ms per decoding sequence when they join a batch: its
+    bursts are the same as without (the fit's other terms do not move), its joins find it."""
+    joiner = dataclasses.replace(ENGINE, prefill_join_s=0.006)
+    assert measured(joiner) == measured(ENGINE)
+    joins = [
+        JoinPoint(3, prompt, prompt, 72, predict_join(joiner, JoinPoint(3, prompt, prompt, 72, 0)))
+        for prompt in (32, 256)
+    ]
+    without = fit(measured(joiner))
+    result = fit(measured(joiner), joins=joins)
+    assert without.gpu.prefill_join_s == 0.0
+    assert result.gpu.prefill_join_s == pytest.approx(0.006, rel=0.02)
+    assert dataclasses.replace(result.gpu, prefill_join_s=0.0) == without.gpu
+    assert max(e.ttft_error for e in result.join_errors) < 0.01
+    assert "prefill_join_s = 0.006" in backends_section(result)
 
 
 def test_a_point_off_the_model_shows_in_its_error_and_barely_moves_the_fit() -> None:

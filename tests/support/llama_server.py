@@ -361,6 +361,12 @@ class LlamaServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def pin(self, cpus: set[int]) -> None:
+        """Run every thread of the running server on `cpus` only (Linux)."""
+        assert self._process is not None, "pin a started server"
+        for task in Path(f"/proc/{self._process.pid}/task").iterdir():
+            os.sched_setaffinity(int(task.name), cpus)
+
     def command(self) -> list[str]:
         options = self.options
         return [
