@@ -30,6 +30,7 @@ from scheduler.errors import SchedulerError
 from scheduler.models.gpu import GpuConfig
 from scheduler.models.pressure_config import ProbeConfig, probe_config_from_mapping
 from scheduler.service.quota import FailMode, QuotaSettings
+from scheduler.service.quota_layers import SharedQuotas
 
 DEMO_BACKEND = "demo"  # a model's backend list may name the built-in demo server
 DEFAULT_REDIS_TIMEOUT_S = 0.1  # each Redis call on the request path; then the fail mode
@@ -96,6 +97,7 @@ class Settings:
     gate: GateConfig
     backend_limits: BackendLimits
     demo: GpuConfig
+    shared_quotas: SharedQuotas = field(default_factory=SharedQuotas)  # tenants' and models'
     redis_url: str | None = None
     redis_timeout_s: float = 0.1
     redis_prefix: str = "sched"  # every Redis key of this deployment starts with it
@@ -256,6 +258,34 @@ def _tiers(root: Table) -> tuple[TierSettings, ...]:
     return tuple(tiers)
 
 
+_LAYER_FIELDS = ("algorithm", "period_s", "requests", "tokens", "request_burst", "token_burst")
+
+
+def layer_quota(table: Table) -> QuotaSettings:
+    """A shared layer's quota table (`[tenants.T.quota]`, `[models.M.quota]`): the fields of
+    a tier's but the per-key ones (`max_concurrency`, `congested_factor`), and counting
+    requests or tokens."""
+    table.only((*_LAYER_FIELDS, "enforce"))
+    counts = any(table.data.get(name) for name in ("requests", "tokens"))
+    _check(counts, table.path, "a shared quota needs requests or tokens")
+    return quota_settings(table)
+
+
+def _shared_quotas(root: Table, models: Table) -> SharedQuotas:
+    """`[tenants.T.quota]` (`T = "*"`: every tenant without its own) and `[models.M.quota]`."""
+    tenants = []
+    for name, body in root.get("tenants", dict, {}).items():
+        _check(isinstance(body, dict), f"tenants.{name}", "expected a table")
+        t = Table(body, f"tenants.{name}")
+        t.only(("quota",))
+        tenants.append((name, layer_quota(t.table("quota"))))
+    per_model = []
+    for name, body in models.data.items():
+        if isinstance(body, dict) and "quota" in body:
+            per_model.append((name, layer_quota(Table(body["quota"], f"models.{name}.quota"))))
+    return SharedQuotas(tuple(tenants), tuple(per_model))
+
+
 def quota_settings(table: Table, base: QuotaSettings | None = None) -> QuotaSettings:
     """A quota table (`[tiers.X.quota]`, or an admin API body) over `base`'s values."""
     base = base or QuotaSettings()
@@ -334,6 +364,7 @@ _MODEL_FIELDS = (
     "cache_stale_s",
     "max_inflight",
     "pressure",
+    "quota",
 )
 
 
@@ -346,6 +377,7 @@ def _models(root: Table) -> tuple[ModelSettings, ...]:
         t = Table(body, f"models.{name}")
         t.only(_MODEL_FIELDS)
         backends = t.get("backends", list, [])
+        t.get("quota", dict, {})  # the model's shared quota: `_shared_quotas`
         _check(bool(backends), t.where("backends"), "at least one backend URL is required")
         for url in backends:
             _check(
@@ -510,6 +542,7 @@ def load_settings(
     secret = env.get("SCHEDULER_KEY_SECRET", "").encode() or b"scheduler-dev-secret"
     keys = _keys(root, {t.core.name for t in tiers}, secret, env, demo=path is None)
     models = _models(root)
+    shared = _shared_quotas(root, Table(root.get("models", dict, {}), "models"))
     controller, gate = _controller(root)
     redis = _redis(root, env)
     limits = _dataclass_from(root.table("backend_limits"), BackendLimits, "backend_limits")
@@ -521,6 +554,7 @@ def load_settings(
         tiers=tiers,
         keys=keys,
         models=models,
+        shared_quotas=shared,
         controller=controller,
         gate=gate,
         backend_limits=limits,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -38,8 +38,10 @@ from policies.health import quota_factor, scaled_limit
 from policies.ratelimit import Quota, RateDecision
 from scheduler.core.quota_store import (
     AlgorithmKind,
+    LayerDecision,
     MemoryQuotaStore,
     QuotaDecision,
+    QuotaLayer,
     QuotaSpec,
     QuotaStore,
     Reservation,
@@ -153,8 +155,14 @@ class Verdict:
     period_s: float = 60.0
     failing_s: float = math.nan  # CLOSED, UNVERIFIED: how long Redis has been failing
     spent: str = ""  # LOCAL, refused by Redis's last word: "requests" or "tokens"
-    would_refuse: bool = False  # a shadow quota's refusal, admitted (nothing was taken)
+    would_refuse: bool = False  # a shadow quota's refusal, admitted (it took nothing)
     scaled_by: float = 1.0  # the factor the limits were under (`QuotaSettings.scaled_by`)
+    layers: tuple[LayerDecision, ...] = ()  # the shared layers' (its tenant's, its model's)
+
+    @property
+    def key_fits(self) -> bool:
+        """The key's own quotas admit it (whether or not they are enforced)."""
+        return all(d.allowed for d in (self.requests, self.tokens) if d is not None)
 
 
 class QuotaGuard:
@@ -193,15 +201,25 @@ class QuotaGuard:
         *,
         token_cost: int,
         now: float,
+        layers: Sequence[QuotaLayer] = (),
+        tag: str | None = None,
     ) -> Verdict:
-        """The quota decision for one request of `token_cost` tokens; a shadow quota's
-        refusal comes back allowed, marked `would_refuse`."""
-        verdict = await self._decide(key_id, quotas, fail_mode, token_cost=token_cost, now=now)
+        """The quota decision for one request of `token_cost` tokens on the key's quotas and
+        the shared `layers` (its tenant's, its model's), all kept under the hash tag `tag`; a
+        shadow quota's refusal comes back allowed, marked `would_refuse`."""
+        verdict = await self._decide(
+            key_id, quotas, fail_mode, token_cost=token_cost, now=now, layers=layers, tag=tag
+        )
         if quotas.scaled_by != 1 and not quotas.unlimited:
             verdict = dataclasses.replace(verdict, scaled_by=quotas.scaled_by)
-        if verdict.allowed or quotas.enforce:
-            return verdict
-        return dataclasses.replace(verdict, allowed=True, would_refuse=True)
+        if not verdict.allowed:
+            if quotas.enforce or any(layer.enforce for layer in layers):
+                return verdict
+            return dataclasses.replace(verdict, allowed=True, would_refuse=True)
+        shadow_refused = (not quotas.enforce and not verdict.key_fits) or any(
+            not d.layer.enforce and not d.fits for d in verdict.layers
+        )
+        return dataclasses.replace(verdict, would_refuse=True) if shadow_refused else verdict
 
     async def _decide(
         self,
@@ -211,11 +229,13 @@ class QuotaGuard:
         *,
         token_cost: int,
         now: float,
+        layers: Sequence[QuotaLayer],
+        tag: str | None,
     ) -> Verdict:
-        if quotas.unlimited:
+        if quotas.unlimited and not layers:
             return Verdict(True, Source.UNLIMITED)
         requests, tokens = quotas.specs()
-        scope = self.scope_of(key_id)
+        scope = self.scope_of(tag or key_id)
         breaker = self.breakers.get(scope)
         if self.store is not None and breaker.allow(now=now):
             try:
@@ -227,6 +247,9 @@ class QuotaGuard:
                     token_cost=token_cost,
                     timeout_s=self.timeout.current(),
                     burst_credits=quotas.enforce,  # a shadow quota's refusal spends nothing
+                    enforce=quotas.enforce,
+                    layers=layers,
+                    tag=tag,
                 )
                 self.timeout.observe(trio.current_time() - started)
             except QuotaStoreBusy:
@@ -258,23 +281,33 @@ class QuotaGuard:
             # slow, not gone (our own loop under load, or a pause just begun): the script may
             # have run, so admitting here could count the request twice; retry in a second
             return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0, failing_s=failing_s)
-        return self._local_take(key_id, quotas, token_cost, now)
+        return self._local_take(key_id, quotas, token_cost, now, layers)
 
     def hold(
-        self, key_id: str, quotas: QuotaSettings, verdict: Verdict, *, reserved: int
+        self,
+        key_id: str,
+        quotas: QuotaSettings,
+        verdict: Verdict,
+        *,
+        reserved: int,
+        tag: str | None = None,
     ) -> QuotaHold | None:
-        """What an allowed `verdict` holds of the key's quotas, to settle when the call ends
-        (None when nothing was taken: refused, unlimited)."""
-        if verdict.would_refuse or not verdict.allowed:
+        """What an allowed `verdict` holds of the key's quotas and the shared layers it was
+        counted on, to settle when the call ends (None when nothing was taken: refused,
+        unlimited, or only shadow quotas that would refuse)."""
+        if not verdict.allowed or verdict.source not in (Source.REDIS, Source.LOCAL):
             return None
-        if verdict.source not in (Source.REDIS, Source.LOCAL):
+        local = verdict.source is Source.LOCAL
+        layers = tuple(d.layer for d in verdict.layers if d.fits)  # the shares, when local
+        requests, tokens = self._shares(quotas) if local else quotas.specs()
+        if not verdict.key_fits and not verdict.credits_spent:  # a shadow's: nothing taken
+            requests = tokens = None
+        if requests is None and tokens is None and not layers:
             return None
-        if verdict.source is Source.LOCAL:
-            requests, tokens = self._shares(quotas)
-            return QuotaHold(Reservation(key_id, requests, tokens, reserved), self, local=True)
-        requests, tokens = quotas.specs()
-        reservation = Reservation(key_id, requests, tokens, reserved, verdict.credits_spent)
-        return QuotaHold(reservation, self, local=False)
+        reservation = Reservation(
+            key_id, requests, tokens, reserved, verdict.credits_spent, layers, tag
+        )
+        return QuotaHold(reservation, self, local=local)
 
     def _settle_in_redis(self, reservation: Reservation, used: int, failed: bool) -> None:
         """Queue the settlement; a request never waits on it (a failure leaves the
@@ -314,10 +347,21 @@ class QuotaGuard:
         self._spent_until[key_id] = (until, spent)
 
     def _local_take(
-        self, key_id: str, quotas: QuotaSettings, token_cost: int, now: float
+        self,
+        key_id: str,
+        quotas: QuotaSettings,
+        token_cost: int,
+        now: float,
+        layers: Sequence[QuotaLayer],
     ) -> Verdict:
-        """Both quotas or neither, like the Redis script, on this replica's share."""
+        """Every layer or none, like the Redis script, on this replica's share of each."""
         requests, tokens = self._shares(quotas)
+        shares = [
+            dataclasses.replace(
+                layer, requests=self._share(layer.requests), tokens=self._share(layer.tokens)
+            )
+            for layer in layers
+        ]
         take = self._local.take(
             key_id,
             requests=requests,
@@ -325,6 +369,8 @@ class QuotaGuard:
             token_cost=token_cost,
             burst_credits=False,
             now=now,
+            enforce=quotas.enforce,
+            layers=shares,
         )
         decision = completed(take)
         return Verdict(
@@ -334,16 +380,16 @@ class QuotaGuard:
             decision.tokens,
             decision.retry_after_s,
             period_s=quotas.period_s,
+            layers=decision.layers,
         )
 
     def _shares(self, quotas: QuotaSettings) -> tuple[QuotaSpec | None, QuotaSpec | None]:
         """The key's quotas, each at this replica's share of it."""
-
-        def share(spec: QuotaSpec | None) -> QuotaSpec | None:
-            return spec and QuotaSpec(spec.algorithm, spec.quota.per_replica(self.replicas))
-
         requests, tokens = quotas.specs()
-        return share(requests), share(tokens)
+        return self._share(requests), self._share(tokens)
+
+    def _share(self, spec: QuotaSpec | None) -> QuotaSpec | None:
+        return spec and QuotaSpec(spec.algorithm, spec.quota.per_replica(self.replicas))
 
 
 class QuotaHold:
@@ -392,6 +438,7 @@ def _from_decision(decision: QuotaDecision, period_s: float) -> Verdict:
         decision.credits_spent,
         decision.credits_left,
         period_s,
+        layers=decision.layers,
     )
 
 
@@ -409,17 +456,42 @@ def _duration(seconds: float) -> str:
 FACTOR_HEADER = "x-ratelimit-congested-factor"
 
 
-def rate_limit_headers(verdict: Verdict) -> dict[str, str]:
-    """OpenAI's `x-ratelimit-*` fields and the IETF `RateLimit-Policy` / `RateLimit` fields."""
+LAYER_HEADER = "x-ratelimit-layer-"  # + "requests" / "tokens": whose numbers are shown
+
+
+def rate_limit_headers(verdict: Verdict, *, own: bool = True) -> dict[str, str]:
+    """OpenAI's `x-ratelimit-*` fields and the IETF `RateLimit-Policy` / `RateLimit` fields,
+    over the enforced layers (the key's own unless `own` is off: a shadow). With shared
+    layers, `x-ratelimit-*-requests` (and `-tokens`) show the binding one, the refusing one
+    (the longest wait) or else the one with the least left, and `x-ratelimit-layer-requests`
+    names it; `RateLimit-Policy` lists every layer (`"requests"` the key's own,
+    `"tenant-requests"`, `"model-tokens"`)."""
     headers: dict[str, str] = {}
     policies, states = [], []
-    window = max(1, round(verdict.period_s))
-    for name, decision in (("requests", verdict.requests), ("tokens", verdict.tokens)):
-        if decision is None:
+    shown: list[tuple[str, str, RateDecision, float]] = []  # layer, unit, decision, period
+    if own:
+        shown += [("key", "requests", d, verdict.period_s) for d in (verdict.requests,) if d]
+        shown += [("key", "tokens", d, verdict.period_s) for d in (verdict.tokens,) if d]
+    for ld in verdict.layers:
+        for unit, d, spec in (
+            ("requests", ld.requests, ld.layer.requests),
+            ("tokens", ld.tokens, ld.layer.tokens),
+        ):
+            if ld.layer.enforce and d is not None and spec is not None:
+                shown.append((ld.layer.name, unit, d, spec.quota.period_s))
+    for unit in ("requests", "tokens"):
+        mine = [s for s in shown if s[1] == unit]
+        if not mine:
             continue
-        headers[f"x-ratelimit-limit-{name}"] = str(decision.limit)
-        headers[f"x-ratelimit-remaining-{name}"] = str(max(0, decision.remaining))
-        headers[f"x-ratelimit-reset-{name}"] = _duration(decision.reset_after_s)
+        layer, _, decision, _ = min(mine, key=_binding)
+        headers[f"x-ratelimit-limit-{unit}"] = str(decision.limit)
+        headers[f"x-ratelimit-remaining-{unit}"] = str(max(0, decision.remaining))
+        headers[f"x-ratelimit-reset-{unit}"] = _duration(decision.reset_after_s)
+        if verdict.layers:
+            headers[LAYER_HEADER + unit] = layer
+    for layer, unit, decision, period_s in sorted(shown, key=lambda s: s[1] == "tokens"):
+        name = unit if layer == "key" else f"{layer}-{unit}"
+        window = max(1, round(period_s))
         policies.append(f'"{name}";q={decision.limit};w={window}')
         reset = math.ceil(decision.reset_after_s) if math.isfinite(decision.reset_after_s) else 0
         states.append(f'"{name}";r={max(0, decision.remaining)};t={reset}')
@@ -437,6 +509,15 @@ def rate_limit_headers(verdict: Verdict) -> dict[str, str]:
     return headers
 
 
+def _binding(shown: tuple[str, str, RateDecision, float]) -> tuple[int, float]:
+    """The order of the layers' decisions on one unit: refusing first (the longest wait
+    first), then the least left."""
+    decision = shown[2]
+    if not decision.allowed:
+        return (0, -decision.retry_after_s)
+    return (1, decision.remaining)
+
+
 SHADOW_HEADER = "x-scheduler-quota-shadow"
 
 
@@ -446,11 +527,21 @@ def quota_headers(
     """The headers of an admitted request's quota: the rate-limit fields of an enforced one;
     for a shadow quota only `x-scheduler-quota-shadow`, `allow` or `would-refuse` with the
     refusal's reason, knob, threshold and measured value (a client that throttles itself on
-    the rate-limit fields must not react to a quota that is only being tried)."""
-    if quotas.enforce or quotas.unlimited:
+    the rate-limit fields must not react to a quota that is only being tried). With shared
+    layers, each part is shown as its layer is enforced or shadow."""
+    shadow_layers = any(not d.layer.enforce for d in verdict.layers)
+    own_shadow = not quotas.enforce and not quotas.unlimited
+    if not own_shadow and not shadow_layers:
         return rate_limit_headers(verdict)
+    enforced = (quotas.enforce and not quotas.unlimited) or any(
+        d.layer.enforce for d in verdict.layers
+    )
+    headers = rate_limit_headers(verdict, own=quotas.enforce) if enforced else {}
     if would_refuse is None:
-        return {SHADOW_HEADER: "allow"}
+        headers[SHADOW_HEADER] = "allow"
+        return headers
     fields = would_refuse.fields()
     parts = [f"{k}={fields[k]}" for k in ("reason", "limit", "threshold", "observed")]
-    return {SHADOW_HEADER: "; ".join(["would-refuse", *(p for p in parts if "=None" not in p)])}
+    shown = "; ".join(["would-refuse", *(p for p in parts if "=None" not in p)])
+    headers[SHADOW_HEADER] = shown
+    return headers

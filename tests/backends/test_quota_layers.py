@@ -218,7 +218,7 @@ async def replay(store: QuotaStore, algorithm: AlgorithmKind, seed: int) -> list
     requests, tokens = q(2), q(60)
     model = QuotaLayer("model", "m", q(9), q(200))
     tenants = {t: QuotaLayer("tenant", t, q(3), q(150), enforce=t == "x") for t in ("x", "y")}
-    now, seen = 1_000.0, []
+    now, seen = 1_000.0, list[Any]()
     for _ in range(150):
         now += rng.choice([0.0, 0.0, 0.5, 2.0, 7.5])
         key, tenant = rng.choice([("a", "x"), ("b", "x"), ("c", "y"), ("d", "y")])
