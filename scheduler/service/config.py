@@ -263,12 +263,21 @@ _LAYER_FIELDS = ("algorithm", "period_s", "requests", "tokens", "request_burst",
 
 def layer_quota(table: Table) -> QuotaSettings:
     """A shared layer's quota table (`[tenants.T.quota]`, `[models.M.quota]`): the fields of
-    a tier's but the per-key ones (`max_concurrency`, `congested_factor`), and counting
-    requests or tokens."""
+    a tier's but the per-key ones (`max_concurrency`, `congested_factor`), counting requests
+    or tokens, by `sliding_counter` (the default) or `gcra`: every request of the tenant or
+    model is counted on it, and a `sliding_log` would keep (and read, on every request) an
+    entry per request in the window."""
     table.only((*_LAYER_FIELDS, "enforce"))
     counts = any(table.data.get(name) for name in ("requests", "tokens"))
     _check(counts, table.path, "a shared quota needs requests or tokens")
-    return quota_settings(table)
+    quotas = quota_settings(table, QuotaSettings(algorithm="sliding_counter"))
+    _check(
+        quotas.algorithm != "sliding_log",
+        table.where("algorithm"),
+        "a shared quota is counted by sliding_counter or gcra (a sliding_log would keep an "
+        "entry per request of the whole tenant or model)",
+    )
+    return quotas
 
 
 def _shared_quotas(root: Table, models: Table) -> SharedQuotas:

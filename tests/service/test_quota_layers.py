@@ -130,6 +130,11 @@ async def test_the_models_quota_binds_across_tenants_and_settles(
         ("[tenants.acme.quota]\nmax_concurrency = 2\n", "tenants.acme.quota.max_concurrency"),
         ("[tenants.acme.quota]\nenforce = false\n", "a shared quota needs requests or tokens"),
         ("[tenants.acme]\nweight = 2\n", "tenants.acme.weight: unknown field"),
+        (
+            '[models.m]\nbackends = ["demo"]\n[models.m.quota]\nrequests = 9\n'
+            'algorithm = "sliding_log"\n',
+            "models.m.quota.algorithm: a shared quota is counted by sliding_counter or gcra",
+        ),
     ],
 )
 def test_a_shared_quota_table_is_checked(tmp_path: Path, table: str, message: str) -> None:
