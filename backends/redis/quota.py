@@ -122,7 +122,8 @@ class QuotaStoreBusy(QuotaStoreError):
 
 class RedisQuotaStore:
     """Quota states and burst credits in Redis, one atomic script per call (a `QuotaStore`,
-    `scheduler.core.quota_store`, whose `MemoryQuotaStore` decides the same).
+    `scheduler.core.quota_store`, whose `scheduler.core.memory_quota.MemoryQuotaStore` decides
+    the same).
 
     `redis` is a connected coredis client, entered and left by one task that outlives the store.
     `min_ttl_s` floors every TTL written (Redis' own floor is 1 ms); keeping a state longer than

@@ -36,13 +36,8 @@ from scheduler.service.controls import OpenRequests, RequestControls, request_co
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.levers import LeversOwner
 from scheduler.service.metrics import GatewayMetrics, RequestMeter, RequestOutcome
-from scheduler.service.quota import (
-    QuotaGuard,
-    QuotaHold,
-    QuotaSettings,
-    Source,
-    quota_headers,
-)
+from scheduler.service.quota import QuotaGuard, QuotaHold, QuotaSettings, Source
+from scheduler.service.quota_headers import quota_headers
 from scheduler.service.refusals import (
     concurrency_error,
     keys_unavailable,

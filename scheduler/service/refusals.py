@@ -32,7 +32,8 @@ from scheduler.core.quota_store import QuotaLayer
 from scheduler.openai.errors import ApiError, Refusal, refused
 from scheduler.service.config import TierSettings
 from scheduler.service.controls import MAX_WAIT_HEADER
-from scheduler.service.quota import DOWN_AFTER_S, Source, Verdict, rate_limit_headers
+from scheduler.service.quota import DOWN_AFTER_S, Source, Verdict
+from scheduler.service.quota_headers import rate_limit_headers
 from scheduler.service.quota_layers import SharedQuotas
 from scheduler.service.tenancy import KeyRecord
 

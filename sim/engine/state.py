@@ -13,10 +13,10 @@ from array import array
 from policies.ladder import ShedLadder
 from policies.ratelimit import Quota
 from scheduler.core import Scheduler, ShedReason, Ticket
+from scheduler.core.memory_quota import MemoryQuotaStore
 from scheduler.core.quota_store import (
     AlgorithmKind,
     LayerName,
-    MemoryQuotaStore,
     QuotaLayer,
     Reservation,
     completed,

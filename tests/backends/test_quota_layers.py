@@ -20,10 +20,10 @@ import pytest
 
 from backends.redis.quota import RedisQuotaStore
 from policies.ratelimit import Quota
+from scheduler.core.memory_quota import MemoryQuotaStore
 from scheduler.core.quota_store import (
     ALGORITHM_KINDS,
     AlgorithmKind,
-    MemoryQuotaStore,
     QuotaLayer,
     QuotaSpec,
     QuotaStore,

@@ -11,7 +11,18 @@ import httpx2
 import pytest
 import trio
 
+from policies.breaker import BreakerConfig, ScopedBreakers
+from policies.ratelimit import Quota
+from scheduler.core.quota_store import QuotaLayer, QuotaSpec, completed
 from scheduler.service.config import ConfigError, load_settings
+from scheduler.service.quota import (
+    AdaptiveTimeout,
+    FailMode,
+    QuotaGuard,
+    QuotaSettings,
+    Source,
+    Verdict,
+)
 from tests.conftest import start_demo, start_gateway
 from tests.service.test_rejections import chat, cost, refusal, settings_for
 
@@ -142,3 +153,28 @@ def test_a_shared_quota_table_is_checked(tmp_path: Path, table: str, message: st
     path.write_text(KEYS + table)
     with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
         load_settings(path, env={})
+
+
+def test_redis_out_the_fail_open_limiter_keeps_each_layer_at_this_replicas_share() -> None:
+    """With Redis out, a fail-open tier admits on each layer's share (the tenant's 4 over 2
+    replicas: 2 here), every layer or none, and a failed call gives back on every layer."""
+    guard = QuotaGuard(
+        None, ScopedBreakers(BreakerConfig()), replicas=2, timeout=AdaptiveTimeout(0.1)
+    )
+    own = QuotaSettings(requests=10)
+    tenant = QuotaLayer("tenant", "acme", QuotaSpec("sliding_counter", Quota(4, 60.0)))
+
+    def check(key: str) -> Verdict:
+        verdict = completed(
+            guard.check(key, own, FailMode.OPEN, token_cost=1, now=5.0, layers=[tenant])
+        )
+        assert verdict.source is Source.LOCAL
+        return verdict
+
+    first, second, third = check("a1"), check("a2"), check("a2")
+    assert first.allowed and second.allowed and not third.allowed
+    assert third.key_fits and not third.layers[0].fits  # a2 is under its own share (5)
+    hold = guard.hold("a1", own, first, reserved=1)
+    assert hold is not None
+    hold.settle(used=0, failed=True, now=5.0)  # the tenant's unit back too
+    assert check("a2").allowed
