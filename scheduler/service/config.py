@@ -589,6 +589,17 @@ def startup_lines(settings: Settings) -> list[str]:
         shadow = ", shadow: counted, never refused" if not q.enforce else ""
         quota = f"{' and '.join(parts)} per {q.period_s:g} s per key ({q.algorithm}{shadow})"
         lines.append(f"tier {tier.core.name}: {quota if parts else 'no quota'}")
+    shared = settings.shared_quotas
+    for kind, whose, tables in (
+        ("tenant", "for all its keys", shared.tenants),
+        ("model", "for every request to it", shared.models),
+    ):
+        for name, q in tables:
+            parts = [f"{q.requests} requests"] if q.requests else []
+            parts += [f"{q.tokens} tokens"] if q.tokens else []
+            shadow = ", shadow: counted, never refused" if not q.enforce else ""
+            counted = f"{' and '.join(parts)} per {q.period_s:g} s {whose}"
+            lines.append(f"{kind} {name}: {counted} ({q.algorithm}{shadow})")
     if not settings.keys:
         admin = (
             "create them through the admin API"

@@ -14,7 +14,7 @@ import trio
 from policies.breaker import BreakerConfig, ScopedBreakers
 from policies.ratelimit import Quota
 from scheduler.core.quota_store import QuotaLayer, QuotaSpec, completed
-from scheduler.service.config import ConfigError, load_settings
+from scheduler.service.config import ConfigError, load_settings, startup_lines
 from scheduler.service.quota import (
     AdaptiveTimeout,
     FailMode,
@@ -178,3 +178,12 @@ def test_redis_out_the_fail_open_limiter_keeps_each_layer_at_this_replicas_share
     assert hold is not None
     hold.settle(used=0, failed=True, now=5.0)  # the tenant's unit back too
     assert check("a2").allowed
+
+
+def test_start_up_names_each_shared_quota(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(TENANTS)
+    lines = startup_lines(load_settings(path, env={}))
+    assert "tenant acme: 4 requests per 60 s for all its keys (sliding_counter)" in lines
+    shadow = "tenant *: 2 requests per 60 s for all its keys (sliding_counter, shadow: "
+    assert any(line.startswith(shadow) for line in lines), lines
