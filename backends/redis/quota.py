@@ -234,7 +234,7 @@ class RedisQuotaStore:
                 )
                 keys.append(place(role, tag=tag))
         reply: Any = await self._run(self._take, keys, args, timeout_s=timeout_s)
-        return _parse_take(reply, credits_asked=burst_credits, enforce=enforce, layers=layers)
+        return _parse_take(reply, credits_asked=asked, enforce=enforce, layers=layers)
 
     async def settle(
         self,

@@ -53,19 +53,22 @@ class MemoryQuotaStore:
         tag: str | None = None,
     ) -> QuotaDecision:
         at = _needs(now)
-        own = QuotaLayer("tenant", key_id, requests, tokens)  # the key's, in a layer's shape
+        asked: list[tuple[LayerName, str, QuotaSpec | None, QuotaSpec | None]] = [
+            ("key", key_id, requests, tokens),
+            *((x.name, x.scope, x.requests, x.tokens) for x in layers),
+        ]
         plans = [
             [
-                self._decide(name, "requests", layer.scope, layer.requests, 1, at),
-                self._decide(name, "tokens", layer.scope, layer.tokens, token_cost, at),
+                self._decide(name, "requests", scope, r, 1, at),
+                self._decide(name, "tokens", scope, t, token_cost, at),
             ]
-            for layer in (own, *layers)
-            for name in ("key" if layer is own else layer.name,)
+            for name, scope, r, t in asked
         ]
         fits = [all(p[2].allowed for p in plan if p is not None) for plan in plans]
         enforced = [enforce, *(layer.enforce for layer in layers)]
-        balance = self._balance(key_id, at) if burst_credits and enforce else 0
-        credit_cost = max(1, token_cost) if burst_credits and enforce else 0
+        credits_asked = burst_credits and enforce  # a shadow's refusal spends nothing
+        balance = self._balance(key_id, at) if credits_asked else 0
+        credit_cost = max(1, token_cost) if credits_asked else 0
         allowed, spent, taken = admission(fits, enforced, credit_cost=credit_cost, balance=balance)
         for plan, take in zip(plans, taken, strict=True):
             for p in plan if take else ():
@@ -86,7 +89,7 @@ class MemoryQuotaStore:
             requests=decisions[0][0],
             tokens=decisions[0][1],
             credits_spent=spent,
-            credits_left=balance if burst_credits else None,
+            credits_left=balance if credits_asked else None,
             retry_after_s=0.0 if allowed or not refusals else max(refusals),
             decided_at=at,
             layers=tuple(
