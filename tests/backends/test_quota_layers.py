@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from backends.redis.quota import RedisQuotaStore
+from backends.redis.quota import QuotaStoreError, RedisQuotaStore
 from policies.ratelimit import Quota
 from scheduler.core.memory_quota import MemoryQuotaStore
 from scheduler.core.quota_store import (
@@ -262,3 +262,12 @@ async def test_memory_and_redis_decide_one_layered_replay_alike(
     assert any(not d.allowed for d in decisions)
     assert any(not x.fits for d in decisions for x in d.layers if not x.layer.enforce)  # shadow
     assert any(d.credits_spent for d in decisions)
+
+
+async def test_a_cluster_refuses_layers_spread_over_slots(request: pytest.FixtureRequest) -> None:
+    """Why every call has one hash tag: without it a key's states and its tenant's are in two
+    slots, and a Redis Cluster refuses the script (CROSSSLOT) rather than run it."""
+    async with open_store("cluster", request) as store:
+        tenant = QuotaLayer("tenant", "acme", requests=spec(4))
+        with pytest.raises(QuotaStoreError, match=r"(?i)slot"):
+            await store.take("a", requests=spec(3), tokens=None, token_cost=0, layers=[tenant])
