@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from sim.engine.arrivals import ArrivalRow, TierArrivals
-from sim.engine.model import ControllerKind, QuotaUnit, Scenario
+from sim.engine.model import ControllerKind, QuotaSpec, QuotaUnit, Scenario
 from sim.engine.state import probe_config
 
 MODEL = "demo-small"
@@ -122,6 +122,17 @@ def controller_values(scenario: Scenario) -> dict[str, object]:
     return {"mode": spec.mode.value, "burst_s": spec.burst_s, **aimd}
 
 
+def _quota(q: QuotaSpec) -> dict[str, object]:
+    """A simulator's quota as the service's quota table."""
+    unit = "requests" if q.unit is QuotaUnit.REQUESTS else "tokens"
+    return {
+        "algorithm": q.algorithm.value,  # the service spells them the same
+        "period_s": q.period_s,
+        unit: q.limit,
+        ("request_burst" if unit == "requests" else "token_burst"): q.burst or 0,
+    }
+
+
 def gateway_config(
     scenario: Scenario, backend_urls: Sequence[str], schedule: Sequence[Arrival]
 ) -> str:
@@ -140,19 +151,20 @@ def gateway_config(
         }
         lines += _table(f"[tiers.{json.dumps(tier.name)}]", values)
         if tier.quota is not None:
-            q = tier.quota
-            unit = "requests" if q.unit is QuotaUnit.REQUESTS else "tokens"
-            quota: dict[str, object] = {
-                "algorithm": q.algorithm.value,  # the service spells them the same
-                "period_s": q.period_s,
-                unit: q.limit,
-                ("request_burst" if unit == "requests" else "token_burst"): q.burst or 0,
-            }
-            lines += _table(f"[tiers.{json.dumps(tier.name)}.quota]", quota)
+            lines += _table(f"[tiers.{json.dumps(tier.name)}.quota]", _quota(tier.quota))
+    tenants: dict[str, QuotaSpec] = {}
     for tier_name, key, clear in sorted({(a.tier, a.key, clear_key(a)) for a in schedule}):
-        lines += _table("[[keys]]", {"key": clear, "tenant": key, "tier": tier_name})
+        tier = scenario.tier(tier_name)
+        tenant = tier.tenant_of(key)
+        if tier.tenant_quota is not None:
+            tenants[tenant] = tier.tenant_quota
+        lines += _table("[[keys]]", {"key": clear, "tenant": tenant, "tier": tier_name})
+    for tenant, spec in sorted(tenants.items()):
+        lines += _table(f"[tenants.{json.dumps(tenant)}.quota]", _quota(spec))
     model = {"backends": list(backend_urls), "cache_fresh_s": 0.0}
     lines += _table(f"[models.{MODEL}]", model)
+    if scenario.model_quota is not None:
+        lines += _table(f"[models.{MODEL}.quota]", _quota(scenario.model_quota))
     tick_s = scenario.controller.tick_s
     pressure = probe_config(scenario.backends.gpu, tick_s)  # the simulator's probe
     probe = {

@@ -113,6 +113,8 @@ def _scenario(root: Table) -> Scenario:
     controller = _controller(controller_table) if controller_table else ControllerSpec()
     replicas = root.integer("replicas", 1, ge=1)
     scrape_age_s = root.number("scrape_age_s", 0.0, ge=0, lt=controller.tick_s)
+    model_quota_table = root.table("model_quota")
+    model_quota = _quota(model_quota_table, shared=True) if model_quota_table else None
     root.done()
     return Scenario(
         name=name,
@@ -128,6 +130,7 @@ def _scenario(root: Table) -> Scenario:
         fallback=fallback,
         replicas=replicas,
         scrape_age_s=scrape_age_s,
+        model_quota=model_quota,
     )
 
 
@@ -147,6 +150,7 @@ def _tier(t: Table) -> TierSpec:
     except ValueError as exc:
         t.error("ladder", str(exc).removeprefix("ladder.steps"))
     quota_table = t.table("quota")
+    tenant_quota_table = t.table("tenant_quota")
     spec = TierSpec(
         name=name,
         weight=t.number("weight", gt=0),
@@ -164,6 +168,8 @@ def _tier(t: Table) -> TierSpec:
         cache_hit_ratio=t.number("cache_hit_ratio", 0.0, ge=0, le=1),
         quota=_quota(quota_table) if quota_table else None,
         shed_budget=t.number("shed_budget", 0.01, ge=0, le=1),
+        tenants=t.integer("tenants", 0, ge=0),
+        tenant_quota=_quota(tenant_quota_table, shared=True) if tenant_quota_table else None,
     )
     t.done()
     return spec
@@ -187,9 +193,13 @@ def _sizes(t: Table, key: str, default: int) -> SizeDist:
     return SizeDist(kind, mean, sigma, low, high)
 
 
-def _quota(q: Table) -> QuotaSpec:
+def _quota(q: Table, *, shared: bool = False) -> QuotaSpec:
+    """A key's quota table, or (`shared`) a tenant's or the model's: those count by
+    `sliding_counter` (default) or `gcra`, as the service's (a log per tenant or model would
+    keep an entry per request of all its keys)."""
+    kinds = tuple(a.value for a in QuotaAlgorithm if not shared or a.value != "sliding_log")
     algorithm = QuotaAlgorithm(
-        q.text("algorithm", "sliding_log", choices=tuple(a.value for a in QuotaAlgorithm))
+        q.text("algorithm", "sliding_counter" if shared else "sliding_log", choices=kinds)
     )
     limit = q.integer("limit", ge=1)
     spec = QuotaSpec(

@@ -326,82 +326,107 @@ end
 """
 
 _TAKE = """
--- KEYS: requests state, tokens state, credits.
--- ARGV: now or '', floor_ms, credit_cost (0: no credits), then for requests and tokens:
---   kind ('' when absent), limit, period, burst, cost.
--- Reply: admitted, credits spent, credit balance (-1 when not asked), now, then per slot:
---   present, allowed, limit, remaining, retry_after (string), reset_after (string).
+-- KEYS: credits, then per layer (the key's own first): requests state, tokens state.
+-- ARGV: now or '', floor_ms, credit_cost (0: no credits), then per layer: enforced (0/1) and
+--   for requests and tokens: kind ('' when absent), limit, period, burst, cost.
+-- The rule (`scheduler.core.quota_store.admission`): no enforced layer refuses, every layer
+-- that fits is taken; only the key's own refuses, credits may pay and the others are taken;
+-- else nothing is taken.
+-- Reply: admitted, credits spent, credit balance (-1 when not asked), now, then per layer and
+--   slot: present, allowed, limit, remaining, retry_after (string), reset_after (string).
 local now = clock(ARGV[1])
 local floor_ms = tonumber(ARGV[2])
 local credit_cost = tonumber(ARGV[3])
-local slots = {}
-local all = true
-for i = 1, 2 do
-  local base = 4 + (i - 1) * 5
-  local alg = ALGORITHMS[ARGV[base]]
-  if alg ~= nil then
-    local q = quota_at(base + 1)
-    local state = alg.load(KEYS[i], q)
-    local d, plan = alg.decide(q, state, now, tonumber(ARGV[base + 4]))
-    slots[i] = {alg = alg, q = q, state = state, d = d, plan = plan}
-    all = all and d[1]
+local layers = {}
+local blocking, key_blocks = 0, false
+for l = 1, (#KEYS - 1) / 2 do
+  local at = 4 + (l - 1) * 11
+  local layer = {slots = {}, fits = true}
+  for i = 1, 2 do
+    local base = at + 1 + (i - 1) * 5
+    local alg = ALGORITHMS[ARGV[base]]
+    if alg ~= nil then
+      local key = KEYS[2 * l - 1 + i]
+      local q = quota_at(base + 1)
+      local state = alg.load(key, q)
+      local d, plan = alg.decide(q, state, now, tonumber(ARGV[base + 4]))
+      layer.slots[i] = {alg = alg, key = key, q = q, state = state, d = d, plan = plan}
+      layer.fits = layer.fits and d[1]
+    end
   end
+  if ARGV[at] == '1' and not layer.fits then
+    blocking = blocking + 1
+    key_blocks = key_blocks or l == 1
+  end
+  layers[l] = layer
 end
 local spent, balance = 0, -1
-if credit_cost > 0 then balance = tonumber(redis.call('GET', KEYS[3]) or '0') end
-if all then
-  for i = 1, 2 do
-    local s = slots[i]
-    if s ~= nil and s.plan ~= nil then
-      s.alg.commit(KEYS[i], s.q, s.state, s.plan, now, floor_ms)
+if credit_cost > 0 then balance = tonumber(redis.call('GET', KEYS[1]) or '0') end
+local admitted, from = blocking == 0, 1
+if not admitted and blocking == 1 and key_blocks and credit_cost > 0
+    and balance >= credit_cost then
+  balance = redis.call('DECRBY', KEYS[1], credit_cost)
+  spent, admitted, from = credit_cost, true, 2
+end
+if admitted then
+  for l = from, #layers do
+    if layers[l].fits then
+      for i = 1, 2 do
+        local s = layers[l].slots[i]
+        if s ~= nil and s.plan ~= nil then
+          s.alg.commit(s.key, s.q, s.state, s.plan, now, floor_ms)
+        end
+      end
     end
   end
-elseif credit_cost > 0 and balance >= credit_cost then
-  balance = redis.call('DECRBY', KEYS[3], credit_cost)
-  spent = credit_cost
 end
-local reply = {(all or spent > 0) and 1 or 0, spent, balance, fmt(now)}
-for i = 1, 2 do
-  local s = slots[i]
-  if s ~= nil then
-    local d = s.d
-    for _, v in ipairs({1, d[1] and 1 or 0, d[2], d[3], fmt(d[4]), fmt(d[5])}) do
-      reply[#reply + 1] = v
+local reply = {admitted and 1 or 0, spent, balance, fmt(now)}
+for l = 1, #layers do
+  for i = 1, 2 do
+    local s = layers[l].slots[i]
+    local fields = {0, 0, 0, 0, '0', '0'}
+    if s ~= nil then
+      local d = s.d
+      fields = {1, d[1] and 1 or 0, d[2], d[3], fmt(d[4]), fmt(d[5])}
     end
-  else
-    for _, v in ipairs({0, 0, 0, 0, '0', '0'}) do reply[#reply + 1] = v end
+    for _, v in ipairs(fields) do reply[#reply + 1] = v end
   end
 end
 return reply
 """
 
 _SETTLE = """
--- KEYS: tokens state, credits. ARGV: now or '', floor_ms, kind, limit, period, burst,
---   delta (reserved - actual; > 0 refunds, < 0 takes without refusing), paid with credits (0/1).
--- Reply: the units given back (> 0) or taken (< 0) on the quota state itself.
-local delta = tonumber(ARGV[7])
-if ARGV[8] == '1' then
-  if delta > 0 then
-    if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], delta) end
-    return 0
-  end
-  local balance = tonumber(redis.call('GET', KEYS[2]) or '0')
-  local take = math.min(nonneg(balance), -delta)
-  if take > 0 then redis.call('DECRBY', KEYS[2], take) end
-  delta = delta + take
-  if delta == 0 then return 0 end
-end
-local alg = ALGORITHMS[ARGV[3]]
-local q = quota_at(4)
+-- KEYS: credits, then one quota state per entry. ARGV: now or '', floor_ms, then per entry:
+--   kind, limit, period, burst, delta (> 0 refunds, < 0 takes without refusing), paid with
+--   credits (0/1: the delta goes to or comes out of the credit balance first).
 local now = clock(ARGV[1])
 local floor_ms = tonumber(ARGV[2])
-local state = alg.load(KEYS[1], q)
-if delta > 0 then
-  alg.refund(KEYS[1], q, state, now, delta, floor_ms)
-else
-  alg.force(KEYS[1], q, state, now, -delta, floor_ms)
+for e = 2, #KEYS do
+  local base = 3 + (e - 2) * 6
+  local delta = tonumber(ARGV[base + 4])
+  if ARGV[base + 5] == '1' then
+    if delta > 0 then
+      if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('INCRBY', KEYS[1], delta) end
+      delta = 0
+    else
+      local balance = tonumber(redis.call('GET', KEYS[1]) or '0')
+      local take = math.min(nonneg(balance), -delta)
+      if take > 0 then redis.call('DECRBY', KEYS[1], take) end
+      delta = delta + take
+    end
+  end
+  if delta ~= 0 then
+    local alg = ALGORITHMS[ARGV[base]]
+    local q = quota_at(base + 1)
+    local state = alg.load(KEYS[e], q)
+    if delta > 0 then
+      alg.refund(KEYS[e], q, state, now, delta, floor_ms)
+    else
+      alg.force(KEYS[e], q, state, now, -delta, floor_ms)
+    end
+  end
 end
-return delta
+return 0
 """
 
 _ADD_CREDITS = """
@@ -415,10 +440,11 @@ return balance
 """
 
 TAKE_SCRIPT = _PRELUDE + _GCRA + _LOG + _COUNTER + _DISPATCH + _TAKE
-"""One atomic decision on a key's request and token quotas, spending credits when refused."""
+"""One atomic decision on a key's request and token quotas and the layers it shares (its
+tenant's, its model's), spending the key's credits when only its own quotas refuse."""
 
 SETTLE_SCRIPT = _PRELUDE + _GCRA + _LOG + _COUNTER + _DISPATCH + _SETTLE
-"""Settle a token reservation against the real usage."""
+"""Settle a reservation against the real usage (or give a request back), on every layer."""
 
 ADD_CREDITS_SCRIPT = _ADD_CREDITS
 """Add burst credits to a key's balance."""

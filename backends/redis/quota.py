@@ -7,11 +7,22 @@ the estimated tokens) and takes both or neither. Time is Redis `TIME` (one clock
 replica) unless an explicit `now` is given (the simulator and the tests); never mix the two on
 one key, their clocks differ.
 
-Key layout, with the key id in a hash tag so one request touches one Redis Cluster slot:
+Key layout, with one hash tag per call so one request touches one Redis Cluster slot. Without
+a `tag` (no shared layer configured) the key id is the tag:
 
     <prefix>:{<key_id>}:requests:<algorithm>   request quota state
     <prefix>:{<key_id>}:tokens:<algorithm>     token quota state
     <prefix>:{<key_id>}:credits                burst credit balance (an integer)
+
+With a `tag` (the caller's choice, the same for every call of a key: the service's is its
+tenant's with a tenant layer, one for the deployment with a model layer) the key's states
+and the shared layers' states all sit under it:
+
+    <prefix>:{<tag>}:k:<key_id>:<role>         the key's own: requests:<algorithm>, credits, ...
+    <prefix>:{<tag>}:<layer>:<scope>:<role>    a tenant's or a model's: tenant:acme:tokens:gcra
+
+A shared layer called without a `tag` gets its own, `<layer>:<scope>`: right on one Redis
+server (a script may touch any key there), refused (CROSSSLOT) by a Redis Cluster.
 
 Every key written gets its TTL in the same script: the algorithm's `ttl_s` in ms, rounded up,
 at least `min_ttl_s`; after it, the state is equivalent to an absent key.
@@ -41,7 +52,7 @@ Over quota is not an error: it is a `QuotaDecision` with `allowed=False`.
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -56,7 +67,9 @@ from policies.ratelimit import CounterState, LogEntry, LogState, RateDecision
 from scheduler.core.quota_store import (
     ALGORITHM_KINDS,
     AlgorithmKind,
+    LayerDecision,
     QuotaDecision,
+    QuotaLayer,
     QuotaSpec,
     Slot,
 )
@@ -78,6 +91,7 @@ __all__ = [
 RedisState = float | LogState | CounterState | None
 OnSettleError = Callable[["QuotaStoreError"], None]
 T = TypeVar("T")
+_Entry = tuple[QuotaLayer | None, QuotaSpec, int, bool]  # None: the key's own; delta; paid
 
 _UNAVAILABLE = (
     coredis.exceptions.ConnectionError,  # refused, reset, still loading its dataset
@@ -108,7 +122,8 @@ class QuotaStoreBusy(QuotaStoreError):
 
 class RedisQuotaStore:
     """Quota states and burst credits in Redis, one atomic script per call (a `QuotaStore`,
-    `scheduler.core.quota_store`, whose `MemoryQuotaStore` decides the same).
+    `scheduler.core.quota_store`, whose `scheduler.core.memory_quota.MemoryQuotaStore` decides
+    the same).
 
     `redis` is a connected coredis client, entered and left by one task that outlives the store.
     `min_ttl_s` floors every TTL written (Redis' own floor is 1 ms); keeping a state longer than
@@ -141,15 +156,39 @@ class RedisQuotaStore:
         self._settle: Script[Any] = redis.register_script(SETTLE_SCRIPT)
         self._add_credits: Script[Any] = redis.register_script(ADD_CREDITS_SCRIPT)
 
-    def key(self, key_id: str, role: str) -> str:
-        """The Redis key of `role` ("credits", "tokens:gcra", ...) for `key_id`."""
+    def key(self, key_id: str, role: str, *, tag: str | None = None) -> str:
+        """The Redis key of `role` ("credits", "tokens:gcra", ...) for `key_id`, under `tag`."""
         if not key_id or "{" in key_id or "}" in key_id:
             raise ValueError(f"key_id must be non-empty and hold no braces, got {key_id!r}")
-        return f"{self._prefix}:{{{key_id}}}:{role}"
+        if tag is None:
+            return f"{self._prefix}:{{{key_id}}}:{role}"
+        return f"{self._tagged(tag)}k:{key_id}:{role}"
 
-    def state_key(self, key_id: str, slot: Slot, spec: QuotaSpec) -> str:
-        """The Redis key holding `key_id`'s `slot` quota state under `spec`'s algorithm."""
-        return self.key(key_id, f"{slot}:{spec.algorithm}")
+    def layer_key(self, layer: QuotaLayer, role: str, *, tag: str | None = None) -> str:
+        """The Redis key of a shared layer's `role` ("requests:gcra", ...), under `tag`."""
+        where = f"{layer.name}:{layer.scope}"
+        return f"{self._tagged(where if tag is None else tag)}{where}:{role}"
+
+    def state_key(
+        self,
+        key_id: str,
+        slot: Slot,
+        spec: QuotaSpec,
+        *,
+        layer: QuotaLayer | None = None,
+        tag: str | None = None,
+    ) -> str:
+        """The Redis key holding `key_id`'s (or `layer`'s) `slot` quota state under `spec`'s
+        algorithm."""
+        role = f"{slot}:{spec.algorithm}"
+        if layer is None:
+            return self.key(key_id, role, tag=tag)
+        return self.layer_key(layer, role, tag=tag)
+
+    def _tagged(self, tag: str) -> str:
+        if not tag or "{" in tag or "}" in tag:
+            raise ValueError(f"a hash tag must be non-empty and hold no braces, got {tag!r}")
+        return f"{self._prefix}:{{{tag}}}:"
 
     async def load_scripts(self) -> None:
         """Load the scripts now (optional: a call that meets NOSCRIPT loads and retries)."""
@@ -166,36 +205,49 @@ class RedisQuotaStore:
         burst_credits: bool = True,
         now: float | None = None,
         timeout_s: float | None = None,
+        enforce: bool = True,
+        layers: Sequence[QuotaLayer] = (),
+        tag: str | None = None,
     ) -> QuotaDecision:
-        """Check and take 1 request and `token_cost` tokens for `key_id`, both or neither.
+        """Check and take 1 request and `token_cost` tokens for `key_id` and on each of
+        `layers`, all or none, in one script (the rule: `scheduler.core.quota_store`).
 
-        When a base quota refuses and `burst_credits` is on, the request is admitted on
-        `max(1, token_cost)` credits if the balance holds them. `token_cost` 0 peeks the tokens.
-        `timeout_s` bounds Redis's time for this call (through the pipeliner: not counting
-        our own event loop's lag) and raises `QuotaStoreUnavailable`: slow, maybe run.
+        When only the key's own (enforced) quotas refuse and `burst_credits` is on, the
+        request is admitted on `max(1, token_cost)` credits if the balance holds them.
+        `token_cost` 0 peeks the tokens. `timeout_s` bounds Redis's time for this call
+        (through the pipeliner: not counting our own event loop's lag) and raises
+        `QuotaStoreUnavailable`: slow, maybe run.
         """
         _check_units(token_cost=token_cost)
-        credit_cost = max(1, token_cost) if burst_credits else 0
+        asked = burst_credits and enforce
+        credit_cost = max(1, token_cost) if asked else 0
         args: list[str | int] = [_now_arg(now), self._floor_ms, credit_cost]
-        args += _spec_args(requests, 1) + _spec_args(tokens, token_cost)
-        keys = [
-            self.key(key_id, f"requests:{requests.algorithm if requests else 'none'}"),
-            self.key(key_id, f"tokens:{tokens.algorithm if tokens else 'none'}"),
-            self.key(key_id, "credits"),
-        ]
+        keys = [self.key(key_id, "credits", tag=tag)]
+        for layer in (None, *layers):
+            r, t = (requests, tokens) if layer is None else (layer.requests, layer.tokens)
+            on = enforce if layer is None else layer.enforce
+            args += [1 if on else 0, *_spec_args(r, 1), *_spec_args(t, token_cost)]
+            for slot, spec in (("requests", r), ("tokens", t)):
+                role = f"{slot}:{spec.algorithm if spec else 'none'}"
+                place = (
+                    partial(self.key, key_id) if layer is None else partial(self.layer_key, layer)
+                )
+                keys.append(place(role, tag=tag))
         reply: Any = await self._run(self._take, keys, args, timeout_s=timeout_s)
-        return _parse_take(reply, credits_asked=burst_credits)
+        return _parse_take(reply, credits_asked=asked, enforce=enforce, layers=layers)
 
     async def settle(
         self,
         key_id: str,
         *,
-        tokens: QuotaSpec,
+        tokens: QuotaSpec | None,
         reserved: int,
         actual: int,
         paid_with_credits: bool = False,
         now: float | None = None,
         on_error: OnSettleError | None = None,
+        layers: Sequence[QuotaLayer] = (),
+        tag: str | None = None,
     ) -> None:
         """Settle a reservation of `reserved` tokens that really used `actual`.
 
@@ -203,40 +255,56 @@ class RedisQuotaStore:
         refusing. A request admitted on credits (`paid_with_credits`, i.e. its decision's
         `credits_spent > 0`) settles against the credit balance instead: the unused part goes
         back to a balance that has not expired, the excess comes out of the balance first and
-        out of the token quota for what the balance cannot cover.
+        out of the token quota for what the balance cannot cover. Each of `layers` (taken
+        with this request) settles the same way on its token quota, never on credits.
         """
         _check_units(reserved=reserved, actual=actual)
         if reserved == actual:
             return
-        args: list[str | int] = [_now_arg(now), self._floor_ms, *_spec_args(tokens, 0)[:4]]
-        args += [reserved - actual, 1 if paid_with_credits else 0]
-        keys = [self.state_key(key_id, "tokens", tokens), self.key(key_id, "credits")]
-        await self._run_settle(keys, args, on_error)
+        delta = reserved - actual
+        entries: list[_Entry] = [(None, tokens, delta, paid_with_credits)] if tokens else []
+        entries += [(layer, layer.tokens, delta, False) for layer in layers if layer.tokens]
+        await self._run_settle(key_id, "tokens", entries, now, on_error, tag)
 
     async def give_back_request(
         self,
         key_id: str,
         *,
-        requests: QuotaSpec,
+        requests: QuotaSpec | None,
         credits: int = 0,
         now: float | None = None,
         on_error: OnSettleError | None = None,
+        layers: Sequence[QuotaLayer] = (),
+        tag: str | None = None,
     ) -> None:
         """Give back the request taken at admission, for a call the backends failed to answer:
         one unit to the request quota or, for a request admitted on burst credits, `credits`
-        to a balance that has not expired."""
+        to a balance that has not expired; and one unit to each of `layers`."""
         _check_units(credits=credits)
-        paid = 1 if credits else 0
-        args: list[str | int] = [_now_arg(now), self._floor_ms, *_spec_args(requests, 0)[:4]]
-        args += [credits or 1, paid]
-        keys = [self.state_key(key_id, "requests", requests), self.key(key_id, "credits")]
-        await self._run_settle(keys, args, on_error)
+        entries: list[_Entry] = [(None, requests, credits or 1, credits > 0)] if requests else []
+        entries += [(layer, layer.requests, 1, False) for layer in layers if layer.requests]
+        await self._run_settle(key_id, "requests", entries, now, on_error, tag)
 
     async def _run_settle(
-        self, keys: list[str], args: list[str | int], on_error: OnSettleError | None
+        self,
+        key_id: str,
+        slot: Slot,
+        entries: list[_Entry],
+        now: float | None,
+        on_error: OnSettleError | None,
+        tag: str | None,
     ) -> None:
-        """The settle script, waited for; or, with `on_error` and a pipeliner, queued without
-        waiting (this coroutine then never suspends) and its failure told to `on_error`."""
+        """The settle script over `entries` (a layer, None for the key's own; its spec; the
+        delta; paid with credits), waited for; or, with `on_error` and a pipeliner, queued
+        without waiting (this coroutine then never suspends) and its failure told to
+        `on_error`."""
+        if not entries:
+            return
+        keys = [self.key(key_id, "credits", tag=tag)]
+        args: list[str | int] = [_now_arg(now), self._floor_ms]
+        for layer, spec, delta, paid in entries:
+            keys.append(self.state_key(key_id, slot, spec, layer=layer, tag=tag))
+            args += [*_spec_args(spec, 0)[:4], delta, 1 if paid else 0]
         if on_error is None or self._pipeliner is None:
             await self._run(self._settle, keys, args)
             return
@@ -247,7 +315,13 @@ class RedisQuotaStore:
         self._pipeliner.evalsha_soon(self._settle, keys, args, failed)
 
     async def add_credits(
-        self, key_id: str, amount: int, *, ttl_s: float, now: float | None = None
+        self,
+        key_id: str,
+        amount: int,
+        *,
+        ttl_s: float,
+        now: float | None = None,
+        tag: str | None = None,
     ) -> int:
         """Add `amount` credits (tokens) to `key_id`'s balance; return the new balance.
 
@@ -259,23 +333,33 @@ class RedisQuotaStore:
             raise ValueError(f"amount must be an integer >= 1, got {amount!r}")
         if not math.isfinite(ttl_s) or ttl_s <= 0:
             raise ValueError(f"ttl_s must be a finite number > 0, got {ttl_s!r}")
-        keys = [self.key(key_id, "credits")]
+        keys = [self.key(key_id, "credits", tag=tag)]
         args = [amount, max(1, math.ceil(ttl_s * 1000))]
         return int(await self._call(lambda: self._add_credits(keys=keys, args=args)))
 
-    async def credits(self, key_id: str, *, now: float | None = None) -> int:
+    async def credits(
+        self, key_id: str, *, now: float | None = None, tag: str | None = None
+    ) -> int:
         """`key_id`'s burst credit balance (0 when it has none or it expired; Redis's TTL
         clock says when, whatever `now`)."""
-        key = self.key(key_id, "credits")
+        key = self.key(key_id, "credits", tag=tag)
         value = await self._call(lambda: self._redis.get(key))
         return 0 if value is None else int(value)
 
-    async def state(self, key_id: str, *, slot: Slot, spec: QuotaSpec) -> RedisState:
+    async def state(
+        self,
+        key_id: str,
+        *,
+        slot: Slot,
+        spec: QuotaSpec,
+        layer: QuotaLayer | None = None,
+        tag: str | None = None,
+    ) -> RedisState:
         """The stored state, in the shape of `spec`'s Python algorithm (for tests and debugging).
 
         An empty log reads as None, which the algorithms treat like `()`.
         """
-        key = self.state_key(key_id, slot, spec)
+        key = self.state_key(key_id, slot, spec, layer=layer, tag=tag)
         if spec.algorithm == "gcra":
             raw = await self._call(lambda: self._redis.get(key))
             return None if raw is None else float(raw)
@@ -381,12 +465,24 @@ def _rate_decision(fields: list[Any]) -> RateDecision | None:
     )
 
 
-def _parse_take(reply: Any, *, credits_asked: bool) -> QuotaDecision:
+def _parse_take(
+    reply: Any, *, credits_asked: bool, enforce: bool, layers: Sequence[QuotaLayer]
+) -> QuotaDecision:
     values = list(reply)
     requests = _rate_decision(values[4:10])
     tokens = _rate_decision(values[10:16])
+    shared = tuple(
+        LayerDecision(
+            layer,
+            _rate_decision(values[16 + 12 * i : 22 + 12 * i]),
+            _rate_decision(values[22 + 12 * i : 28 + 12 * i]),
+        )
+        for i, layer in enumerate(layers)
+    )
     allowed = bool(int(values[0]))
-    refusals = [d.retry_after_s for d in (requests, tokens) if d is not None and not d.allowed]
+    enforced = [(requests, tokens)] if enforce else []
+    enforced += [(x.requests, x.tokens) for x in shared if x.layer.enforce]
+    refusals = [d.retry_after_s for pair in enforced for d in pair if d and not d.allowed]
     return QuotaDecision(
         allowed=allowed,
         requests=requests,
@@ -395,4 +491,5 @@ def _parse_take(reply: Any, *, credits_asked: bool) -> QuotaDecision:
         credits_left=int(values[2]) if credits_asked else None,
         retry_after_s=0.0 if allowed or not refusals else max(refusals),
         decided_at=float(values[3]),
+        layers=shared,
     )

@@ -1,22 +1,32 @@
-"""The quota store role, and its in-memory implementation: one key's request and token
-quotas decided together, with burst credits, reservations and settlement.
+"""The quota store role: one key's request and token quotas decided together with the
+layers it shares (its tenant's, its model's), with burst credits, reservations and settlement.
 
 Why a role with two stores: quotas must hold across replicas, so the service keeps them in
 Redis (`backends.redis.quota.RedisQuotaStore`, one Lua script per call); the fail-open limiter
-and the simulator keep them in this process (`MemoryQuotaStore`). Both make the very same
-decisions on the same calls, in the pattern of the `limits` library: the `policies` algorithms
-are the math, a store only keeps states; tests/backends/test_quota_store_matrix.py runs every
-algorithm on both stores and compares every decision.
+and the simulator keep them in this process (`scheduler.core.memory_quota.MemoryQuotaStore`).
+Both make the very same decisions on the same calls, in the pattern of the `limits` library:
+the `policies` algorithms are the math, a store only keeps states;
+tests/backends/test_quota_store_matrix.py runs every algorithm on both stores and compares
+every decision.
 
 What a store does, step by step (the Lua script `backends.redis.lua._TAKE` does the same):
 
-- `take`: decide the request quota (cost 1) and the token quota (cost = the reservation) on
-  the current states; take both or neither. Refused, and `burst_credits` asked: admitted on
-  `max(1, token_cost)` credits if the balance holds them, the quota states left untouched.
+- `take`: decide the request quota (cost 1) and the token quota (cost = the reservation) of
+  every layer (the key's own, then each `QuotaLayer`: its tenant's, its model's) on the
+  current states. No enforced layer refuses: every layer that fits is taken (a shadow layer,
+  `enforce=False`, that would refuse takes nothing and blocks nothing). Only the key's own
+  enforced layer refuses and `burst_credits` is asked: admitted on `max(1, token_cost)`
+  credits if the balance holds them, the key's states left untouched and the other layers
+  taken. Any other enforced refusal: nothing is taken on any layer.
 - `settle`: a reservation that used less gives the rest back (the algorithm's `refund`); one
-  that used more takes the excess without refusing (`force`). Paid with credits, it settles
-  against a balance that has not expired: the rest back to it, the excess out of it first.
-- `give_back_request`: a call the backends failed gives its request unit back (or its credits).
+  that used more takes the excess without refusing (`force`), on every layer it was taken
+  on. Paid with credits, the key's own settles against a balance that has not expired: the
+  rest back to it, the excess out of it first.
+- `give_back_request`: a call the backends failed gives its request unit back (or its
+  credits) on every layer.
+
+Credits are the key's own: they never pay for a tenant's or a model's quota (a model's is a
+contract with a backend, which no balance of ours extends).
 
 The memory store's calls never suspend: `completed` runs one from synchronous code (the
 simulator, the guard's settlement), so every caller goes through the same async methods.
@@ -24,13 +34,12 @@ simulator, the guard's settlement), so every caller goes through the same async 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar, get_args
 
 from policies.ratelimit import (
     GCRA,
-    MemoryLimiter,
     Quota,
     RateAlgorithm,
     RateDecision,
@@ -41,6 +50,7 @@ from policies.ratelimit import (
 AlgorithmKind = Literal["gcra", "sliding_log", "sliding_counter"]
 ALGORITHM_KINDS: tuple[AlgorithmKind, ...] = get_args(AlgorithmKind)
 Slot = Literal["requests", "tokens"]
+LayerName = Literal["key", "tenant", "model"]
 T = TypeVar("T")
 
 
@@ -70,14 +80,49 @@ class QuotaSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaLayer:
+    """Quotas one key shares with others: its tenant's (`name="tenant"`, all the tenant's
+    keys together) or its model's (`name="model"`, every key's requests to that model, e.g.
+    a backend's tokens per minute), counted under `scope` (the tenant's or the model's
+    name). With `enforce` off, a shadow layer: counted while it fits, never refusing."""
+
+    name: LayerName
+    scope: str
+    requests: QuotaSpec | None = None
+    tokens: QuotaSpec | None = None
+    enforce: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name == "key" or self.name not in get_args(LayerName):
+            raise ValueError(f"a quota layer is 'tenant' or 'model', got {self.name!r}")
+        if not self.scope:
+            raise ValueError("a quota layer needs a scope (its tenant or model)")
+
+
+@dataclass(frozen=True, slots=True)
+class LayerDecision:
+    """One layer's decisions in a `take` (None where the layer has no such quota)."""
+
+    layer: QuotaLayer
+    requests: RateDecision | None
+    tokens: RateDecision | None
+
+    @property
+    def fits(self) -> bool:
+        return all(d.allowed for d in (self.requests, self.tokens) if d is not None)
+
+
+@dataclass(frozen=True, slots=True)
 class QuotaDecision:
     """The outcome of one `take`.
 
     - `allowed`: admitted, by the base quotas or by burst credits.
-    - `requests` / `tokens`: each base quota's decision (None when the key has no such quota).
+    - `requests` / `tokens`: the key's own quotas' decisions (None when it has no such quota).
+    - `layers`: the shared layers' decisions, in the order asked.
     - `credits_spent`: credits spent on this request (0 unless the base quotas refused).
     - `credits_left`: the balance after this request, None when credits were not asked for.
-    - `retry_after_s`: 0 when allowed, else the longest `retry_after_s` of the refusing quotas.
+    - `retry_after_s`: 0 when allowed, else the longest `retry_after_s` of the refusing
+      enforced quotas.
     - `decided_at`: the time the store decided at (Redis `TIME`, or the explicit `now`).
     """
 
@@ -88,6 +133,27 @@ class QuotaDecision:
     credits_left: int | None
     retry_after_s: float
     decided_at: float
+    layers: tuple[LayerDecision, ...] = ()
+
+    def taken(self) -> tuple[QuotaLayer, ...]:
+        """The shared layers this admission was counted on (none when refused)."""
+        if not self.allowed:
+            return ()
+        return tuple(d.layer for d in self.layers if d.fits)
+
+
+def admission(
+    fits: list[bool], enforced: list[bool], *, credit_cost: int, balance: int
+) -> tuple[bool, int, list[bool]]:
+    """The rule of `take` over its layers' decisions (the key's own first), written once for
+    the memory store (the Lua script repeats it): admitted or not, the credits spent, and
+    which layers are taken."""
+    blocking = [i for i, (f, e) in enumerate(zip(fits, enforced, strict=True)) if e and not f]
+    if not blocking:
+        return True, 0, fits
+    if blocking == [0] and credit_cost and balance >= credit_cost:
+        return True, credit_cost, [False, *fits[1:]]
+    return False, 0, [False] * len(fits)
 
 
 class QuotaStore(Protocol):
@@ -107,22 +173,31 @@ class QuotaStore(Protocol):
         burst_credits: bool = True,
         now: float | None = None,
         timeout_s: float | None = None,
+        enforce: bool = True,
+        layers: Sequence[QuotaLayer] = (),
+        tag: str | None = None,
     ) -> QuotaDecision:
-        """Check and take 1 request and `token_cost` tokens for `key_id`, both or neither."""
+        """Check and take 1 request and `token_cost` tokens for `key_id` and on every one of
+        `layers`, all or none (see the module docstring for shadow layers and credits).
+        `enforce` off: the key's own quotas are a shadow layer. `tag`: where the store keeps
+        the states of the call (Redis: one Cluster slot); the same for every call of a key."""
         ...
 
     async def settle(
         self,
         key_id: str,
         *,
-        tokens: QuotaSpec,
+        tokens: QuotaSpec | None,
         reserved: int,
         actual: int,
         paid_with_credits: bool = False,
         now: float | None = None,
         on_error: Callable[[Exception], None] | None = None,
+        layers: Sequence[QuotaLayer] = (),
+        tag: str | None = None,
     ) -> None:
-        """Settle a reservation of `reserved` tokens that really used `actual`. With
+        """Settle a reservation of `reserved` tokens that really used `actual`, on the key's
+        token quota (None: not taken there) and on each of `layers`' token quotas. With
         `on_error` the store may return without waiting for the settlement (then never
         suspending), telling a failure to `on_error` instead of raising it."""
         ...
@@ -131,22 +206,33 @@ class QuotaStore(Protocol):
         self,
         key_id: str,
         *,
-        requests: QuotaSpec,
+        requests: QuotaSpec | None,
         credits: int = 0,
         now: float | None = None,
         on_error: Callable[[Exception], None] | None = None,
+        layers: Sequence[QuotaLayer] = (),
+        tag: str | None = None,
     ) -> None:
-        """Give back the request unit (or the `credits` it was admitted on); `on_error` as
-        for `settle`."""
+        """Give back the request unit (or the `credits` it was admitted on) to the key's
+        request quota (None: not taken there) and to each of `layers`' request quotas;
+        `on_error` as for `settle`."""
         ...
 
     async def add_credits(
-        self, key_id: str, amount: int, *, ttl_s: float, now: float | None = None
+        self,
+        key_id: str,
+        amount: int,
+        *,
+        ttl_s: float,
+        now: float | None = None,
+        tag: str | None = None,
     ) -> int:
         """Add `amount` credits, expiring `ttl_s` from now or later; return the balance."""
         ...
 
-    async def credits(self, key_id: str, *, now: float | None = None) -> int:
+    async def credits(
+        self, key_id: str, *, now: float | None = None, tag: str | None = None
+    ) -> int:
         """`key_id`'s burst credit balance (0 when it has none or it expired)."""
         ...
 
@@ -154,13 +240,16 @@ class QuotaStore(Protocol):
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """What one admitted request holds of its key's quotas until it settles: the request
-    unit and `reserved` tokens (or `credits_spent` credits, when the base quotas refused)."""
+    unit and `reserved` tokens (or `credits_spent` credits, when the base quotas refused),
+    on the key's own quotas (None where not taken) and on each of `layers`."""
 
     key_id: str
     requests: QuotaSpec | None
     tokens: QuotaSpec | None
     reserved: int
     credits_spent: int = 0
+    layers: tuple[QuotaLayer, ...] = ()
+    tag: str | None = None
 
     async def settle(
         self,
@@ -175,7 +264,8 @@ class Reservation:
         and, when the backends `failed` it, the request (or its credits) back too.
         `on_error`: the store need not wait (see `QuotaStore.settle`)."""
         credits = self.credits_spent
-        if self.tokens is not None:
+        token_layers = tuple(layer for layer in self.layers if layer.tokens is not None)
+        if self.tokens is not None or token_layers:
             await store.settle(
                 self.key_id,
                 tokens=self.tokens,
@@ -184,142 +274,24 @@ class Reservation:
                 paid_with_credits=credits > 0,
                 now=now,
                 on_error=on_error,
+                layers=token_layers,
+                tag=self.tag,
             )
-        if failed and self.requests is not None and (credits == 0 or self.tokens is None):
-            # credits spent with a token quota went back with the tokens just now
+        if not failed:
+            return
+        # credits spent with a token quota went back with the tokens just now
+        requests = self.requests if credits == 0 or self.tokens is None else None
+        request_layers = tuple(layer for layer in self.layers if layer.requests is not None)
+        if requests is not None or request_layers:
             await store.give_back_request(
-                self.key_id, requests=self.requests, credits=credits, now=now, on_error=on_error
+                self.key_id,
+                requests=requests,
+                credits=credits if requests is not None else 0,
+                now=now,
+                on_error=on_error,
+                layers=request_layers,
+                tag=self.tag,
             )
-
-
-class MemoryQuotaStore:
-    """Quota states and burst credits in this process, told the time on every call."""
-
-    def __init__(self) -> None:
-        self._limiters: dict[tuple[Slot, QuotaSpec], MemoryLimiter[Any]] = {}
-        self._credits: dict[str, tuple[int, float]] = {}  # key -> (balance, expires at)
-
-    def limiter(self, slot: Slot, spec: QuotaSpec) -> MemoryLimiter[Any]:
-        """The per-key states of `slot` under `spec` (for tests and differential checks)."""
-        limiter = self._limiters.get((slot, spec))
-        if limiter is None:
-            limiter = self._limiters[(slot, spec)] = MemoryLimiter(spec.rate_algorithm())
-        return limiter
-
-    async def take(
-        self,
-        key_id: str,
-        *,
-        requests: QuotaSpec | None,
-        tokens: QuotaSpec | None,
-        token_cost: int,
-        burst_credits: bool = True,
-        now: float | None = None,
-        timeout_s: float | None = None,
-    ) -> QuotaDecision:
-        at = _needs(now)
-        asked: tuple[tuple[Slot, QuotaSpec | None, int], ...] = (
-            ("requests", requests, 1),
-            ("tokens", tokens, token_cost),
-        )
-        plans = [
-            (limiter, *limiter.decide(key_id, now=at, cost=cost))
-            for slot, spec, cost in asked
-            if spec is not None
-            for limiter in (self.limiter(slot, spec),)
-        ]
-        fits = all(decision.allowed for _, decision, _ in plans)
-        balance = self._balance(key_id, at) if burst_credits else 0
-        credit_cost = max(1, token_cost) if burst_credits else 0
-        spent = 0
-        if fits:
-            for limiter, _, state in plans:
-                limiter.put(key_id, state, now=at)
-        elif credit_cost and balance >= credit_cost:
-            spent = credit_cost
-            balance -= spent
-            self._credits[key_id] = (balance, self._credits[key_id][1])
-        decisions = iter(decision for _, decision, _ in plans)
-        request_d = next(decisions) if requests is not None else None
-        token_d = next(decisions) if tokens is not None else None
-        allowed = fits or spent > 0
-        refusals = [d.retry_after_s for d in (request_d, token_d) if d and not d.allowed]
-        return QuotaDecision(
-            allowed=allowed,
-            requests=request_d,
-            tokens=token_d,
-            credits_spent=spent,
-            credits_left=balance if burst_credits else None,
-            retry_after_s=0.0 if allowed or not refusals else max(refusals),
-            decided_at=at,
-        )
-
-    async def settle(
-        self,
-        key_id: str,
-        *,
-        tokens: QuotaSpec,
-        reserved: int,
-        actual: int,
-        paid_with_credits: bool = False,
-        now: float | None = None,
-        on_error: Callable[[Exception], None] | None = None,
-    ) -> None:
-        if reserved != actual:
-            self._settle("tokens", key_id, tokens, reserved - actual, paid_with_credits, now)
-
-    async def give_back_request(
-        self,
-        key_id: str,
-        *,
-        requests: QuotaSpec,
-        credits: int = 0,
-        now: float | None = None,
-        on_error: Callable[[Exception], None] | None = None,
-    ) -> None:
-        self._settle("requests", key_id, requests, credits or 1, credits > 0, now)
-
-    async def add_credits(
-        self, key_id: str, amount: int, *, ttl_s: float, now: float | None = None
-    ) -> int:
-        at = _needs(now)
-        balance = self._balance(key_id, at) + amount
-        expires = max(self._credits.get(key_id, (0, at))[1], at + ttl_s)
-        self._credits[key_id] = (balance, expires)
-        return balance
-
-    async def credits(self, key_id: str, *, now: float | None = None) -> int:
-        return self._balance(key_id, _needs(now))
-
-    def _balance(self, key_id: str, now: float) -> int:
-        held = self._credits.get(key_id)
-        if held is None or held[1] <= now:
-            self._credits.pop(key_id, None)
-            return 0
-        return held[0]
-
-    def _settle(
-        self, slot: Slot, key_id: str, spec: QuotaSpec, delta: int, paid: bool, now: float | None
-    ) -> None:
-        """`delta` > 0 gives back, < 0 takes without refusing; `paid` settles credits first."""
-        at = _needs(now)
-        if paid:
-            balance = self._balance(key_id, at)
-            if delta > 0:
-                if key_id in self._credits:
-                    self._credits[key_id] = (balance + delta, self._credits[key_id][1])
-                return
-            taken = min(max(0, balance), -delta)
-            if taken:
-                self._credits[key_id] = (balance - taken, self._credits[key_id][1])
-            delta += taken
-            if delta == 0:
-                return
-        limiter = self.limiter(slot, spec)
-        if delta > 0:
-            limiter.refund(key_id, now=at, cost=delta)
-        else:
-            limiter.force(key_id, now=at, cost=-delta)
 
 
 def completed(call: Coroutine[Any, Any, T]) -> T:
@@ -330,9 +302,3 @@ def completed(call: Coroutine[Any, Any, T]) -> T:
         return done.value  # type: ignore[no-any-return]
     call.close()
     raise RuntimeError("the call suspended: only a store that never waits runs here")
-
-
-def _needs(now: float | None) -> float:
-    if now is None:
-        raise ValueError("a memory quota store has no clock of its own: pass `now`")
-    return now

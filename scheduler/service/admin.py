@@ -306,9 +306,12 @@ def _add_quota_routes(
         store = replica.quota.store
         if store is None:
             raise redis_unavailable()
-        if await store.credits(key_id) + amount > MAX_COUNT:
+        record = await replica.registry.refresh(key_id, now=trio.current_time())
+        assert record is not None
+        tag = replica.settings.shared_quotas.tag(record.tenant)  # where its quotas are kept
+        if await store.credits(key_id, tag=tag) + amount > MAX_COUNT:
             raise bad_request(f"credits.amount: the balance would pass {MAX_COUNT}")
-        balance = await store.add_credits(key_id, int(amount), ttl_s=ttl_s)
+        balance = await store.add_credits(key_id, int(amount), ttl_s=ttl_s, tag=tag)
         return _json({"key_id": key_id, "credits": balance})
 
 

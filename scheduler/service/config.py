@@ -30,6 +30,7 @@ from scheduler.errors import SchedulerError
 from scheduler.models.gpu import GpuConfig
 from scheduler.models.pressure_config import ProbeConfig, probe_config_from_mapping
 from scheduler.service.quota import FailMode, QuotaSettings
+from scheduler.service.quota_layers import SharedQuotas
 
 DEMO_BACKEND = "demo"  # a model's backend list may name the built-in demo server
 DEFAULT_REDIS_TIMEOUT_S = 0.1  # each Redis call on the request path; then the fail mode
@@ -96,6 +97,7 @@ class Settings:
     gate: GateConfig
     backend_limits: BackendLimits
     demo: GpuConfig
+    shared_quotas: SharedQuotas = field(default_factory=SharedQuotas)  # tenants' and models'
     redis_url: str | None = None
     redis_timeout_s: float = 0.1
     redis_prefix: str = "sched"  # every Redis key of this deployment starts with it
@@ -256,6 +258,43 @@ def _tiers(root: Table) -> tuple[TierSettings, ...]:
     return tuple(tiers)
 
 
+_LAYER_FIELDS = ("algorithm", "period_s", "requests", "tokens", "request_burst", "token_burst")
+
+
+def layer_quota(table: Table) -> QuotaSettings:
+    """A shared layer's quota table (`[tenants.T.quota]`, `[models.M.quota]`): the fields of
+    a tier's but the per-key ones (`max_concurrency`, `congested_factor`), counting requests
+    or tokens, by `sliding_counter` (the default) or `gcra`: every request of the tenant or
+    model is counted on it, and a `sliding_log` would keep (and read, on every request) an
+    entry per request in the window."""
+    table.only((*_LAYER_FIELDS, "enforce"))
+    counts = any(table.data.get(name) for name in ("requests", "tokens"))
+    _check(counts, table.path, "a shared quota needs requests or tokens")
+    quotas = quota_settings(table, QuotaSettings(algorithm="sliding_counter"))
+    _check(
+        quotas.algorithm != "sliding_log",
+        table.where("algorithm"),
+        "a shared quota is counted by sliding_counter or gcra (a sliding_log would keep an "
+        "entry per request of the whole tenant or model)",
+    )
+    return quotas
+
+
+def _shared_quotas(root: Table, models: Table) -> SharedQuotas:
+    """`[tenants.T.quota]` (`T = "*"`: every tenant without its own) and `[models.M.quota]`."""
+    tenants = []
+    for name, body in root.get("tenants", dict, {}).items():
+        _check(isinstance(body, dict), f"tenants.{name}", "expected a table")
+        t = Table(body, f"tenants.{name}")
+        t.only(("quota",))
+        tenants.append((name, layer_quota(t.table("quota"))))
+    per_model = []
+    for name, body in models.data.items():
+        if isinstance(body, dict) and "quota" in body:
+            per_model.append((name, layer_quota(Table(body["quota"], f"models.{name}.quota"))))
+    return SharedQuotas(tuple(tenants), tuple(per_model))
+
+
 def quota_settings(table: Table, base: QuotaSettings | None = None) -> QuotaSettings:
     """A quota table (`[tiers.X.quota]`, or an admin API body) over `base`'s values."""
     base = base or QuotaSettings()
@@ -334,6 +373,7 @@ _MODEL_FIELDS = (
     "cache_stale_s",
     "max_inflight",
     "pressure",
+    "quota",
 )
 
 
@@ -346,6 +386,7 @@ def _models(root: Table) -> tuple[ModelSettings, ...]:
         t = Table(body, f"models.{name}")
         t.only(_MODEL_FIELDS)
         backends = t.get("backends", list, [])
+        t.get("quota", dict, {})  # the model's shared quota: `_shared_quotas`
         _check(bool(backends), t.where("backends"), "at least one backend URL is required")
         for url in backends:
             _check(
@@ -510,6 +551,7 @@ def load_settings(
     secret = env.get("SCHEDULER_KEY_SECRET", "").encode() or b"scheduler-dev-secret"
     keys = _keys(root, {t.core.name for t in tiers}, secret, env, demo=path is None)
     models = _models(root)
+    shared = _shared_quotas(root, Table(root.get("models", dict, {}), "models"))
     controller, gate = _controller(root)
     redis = _redis(root, env)
     limits = _dataclass_from(root.table("backend_limits"), BackendLimits, "backend_limits")
@@ -521,6 +563,7 @@ def load_settings(
         tiers=tiers,
         keys=keys,
         models=models,
+        shared_quotas=shared,
         controller=controller,
         gate=gate,
         backend_limits=limits,
@@ -546,6 +589,17 @@ def startup_lines(settings: Settings) -> list[str]:
         shadow = ", shadow: counted, never refused" if not q.enforce else ""
         quota = f"{' and '.join(parts)} per {q.period_s:g} s per key ({q.algorithm}{shadow})"
         lines.append(f"tier {tier.core.name}: {quota if parts else 'no quota'}")
+    shared = settings.shared_quotas
+    for kind, whose, tables in (
+        ("tenant", "for all its keys", shared.tenants),
+        ("model", "for every request to it", shared.models),
+    ):
+        for name, q in tables:
+            parts = [f"{q.requests} requests"] if q.requests else []
+            parts += [f"{q.tokens} tokens"] if q.tokens else []
+            shadow = ", shadow: counted, never refused" if not q.enforce else ""
+            counted = f"{' and '.join(parts)} per {q.period_s:g} s {whose}"
+            lines.append(f"{kind} {name}: {counted} ({q.algorithm}{shadow})")
     if not settings.keys:
         admin = (
             "create them through the admin API"

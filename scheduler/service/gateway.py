@@ -36,13 +36,8 @@ from scheduler.service.controls import OpenRequests, RequestControls, request_co
 from scheduler.service.dispatcher import Dispatcher
 from scheduler.service.levers import LeversOwner
 from scheduler.service.metrics import GatewayMetrics, RequestMeter, RequestOutcome
-from scheduler.service.quota import (
-    QuotaGuard,
-    QuotaHold,
-    QuotaSettings,
-    Source,
-    quota_headers,
-)
+from scheduler.service.quota import QuotaGuard, QuotaHold, QuotaSettings, Source
+from scheduler.service.quota_headers import quota_headers
 from scheduler.service.refusals import (
     concurrency_error,
     keys_unavailable,
@@ -171,19 +166,26 @@ class Gateway:
         """Take the key's quota for `job` (its hold, to settle at the end); the rate-limit
         headers, or the refusal raised as an ApiError that carries them."""
         record, tier, call = job.record, job.tier, job.call
+        shared = self.settings.shared_quotas
+        tag = shared.tag(record.tenant)
         verdict = await self.quota.check(
             record.key_id,
             job.quotas,
             tier.fail_mode,
             token_cost=int(call.cost),
             now=trio.current_time(),
+            layers=shared.layers(record.tenant, call.model),
+            tag=tag,
         )
         if verdict.source in (Source.LOCAL, Source.CLOSED):
             self.metrics.fail_mode_decision(tier.core.name, tier.fail_mode)
         if verdict.allowed:
-            job.hold = self.quota.hold(record.key_id, job.quotas, verdict, reserved=int(call.cost))
+            reserved = int(call.cost)
+            job.hold = self.quota.hold(
+                record.key_id, job.quotas, verdict, reserved=reserved, tag=tag
+            )
             if verdict.would_refuse:  # a shadow quota: counted and reported, never refused
-                refusal = quota_refusal(verdict, record, tier, int(call.cost))[0]
+                refusal = quota_refusal(verdict, record, tier, reserved, shared)[0]
                 self.metrics.quota_would_refuse(tier.core.name, refusal.reason)
                 return quota_headers(verdict, job.quotas, refusal)
             return quota_headers(verdict, job.quotas)
@@ -196,7 +198,7 @@ class Gateway:
         )
         redis_down = verdict.source in (Source.CLOSED, Source.UNVERIFIED, Source.MOVING)
         job.meter.outcome = "refused_redis_down" if redis_down else "refused_quota"
-        raise quota_error(verdict, record, tier, int(call.cost))
+        raise quota_error(verdict, record, tier, int(call.cost), shared)
 
     async def _schedule(self, job: Job, pool: Backend) -> Reply:
         record, call, meter = job.record, job.call, job.meter

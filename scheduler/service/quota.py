@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -36,16 +36,17 @@ from backends.redis.quota import QuotaStoreBusy, QuotaStoreError, QuotaStoreTime
 from policies.breaker import BreakerState, ScopedBreakers
 from policies.health import quota_factor, scaled_limit
 from policies.ratelimit import Quota, RateDecision
+from scheduler.core.memory_quota import MemoryQuotaStore
 from scheduler.core.quota_store import (
     AlgorithmKind,
-    MemoryQuotaStore,
+    LayerDecision,
     QuotaDecision,
+    QuotaLayer,
     QuotaSpec,
     QuotaStore,
     Reservation,
     completed,
 )
-from scheduler.openai.errors import Refusal
 
 T = TypeVar("T")
 SPENT_KEYS_MAX = 100_000  # keys remembered as used up, for the fail-open limiter
@@ -153,8 +154,14 @@ class Verdict:
     period_s: float = 60.0
     failing_s: float = math.nan  # CLOSED, UNVERIFIED: how long Redis has been failing
     spent: str = ""  # LOCAL, refused by Redis's last word: "requests" or "tokens"
-    would_refuse: bool = False  # a shadow quota's refusal, admitted (nothing was taken)
+    would_refuse: bool = False  # a shadow quota's refusal, admitted (it took nothing)
     scaled_by: float = 1.0  # the factor the limits were under (`QuotaSettings.scaled_by`)
+    layers: tuple[LayerDecision, ...] = ()  # the shared layers' (its tenant's, its model's)
+
+    @property
+    def key_fits(self) -> bool:
+        """The key's own quotas admit it (whether or not they are enforced)."""
+        return all(d.allowed for d in (self.requests, self.tokens) if d is not None)
 
 
 class QuotaGuard:
@@ -193,15 +200,25 @@ class QuotaGuard:
         *,
         token_cost: int,
         now: float,
+        layers: Sequence[QuotaLayer] = (),
+        tag: str | None = None,
     ) -> Verdict:
-        """The quota decision for one request of `token_cost` tokens; a shadow quota's
-        refusal comes back allowed, marked `would_refuse`."""
-        verdict = await self._decide(key_id, quotas, fail_mode, token_cost=token_cost, now=now)
+        """The quota decision for one request of `token_cost` tokens on the key's quotas and
+        the shared `layers` (its tenant's, its model's), all kept under the hash tag `tag`; a
+        shadow quota's refusal comes back allowed, marked `would_refuse`."""
+        verdict = await self._decide(
+            key_id, quotas, fail_mode, token_cost=token_cost, now=now, layers=layers, tag=tag
+        )
         if quotas.scaled_by != 1 and not quotas.unlimited:
             verdict = dataclasses.replace(verdict, scaled_by=quotas.scaled_by)
-        if verdict.allowed or quotas.enforce:
-            return verdict
-        return dataclasses.replace(verdict, allowed=True, would_refuse=True)
+        if not verdict.allowed:
+            if quotas.enforce or any(layer.enforce for layer in layers):
+                return verdict
+            return dataclasses.replace(verdict, allowed=True, would_refuse=True)
+        shadow_refused = (not quotas.enforce and not verdict.key_fits) or any(
+            not d.layer.enforce and not d.fits for d in verdict.layers
+        )
+        return dataclasses.replace(verdict, would_refuse=True) if shadow_refused else verdict
 
     async def _decide(
         self,
@@ -211,11 +228,13 @@ class QuotaGuard:
         *,
         token_cost: int,
         now: float,
+        layers: Sequence[QuotaLayer],
+        tag: str | None,
     ) -> Verdict:
-        if quotas.unlimited:
+        if quotas.unlimited and not layers:
             return Verdict(True, Source.UNLIMITED)
         requests, tokens = quotas.specs()
-        scope = self.scope_of(key_id)
+        scope = self.scope_of(tag or key_id)
         breaker = self.breakers.get(scope)
         if self.store is not None and breaker.allow(now=now):
             try:
@@ -227,6 +246,9 @@ class QuotaGuard:
                     token_cost=token_cost,
                     timeout_s=self.timeout.current(),
                     burst_credits=quotas.enforce,  # a shadow quota's refusal spends nothing
+                    enforce=quotas.enforce,
+                    layers=layers,
+                    tag=tag,
                 )
                 self.timeout.observe(trio.current_time() - started)
             except QuotaStoreBusy:
@@ -258,23 +280,33 @@ class QuotaGuard:
             # slow, not gone (our own loop under load, or a pause just begun): the script may
             # have run, so admitting here could count the request twice; retry in a second
             return Verdict(False, Source.UNVERIFIED, retry_after_s=1.0, failing_s=failing_s)
-        return self._local_take(key_id, quotas, token_cost, now)
+        return self._local_take(key_id, quotas, token_cost, now, layers)
 
     def hold(
-        self, key_id: str, quotas: QuotaSettings, verdict: Verdict, *, reserved: int
+        self,
+        key_id: str,
+        quotas: QuotaSettings,
+        verdict: Verdict,
+        *,
+        reserved: int,
+        tag: str | None = None,
     ) -> QuotaHold | None:
-        """What an allowed `verdict` holds of the key's quotas, to settle when the call ends
-        (None when nothing was taken: refused, unlimited)."""
-        if verdict.would_refuse or not verdict.allowed:
+        """What an allowed `verdict` holds of the key's quotas and the shared layers it was
+        counted on, to settle when the call ends (None when nothing was taken: refused,
+        unlimited, or only shadow quotas that would refuse)."""
+        if not verdict.allowed or verdict.source not in (Source.REDIS, Source.LOCAL):
             return None
-        if verdict.source not in (Source.REDIS, Source.LOCAL):
+        local = verdict.source is Source.LOCAL
+        layers = tuple(d.layer for d in verdict.layers if d.fits)  # the shares, when local
+        requests, tokens = self._shares(quotas) if local else quotas.specs()
+        if not verdict.key_fits and not verdict.credits_spent:  # a shadow's: nothing taken
+            requests = tokens = None
+        if requests is None and tokens is None and not layers:
             return None
-        if verdict.source is Source.LOCAL:
-            requests, tokens = self._shares(quotas)
-            return QuotaHold(Reservation(key_id, requests, tokens, reserved), self, local=True)
-        requests, tokens = quotas.specs()
-        reservation = Reservation(key_id, requests, tokens, reserved, verdict.credits_spent)
-        return QuotaHold(reservation, self, local=False)
+        reservation = Reservation(
+            key_id, requests, tokens, reserved, verdict.credits_spent, layers, tag
+        )
+        return QuotaHold(reservation, self, local=local)
 
     def _settle_in_redis(self, reservation: Reservation, used: int, failed: bool) -> None:
         """Queue the settlement; a request never waits on it (a failure leaves the
@@ -314,10 +346,21 @@ class QuotaGuard:
         self._spent_until[key_id] = (until, spent)
 
     def _local_take(
-        self, key_id: str, quotas: QuotaSettings, token_cost: int, now: float
+        self,
+        key_id: str,
+        quotas: QuotaSettings,
+        token_cost: int,
+        now: float,
+        layers: Sequence[QuotaLayer],
     ) -> Verdict:
-        """Both quotas or neither, like the Redis script, on this replica's share."""
+        """Every layer or none, like the Redis script, on this replica's share of each."""
         requests, tokens = self._shares(quotas)
+        shares = [
+            dataclasses.replace(
+                layer, requests=self._share(layer.requests), tokens=self._share(layer.tokens)
+            )
+            for layer in layers
+        ]
         take = self._local.take(
             key_id,
             requests=requests,
@@ -325,6 +368,8 @@ class QuotaGuard:
             token_cost=token_cost,
             burst_credits=False,
             now=now,
+            enforce=quotas.enforce,
+            layers=shares,
         )
         decision = completed(take)
         return Verdict(
@@ -334,16 +379,16 @@ class QuotaGuard:
             decision.tokens,
             decision.retry_after_s,
             period_s=quotas.period_s,
+            layers=decision.layers,
         )
 
     def _shares(self, quotas: QuotaSettings) -> tuple[QuotaSpec | None, QuotaSpec | None]:
         """The key's quotas, each at this replica's share of it."""
-
-        def share(spec: QuotaSpec | None) -> QuotaSpec | None:
-            return spec and QuotaSpec(spec.algorithm, spec.quota.per_replica(self.replicas))
-
         requests, tokens = quotas.specs()
-        return share(requests), share(tokens)
+        return self._share(requests), self._share(tokens)
+
+    def _share(self, spec: QuotaSpec | None) -> QuotaSpec | None:
+        return spec and QuotaSpec(spec.algorithm, spec.quota.per_replica(self.replicas))
 
 
 class QuotaHold:
@@ -392,65 +437,5 @@ def _from_decision(decision: QuotaDecision, period_s: float) -> Verdict:
         decision.credits_spent,
         decision.credits_left,
         period_s,
+        layers=decision.layers,
     )
-
-
-def _duration(seconds: float) -> str:
-    """OpenAI's reset format: `1s`, `6m0s`, `20ms`."""
-    if not math.isfinite(seconds):
-        return "0s"
-    if seconds < 1:
-        return f"{max(0, round(seconds * 1000))}ms"
-    whole = math.ceil(seconds)
-    minutes, secs = divmod(whole, 60)
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
-
-
-FACTOR_HEADER = "x-ratelimit-congested-factor"
-
-
-def rate_limit_headers(verdict: Verdict) -> dict[str, str]:
-    """OpenAI's `x-ratelimit-*` fields and the IETF `RateLimit-Policy` / `RateLimit` fields."""
-    headers: dict[str, str] = {}
-    policies, states = [], []
-    window = max(1, round(verdict.period_s))
-    for name, decision in (("requests", verdict.requests), ("tokens", verdict.tokens)):
-        if decision is None:
-            continue
-        headers[f"x-ratelimit-limit-{name}"] = str(decision.limit)
-        headers[f"x-ratelimit-remaining-{name}"] = str(max(0, decision.remaining))
-        headers[f"x-ratelimit-reset-{name}"] = _duration(decision.reset_after_s)
-        policies.append(f'"{name}";q={decision.limit};w={window}')
-        reset = math.ceil(decision.reset_after_s) if math.isfinite(decision.reset_after_s) else 0
-        states.append(f'"{name}";r={max(0, decision.remaining)};t={reset}')
-    if policies:
-        headers["ratelimit-policy"] = ", ".join(policies)
-        headers["ratelimit"] = ", ".join(states)
-    if verdict.credits_left is not None:
-        headers["x-ratelimit-burst-credits-remaining"] = str(verdict.credits_left)
-    if verdict.credits_spent:
-        headers["x-ratelimit-burst-credits-spent"] = str(verdict.credits_spent)
-    if verdict.source is Source.LOCAL:
-        headers["x-ratelimit-source"] = "local"
-    if verdict.scaled_by != 1:  # the limits above are the congested ones
-        headers[FACTOR_HEADER] = f"{verdict.scaled_by:g}"
-    return headers
-
-
-SHADOW_HEADER = "x-scheduler-quota-shadow"
-
-
-def quota_headers(
-    verdict: Verdict, quotas: QuotaSettings, would_refuse: Refusal | None = None
-) -> dict[str, str]:
-    """The headers of an admitted request's quota: the rate-limit fields of an enforced one;
-    for a shadow quota only `x-scheduler-quota-shadow`, `allow` or `would-refuse` with the
-    refusal's reason, knob, threshold and measured value (a client that throttles itself on
-    the rate-limit fields must not react to a quota that is only being tried)."""
-    if quotas.enforce or quotas.unlimited:
-        return rate_limit_headers(verdict)
-    if would_refuse is None:
-        return {SHADOW_HEADER: "allow"}
-    fields = would_refuse.fields()
-    parts = [f"{k}={fields[k]}" for k in ("reason", "limit", "threshold", "observed")]
-    return {SHADOW_HEADER: "; ".join(["would-refuse", *(p for p in parts if "=None" not in p)])}

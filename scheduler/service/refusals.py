@@ -8,6 +8,8 @@ of shedding cannot ship unexplained.
 
     cause                          status  reason                limit (knob)
     over a key's quota             429     requests | tokens     tiers.T.quota.requests, ...
+    over its tenant's or model's   429     requests | tokens     tenants.T.quota.requests,
+                                                                 models.M.quota.tokens, ...
     a request no quota can hold    429     tokens_too_large      tiers.T.quota.tokens
     a key's requests open at once  429     concurrency           tiers.T.quota.max_concurrency
     Redis out, fail mode closed    503     redis_unavailable     tiers.T.fail_mode
@@ -24,11 +26,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from policies.ratelimit import RateDecision
 from scheduler.core import AIMDController, Controller, SchedulerStats, Shed, ShedReason
+from scheduler.core.quota_store import QuotaLayer
 from scheduler.openai.errors import ApiError, Refusal, refused
 from scheduler.service.config import TierSettings
 from scheduler.service.controls import MAX_WAIT_HEADER
-from scheduler.service.quota import DOWN_AFTER_S, Source, Verdict, rate_limit_headers
+from scheduler.service.quota import DOWN_AFTER_S, Source, Verdict
+from scheduler.service.quota_headers import rate_limit_headers
+from scheduler.service.quota_layers import SharedQuotas
 from scheduler.service.tenancy import KeyRecord
 
 
@@ -42,11 +48,20 @@ def quota_knob(record: KeyRecord, tier: str, name: str) -> str:
     return f"tiers.{tier}.quota.{name}"
 
 
+NO_SHARED = SharedQuotas()
+
+
 def quota_refusal(
-    verdict: Verdict, record: KeyRecord, tier: TierSettings, cost: int
+    verdict: Verdict,
+    record: KeyRecord,
+    tier: TierSettings,
+    cost: int,
+    shared: SharedQuotas = NO_SHARED,
 ) -> tuple[Refusal, str, float]:
     """Why the quota refused (or, for a shadow quota, would refuse) a request of `cost`
-    tokens: the refusal, its message and the retry delay."""
+    tokens: the refusal, its message and the retry delay. With `shared` layers, the binding
+    one: of the refusing quotas (enforced ones; for a shadow's, the shadow ones), the one
+    with the longest wait, the key's own first on a tie."""
     name = tier.core.name
     source = verdict.source
     if source is Source.CLOSED:
@@ -61,7 +76,63 @@ def quota_refusal(
     if source is Source.MOVING:
         refusal = Refusal("redis_slot_moving", "redis.cluster")
         return refusal, "Your quota's Redis slot is moving between nodes; retry shortly.", 1.0
+    binding = _binding(verdict, record.quotas(tier.quotas).enforce)
+    if binding is not None and binding[0] is not None:
+        return _over_shared(verdict, shared, binding[0], binding[1], binding[2], cost)
     return _over_quota(verdict, record, tier, cost)
+
+
+def _binding(
+    verdict: Verdict, own_enforced: bool
+) -> tuple[QuotaLayer | None, str, RateDecision] | None:
+    """The refusing quota that binds (None for the layer: the key's own), or None."""
+    shadow = verdict.would_refuse
+    found: list[tuple[QuotaLayer | None, str, RateDecision]] = []
+    if own_enforced != shadow:
+        for which, d in (("tokens", verdict.tokens), ("requests", verdict.requests)):
+            if d is not None and not d.allowed:
+                found.append((None, which, d))
+                break  # the key's tokens first, as ever
+    for ld in verdict.layers:
+        if ld.layer.enforce != shadow:
+            for which, d in (("requests", ld.requests), ("tokens", ld.tokens)):
+                if d is not None and not d.allowed:
+                    found.append((ld.layer, which, d))
+    return max(found, key=lambda f: f[2].retry_after_s) if found else None
+
+
+_WHOSE = {"tenant": "all the keys of tenant {} together", "model": "every request to {}"}
+
+
+def _over_shared(
+    verdict: Verdict,
+    shared: SharedQuotas,
+    layer: QuotaLayer,
+    which: str,
+    decision: RateDecision,
+    cost: int,
+) -> tuple[Refusal, str, float]:
+    """A tenant's or a model's quota refused (the key's own may have room)."""
+    knob = f"{shared.knob(layer)}.{which}"
+    units = cost if which == "tokens" else 1
+    spec = layer.tokens if which == "tokens" else layer.requests
+    period_s = spec.quota.period_s if spec is not None else verdict.period_s
+    whose = _WHOSE[layer.name].format(repr(layer.scope))
+    if math.isinf(decision.retry_after_s):
+        refusal = Refusal(f"{which}_too_large", knob, decision.limit, units, retryable=False)
+        message = (
+            f"Request too large: it may use {cost} tokens but the {layer.name} quota {knob} "
+            f"({whose}) is {decision.limit} per {period_s:g} s."
+        )
+        return refusal, message, period_s
+    observed = max(0, decision.limit - decision.remaining) + units
+    refusal = Refusal(which, knob, decision.limit, observed)
+    message = (
+        f"Rate limit reached for your {layer.name}: {knob} ({whose}) is {decision.limit} per "
+        f"{period_s:g} s and this request would make it {observed}. "
+        "Retry after the time in Retry-After."
+    )
+    return refusal, message, verdict.retry_after_s
 
 
 def _over_quota(
@@ -102,14 +173,20 @@ def _over_quota(
     return refusal, message, verdict.retry_after_s
 
 
-def quota_error(verdict: Verdict, record: KeyRecord, tier: TierSettings, cost: int) -> ApiError:
+def quota_error(
+    verdict: Verdict,
+    record: KeyRecord,
+    tier: TierSettings,
+    cost: int,
+    shared: SharedQuotas = NO_SHARED,
+) -> ApiError:
     """The 429 (over quota) or 503 (Redis out, slow or moving) for a refused `verdict`."""
-    refusal, message, retry_after_s = quota_refusal(verdict, record, tier, cost)
+    refusal, message, retry_after_s = quota_refusal(verdict, record, tier, cost, shared)
     if verdict.source in (Source.CLOSED, Source.UNVERIFIED, Source.MOVING):
         return refused(503, message, refusal, retry_after_s=retry_after_s)
     kind = "tokens" if refusal.reason.startswith("tokens") else "requests"
     error = refused(429, message, refusal, retry_after_s=retry_after_s, type=kind)
-    error.extra_headers.update(rate_limit_headers(verdict))
+    error.extra_headers.update(rate_limit_headers(verdict, own=record.quotas(tier.quotas).enforce))
     return error
 
 

@@ -64,7 +64,7 @@ from sim.engine.model import ControllerSpec, Scenario
 from sim.engine.recorder import Recorder
 from sim.engine.results import SimResult
 from sim.engine.shedding import FallbackBackend, Shedding
-from sim.engine.state import Backend, Replica, TierState, probe_config, scrape
+from sim.engine.state import Backend, Replica, SharedQuotas, TierState, probe_config, scrape
 
 ProgressFn = Callable[[float], None]
 """Told the fraction (0..1) of the scenario's duration simulated so far."""
@@ -116,8 +116,10 @@ class Simulation:
             )
             for i, t in enumerate(scenario.tiers)
         ]
+        quotas = SharedQuotas(scenario.model_quota)  # one store: the model's quota is shared
         self._tiers = [
-            TierState(i, t, self._sources[i].key_names) for i, t in enumerate(scenario.tiers)
+            TierState(i, t, self._sources[i].key_names, quotas)
+            for i, t in enumerate(scenario.tiers)
         ]
         pool = scenario.backends
         probe = probe_config(pool.gpu, self.controller_spec.tick_s)

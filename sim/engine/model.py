@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import zlib
 from dataclasses import dataclass, field
 
 from policies.ladder import ShedLadder
@@ -123,6 +124,14 @@ class TierSpec:
     cache_hit_ratio: float = 0.0
     quota: QuotaSpec | None = None
     shed_budget: float = 0.01
+    tenants: int = 0  # how many tenants the keys belong to (0: each key its own)
+    tenant_quota: QuotaSpec | None = None  # each tenant's, all its keys together
+
+    def tenant_of(self, key: str) -> str:
+        """`key`'s tenant: one of `tenants`, by a stable hash of its name (or its own)."""
+        if not self.tenants:
+            return key
+        return f"{self.name}-t{zlib.crc32(key.encode()) % self.tenants}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +196,7 @@ class Scenario:
     compare: tuple[ControllerSpec, ...] = ()
     replicas: int = 1  # gateway replicas, each with its own core and controller
     scrape_age_s: float = 0.0  # how old the pressure is when the controller ticks
+    model_quota: QuotaSpec | None = None  # the model's, every tier's keys together
 
     def tier(self, name: str) -> TierSpec:
         for tier in self.tiers:

@@ -13,7 +13,14 @@ from array import array
 from policies.ladder import ShedLadder
 from policies.ratelimit import Quota
 from scheduler.core import Scheduler, ShedReason, Ticket
-from scheduler.core.quota_store import AlgorithmKind, MemoryQuotaStore, Reservation, completed
+from scheduler.core.memory_quota import MemoryQuotaStore
+from scheduler.core.quota_store import (
+    AlgorithmKind,
+    LayerName,
+    QuotaLayer,
+    Reservation,
+    completed,
+)
 from scheduler.core.quota_store import QuotaSpec as StoreSpec
 from scheduler.models.gpu import GpuConfig, GpuModel
 from scheduler.models.pressure import PressureConfig, PressureModel, Scrape, pool_pressure
@@ -38,6 +45,23 @@ def quota_specs(spec: QuotaSpec) -> tuple[StoreSpec | None, StoreSpec | None]:
     return (store_spec, None) if spec.unit is QuotaUnit.REQUESTS else (None, store_spec)
 
 
+def quota_layer(name: LayerName, scope: str, spec: QuotaSpec) -> QuotaLayer:
+    """A tenant's or the model's quota as the service's shared layer."""
+    requests, tokens = quota_specs(spec)
+    return QuotaLayer(name, scope, requests, tokens)
+
+
+class SharedQuotas:
+    """The quota store every tier's keys share (the model's quota is all of theirs, as the
+    service's Redis is), and the model's layer."""
+
+    __slots__ = ("model", "store")
+
+    def __init__(self, model_quota: QuotaSpec | None = None) -> None:
+        self.store = MemoryQuotaStore()
+        self.model = quota_layer("model", "sim", model_quota) if model_quota else None
+
+
 class TierState:
     """One tier's config slice and its running counts."""
 
@@ -57,7 +81,9 @@ class TierState:
         "ladder",
         "last",
         "latencies",
+        "layers",
         "max_wait_s",
+        "model",
         "name",
         "offered",
         "output_sum",
@@ -76,7 +102,9 @@ class TierState:
         "zero_waits",
     )
 
-    def __init__(self, index: int, spec: TierSpec, key_names: list[str]) -> None:
+    def __init__(
+        self, index: int, spec: TierSpec, key_names: list[str], shared: SharedQuotas | None = None
+    ) -> None:
         self.index = index
         self.spec = spec
         self.name = spec.name
@@ -84,7 +112,11 @@ class TierState:
         self.max_wait_s = spec.max_wait_s
         self.ladder: ShedLadder = spec.ladder
         self.cache_ratio = spec.cache_hit_ratio
-        self.quotas = MemoryQuotaStore() if spec.quota is not None else None
+        shared = shared or SharedQuotas()
+        layered = spec.tenant_quota is not None or shared.model is not None
+        self.quotas = shared.store if spec.quota is not None or layered else None
+        self.layers: dict[str, tuple[QuotaLayer, ...]] = {}  # each key's, once seen
+        self.model = shared.model
         self.quota_requests, self.quota_tokens = (
             quota_specs(spec.quota) if spec.quota is not None else (None, None)
         )
@@ -105,7 +137,8 @@ class TierState:
 
     def take_quota(self, key: str, tokens: int, now: float) -> bool:
         """The key's quota decision, as the service's guard takes it: 1 request and `tokens`
-        reserved (the sim knows the true size), both or neither, no burst credits."""
+        reserved (the sim knows the true size) on the key's own quota, its tenant's and the
+        model's, all or none, no burst credits."""
         if self.quotas is None:
             return True
         take = self.quotas.take(
@@ -115,16 +148,28 @@ class TierState:
             token_cost=tokens,
             burst_credits=False,
             now=now,
+            layers=self.layers_of(key),
         )
         return completed(take).allowed
 
     def give_back(self, key: str, tokens: int, now: float) -> None:
         """A request that got no answer (a 503 or a dropped call) settles as `failed`, as the
-        gateway settles it: the request and its reserved tokens go back."""
+        gateway settles it: the request and its reserved tokens go back, on every layer."""
         if self.quotas is None:
             return
-        reservation = Reservation(key, self.quota_requests, self.quota_tokens, tokens)
+        reservation = Reservation(
+            key, self.quota_requests, self.quota_tokens, tokens, layers=self.layers_of(key)
+        )
         completed(reservation.settle(self.quotas, used=0, failed=True, now=now))
+
+    def layers_of(self, key: str) -> tuple[QuotaLayer, ...]:
+        """The shared layers `key` is counted on: its tenant's, then the model's."""
+        layers = self.layers.get(key)
+        if layers is None:
+            spec = self.spec.tenant_quota
+            found = [quota_layer("tenant", self.spec.tenant_of(key), spec)] if spec else []
+            layers = self.layers[key] = (*found, *(m for m in (self.model,) if m))
+        return layers
 
     def not_served(self) -> int:
         return self.shed + self.cache + self.fallback + self.dropped

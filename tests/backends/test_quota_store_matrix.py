@@ -21,10 +21,10 @@ import pytest
 
 from backends.redis.quota import RedisQuotaStore
 from policies.ratelimit import Quota
+from scheduler.core.memory_quota import MemoryQuotaStore
 from scheduler.core.quota_store import (
     ALGORITHM_KINDS,
     AlgorithmKind,
-    MemoryQuotaStore,
     QuotaDecision,
     QuotaSpec,
     QuotaStore,

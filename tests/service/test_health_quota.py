@@ -16,7 +16,8 @@ import trio
 
 from scheduler.models.gpu import GpuConfig
 from scheduler.service.config import ConfigError, load_settings
-from scheduler.service.quota import FACTOR_HEADER, QuotaSettings
+from scheduler.service.quota import QuotaSettings
+from scheduler.service.quota_headers import FACTOR_HEADER
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
 from tests.service.test_admin import eventually

@@ -48,7 +48,8 @@ from scheduler.core import (
     Shed,
     Ticket,
 )
-from scheduler.core.quota_store import MemoryQuotaStore, QuotaDecision
+from scheduler.core.memory_quota import MemoryQuotaStore
+from scheduler.core.quota_store import QuotaDecision
 from scheduler.openai.body import InferenceCall
 from scheduler.service.config import load_settings
 from scheduler.service.dispatcher import Dispatcher

@@ -21,12 +21,12 @@ import pytest
 
 from backends.probes.metrics import ModelProbe, PoolPressure
 from backends.redis.quota import RedisQuotaStore
-from bench.fidelity_schedule import arrival_schedule, gateway_config
+from bench.fidelity_schedule import MODEL, arrival_schedule, clear_key, gateway_config
 from scheduler.core import request_cost
-from scheduler.core.quota_store import Slot
+from scheduler.core.quota_store import QuotaLayer, Slot
 from scheduler.models.gpu import GpuConfig
 from scheduler.openai.body import InferenceCall
-from scheduler.service.config import load_settings
+from scheduler.service.config import key_id, load_settings
 from sim.engine import Simulation
 from sim.engine.model import (
     QuotaAlgorithm,
@@ -112,6 +112,73 @@ async def test_every_quota_decision_is_the_services(
             redis_state = await store.state(key, slot=slot, spec=spec)
             mine = peek.take(limiter.state(key), now=end, cost=0)[0]
             assert mine == peek.take(redis_state, now=end, cost=0)[0], key
+
+
+LAYERED = (
+    SCENARIO.replace("keys = 4", "keys = 6\ntenants = 2")
+    + """
+[tiers.quota]
+limit = 6
+period_s = 1.0
+[tiers.tenant_quota]
+limit = 16
+period_s = 1.0
+
+[model_quota]
+limit = 800
+period_s = 1.0
+unit = "tokens"
+algorithm = "gcra"
+"""
+)
+
+
+async def test_every_layered_quota_decision_is_the_services(redis_url: str, tmp_path: Path) -> None:
+    """A key's own quota, its tenant's and the model's: the simulator's memory store and the
+    service's Redis script, on the gateway's own config of the scenario, refuse the same
+    arrivals and leave the shared layers in the same state."""
+    sc = parse_scenario(LAYERED, source="layered.toml")
+    schedule = arrival_schedule(sc)
+    config = tmp_path / "gateway.toml"
+    config.write_text(gateway_config(sc, ["http://127.0.0.1:1"], schedule))
+    settings = load_settings(config, env={})
+    requests, tokens = settings.tier("free").quotas.specs()
+    shared, tenant_of = settings.shared_quotas, {k.key_id: k.tenant for k in settings.keys}
+
+    refused, by_layer = 0, dict.fromkeys(("key", "tenant", "model"), 0)
+    async with open_pipelined(redis_url) as (redis, pipeliner):
+        store = RedisQuotaStore(
+            redis, prefix=f"shared-{uuid.uuid4().hex[:8]}", pipeliner=pipeliner, min_ttl_s=600
+        )
+        for a in schedule:
+            tenant = tenant_of[key_id(clear_key(a), settings.key_secret)]
+            call = InferenceCall("chat", "m", False, a.prompt_tokens, a.output_tokens, {})
+            decision = await store.take(
+                a.key,
+                requests=requests,
+                tokens=tokens,
+                token_cost=int(call.cost),
+                now=a.at_s,
+                layers=shared.layers(tenant, MODEL),
+                tag=shared.tag(tenant),
+            )
+            refused += not decision.allowed
+            if not decision.allowed:
+                for d in decision.layers:
+                    by_layer[d.layer.name] += not d.fits
+                by_layer["key"] += bool(decision.requests and not decision.requests.allowed)
+        simulation = Simulation(sc)
+        result = simulation.run().tier("free")
+        assert all(by_layer[name] > 0 for name in ("key", "tenant", "model")), by_layer
+        assert (result.offered, result.refused_by_quota) == (len(schedule), refused)
+
+        ts = simulation.tiers[0]
+        assert ts.quotas is not None and ts.model is not None
+        model = QuotaLayer("model", MODEL, ts.model.requests, ts.model.tokens)
+        assert model.tokens is not None and shared.layers("x", MODEL)[-1].tokens == model.tokens
+        mine = ts.quotas.limiter("tokens", model.tokens, "model").state("sim")
+        theirs = await store.state("", slot="tokens", spec=model.tokens, layer=model, tag="quota")
+        assert mine == theirs
 
 
 def test_the_sims_pressure_is_the_pools() -> None:
