@@ -38,7 +38,8 @@ class Request(NamedTuple):
 def request_cost(prompt_tokens: int, output_tokens: int) -> float:
     """A request's cost in the fair queue and its token reservation: the prompt plus the
     output it may produce (the service's `max_tokens`, the simulator's drawn size), at least 1."""
-    return float(max(1, prompt_tokens + output_tokens))
+    tokens = prompt_tokens + output_tokens
+    return float(tokens) if tokens > 1 else 1.0
 
 
 class ShedReason(enum.Enum):
