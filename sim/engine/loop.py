@@ -234,12 +234,11 @@ class Simulation:
         sched = replica.sched
         request = _new(Request, (rid, key, ts.name, key, "sim", cost, now, _INF))
         decision = sched.submit(request, now=now)
-        kind = type(decision)
-        if kind is Admit:
+        if isinstance(decision, Admit):
             ts.admitted += 1
             ts.zero_waits += 1
             self._dispatch(decision.ticket, ts, k, p, o, replica, now)
-        elif kind is Queued:
+        elif isinstance(decision, Queued):
             replica.info[rid] = (ts, k, p, o)
             if sched.depth == 1:
                 self._arm(replica, now)
