@@ -309,27 +309,26 @@ class GpuModel:
         while True:
             if self._cancelled:
                 self._drop_dead()
-            step = math.inf  # the earliest head of the three heaps (their steps are finite)
+            # The earliest head of the three heaps; of equal steps, a prompt's end comes
+            # first, then a first token, then a finish.
+            heap, step = None, math.inf
             if prefills:
-                step = prefills[0][0]
+                heap, step = prefills, prefills[0][0]
             if firsts and firsts[0][0] < step:
-                step = firsts[0][0]
+                heap, step = firsts, firsts[0][0]
             if ends and ends[0][0] < step:
-                step = ends[0][0]
-            if step == math.inf:
+                heap, step = ends, ends[0][0]
+            if heap is None:
                 break
             at = self._now if step <= self._step else self._now + (step - self._step) * self._step_s
             if at > now:
                 break
             self._now = at
             self._step = step
-            if prefills and prefills[0][0] == step:
-                self._prefilling.discard(pop(prefills)[2].id)
-                self._restep()
-            elif firsts and firsts[0][0] == step:
-                pop(firsts)[2].first_token_at = at
-            else:
-                seq = pop(ends)[2]
+            seq = pop(heap)[2]
+            if heap is firsts:
+                seq.first_token_at = at
+            elif heap is ends:
                 seq.finished_at = at
                 running = self._running
                 del running[seq.id]
@@ -338,6 +337,9 @@ class GpuModel:
                 self._finished += 1
                 finished.append(seq)
                 self._start_waiting()
+            else:
+                self._prefilling.discard(seq.id)
+                self._restep()
         if now > self._now:
             if self._running:  # step_at, inline
                 step_s = self._step_s
