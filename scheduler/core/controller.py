@@ -41,6 +41,9 @@ class LatencySignal(enum.Enum):
     TPOT = "tpot"  # time per output token after the first
 
 
+_LATENCY = LatencySignal.LATENCY
+
+
 class Sample(NamedTuple):
     """One finished backend call."""
 
@@ -198,7 +201,8 @@ class AIMDController:
             signals = self._signals
             if len(signals) >= _MAX_SAMPLES:
                 del signals[: _MAX_SAMPLES // 2]
-            signals.append(sample.signal(self._config.latency_signal))
+            which = self._config.latency_signal
+            signals.append(sample.latency_s if which is _LATENCY else sample.signal(which))
         elif outcome is _DROPPED:
             self._drops += 1
 

@@ -134,18 +134,19 @@ class Gate:
 
     def admit(self, request: Request, *, now: float) -> Ticket | None:
         """A ticket if the limit allows one more request now, else None."""
+        inflight = self._inflight
         if self._rate_mode:
             self._refill(now)
             if not self._tokens >= 1.0:
                 return None
             self._tokens -= 1.0
-        elif self._inflight >= self._window:
+        elif inflight >= self._window:
             return None
-        self._inflight += 1
+        self._inflight = inflight = inflight + 1
         self._admitted += 1
         self._window_admitted += 1
-        if self._inflight > self._peak_inflight:
-            self._peak_inflight = self._inflight
+        if inflight > self._peak_inflight:
+            self._peak_inflight = inflight
         return Ticket(next(self._ids), request, now)
 
     def admit_bypass(self, request: Request, *, now: float) -> Ticket:

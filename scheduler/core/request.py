@@ -2,7 +2,9 @@
 
 Decisions are plain values: the core never raises to say "no". The hot values (requests,
 decisions) are named tuples: immutable like frozen dataclasses, at a fifth of the cost to
-make, which the simulator's millions of requests notice. A shed or a refusal is an
+make, which the simulator's millions of requests notice; the hottest paths (the core's
+`Admit` and `Queued`, the simulator's `Request` and `Sample`) call `tuple.__new__` with every
+field, half the cost again of calling the class. A shed or a refusal is an
 ordinary outcome that the service turns into a response (the tier's shed ladder, a 429 or a
 503); exceptions are kept for programming errors such as ending a ticket twice.
 """
@@ -38,7 +40,8 @@ class Request(NamedTuple):
 def request_cost(prompt_tokens: int, output_tokens: int) -> float:
     """A request's cost in the fair queue and its token reservation: the prompt plus the
     output it may produce (the service's `max_tokens`, the simulator's drawn size), at least 1."""
-    return float(max(1, prompt_tokens + output_tokens))
+    tokens = prompt_tokens + output_tokens
+    return float(tokens) if tokens > 1 else 1.0
 
 
 class ShedReason(enum.Enum):

@@ -104,7 +104,7 @@ class Scheduler:
             if ticket is not None:
                 counts.admitted += 1
                 counts.admitted_cost += request.cost
-                return Admit(request, ticket, 0.0)
+                return tuple.__new__(Admit, (request, ticket, 0.0))  # Admit(...) at half the cost
         config = counts.config
         if config.shed_on_overload and self._controller.congested:
             return self._shed(request, ShedReason.OVERLOAD, counts)
@@ -117,7 +117,7 @@ class Scheduler:
         if entry is None:
             return self._shed(request, ShedReason.QUEUE_FULL, counts)
         self._entries[request.id] = entry
-        return Queued(request)
+        return tuple.__new__(Queued, (request,))  # Queued(request) at half the cost
 
     def predict_wait_s(self, request: Request, *, now: float) -> float:
         """How long `request` would wait in the queue if it were queued now (0 while the
@@ -165,7 +165,7 @@ class Scheduler:
             counts.admitted += 1
             counts.admitted_cost += request.cost
             counts.admitted_after_queue += 1
-            admitted.append(Admit(request, ticket, now - request.arrival_at))
+            admitted.append(tuple.__new__(Admit, (request, ticket, now - request.arrival_at)))
         return admitted
 
     def expire(self, *, now: float) -> list[Shed]:

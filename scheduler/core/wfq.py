@@ -182,14 +182,15 @@ class WeightedFairQueue:
         tier = self._tiers.get(request.tier)
         if tier is None:
             raise KeyError(f"unknown tier {request.tier!r}")
-        if not request.cost > 0:
-            raise ValueError(f"request.cost must be > 0, got {request.cost}")
+        cost, deadline_at = request.cost, request.deadline_at
+        if not cost > 0:
+            raise ValueError(f"request.cost must be > 0, got {cost}")
         config = tier.config
         if tier.depth >= config.max_depth:
             return None
         tier_deadline = request.arrival_at + config.max_wait_s
-        entry = Entry(request, min(request.deadline_at, tier_deadline), tier)
-        if request.deadline_at < tier_deadline:
+        entry = Entry(request, min(deadline_at, tier_deadline), tier)
+        if deadline_at < tier_deadline:
             heapq.heappush(self._early, (entry.deadline_at, next(self._seq), entry))
         else:
             tier.fifo.append(entry)
@@ -197,7 +198,8 @@ class WeightedFairQueue:
         flow = tier.flows.get(key_id)
         if flow is None:
             vtime = tier.vtime
-            start = max(vtime, tier.key_finish.pop(key_id, vtime))
+            start = tier.key_finish.pop(key_id, vtime)
+            start = start if start > vtime else vtime  # max(vtime, start), without the call
             spare = self._spare_flows
             if spare:
                 flow = spare.pop()
@@ -208,8 +210,8 @@ class WeightedFairQueue:
             tier.flows[key_id] = flow
             heapq.heappush(tier.heap, (start, next(self._seq), flow))
         flow.entries.append(entry)
-        flow.cost += request.cost
-        tier.cost += request.cost
+        flow.cost += cost
+        tier.cost += cost
         tier.depth += 1
         self._depth += 1
         if not tier.active:
@@ -236,14 +238,14 @@ class WeightedFairQueue:
                 heapq.heappop(root)
                 tier.active = False
                 continue
-            weight = tier.config.weight
+            weight, cost = tier.config.weight, entry.request.cost
             self._vtime = start = tier.start
-            tier.finish = finish = start + entry.request.cost / weight
+            tier.finish = finish = start + cost / weight
             entry.state = _ADMITTED
-            tier.depth -= 1
+            tier.depth = depth = tier.depth - 1
             self._depth -= 1
-            tier.cost = tier.cost - entry.request.cost if tier.depth else 0.0
-            if tier.depth > 0:
+            tier.cost = tier.cost - cost if depth else 0.0
+            if depth > 0:
                 tier.start = finish
                 heapq.heapreplace(root, (finish, -weight, next(self._seq), tier))
             else:
@@ -264,9 +266,10 @@ class WeightedFairQueue:
             entry = None
             if entries:
                 entry = entries.popleft()
-                flow.cost -= entry.request.cost
+                cost = entry.request.cost
+                flow.cost -= cost
                 tier.vtime = finish
-                finish += entry.request.cost
+                finish += cost
                 while entries and entries[0].state is not _QUEUED:
                     entries.popleft()
                 if entries:

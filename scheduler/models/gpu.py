@@ -108,6 +108,7 @@ class Sequence:
     """One request inside the model. Times are set when they become known."""
 
     __slots__ = (
+        "context",
         "done_step",
         "finished_at",
         "first_step",
@@ -127,6 +128,7 @@ class Sequence:
         self.prompt_tokens = prompt_tokens
         self.output_tokens = output_tokens
         self.kv_tokens = prompt_tokens + output_tokens
+        self.context = context_of(prompt_tokens, output_tokens)
         self.submitted_at = now
         self.started_at = math.nan
         self.first_token_at = math.nan
@@ -184,7 +186,12 @@ class GpuModel:
         """Accept a request (it runs or waits), or None when the waiting room is full or the
         request could never fit in the KV cache."""
         self.advance(now)
-        seq = Sequence(seq_id, max(0, prompt_tokens), max(1, output_tokens), now)
+        seq = Sequence(
+            seq_id,
+            prompt_tokens if prompt_tokens > 0 else 0,
+            output_tokens if output_tokens > 1 else 1,
+            now,
+        )
         config, waiting = self.config, self._waiting
         if seq.kv_tokens > config.kv_capacity_tokens or (
             len(waiting) >= config.max_waiting and (waiting or not self._fits(seq))
@@ -225,40 +232,47 @@ class GpuModel:
         )
 
     def _start_waiting(self) -> None:
-        """Start what fits from the waiting room, then set the step time of the batch."""
-        waiting, config, step = self._waiting, self.config, self._step
-        # a join's cost as prompt tokens, per sequence decoding when the newcomers start: past
-        # its prompt before this step, and not ending at it (a wave that ends together is
-        # followed by one that starts together, into an idle batch)
-        join_tokens = 0.0
-        if config.prefill_join_s > 0 and waiting:
-            decoding = sum(
-                1 for seq in self._running.values() if seq.prefilled_step < step < seq.done_step
-            )
-            join_tokens = decoding * config.prefill_join_s / config.prefill_s_per_token
-        while waiting and self._fits(waiting[0]):
-            seq = waiting.popleft()
-            seq.started_at = self._now
-            seq.start_step = step
-            prompt = seq.prompt_tokens + join_tokens
-            prefilled = step + prompt / config.prefill_tokens_per_step
-            seq.prefilled_step = prefilled
-            seq.first_step = first = prefilled + 1
-            seq.done_step = done = first + seq.output_tokens - 1
-            self._running[seq.id] = seq
-            if config.prefill_s_per_token > 0 and prompt > 0:
-                self._prefilling.add(seq.id)
-                heapq.heappush(self._prefills, (prefilled, seq.id, seq))
-            self._kv_used += seq.kv_tokens
-            self._context += context_of(seq.prompt_tokens, seq.output_tokens)
-            self._started += 1
-            heapq.heappush(self._firsts, (first, seq.id, seq))
-            heapq.heappush(self._ends, (done, seq.id, seq))
-        self._restep()
+        """Start what fits from the waiting room (`_fits`), then set the step time of the
+        batch (`_restep`); both inline, as this runs at every start and end."""
+        waiting, config, running = self._waiting, self.config, self._running
+        if waiting:
+            step, now, push = self._step, self._now, heapq.heappush
+            max_batch, kv_capacity = config.max_batch, config.kv_capacity_tokens
+            # a join's cost as prompt tokens, per sequence decoding when the newcomers start:
+            # past its prompt before this step, and not ending at it (a wave that ends
+            # together is followed by one that starts together, into an idle batch)
+            join_tokens = 0.0
+            if config.prefill_join_s > 0:
+                decoding = sum(
+                    1 for seq in running.values() if seq.prefilled_step < step < seq.done_step
+                )
+                join_tokens = decoding * config.prefill_join_s / config.prefill_s_per_token
+            while waiting:
+                seq = waiting[0]
+                if len(running) >= max_batch or self._kv_used + seq.kv_tokens > kv_capacity:
+                    break
+                waiting.popleft()
+                seq.started_at = now
+                seq.start_step = step
+                prompt = seq.prompt_tokens + join_tokens
+                prefilled = step + prompt / config.prefill_tokens_per_step
+                seq.prefilled_step = prefilled
+                seq.first_step = first = prefilled + 1
+                seq.done_step = done = first + seq.output_tokens - 1
+                running[seq.id] = seq
+                if config.prefill_s_per_token > 0 and prompt > 0:
+                    self._prefilling.add(seq.id)
+                    push(self._prefills, (prefilled, seq.id, seq))
+                self._kv_used += seq.kv_tokens
+                self._context += seq.context
+                self._started += 1
+                push(self._firsts, (first, seq.id, seq))
+                push(self._ends, (done, seq.id, seq))
+        self._step_s = config.step_s(len(running), len(self._prefilling), self._context)
 
     def _release(self, seq: Sequence) -> None:
         self._kv_used -= seq.kv_tokens
-        self._context -= context_of(seq.prompt_tokens, seq.output_tokens)
+        self._context -= seq.context
         if not self._running:
             self._context = 0.0  # no float residue left behind
 
@@ -292,7 +306,13 @@ class GpuModel:
         if self._cancelled:
             self._drop_dead()
         ends, prefills = self._ends, self._prefills
-        finish_at = self.time_of_step(ends[0][0]) if ends else math.inf
+        if ends:  # time_of_step, inline
+            step = ends[0][0]
+            finish_at = (
+                self._now if step <= self._step else self._now + (step - self._step) * self._step_s
+            )
+        else:
+            finish_at = math.inf
         if prefills:
             return min(finish_at, self.time_of_step(prefills[0][0]))
         return finish_at
@@ -310,35 +330,41 @@ class GpuModel:
         while True:
             if self._cancelled:
                 self._drop_dead()
-            step = math.inf  # the earliest head of the three heaps (their steps are finite)
+            # The earliest head of the three heaps; of equal steps, a prompt's end comes
+            # first, then a first token, then a finish.
+            heap, step = None, math.inf
             if prefills:
-                step = prefills[0][0]
+                heap, step = prefills, prefills[0][0]
             if firsts and firsts[0][0] < step:
-                step = firsts[0][0]
+                heap, step = firsts, firsts[0][0]
             if ends and ends[0][0] < step:
-                step = ends[0][0]
-            if step == math.inf:
+                heap, step = ends, ends[0][0]
+            if heap is None:
                 break
             at = self._now if step <= self._step else self._now + (step - self._step) * self._step_s
             if at > now:
                 break
             self._now = at
             self._step = step
-            if prefills and prefills[0][0] == step:
-                self._prefilling.discard(pop(prefills)[2].id)
-                self._restep()
-            elif firsts and firsts[0][0] == step:
-                pop(firsts)[2].first_token_at = at
-            else:
-                seq = pop(ends)[2]
+            seq = pop(heap)[2]
+            if heap is firsts:
+                seq.first_token_at = at
+            elif heap is ends:
                 seq.finished_at = at
-                del self._running[seq.id]
-                self._release(seq)
+                running = self._running
+                del running[seq.id]
+                self._kv_used -= seq.kv_tokens  # _release, inline
+                self._context = self._context - seq.context if running else 0.0
                 self._finished += 1
                 finished.append(seq)
                 self._start_waiting()
+            else:
+                self._prefilling.discard(seq.id)
+                self._restep()
         if now > self._now:
-            self._step = self.step_at(now) if self._running else self._step
+            if self._running:  # step_at, inline
+                step_s = self._step_s
+                self._step = math.inf if step_s == 0 else self._step + (now - self._now) / step_s
             self._now = now
         return finished
 

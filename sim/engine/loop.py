@@ -77,6 +77,8 @@ _INF = math.inf
 _LOST = 1 << 62  # the load of a lost backend: never the least
 _COMPLETED = Outcome.COMPLETED
 _DROPPED = Outcome.DROPPED
+_heappush = heapq.heappush
+_new = tuple.__new__  # makes the hot named tuples (every field given) at half a call's cost
 
 Event = tuple[float, int, int, Any]  # (at, seq, kind, payload)
 
@@ -201,16 +203,16 @@ class Simulation:
         """Handle every heap event due at or before `now`; backend wake-ups, the hot kind,
         inline."""
         heap, pop = self._heap, heapq.heappop
+        complete, reschedule = self._complete, self._reschedule
         while heap[0][0] <= now:
-            event = pop(heap)
-            if event[2] != _BACKEND:
+            at, _, kind, backend = event = pop(heap)
+            if kind != _BACKEND:
                 self._handle(event)
                 continue
             self._events += 1
-            at, backend = event[0], event[3]
             if at == backend.wake_at and backend.alive:  # else: stale
-                self._complete(backend, at)
-                self._reschedule(backend, at)
+                complete(backend, at)
+                reschedule(backend, at)
                 if self._need_poll:
                     self._poll_all(at)
 
@@ -228,11 +230,12 @@ class Simulation:
         if ts.quotas is not None and not ts.take_quota(key, int(cost), now):
             ts.refused += 1
             return
-        self._rid += 1
-        rid = self._rid
-        replica = self._replicas[rid % len(self._replicas)]
+        self._rid = rid = self._rid + 1
+        replicas = self._replicas
+        replica = replicas[rid % len(replicas)]
         sched = replica.sched
-        decision = sched.submit(Request(rid, key, ts.name, key, "sim", cost, now), now=now)
+        request = _new(Request, (rid, key, ts.name, key, "sim", cost, now, _INF))
+        decision = sched.submit(request, now=now)
         if isinstance(decision, Admit):
             ts.admitted += 1
             ts.zero_waits += 1
@@ -371,14 +374,15 @@ class Simulation:
     def _reschedule(self, backend: Backend, now: float) -> None:
         """Keep one wake-up pending at the backend's next finish; end at once what is due
         now (float rounding can leave an end a hair past the time it was computed for)."""
-        due = backend.gpu.next_finish_at()
+        next_finish_at = backend.gpu.next_finish_at
+        due = next_finish_at()
         while due <= now:
             self._complete(backend, now)
-            due = backend.gpu.next_finish_at()
+            due = next_finish_at()
         if due != backend.wake_at:
             backend.wake_at = due
             if due < _INF:
-                heapq.heappush(self._heap, (due, next(self._seq), _BACKEND, backend))
+                _heappush(self._heap, (due, next(self._seq), _BACKEND, backend))
 
     def _complete(self, backend: Backend, now: float) -> None:
         """Advance `backend` to now and end every request that finished."""
@@ -392,9 +396,8 @@ class Simulation:
             admitted_at = ticket.admitted_at
             done_at = seq.finished_at
             ttft = seq.first_token_at - admitted_at
-            replica.sched.finish(
-                ticket, Sample(done_at - admitted_at, _COMPLETED, ttft, seq.output_tokens)
-            )
+            sample = (done_at - admitted_at, _COMPLETED, ttft, seq.output_tokens)
+            replica.sched.finish(ticket, _new(Sample, sample))
             latency = done_at - ticket.request.arrival_at
             ts.completed += 1
             ts.latencies.append(latency)
