@@ -61,6 +61,7 @@ class SchedulerStats:
     gate: GateStats
     controller: ControllerStats
     draining: bool
+    band_ceilings: tuple[float, ...] = ()  # each priority band's, highest first (none: one band)
 
 
 class Scheduler:
@@ -310,4 +311,5 @@ class Scheduler:
             gate=self._gate.statistics(),
             controller=self._controller.statistics(),
             draining=self._draining,
+            band_ceilings=() if self._bands is None else self._bands.ceilings(),
         )

@@ -8,6 +8,8 @@ import math
 import re
 
 import pytest
+from hypothesis import settings
+from hypothesis.stateful import invariant
 
 from scheduler.core import (
     Admit,
@@ -23,6 +25,7 @@ from scheduler.core import (
     TierConfig,
     WeightedFairQueue,
 )
+from tests.core.test_scheduler import SchedulerMachine
 
 ids = itertools.count()
 
@@ -140,6 +143,7 @@ def test_a_late_protected_call_cuts_the_lower_bands_ceiling() -> None:
     assert len(fill_free(sched, 0, 5)) == 5  # with nothing late, free may use the window
     late_gold(sched, 0.0, latency_s=3.0)  # over gold's 2 s
     sched.tick(now=0.25)
+    assert sched.statistics().band_ceilings == (10.0, 7.0)
     # the ceiling is 10 * 0.7 = 7: free holds 5, so two more and then no more
     assert len(fill_free(sched, 0.3, 5)) == 2
     decision = sched.submit(req("gold", 0.3), now=0.3)
@@ -235,7 +239,7 @@ def test_ignored_and_dropped_calls_free_their_band_slot_without_a_signal() -> No
 def test_one_band_is_the_plain_fair_queue() -> None:
     queue = WeightedFairQueue([lower("a"), lower("b")])
     assert queue.bands == 1
-    assert core(1, lower("a"), lower("b"))._bands is None
+    assert core(1, lower("a"), lower("b")).statistics().band_ceilings == ()
 
 
 @pytest.mark.parametrize(
@@ -249,3 +253,43 @@ def test_one_band_is_the_plain_fair_queue() -> None:
 def test_bad_band_options_name_the_field(options: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         TierConfig("t", 1, max_wait_s=1, max_depth=1, **options)  # type: ignore[arg-type]
+
+
+BANDED = (
+    TierConfig("enterprise", 8, 30, 50, priority=1, protect_latency_s=1.0),
+    TierConfig("pro", 3, 10, 20, floor=0.2),
+    TierConfig("free", 1, 2, 10, shed_on_overload=True, fail_fast=True),
+)
+
+
+class BandsMachine(SchedulerMachine):
+    """The scheduler's invariants with bands, ceilings cut and floors: nothing lost, the
+    window held, each band's in-flight count true, and a poll that admits nothing while
+    there is room held back by the bands alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.core = Scheduler(SchedulerConfig(BANDED), self.aimd, now=0)
+
+    @invariant()
+    def poll_never_overfills(self) -> None:
+        before = self.core.gate.inflight
+        admits = self.core.poll(now=self.now)
+        self._take(admits)
+        if admits:
+            assert self.core.gate.inflight <= self.core.gate.window()
+        elif self.core.depth and before < self.core.gate.window():
+            assert self.core._next_band() is None  # held back by a ceiling
+
+    @invariant()
+    def band_counts_are_true(self) -> None:
+        bands = self.core._bands
+        assert bands is not None
+        by_band = [0, 0]
+        for ticket in self.inflight:
+            by_band[bands.band(ticket.request.tier)] += 1
+        assert bands._inflight == by_band
+
+
+TestBands = BandsMachine.TestCase
+TestBands.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
