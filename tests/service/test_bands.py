@@ -124,7 +124,7 @@ async def test_enterprise_keeps_its_latency_while_free_is_shed_on_arrival(
     banded = await start(nursery, redis_url, tmp_path / "bands.toml", demo, BANDS)
     weighted = await start(nursery, redis_url, tmp_path / "weights.toml", demo, WEIGHTS)
     with trio.fail_after(25):
-        idle = await drive(banded, seconds=1.0, free_rps=0, enterprise_rps=10)
+        idle = await drive(banded, seconds=2.0, free_rps=0, enterprise_rps=10)
         bands = await drive(banded, seconds=4.0, free_rps=60, enterprise_rps=8)
         await trio.sleep(0.5)
         weights = await drive(weighted, seconds=4.0, free_rps=60, enterprise_rps=8)
@@ -139,8 +139,9 @@ async def test_enterprise_keeps_its_latency_while_free_is_shed_on_arrival(
         )
     served = bands.outcomes["enterprise", "200"]
     assert served == 32, bands.outcomes  # every Enterprise request answered by the backend
-    assert p95(bands.latencies["enterprise"]) <= 2 * idle_p95 + 0.05, bands.latencies
-    assert p95(bands.latencies["enterprise"]) < p95(weights.latencies["enterprise"])
+    # 1.7-2.3x its idle p95 in five runs (a shared machine moves the idle figure most)
+    assert p95(bands.latencies["enterprise"]) <= 2.5 * idle_p95, bands.latencies
+    assert p95(bands.latencies["enterprise"]) < 0.7 * p95(weights.latencies["enterprise"])
     # Free is degraded at arrival: most of its flood shed at once, a 503 in milliseconds
     assert bands.outcomes["free", "predicted_wait"] >= 60, bands.outcomes
     assert statistics.median(bands.shed_after) < 0.05, bands.shed_after
