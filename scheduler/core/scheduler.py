@@ -8,12 +8,17 @@ always with the current time: `submit` for each arrival, `poll` to admit what th
 An arrival that must queue is shed at once (`PREDICTED_WAIT`) when its tier fails fast and
 the wait predicted for it (`scheduler.core.wait`) is longer than it may wait: its answer from
 the shed ladder comes now, not at its deadline, which stays the backstop.
+
+Priority bands (`scheduler.core.bands`), when the tiers have more than one `priority`: the
+highest queued band is admitted first, a lower band only under its ceilings or its floor.
+With one band (the default) none of it runs and the weights alone decide.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from scheduler.core.bands import Bands
 from scheduler.core.controller import Controller, ControllerStats, Sample
 from scheduler.core.gate import Gate, GateConfig, GateMode, GateStats, Ticket
 from scheduler.core.request import Admit, Decision, Outcome, Queued, Request, Shed, ShedReason
@@ -56,6 +61,7 @@ class SchedulerStats:
     gate: GateStats
     controller: ControllerStats
     draining: bool
+    band_ceilings: tuple[float, ...] = ()  # each priority band's, highest first (none: one band)
 
 
 class Scheduler:
@@ -70,6 +76,11 @@ class Scheduler:
         self._wait = WaitPredictor([t.name for t in config.tiers], now=now)
         self._rate_mode = config.gate.mode is GateMode.RATE
         self._draining = False
+        queue = self._queue
+        self._bands = None
+        if queue.bands > 1:
+            band_of = {t.name: queue.band_of(t.name) for t in config.tiers}
+            self._bands = Bands(config.tiers, band_of, window=self._gate.window(), now=now)
 
     @property
     def controller(self) -> Controller:
@@ -98,12 +109,14 @@ class Scheduler:
         counts.submitted += 1
         if self._draining:
             return self._shed(request, ShedReason.DRAINING, counts)
-        queue = self._queue
-        if queue.depth == 0:
+        queue, bands = self._queue, self._bands
+        if queue.depth == 0 if bands is None else self._may_pass(request.tier):
             ticket = self._gate.admit(request, now=now)
             if ticket is not None:
                 counts.admitted += 1
                 counts.admitted_cost += request.cost
+                if bands is not None:
+                    bands.admitted(ticket)
                 return tuple.__new__(Admit, (request, ticket, 0.0))  # Admit(...) at half the cost
         config = counts.config
         if config.shed_on_overload and self._controller.congested:
@@ -119,6 +132,15 @@ class Scheduler:
         self._entries[request.id] = entry
         return tuple.__new__(Queued, (request,))  # Queued(request) at half the cost
 
+    def _may_pass(self, tier: str) -> bool:
+        """With bands: whether a request of `tier` may be admitted without queueing (nothing
+        queued in its band or above, and its ceilings allow)."""
+        assert self._bands is not None
+        band, queue = self._bands.band(tier), self._queue
+        if any(queue.band_depth(b) for b in range(band + 1)):
+            return False
+        return self._bands.allows(tier, self._gate.window())
+
     def predict_wait_s(self, request: Request, *, now: float) -> float:
         """How long `request` would wait in the queue if it were queued now (0 while the
         admission rate is not known yet)."""
@@ -127,6 +149,20 @@ class Scheduler:
         if not backlog.tier_cost:
             return 0.0
         share = self._counts[tier].config.weight / queue.active_weight(tier)
+        band = 0 if self._bands is None else self._bands.band(tier)
+        if band:  # below the top band: the slots its band can count on, at their own pace
+            queued_above = any(queue.band_depth(b) for b in range(band))
+            assert self._bands is not None
+            slots = self._bands.slots(tier, gate.window(), queued_above=queued_above)
+            return self._wait.predict_wait_s(
+                tier,
+                backlog,
+                request.cost,
+                share=share,
+                drain_rate=self._wait.slots_rate(slots),
+                now=now,
+                measured=False,
+            )
         slots_per_s = gate.limit if self._rate_mode else None
         drain_rate = self._wait.drain_rate(slots_per_s=slots_per_s, window=gate.window(), now=now)
         return self._wait.predict_wait_s(
@@ -140,7 +176,10 @@ class Scheduler:
     def submit_bypass(self, request: Request, *, now: float) -> Admit:
         """Admit outside the queue and the limit (bypass keys); still counted in flight."""
         self._counts[request.tier].bypassed += 1
-        return Admit(request, self._gate.admit_bypass(request, now=now), 0.0)
+        ticket = self._gate.admit_bypass(request, now=now)
+        if self._bands is not None:
+            self._bands.admitted(ticket)
+        return Admit(request, ticket, 0.0)
 
     def cancel(self, request_id: int) -> bool:
         """Take a queued request out (its caller went away); False if it is not queued."""
@@ -151,9 +190,16 @@ class Scheduler:
         """Admit queued requests in fair order while the gate allows."""
         admitted: list[Admit] = []
         queue, gate, entries, all_counts = self._queue, self._gate, self._entries, self._counts
+        bands = self._bands
         room = gate.room(now=now)
         while room and queue.depth:
-            entry = queue.pop()
+            band = 0
+            if bands is not None:
+                next_band = self._next_band()
+                if next_band is None:
+                    break
+                band = next_band
+            entry = queue.pop(band)
             if entry is None:
                 break
             room -= 1
@@ -165,6 +211,8 @@ class Scheduler:
             counts.admitted += 1
             counts.admitted_cost += request.cost
             counts.admitted_after_queue += 1
+            if bands is not None:
+                bands.admitted(ticket)
             admitted.append(tuple.__new__(Admit, (request, ticket, now - request.arrival_at)))
         return admitted
 
@@ -179,21 +227,37 @@ class Scheduler:
         return shed
 
     def next_deadline(self, *, now: float) -> float:
-        """When the driver must call again: the next expiry, or when the gate refills."""
-        due = self._queue.next_deadline()
-        if self._queue.depth:
+        """When the driver must call again: the next expiry, or when the gate refills (not
+        while the bands hold the queue back: a call's end or a tick moves them)."""
+        queue = self._queue
+        due = queue.next_deadline()
+        if queue.depth and (self._bands is None or self._next_band() is not None):
             due = min(due, self._gate.ready_at(now=now))
         return due
+
+    def _next_band(self) -> int | None:
+        assert self._bands is not None
+        queue = self._queue
+        depths = [queue.band_depth(b) for b in range(queue.bands)]
+        return self._bands.next_band(depths, self._gate.window())
 
     def finish(self, ticket: Ticket, sample: Sample) -> None:
         """End an admitted request; its sample feeds the controller."""
         self._gate.release(ticket, sample.outcome)
         self._controller.record(sample)
         self._wait.observe_call(sample.latency_s, ticket.request.cost)
+        if self._bands is not None:
+            request = ticket.request
+            latency_s = None  # from arrival, of an answer
+            if sample.outcome is Outcome.COMPLETED:
+                latency_s = ticket.admitted_at - request.arrival_at + sample.latency_s
+            self._bands.ended(ticket, latency_s)
 
     def ignore(self, ticket: Ticket) -> None:
         """End an admitted request that says nothing about load (client gone, bad request)."""
         self._gate.release(ticket, Outcome.IGNORED)
+        if self._bands is not None:
+            self._bands.ended(ticket, None)
 
     def tick(self, *, now: float, pressure: float = 0.0, unseen: int = 0) -> float:
         """Let the controller look at the last interval and set the gate's new limit.
@@ -214,6 +278,9 @@ class Scheduler:
             unseen=min(unseen, gate.inflight),
         )
         self._gate.set_limit(limit, now=now)
+        if self._bands is not None:
+            depths = [queue.band_depth(b) for b in range(queue.bands)]
+            self._bands.tick(now=now, window=self._gate.window(), depths=depths)
         return limit
 
     def drain(self) -> None:
@@ -244,4 +311,5 @@ class Scheduler:
             gate=self._gate.statistics(),
             controller=self._controller.statistics(),
             draining=self._draining,
+            band_ceilings=() if self._bands is None else self._bands.ceilings(),
         )

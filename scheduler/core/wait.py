@@ -16,8 +16,10 @@ Why this estimate: the work ahead of the request leaves its tier at the tier's r
   counts instead when it is more. Counting admissions instead fails twice: after a cut of
   the limit nothing is admitted until in-flight is down to it (a rate of 0 for a moment, and
   every arrival predicted to wait forever), and after an idle spell they show the demand,
-  not the capacity. The share is the tier's weight among the queued tiers (the fair queue's
-  guarantee), or what it was measured to get while it was backlogged, when the others leave
+  not the capacity. The share is the tier's weight among the queued tiers of its priority
+  band (the fair queue's guarantee), times the part of the window its band can count on
+  under strict priority (`scheduler.core.bands.Bands.slots`: its floor while a higher band
+  is queued), or what it was measured to get while it was backlogged, when the others leave
   it more.
 
 Nothing is predicted before a call has ended.
@@ -112,6 +114,11 @@ class WaitPredictor:
             return self._ended_rate
         return rate
 
+    def slots_rate(self, slots: float) -> float:
+        """The cost per second `slots` held at once let through (Little's law, as a full
+        window drains): 0 for no slots, nan before any call ended."""
+        return slots / self._latency_s * self._cost if slots > 0 else 0.0
+
     def predict_wait_s(
         self,
         tier: str,
@@ -121,15 +128,20 @@ class WaitPredictor:
         share: float,
         drain_rate: float,
         now: float,
+        measured: bool = True,
     ) -> float:
         """Seconds until a request of `cost` behind `backlog` is admitted, `share` being its
-        tier's weight over the weight of the tiers queued with it: 0 with nothing queued or
-        nothing known yet."""
-        if not backlog.tier_cost or not drain_rate > 0:
+        tier's weight over the weight of the tiers queued with it (or what the tier was
+        measured to get, if more and `measured`), at `drain_rate`: 0 with nothing queued or
+        nothing known yet; infinite when the tier may get nothing (`drain_rate` 0)."""
+        if not backlog.tier_cost or math.isnan(drain_rate):
             return 0.0
-        measured = self._shares[tier]
-        if now - self._measured_at[tier] <= _FRESH_S and measured > share:
-            share = measured
+        if not drain_rate > 0:  # a band held back to nothing
+            return math.inf
+        if measured:
+            measured_share = self._shares[tier]
+            if now - self._measured_at[tier] <= _FRESH_S and measured_share > share:
+                share = measured_share
         tier_cost, own, keys = backlog
         ahead = min(tier_cost, own + (keys - 1) * (own + cost))
         return ahead / (drain_rate * share)

@@ -10,6 +10,10 @@ higher tier first. A flow's last finish tag is remembered while it is still ahea
 virtual time, so a key that empties and refills at once cannot jump the line; stale tags are
 swept in bulk.
 
+Priority bands: tiers of a higher `priority` are served strictly first; each band is a fair
+queue of its own (its own virtual time), so weights decide only among the tiers of one band.
+With every tier in band 0 (the default) there is one band and the queue is exactly the above.
+
 Expiry: a request's deadline is the earlier of its own and arrival plus the tier's maximum
 wait. Deadlines from the tier's wait are in arrival order, so each tier keeps a FIFO of them
 and only earlier, caller-set deadlines go on a heap. Cancel is O(1): the entry is marked and
@@ -33,7 +37,10 @@ from scheduler.core.request import Request
 class TierConfig:
     """One tier's share and bounds. `shed_on_overload` tiers are shed at once while the
     controller reports congestion instead of waiting in the queue; `fail_fast` tiers are shed
-    at once when the wait predicted for a request is longer than it may wait."""
+    at once when the wait predicted for a request is longer than it may wait. `priority` is
+    the tier's band (higher served first), `floor` the share of the limit its band keeps while
+    backlogged, `protect_latency_s` the latency past which lower bands are held back
+    (`scheduler.core.bands`)."""
 
     name: str
     weight: float
@@ -41,6 +48,9 @@ class TierConfig:
     max_depth: int
     shed_on_overload: bool = False
     fail_fast: bool = False
+    priority: int = 0
+    floor: float = 0.0
+    protect_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         where = f"tiers.{self.name or '?'}"
@@ -52,6 +62,12 @@ class TierConfig:
             raise ValueError(f"{where}.max_wait_s must be > 0, got {self.max_wait_s}")
         if self.max_depth < 1:
             raise ValueError(f"{where}.max_depth must be >= 1, got {self.max_depth}")
+        if not 0 <= self.floor < 1:
+            raise ValueError(f"{where}.floor must be in [0, 1), got {self.floor}")
+        if not (self.protect_latency_s >= 0 and math.isfinite(self.protect_latency_s)):
+            raise ValueError(
+                f"{where}.protect_latency_s must be >= 0 (0: off), got {self.protect_latency_s}"
+            )
 
 
 class Backlog(NamedTuple):
@@ -97,9 +113,22 @@ class _KeyFlow:
         self.cost = 0.0  # of its live (queued) entries
 
 
+class _Band:
+    """The tiers of one priority: a fair queue of its own at the root."""
+
+    __slots__ = ("depth", "priority", "root", "vtime")
+
+    def __init__(self, priority: int) -> None:
+        self.priority = priority
+        self.depth = 0  # live (queued) entries
+        self.root: list[tuple[float, float, int, _Tier]] = []  # (start, -weight, seq, tier)
+        self.vtime = 0.0
+
+
 class _Tier:
     __slots__ = (
         "active",
+        "band",
         "config",
         "cost",
         "depth",
@@ -113,8 +142,9 @@ class _Tier:
         "vtime",
     )
 
-    def __init__(self, config: TierConfig) -> None:
+    def __init__(self, config: TierConfig, band: _Band) -> None:
         self.config = config
+        self.band = band
         self.depth = 0  # live (queued) entries
         self.cost = 0.0  # their total cost
         self.active = False  # present in the root heap
@@ -148,12 +178,13 @@ class WeightedFairQueue:
         if not tiers:
             raise ValueError("tiers: at least one tier is required")
         self._tiers: dict[str, _Tier] = {}
+        priorities = sorted({t.priority for t in tiers}, reverse=True)
+        self._bands = [_Band(p) for p in priorities]  # highest first
         for config in tiers:
             if config.name in self._tiers:
                 raise ValueError(f"tiers.{config.name}: duplicate tier name")
-            self._tiers[config.name] = _Tier(config)
-        self._root: list[tuple[float, float, int, _Tier]] = []  # (start, -weight, seq, tier)
-        self._vtime = 0.0
+            band = self._bands[priorities.index(config.priority)]
+            self._tiers[config.name] = _Tier(config, band)
         self._seq = itertools.count()
         self._early: list[tuple[float, int, Entry]] = []  # caller deadlines before the tier's
         self._depth = 0
@@ -172,6 +203,17 @@ class WeightedFairQueue:
 
     def tier_depth(self, name: str) -> int:
         return self._tiers[name].depth
+
+    @property
+    def bands(self) -> int:
+        """How many priority bands; band 0 is the highest."""
+        return len(self._bands)
+
+    def band_of(self, tier: str) -> int:
+        return self._bands.index(self._tiers[tier].band)
+
+    def band_depth(self, band: int) -> int:
+        return self._bands[band].depth
 
     def is_full(self, tier: str) -> bool:
         t = self._tiers[tier]
@@ -213,11 +255,13 @@ class WeightedFairQueue:
         flow.cost += cost
         tier.cost += cost
         tier.depth += 1
+        band = tier.band
+        band.depth += 1
         self._depth += 1
         if not tier.active:
             tier.active = True
-            tier.start = max(self._vtime, tier.finish)
-            heapq.heappush(self._root, (tier.start, -config.weight, next(self._seq), tier))
+            tier.start = max(band.vtime, tier.finish)
+            heapq.heappush(band.root, (tier.start, -config.weight, next(self._seq), tier))
         return entry
 
     def cancel(self, entry: Entry) -> bool:
@@ -228,9 +272,10 @@ class WeightedFairQueue:
         self._forget(entry)
         return True
 
-    def pop(self) -> Entry | None:
-        """The next entry in fair order, marked admitted; None when the queue is empty."""
-        root = self._root
+    def pop(self, band: int = 0) -> Entry | None:
+        """The next entry of `band` in fair order, marked admitted; None when it is empty."""
+        the_band = self._bands[band]
+        root = the_band.root
         while root:
             tier = root[0][3]
             entry = self._pop_from_tier(tier)
@@ -239,10 +284,11 @@ class WeightedFairQueue:
                 tier.active = False
                 continue
             weight, cost = tier.config.weight, entry.request.cost
-            self._vtime = start = tier.start
+            the_band.vtime = start = tier.start
             tier.finish = finish = start + cost / weight
             entry.state = _ADMITTED
             tier.depth = depth = tier.depth - 1
+            the_band.depth -= 1
             self._depth -= 1
             tier.cost = tier.cost - cost if depth else 0.0
             if depth > 0:
@@ -298,6 +344,7 @@ class WeightedFairQueue:
         tier, cost = entry.tier, entry.request.cost
         tier.flows[entry.request.key_id].cost -= cost  # its flow holds it until it is popped
         tier.depth -= 1
+        tier.band.depth -= 1
         tier.cost = tier.cost - cost if tier.depth else 0.0
         self._depth -= 1
 
@@ -310,8 +357,14 @@ class WeightedFairQueue:
         return Backlog(t.cost, flow.cost, len(t.flows))
 
     def active_weight(self, besides: str) -> float:
-        """The weight of the tiers with queued requests, and of tier `besides` in any case."""
-        return sum(t.config.weight for name, t in self._tiers.items() if t.depth or name == besides)
+        """The weight of the tiers of `besides`' band with queued requests, and of tier
+        `besides` in any case."""
+        band = self._tiers[besides].band
+        return sum(
+            t.config.weight
+            for name, t in self._tiers.items()
+            if t.band is band and (t.depth or name == besides)
+        )
 
     def next_deadline(self) -> float:
         """When the earliest queued request expires (`math.inf` when none)."""

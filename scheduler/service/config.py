@@ -239,6 +239,9 @@ def _tiers(root: Table) -> tuple[TierSettings, ...]:
                 max_depth=t.get("max_depth", int, 1000),
                 shed_on_overload=t.get("shed_on_overload", bool, False),
                 fail_fast=t.get("fail_fast", bool, False),
+                priority=t.get("priority", int, 0),
+                floor=t.get("floor", float, 0.0),
+                protect_latency_s=t.get("protect_latency_s", float, 0.0),
             ),
             "tiers",
         )

@@ -98,7 +98,17 @@ class Simulation:
         self.seed = scenario.seed if seed is None else seed
         self.controller_spec = controller or scenario.controller
         tier_configs = tuple(
-            TierConfig(t.name, t.weight, t.max_wait_s, t.max_depth, t.shed_on_overload, t.fail_fast)
+            TierConfig(
+                t.name,
+                t.weight,
+                t.max_wait_s,
+                t.max_depth,
+                t.shed_on_overload,
+                t.fail_fast,
+                t.priority,
+                t.floor,
+                t.protect_latency_s,
+            )
             for t in scenario.tiers
         )
         self._replicas: list[Replica] = []

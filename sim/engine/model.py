@@ -116,6 +116,9 @@ class TierSpec:
     arrivals: Arrivals
     shed_on_overload: bool = False
     fail_fast: bool = False
+    priority: int = 0
+    floor: float = 0.0
+    protect_latency_s: float = 0.0
     keys: int = 100
     key_skew: float = 1.0
     prompt_tokens: SizeDist = field(default_factory=SizeDist)

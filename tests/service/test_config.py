@@ -71,12 +71,29 @@ def test_a_full_config(tmp_path: Path) -> None:
     assert settings.tier("bronze").core.shed_on_overload
 
 
+def test_priority_bands_are_read_into_the_core_tiers(tmp_path: Path) -> None:
+    text = """
+    [tiers.gold]
+    priority = 1
+    protect_latency_s = 2.5
+    [tiers.free]
+    floor = 0.1
+    """
+    settings = load_settings(write(tmp_path, text), env={})
+    gold, free = settings.tier("gold").core, settings.tier("free").core
+    assert (gold.priority, gold.protect_latency_s, gold.floor) == (1, 2.5, 0.0)
+    assert (free.priority, free.protect_latency_s, free.floor) == (0, 0.0, 0.1)
+
+
 @pytest.mark.parametrize(
     ("text", "field"),
     [
         ("[tiers.free]\nweight = -1\n", "tiers.free.weight"),
         ("[tiers.free]\nweight = 'heavy'\n", "tiers.free.weight"),
         ("[tiers.free]\nmax_depth = 0\n", "tiers.free.max_depth"),
+        ("[tiers.free]\nfloor = 1.5\n", "tiers.free.floor"),
+        ("[tiers.free]\npriority = 'high'\n", "tiers.free.priority"),
+        ("[tiers.free]\nprotect_latency_s = -1\n", "tiers.free.protect_latency_s"),
         ("[tiers.free]\nladder = ['cache', 'pray']\n", "tiers.free.ladder"),
         ("[[keys]]\nkey = 'k'\ntenant = 't'\ntier = 'gold'\n", "keys[0].tier"),
         ("[[keys]]\nkey_env = 'NOPE'\ntenant = 't'\ntier = 'free'\n", "keys[0].key_env"),
