@@ -16,6 +16,7 @@ which says whether a run's rates are this machine's or a busy machine's.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -113,6 +114,17 @@ def headers_for(key: str | None) -> dict[str, str]:
     return headers
 
 
+def refusal(status: int, body: bytes) -> str:
+    """A non-2xx answer as its status and, for the gateway's refusals, their reason ("503
+    redis_unverified"; else the error's code): the cause, not only the count."""
+    try:
+        error = json.loads(body)["error"]
+        cause = error.get("reason") or error.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        cause = None
+    return f"{status} {cause}" if isinstance(cause, str) else str(status)
+
+
 Spawn = Callable[[trio.Nursery, HttpClient, float], Awaitable[None]]
 
 
@@ -190,8 +202,8 @@ class Load:
                 request = http.request(
                     "POST", self._url, headers=self._headers, body=self._body, timeout_s=60.0
                 )
-                status = (await request)[0]
-                failure = None if 200 <= status < 300 else str(status)
+                status, answer = await request
+                failure = None if 200 <= status < 300 else refusal(status, answer)
         except BackendError as exc:
             failure = type(exc).__name__
         if failure is not None:
@@ -208,8 +220,7 @@ class Load:
         pool, target = http.pool_for(self._url)
         async with pool.stream("POST", target, self._headers, self._body, 60.0) as response:
             if not 200 <= response.status_code < 300:
-                await response.read()
-                return str(response.status_code)
+                return refusal(response.status_code, await response.read())
             tail, first = b"", True
             async for piece in response.chunks():
                 if first:

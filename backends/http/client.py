@@ -207,8 +207,10 @@ class Response:
                 piece += event.data
                 event = _buffered_event(conn)
             yield piece
-            if event is h11.NEED_DATA:
-                event = await _next_event(conn, self._read_timeout_s, deadline_at=self.deadline_at)
+            if event is h11.NEED_DATA:  # (h11 was just asked: straight to the read)
+                event = await _next_event(
+                    conn, self._read_timeout_s, deadline_at=self.deadline_at, need_data=True
+                )
 
     async def read(self) -> bytes:
         """The whole body; BackendTooLarge past `max_response_bytes` (memory stays bounded:
@@ -359,16 +361,20 @@ async def _next_event(
     *,
     retry_until: float = -math.inf,
     deadline_at: float = math.inf,
+    need_data: bool = False,
 ) -> object:
     """The next h11 event, reading as needed, each read within `read_timeout_s` and before
     `deadline_at` (else BackendDeadline); a connection that ends before any byte arrives,
-    until `retry_until`, raises _Retry."""
+    until `retry_until`, raises _Retry. `need_data`: h11 said NEED_DATA just now (a read
+    first)."""
     retry = True
     try:
         while True:
-            event = conn.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
+            if not need_data:
+                event = conn.h11.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
+            need_data = False
             # a scope, not `trio.fail_at` (a generator-based context manager: microseconds
             # more per read, and a stream reads once per chunk)
             read_at = min(trio.current_time() + read_timeout_s, deadline_at)

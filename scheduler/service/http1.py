@@ -37,18 +37,20 @@ moves them; `install` then logs a warning and leaves that part as it was):
   together to a backend that answers in about the same time), a turn lasts tens of
   milliseconds, and a request that yields fifteen times shares the wave's whole time instead
   of being done with its own part (processor sharing). So: the keep-alive timer that
-  hypercorn restarts after every answer is started without a lock and without waiting for it
-  to start (`_SingleTask`: the next request on the connection waited on both); the request's
-  messages (body, end, disconnect) are handed to the app without a yield when its queue has
-  room; `next_message` lets the app take a message that is already there without one; and
-  a write takes the connection's send lock without a yield when it is free
-  (`_protocol_send_taking_a_free_lock`).
+  hypercorn restarted after every answer (a task started, and cancelled by the next request)
+  is one task per connection whose deadline moves (`_IdleTimer`); the request's messages
+  (body, end, disconnect) are handed to the app without a yield when its queue has room;
+  `next_message` lets the app take a message that is already there without one; and a write
+  takes the connection's send lock without a yield when it is free and, when the socket takes
+  it whole, is made without one (`_protocol_send_taking_a_free_lock`): a stream's chunk
+  costs its task one step (the wait for the backend's next bytes) instead of two.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -58,7 +60,7 @@ from typing import Any
 import h11
 import trio
 from h11 import _readers
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import tcp_server
 from hypercorn.trio.task_group import TaskGroup
@@ -200,8 +202,27 @@ async def _send_h11_event_coalescing(self: H11Protocol, event: Any) -> None:
 _protocol_send = TCPServer.protocol_send
 
 
+def _write_nowait(stream: Any, data: bytes) -> int:
+    """As much of `data` as the socket takes at once, without a yield (0 when its buffer is
+    full); raises trio.BrokenResourceError for a connection the client broke."""
+    try:
+        return os.write(stream.socket.fileno(), data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:  # EPIPE, ECONNRESET (Python ignores SIGPIPE)
+        raise trio.BrokenResourceError(str(exc)) from exc
+
+
 async def _protocol_send_taking_a_free_lock(self: TCPServer, event: Any) -> None:
-    """hypercorn's `protocol_send`, the send lock taken at once when nobody holds it."""
+    """hypercorn's `protocol_send`, the send lock taken at once when nobody holds it, a write
+    that the socket takes whole made without a yield, and the keep-alive timer moved, not
+    restarted (`_IdleTimer`)."""
+    if isinstance(event, Updated) and isinstance(self.idle_task, _IdleTimer):
+        if event.idle:
+            self.idle_task.idle()
+        else:
+            self.idle_task.busy()
+        return
     if not isinstance(event, RawData):
         await _protocol_send(self, event)
         return
@@ -211,8 +232,13 @@ async def _protocol_send_taking_a_free_lock(self: TCPServer, event: Any) -> None
     except trio.WouldBlock:
         await lock.acquire()
     try:
-        with trio.CancelScope(shield=True):
-            await self.stream.send_all(event.data)
+        data = event.data
+        # a plain socket's write (not TLS): what it takes at once costs no yield, the
+        # rest (a full buffer) waits in `send_all`
+        sent = _write_nowait(self.stream, data) if isinstance(self.stream, trio.SocketStream) else 0
+        if sent < len(data):
+            with trio.CancelScope(shield=True):
+                await self.stream.send_all(memoryview(data)[sent:] if sent else data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         await self.protocol.handle(Closed())
     finally:
@@ -258,29 +284,56 @@ async def next_message(receive: Callable[[], Any]) -> Any:
     return await receive()
 
 
-class _SingleTask:
-    """hypercorn's `TrioSingleTask` (at most one run of an action at a time; a restart
-    cancels the run and starts it again), without its lock and without waiting for the new
-    run to start: nothing here awaits, so no two calls interleave."""
+class _IdleTimer:
+    """hypercorn's keep-alive timer (its `TrioSingleTask`, which started a task on every
+    answer and cancelled it on the next request: a spawn and two task steps per request) as
+    one task per connection: an answer moves its deadline `keep_alive_timeout` ahead, a
+    request puts it off (`busy`), and it closes the connection only when a deadline passes
+    while idle. A worker that is terminated closes its idle connections at once, and a busy
+    one as soon as its answer is done, as hypercorn's did."""
 
     def __init__(self) -> None:
         self._scope: trio.CancelScope | None = None
+        self._idle_s = math.inf
+        self._closing = False  # the worker is terminated: idle means closed now
+        self._stopped = False
 
     async def restart(self, task_group: TaskGroup, action: Callable[[], Any]) -> None:
+        """hypercorn's call as a connection opens: `action` is `TCPServer._idle_timeout`,
+        whose server gives the timeout, the worker's termination and the close."""
+        if self._scope is None:
+            server: TCPServer = action.__self__  # type: ignore[attr-defined]
+            self._scope = trio.CancelScope()
+            self._idle_s = server.config.keep_alive_timeout
+            task_group._nursery.start_soon(self._watch, server)  # type: ignore[union-attr]
+        self.idle()
+
+    def idle(self) -> None:
         if self._scope is not None:
-            self._scope.cancel()
-        self._scope = trio.CancelScope()
-        task_group._nursery.start_soon(_run_in, self._scope, action)  # type: ignore[union-attr]
+            wait_s = 0.0 if self._closing else self._idle_s
+            self._scope.deadline = trio.current_time() + wait_s
+
+    def busy(self) -> None:
+        if self._scope is not None:
+            self._scope.deadline = math.inf
 
     async def stop(self) -> None:
+        """The connection is done: the timer ends without closing anything."""
+        self._stopped = True
         if self._scope is not None:
             self._scope.cancel()
-        self._scope = None
 
-
-async def _run_in(scope: trio.CancelScope, action: Callable[[], Any]) -> None:
-    with scope:
-        await action()
+    async def _watch(self, server: TCPServer) -> None:
+        assert self._scope is not None
+        with self._scope:
+            await server.context.terminated.wait()
+            self._closing = True
+            if self._scope.deadline != math.inf:  # idle: close now
+                self._scope.deadline = trio.current_time()
+            await trio.sleep_forever()
+        if not self._stopped:
+            with trio.CancelScope(shield=True):
+                await server._initiate_server_close()
 
 
 def install() -> None:
@@ -304,7 +357,7 @@ def install() -> None:
     else:
         log.warning("hypercorn changed: a whole answer is written in several writes")
     TCPServer.protocol_send = _protocol_send_taking_a_free_lock  # type: ignore[method-assign]
-    if getattr(tcp_server, "TrioSingleTask", None) in (_TrioSingleTask, _SingleTask):
-        tcp_server.TrioSingleTask = _SingleTask  # type: ignore[assignment,attr-defined]
+    if getattr(tcp_server, "TrioSingleTask", None) in (_TrioSingleTask, _IdleTimer):
+        tcp_server.TrioSingleTask = _IdleTimer  # type: ignore[assignment,attr-defined]
     else:
         log.warning("hypercorn changed: its keep-alive timer restarts as it did")

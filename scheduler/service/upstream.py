@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractContextManager, AsyncExitStack, nullcontext
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from scheduler.service.refusals import backend_saturated, backend_unavailable
 from scheduler.service.tracing import tracer, tracing_on
 
 SATURATED = frozenset({429, 503})
+USAGE_TAIL_BYTES = 16384  # a stream's last bytes kept for its usage event
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,10 +191,14 @@ async def _stream_chunks(
     """The call, primed by its first (empty) chunk once `head` holds the upstream's status
     and headers; then the body's chunks."""
     started_at = trio.current_time()
-    outcome, ttft, events, total, status = Outcome.IGNORED, math.nan, 0, None, 0
+    outcome, ttft, events, status = Outcome.IGNORED, math.nan, 0, 0
     failed: BackendErrorKind | None = None
     kept: list[bytes] | None = [] if target.keep_bytes else None
     kept_bytes = 0
+    # the stream's last pieces, for the usage its last events report (read once, at the end:
+    # an event may come in several reads)
+    tail: deque[bytes] = deque()
+    tail_bytes = 0
     abandoned = head_sent = False
     span = _client_span(target, prompt_tokens)
     try:
@@ -219,8 +225,10 @@ async def _stream_chunks(
                 if math.isnan(ttft):
                     ttft = trio.current_time() - started_at
                 events += chunk.count(b"data:")
-                if b'"usage"' in chunk:
-                    total = _stream_usage(chunk) or total
+                tail.append(chunk)
+                tail_bytes += len(chunk)
+                while tail_bytes - len(tail[0]) >= USAGE_TAIL_BYTES:
+                    tail_bytes -= len(tail.popleft())
                 if kept is not None:
                     kept_bytes += len(chunk)
                     if kept_bytes <= target.keep_bytes:
@@ -243,6 +251,7 @@ async def _stream_chunks(
     finally:
         latency = trio.current_time() - started_at
         first = None if math.isnan(ttft) else ttft
+        total = _stream_usage(b"".join(tail)) if tail else None
         whole = outcome is Outcome.COMPLETED and 200 <= status < 300
         body = b"".join(kept) if whole and kept is not None else b""
         output = max(0, events - 1)  # less the closing `[DONE]`
@@ -341,14 +350,21 @@ def _usage(body: bytes) -> tuple[int, int | None]:
         return 0, None
 
 
-def _stream_usage(chunk: bytes) -> int | None:
-    """`usage.total_tokens` from the SSE event(s) in `chunk` that carry it."""
-    for line in chunk.split(b"\n"):
-        if line.startswith(b"data:") and b'"usage"' in line:
-            try:
-                usage = json.loads(line[5:]).get("usage") or {}
-                if usage.get("total_tokens") is not None:
-                    return int(usage["total_tokens"])
-            except (ValueError, AttributeError, TypeError):
-                continue
+def _stream_usage(tail: bytes) -> int | None:
+    """`usage.total_tokens` of the last whole event in a stream's `tail` that reports it
+    (OpenAI's last chunk before `[DONE]`; others report it in every chunk, or as null)."""
+    end = len(tail)
+    while (at := tail.rfind(b'"usage"', 0, end)) >= 0:
+        start = tail.rfind(b"\n", 0, at) + 1
+        stop = tail.find(b"\n", at)
+        line = tail[start : len(tail) if stop < 0 else stop]
+        end = start
+        if not line.startswith(b"data:"):
+            continue
+        try:
+            usage = json.loads(line[5:]).get("usage") or {}
+            if usage.get("total_tokens") is not None:
+                return int(usage["total_tokens"])
+        except (ValueError, AttributeError, TypeError):
+            continue
     return None

@@ -46,6 +46,7 @@ from scheduler.service.quota import (
 from scheduler.service.serve import with_demo_url
 from tests.conftest import start_demo, start_gateway
 from tests.support.error_shape import error_fields
+from tests.support.fault_proxy import Fault, FaultProxy, serve_fault_proxy
 
 DEFAULT_MAX_TOKENS = 256  # the gateway's server.default_max_tokens
 METERED = """
@@ -229,6 +230,43 @@ async def test_reserved_tokens_are_settled_to_the_real_usage(
     remaining = int(second.headers["x-ratelimit-remaining-tokens"])
     # what the first request holds now is its real usage, not its reservation
     assert 5000 - reserved - remaining == used
+
+
+async def test_a_streams_usage_settles_its_tokens_even_when_its_event_comes_in_pieces(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> None:
+    """The usage event of a stream (`stream_options.include_usage`) arrives in several reads
+    when the backend's writes are cut up (here each chunk in 4 pieces): it still settles the
+    reservation to the real usage, not to a count of the events."""
+    key = fresh_key("settle-stream")
+    demo = await start_demo(nursery)
+    proxy: FaultProxy = await nursery.start(serve_fault_proxy, demo)
+    proxy.mode = Fault.drip(0.005, pieces=4)
+    text = METERED.format(requests=100, tokens=5000, key=key)
+    gateway = await start_gateway(nursery, settings_from(tmp_path, text, proxy.url, redis_url))
+    auth = {"authorization": f"Bearer {key}"}
+    body = chat("a question with a short answer", stream=True)
+    body["stream_options"] = {"include_usage": True}
+    reserved = estimate(body)
+    async with httpx2.AsyncClient(timeout=10) as client:
+        with trio.fail_after(30):
+            events = ""
+            url = gateway + "/v1/chat/completions"
+            async with client.stream("POST", url, json=body, headers=auth) as first:
+                assert first.status_code == 200
+                async for piece in first.aiter_text():
+                    events += piece
+            chunks = [json.loads(line[5:]) for line in events.splitlines() if line[:7] == "data: {"]
+            used = [c["usage"] for c in chunks if c.get("usage")][-1]["total_tokens"]
+            assert used < reserved - 100  # the test means something only if they differ
+            await trio.sleep(0.3)  # the settlement runs in the background, after the response
+            proxy.mode = Fault.PASS
+            second = await client.post(url, json=chat("again"), headers=auth)
+    assert second.status_code == 200, second.text
+    remaining = int(second.headers["x-ratelimit-remaining-tokens"])
+    # what the first request holds now is its real usage (not its reservation, nor a count
+    # of its events), and the second its reservation
+    assert 5000 - estimate(chat("again")) - remaining == used
 
 
 CACHED = """
