@@ -12,6 +12,11 @@ error per point, each run's comparison, and the load average beside each. The re
     python bench/fidelity_llama.py [--duration 90] [--parallel 4] [--controller both]
                                    [--engine-cpu N]
 
+After each run the engine is timed again at a full batch for each prompt length (the
+calibration's own bursts): `engine drift` says how far its times per token and to first token
+moved since the calibration. On these VMs they moved by up to ~10 % within minutes, and at
+1.5x overload Free's admitted fraction moves about 2.5x as much as the capacity does.
+
 `--engine-cpu N` runs llama-server on CPU N alone and this process (the gateway, the client,
 Redis) on the others: the engine then has a core of its own, as it has its own GPU in a
 deployment, and its step times no longer depend on what the gateway is doing.
@@ -31,12 +36,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 if str(_HERE.parent) not in sys.path:
     sys.path.insert(0, str(_HERE.parent))
 
+import httpx2  # noqa: E402
 import trio  # noqa: E402
 
 from backends.redis.embedded import EmbeddedRedis  # noqa: E402
 from bench.fidelity_rig import run_fidelity  # noqa: E402
-from scheduler.calibrate import Bounds, calibrate  # noqa: E402
-from sim.calibration import ERROR_COLUMNS, Fit, backends_section, error_table  # noqa: E402
+from scheduler.calibrate import Bounds, Profiler, calibrate  # noqa: E402
+from sim.calibration import ERROR_COLUMNS, Fit, Point, backends_section, error_table  # noqa: E402
 from sim.engine.model import Scenario  # noqa: E402
 from sim.report import format_table  # noqa: E402
 from sim.scenario import parse_scenario  # noqa: E402
@@ -93,6 +99,32 @@ def scenario_text(
     return head + "\n" + backends_section(fit) + "\n" + control + tiers
 
 
+async def drift(url: str, bounds: Bounds, fit: Fit) -> str:
+    """The calibration's widest bursts within the batch again, against what they measured."""
+    pool = httpx2.Limits(max_connections=fit.gpu.max_batch + 4, max_keepalive_connections=0)
+    groups: list[list[Point]] = []  # the calibration's points, one list per prompt, in order
+    for e in fit.errors:
+        if not groups or groups[-1][-1].prompt_tokens != e.point.prompt_tokens:
+            groups.append([])
+        groups[-1].append(e.point)
+    parts = []
+    async with httpx2.AsyncClient(timeout=bounds.request_timeout_s, limits=pool) as client:
+        profiler = Profiler(client, url, MODEL_ALIAS, bounds)
+        for asked, points in zip(bounds.prompts, groups, strict=True):
+            old = max(
+                (p for p in points if p.concurrency <= fit.gpu.max_batch),
+                key=lambda p: p.concurrency,
+            )
+            new = await profiler.burst(old.concurrency, asked)
+            parts.append(
+                f"c={old.concurrency} prompt {old.prompt_tokens}: tpot {1000 * old.tpot_s:.2f} -> "
+                f"{1000 * new.tpot_s:.2f} ms ({100 * (new.tpot_s / old.tpot_s - 1):+.1f}%), "
+                f"ttft {1000 * old.ttft_s:.0f} -> {1000 * new.ttft_s:.0f} ms "
+                f"({100 * (new.ttft_s / old.ttft_s - 1):+.1f}%)"
+            )
+    return "engine drift since the calibration: " + "; ".join(parts)
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -139,6 +171,7 @@ def main() -> int:
             fidelity = trio.run(run)
             print(f"\nwall {time.monotonic() - started:.0f} s, load average {_load()}")
             print(fidelity.report(), flush=True)
+            print(trio.run(drift, server.url, bounds, fit), flush=True)
             failed = failed or not fidelity.ok
     return 1 if failed else 0
 
