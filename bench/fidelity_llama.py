@@ -43,7 +43,8 @@ from backends.redis.embedded import EmbeddedRedis  # noqa: E402
 from bench.fidelity_rig import run_fidelity  # noqa: E402
 from scheduler.calibrate import Bounds, Profiler, calibrate  # noqa: E402
 from sim.calibration import ERROR_COLUMNS, Fit, Point, backends_section, error_table  # noqa: E402
-from sim.engine.model import Scenario  # noqa: E402
+from sim.engine.capacity import capacity_rps  # noqa: E402
+from sim.engine.model import BackendPool, Scenario  # noqa: E402
 from sim.report import format_table  # noqa: E402
 from sim.scenario import parse_scenario  # noqa: E402
 from tests.support.llama_server import (  # noqa: E402
@@ -69,7 +70,7 @@ def scenario_text(
 ) -> str:
     """The workload (not the calibration's bursts): Enterprise, Pro and Free at `shares` of
     `load` times the fitted capacity for these sizes."""
-    capacity = fit.gpu.capacity_rps(OUTPUT_MEAN, PROMPT_MEAN)
+    capacity = capacity_rps(BackendPool(count=1, gpu=fit.gpu), PROMPT_MEAN, OUTPUT_MEAN)
     rate = load * capacity
     slots = fit.gpu.max_batch
     if controller == "fixed":

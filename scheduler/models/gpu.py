@@ -88,16 +88,6 @@ class GpuConfig:
             + self.decode_per_kv_token_s * context_tokens
         )
 
-    def capacity_rps(self, output_tokens: float, prompt_tokens: float = 0.0) -> float:
-        """Requests per second at a full batch, for planning and tests."""
-        steps = output_tokens + prompt_tokens / self.prefill_tokens_per_step
-        context = self.max_batch * context_of(prompt_tokens, output_tokens)
-        batch_s = steps * self.step_s(self.max_batch, 0, context) + self.max_batch * (
-            prompt_tokens * self.prefill_s_per_token
-            + (self.max_batch - 1) * self.prefill_join_s  # each start joins the others
-        )
-        return math.inf if batch_s == 0 else self.max_batch / batch_s
-
 
 def context_of(prompt_tokens: float, output_tokens: float) -> float:
     """A sequence's KV context as the step time counts it: its mean over the sequence's life."""

@@ -1,10 +1,10 @@
 """Open-model overload at 1x, 2x and 5x the demo backend's capacity, three tiers mixed.
 
 The demo backend's capacity is measured first (a short closed loop straight at it, checked
-against `GpuConfig.capacity_rps`). Then, for each level, a fresh gateway and demo get Poisson
-arrivals at that multiple of the capacity for a few seconds, a third of them per tier, each
-with a distinct prompt (the cache cannot stand in for a shed request), arrivals independent of
-the answers. What must hold at every level:
+against `sim.engine.capacity.capacity_rps`). Then, for each level, a fresh gateway and demo
+get Poisson arrivals at that multiple of the capacity for a few seconds, a third of them per
+tier, each with a distinct prompt (the cache cannot stand in for a shed request), arrivals
+independent of the answers. What must hold at every level:
 
 - goodput, the completions within their tier's SLO per second, holds at 2x and 5x (at least
   GOODPUT_KEPT of the 1x goodput): overload is shed at the door, not paid for by everyone;
@@ -33,6 +33,8 @@ import trio
 from scheduler.models.gpu import GpuConfig
 from scheduler.service.config import load_settings
 from scheduler.service.serve import with_demo_url
+from sim.engine.capacity import capacity_rps
+from sim.engine.model import BackendPool
 from tests.conftest import start_demo, start_gateway
 
 TIERS = ("enterprise", "pro", "free")
@@ -258,7 +260,7 @@ async def test_goodput_holds_and_lower_tiers_are_shed_first_at_1x_2x_5x(
             demo = await start_demo(servers, GPU)
             capacity = await measure_capacity(demo)
             servers.cancel_scope.cancel()
-        planned = GPU.capacity_rps(OUTPUT_TOKENS)
+        planned = capacity_rps(BackendPool(count=1, gpu=GPU), 0, OUTPUT_TOKENS)
         assert 0.6 * planned <= capacity <= 1.1 * planned, (capacity, planned)
         levels = {m: await run_level(redis_url, tmp_path, m, capacity) for m in LEVELS}
 
