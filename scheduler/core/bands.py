@@ -52,6 +52,7 @@ class Bands:
         "_inflight",
         "_late",
         "_open",
+        "_opened",
         "_targets",
         "_ticked_at",
     )
@@ -71,6 +72,7 @@ class Bands:
         self._open: dict[int, tuple[float, int]] = {}  # protected calls: (late at, band)
         self._late = [False] * count  # a protected call above ended late since the last tick
         self._cut_at = [-math.inf] * count
+        self._opened = [False] * count  # the bands above idle: the ceiling does not apply
         self._busy_at = [now] * count  # when the bands above last had something
         self._cooldown_s = [  # the longest target above each band
             max((self._targets.get(t.name, 0.0) for t in tiers if band_of[t.name] < b), default=0)
@@ -84,6 +86,8 @@ class Bands:
         request = ticket.request
         band = self._band_of[request.tier]
         self._inflight[band] += 1
+        for below in range(band + 1, len(self._opened)):  # the bands above are back
+            self._opened[below] = False
         target = self._targets.get(request.tier)
         if target is not None:
             self._open[ticket.id] = (request.arrival_at + target, band)
@@ -120,10 +124,10 @@ class Bands:
         return self._inflight[band] < self._floors[band] * window or self._under_ceilings(band)
 
     def _under_ceilings(self, band: int) -> bool:
-        inflight, ceilings = self._inflight, self._ceilings
+        inflight, ceilings, opened = self._inflight, self._ceilings, self._opened
         held = sum(inflight[band:])
         for above in range(band, 0, -1):  # each ceiling caps its band and those below
-            if held >= ceilings[above]:
+            if held >= ceilings[above] and not opened[above]:
                 return False
             held += inflight[above - 1]
         return True
@@ -140,7 +144,8 @@ class Bands:
         free = float(window - sum(inflight[:band]))
         between = 0
         for above in range(band, 0, -1):
-            free = min(free, ceilings[above] - between)
+            if not self._opened[above]:
+                free = min(free, ceilings[above] - between)
             between += inflight[above - 1]
         return max(floor, free, 0.0)
 
@@ -159,14 +164,13 @@ class Bands:
             cooldown_s = self._cooldown_s[band]
             if late[band] or any(inflight[:band]) or any(depths[:band]):
                 busy_at[band] = now
+            self._opened[band] = now - busy_at[band] >= cooldown_s
             if late[band]:
                 if now - cut_at[band] >= cooldown_s:
                     ceilings[band] *= _DECREASE
                     cut_at[band] = now
                 late[band] = False
-            elif now - busy_at[band] >= cooldown_s:
-                ceilings[band] = float(window)
-            elif cooldown_s:
+            elif cooldown_s and not self._opened[band]:
                 ceilings[band] += elapsed / (_GROWTH_TARGETS * cooldown_s)
             ceilings[band] = min(ceilings[band], float(window))
 
