@@ -13,13 +13,20 @@ AIMD of its own, driven by the latency the protected tiers above it get (arrival
   about that long to end).
 - Growth: a tick without a late call grows it by a slot per two lengths of that target
   (TCP's one segment per round trip, slower: a slot's effect on the protected calls shows
-  only a call later), up to the gate's window; it opens to the window once the bands above
-  had nothing queued or in flight for a target's length.
+  only a call later), up to the gate's window.
+- Opening: once the bands above had nothing queued or in flight for a target's length, the
+  ceiling stops applying (the lower bands may fill the window), and applies again, as it was,
+  the moment a call of a band above is admitted. Resetting it to the window instead let a
+  flood in that took eight cuts (eight targets) to bring back down, every time the protected
+  tier paused.
 
 With spare capacity the protected tiers meet their target, the ceiling stays at the window
 and only the queue order is left (weights decide inside a band); a tier without
-`protect_latency_s` holds nobody back. The protected tier's p95 lands somewhat above the
-target (the saw-tooth of AIMD, and calls already running are not preempted).
+`protect_latency_s` holds nobody back. The protected tier's p95 lands above the target
+(calls already running are not preempted; the lower bands' slots are few, so each matters):
+set the target below the p95 wanted. The gains are not where that is won: other gains, or
+cutting on the share of late calls rather than on each one, move the p95 and the lower
+bands' goodput along the same curve as the target does (README, "Priority bands").
 
 Floors: a band keeps `floor` of the window for itself (its tiers' floors summed): while it
 holds fewer slots than that, its queued requests go first, whatever the ceilings and the
@@ -51,6 +58,7 @@ class Bands:
         "_floors",
         "_inflight",
         "_late",
+        "_lifted",
         "_open",
         "_targets",
         "_ticked_at",
@@ -71,6 +79,7 @@ class Bands:
         self._open: dict[int, tuple[float, int]] = {}  # protected calls: (late at, band)
         self._late = [False] * count  # a protected call above ended late since the last tick
         self._cut_at = [-math.inf] * count
+        self._lifted = [False] * count  # the bands above idle: the ceiling does not apply
         self._busy_at = [now] * count  # when the bands above last had something
         self._cooldown_s = [  # the longest target above each band
             max((self._targets.get(t.name, 0.0) for t in tiers if band_of[t.name] < b), default=0)
@@ -84,6 +93,8 @@ class Bands:
         request = ticket.request
         band = self._band_of[request.tier]
         self._inflight[band] += 1
+        for below in range(band + 1, len(self._lifted)):  # the bands above are back
+            self._lifted[below] = False
         target = self._targets.get(request.tier)
         if target is not None:
             self._open[ticket.id] = (request.arrival_at + target, band)
@@ -120,10 +131,10 @@ class Bands:
         return self._inflight[band] < self._floors[band] * window or self._under_ceilings(band)
 
     def _under_ceilings(self, band: int) -> bool:
-        inflight, ceilings = self._inflight, self._ceilings
+        inflight, ceilings, lifted = self._inflight, self._ceilings, self._lifted
         held = sum(inflight[band:])
         for above in range(band, 0, -1):  # each ceiling caps its band and those below
-            if held >= ceilings[above]:
+            if held >= ceilings[above] and not lifted[above]:
                 return False
             held += inflight[above - 1]
         return True
@@ -140,14 +151,15 @@ class Bands:
         free = float(window - sum(inflight[:band]))
         between = 0
         for above in range(band, 0, -1):
-            free = min(free, ceilings[above] - between)
+            if not self._lifted[above]:
+                free = min(free, ceilings[above] - between)
             between += inflight[above - 1]
         return max(floor, free, 0.0)
 
     def tick(self, *, now: float, window: int, depths: Sequence[int]) -> None:
         """Cut the ceilings of the bands below a late protected call; grow the others by a
-        slot per two lengths of their target (a slot's effect shows a call later), or open
-        them to the window once the bands above had nothing queued or in flight that long."""
+        slot per two lengths of their target (a slot's effect shows a call later); lift them
+        while the bands above had nothing queued or in flight that long."""
         for late_at, band in self._open.values():  # late already, before their end
             if late_at < now:
                 self._hold_below(band)
@@ -159,17 +171,16 @@ class Bands:
             cooldown_s = self._cooldown_s[band]
             if late[band] or any(inflight[:band]) or any(depths[:band]):
                 busy_at[band] = now
+            self._lifted[band] = now - busy_at[band] >= cooldown_s
             if late[band]:
                 if now - cut_at[band] >= cooldown_s:
                     ceilings[band] *= _DECREASE
                     cut_at[band] = now
                 late[band] = False
-            elif now - busy_at[band] >= cooldown_s:
-                ceilings[band] = float(window)
-            elif cooldown_s:
+            elif cooldown_s and not self._lifted[band]:
                 ceilings[band] += elapsed / (_GROWTH_TARGETS * cooldown_s)
             ceilings[band] = min(ceilings[band], float(window))
 
     def ceilings(self) -> tuple[float, ...]:
-        """Each band's ceiling (the top band's: the window)."""
+        """Each band's ceiling (the top band's: the window), kept while it is lifted."""
         return tuple(self._ceilings)

@@ -196,6 +196,22 @@ def test_the_ceiling_grows_back_once_the_protected_tier_is_on_time_again() -> No
     assert len(sched.poll(now=now + 2.0)) == 2  # the 2 queued: 10 in flight, the window
 
 
+def test_a_lifted_ceiling_applies_again_as_it_was_when_the_protected_tier_returns() -> None:
+    sched = core(10, GOLD, lower())
+    late_gold(sched, 0.0, latency_s=3.0)
+    sched.tick(now=0.25)  # ceiling 7
+    late_gold(sched, 2.5, latency_s=3.0)
+    sched.tick(now=2.5)  # a target later: 4.9
+    for step in range(1, 9):  # gold gone for 2 s: the ceiling is lifted, not reset
+        sched.tick(now=2.5 + step * 0.25)
+    assert len(fill_free(sched, 4.5, 6)) == 6  # past the ceiling of about 5
+    assert sched.statistics().band_ceilings[1] < 6
+    assert isinstance(sched.submit(req("gold", 4.6), now=4.6), Admit)
+    # gold is back: the ceiling applies at once, before any tick; reset to the window, it
+    # would have let 3 more in (10 in flight), and taken 8 cuts to come back down
+    assert fill_free(sched, 4.6, 3) == []
+
+
 def test_a_lower_band_behind_strict_priority_is_shed_on_arrival() -> None:
     """Fail fast sees the band: with gold queued and no floor, free can count on nothing."""
     sched = core(2, GOLD, lower(fail_fast=True))
