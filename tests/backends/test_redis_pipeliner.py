@@ -13,7 +13,7 @@ import coredis.exceptions
 import pytest
 import trio
 
-from backends.redis.embedded import free_port
+from backends.redis.embedded import EmbeddedRedis, free_port
 from backends.redis.pipeliner import RedisPipeliner
 from tests.conftest import open_pipelined
 
@@ -148,3 +148,36 @@ async def test_a_command_sent_soon_runs_and_only_its_failure_is_told(redis_url: 
             assert await pipeliner.execute(lambda pipe: pipe.get(f"{prefix}:a")) == b"2"
     (error,) = errors  # HSET on a string: WRONGTYPE, told and nothing else
     assert isinstance(error, coredis.exceptions.WrongTypeError | coredis.exceptions.ResponseError)
+
+
+SET_SCRIPT = "return redis.call('SET', KEYS[1], ARGV[1])"
+
+
+async def test_scripts_on_the_own_connection_authenticate_and_select_the_database() -> None:
+    """Off a cluster, scripts go on the pipeliner's own connection: it logs in as the
+    client's user (the default user needs a password here) and uses the client's database."""
+    with EmbeddedRedis() as server, trio.fail_after(DEADLINE_S):
+        async with coredis.Redis(port=server.port) as admin:
+            await admin.acl_setuser("gateway", "on", ">secret", "~*", "+@all")
+            await admin.config_set({"requirepass": "unused"})
+        url = f"redis://gateway:secret@127.0.0.1:{server.port}/3"
+        async with open_pipelined(url) as (redis, pipeliner):
+            script = redis.register_script(SET_SCRIPT)
+            await redis.script_load(SET_SCRIPT)  # else NOSCRIPT: sent again through coredis
+            assert await pipeliner.evalsha(script, ["k"], ["v"]) == b"OK"
+            assert await redis.get("k") == b"v"  # coredis's own connection: database 3
+            await redis.select(0)
+            assert await redis.get("k") is None
+
+
+async def test_a_dropped_own_connection_is_opened_again(redis_url: str) -> None:
+    key = uuid.uuid4().hex
+    with trio.fail_after(DEADLINE_S):
+        async with open_pipelined(redis_url) as (redis, pipeliner):
+            script = redis.register_script(SET_SCRIPT)
+            assert await pipeliner.evalsha(script, [key], ["1"]) == b"OK"
+            await redis.client_kill(type_=coredis.PureToken.NORMAL, skipme=True)
+            with pytest.raises(coredis.exceptions.ConnectionError):
+                await pipeliner.evalsha(script, [key], ["2"])
+            assert await pipeliner.evalsha(script, [key], ["3"]) == b"OK"
+            assert await redis.get(key) == b"3"
