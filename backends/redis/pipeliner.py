@@ -42,6 +42,7 @@ without coredis's per-command cost), the other commands of the batch through cor
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -176,8 +177,7 @@ class RedisPipeliner:
         goes to `on_error` (called from the pipeliner's task), as for a write nobody waits
         for (a quota's settlement), which then costs no task of the caller's. A script Redis
         no longer knows is sent again on its own, as by `evalsha`."""
-        self._front.queue.append(_Pending(command, on_error))
-        self._front.wakeup.set()
+        self._queue([_Pending(command, on_error)])
 
     def evalsha_soon(
         self, script: Script[Any], keys: Sequence[Any], args: Sequence[Any], on_error: OnError
@@ -190,9 +190,10 @@ class RedisPipeliner:
             else:
                 on_error(error)
 
-        self._front.queue.append(
-            _Pending(_evalsha(script, keys, args), failed, _raw(script, keys, args))
-        )
+        self._queue([_Pending(_evalsha(script, keys, args), failed, _raw(script, keys, args))])
+
+    def _queue(self, pending: list[_Pending]) -> None:
+        self._front.queue.extend(pending)
         self._front.wakeup.set()
 
     async def _load_and_run(
@@ -217,8 +218,7 @@ class RedisPipeliner:
         return await self._wait_for([_Pending(command) for command in commands], timeout_s)
 
     async def _wait_for(self, pending: list[_Pending], timeout_s: float | None) -> list[Any]:
-        self._front.queue.extend(pending)
-        self._front.wakeup.set()
+        self._queue(pending)
         try:
             if timeout_s is None:
                 for p in pending:
@@ -387,14 +387,12 @@ class RedisPipeliner:
         now, lag_s = trio.current_time(), self.lag.total_s
         for p in batch:
             p.sent_at, p.lag_at_send_s = now, lag_s
-        own = [p for p in batch if p.raw is not None] if self._own is not None else []
-        rest = [p for p in batch if p.raw is None] if own else batch
         try:
             with trio.fail_after(self._timeout_s):
-                if own:
-                    await self._send_own(own)
-                if rest:
-                    await self._send_coredis(rest)
+                # in the order queued: each run of scripts on the own connection, the rest
+                # through coredis (a caller's command and its script on a key stay in order)
+                for own, run in itertools.groupby(batch, self._goes_own):
+                    await (self._send_own if own else self._send_coredis)(list(run))
         except trio.TooSlowError:
             self._suspect_layout()
             for p in batch:
@@ -409,6 +407,9 @@ class RedisPipeliner:
             self._answered_at = trio.current_time()
             for p in batch:  # cancelled (shutting down): the callers see a timeout
                 p.fail(trio.TooSlowError())
+
+    def _goes_own(self, p: _Pending) -> bool:
+        return p.raw is not None and self._own is not None
 
     async def _send_own(self, batch: list[_Pending]) -> None:
         assert self._own is not None
