@@ -35,11 +35,14 @@ the loop keeps up; under CPU saturation a call is slower, not failed.
 
 Scripts go as EVALSHA (coredis would check every script with SCRIPT EXISTS first, a round
 trip per pipeline); a script Redis no longer knows (a restart, SCRIPT FLUSH) is sent once
-more on its own, which loads it.
+more on its own, which loads it. Off a Redis Cluster they go on a connection of the
+pipeliner's own (`backends.redis.resp`: one write and one read per batch, in this task,
+without coredis's per-command cost), the other commands of the batch through coredis.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -48,6 +51,8 @@ import coredis
 import coredis.exceptions
 import trio
 from coredis.commands.script import Script
+
+from backends.redis.resp import RawCommand, RespConnection
 
 Command = Callable[[Any], Any]  # given the pipeline, queues one command on it
 LAG_TICK_S = 0.005  # how often LoopLag looks: a late wake-up of this task is the loop's lag
@@ -96,13 +101,17 @@ class _Pending:
         "error",
         "lag_at_send_s",
         "on_error",
+        "raw",
         "reply",
         "sent_at",
         "slot",
     )
 
-    def __init__(self, command: Command, on_error: OnError | None = None) -> None:
+    def __init__(
+        self, command: Command, on_error: OnError | None = None, raw: RawCommand | None = None
+    ) -> None:
         self.command = command
+        self.raw = raw  # the same command in RESP's terms, for the own connection
         self.slot: int | None = None  # on a Redis Cluster, the one slot its keys are in
         self.done = trio.Event()
         self.reply: Any = None
@@ -158,24 +167,22 @@ class RedisPipeliner:
         self.lag = LoopLag()
         self._answered_at = -math.inf  # when the last round trip came back (or failed)
         self._nursery: trio.Nursery | None = None  # `run`'s
+        self._own: RespConnection | None = None  # `run`'s, off a Redis Cluster
         self.round_trips = 0
         self.commands = 0
+        self.own_commands = 0  # of `commands`, those sent on the own connection
 
     def execute_soon(self, command: Command, on_error: OnError) -> None:
         """Queue `command(pipeline)` and return at once: its reply is dropped and a failure
         goes to `on_error` (called from the pipeliner's task), as for a write nobody waits
         for (a quota's settlement), which then costs no task of the caller's. A script Redis
         no longer knows is sent again on its own, as by `evalsha`."""
-        self._front.queue.append(_Pending(command, on_error))
-        self._front.wakeup.set()
+        self._queue([_Pending(command, on_error)])
 
     def evalsha_soon(
         self, script: Script[Any], keys: Sequence[Any], args: Sequence[Any], on_error: OnError
     ) -> None:
         """`evalsha` without waiting (`execute_soon`)."""
-
-        def command(pipe: Any) -> Any:
-            return pipe.evalsha(script.sha, keys=keys, args=args)
 
         def failed(error: BaseException) -> None:
             if isinstance(error, coredis.exceptions.NoScriptError) and self._nursery is not None:
@@ -183,7 +190,11 @@ class RedisPipeliner:
             else:
                 on_error(error)
 
-        self.execute_soon(command, failed)
+        self._queue([_Pending(_evalsha(script, keys, args), failed, _raw(script, keys, args))])
+
+    def _queue(self, pending: list[_Pending]) -> None:
+        self._front.queue.extend(pending)
+        self._front.wakeup.set()
 
     async def _load_and_run(
         self, script: Script[Any], keys: Sequence[Any], args: Sequence[Any], on_error: OnError
@@ -204,9 +215,10 @@ class RedisPipeliner:
         """Queue the commands together (one round trip, unless a batch fills up between
         them); their replies, in order. With `timeout_s`, raise `trio.TooSlowError` when
         Redis has not answered within that much of its own time (the module docstring)."""
-        pending = [_Pending(command) for command in commands]
-        self._front.queue.extend(pending)
-        self._front.wakeup.set()
+        return await self._wait_for([_Pending(command) for command in commands], timeout_s)
+
+    async def _wait_for(self, pending: list[_Pending], timeout_s: float | None) -> list[Any]:
+        self._queue(pending)
         try:
             if timeout_s is None:
                 for p in pending:
@@ -257,12 +269,9 @@ class RedisPipeliner:
         timeout_s: float | None = None,
     ) -> Any:
         """Run `script` in a pipeline; on NOSCRIPT, once more on its own (which loads it)."""
-
-        def command(pipe: Any) -> Any:
-            return pipe.evalsha(script.sha, keys=keys, args=args)
-
+        pending = _Pending(_evalsha(script, keys, args), raw=_raw(script, keys, args))
         try:
-            return await self.execute(command, timeout_s=timeout_s)
+            return (await self._wait_for([pending], timeout_s))[0]
         except coredis.exceptions.NoScriptError:  # Redis answers: bounded as a round trip
             with trio.fail_after(self._timeout_s):
                 return await script(keys=keys, args=args)
@@ -280,7 +289,12 @@ class RedisPipeliner:
 
                 await self._drain(self._front, route)
             else:
-                await self._drain(self._front, self._send_pipeline)
+                self._own = RespConnection.for_client(self.redis)
+                try:
+                    await self._drain(self._front, self._send_pipeline)
+                finally:
+                    if self._own is not None:
+                        await self._own.aclose()
 
     async def _drain(self, lane: _Lane, send: Callable[[list[_Pending]], Awaitable[None]]) -> None:
         """Forever: each batch of up to `max_batch` commands still wanted, to `send`."""
@@ -375,17 +389,10 @@ class RedisPipeliner:
             p.sent_at, p.lag_at_send_s = now, lag_s
         try:
             with trio.fail_after(self._timeout_s):
-                async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
-                    requests = [p.command(pipe) for p in batch]
-            for p, request in zip(batch, requests, strict=True):
-                try:
-                    reply = await request  # ready: the pipeline has run
-                except Exception as exc:  # this command's own error
-                    if isinstance(exc, MOVING_ERRORS) and p.slot is not None:
-                        self._moving_until[p.slot] = trio.current_time() + MOVING_FOR_S
-                    p.finish(error=exc)
-                else:
-                    p.finish(reply)
+                # in the order queued: each run of scripts on the own connection, the rest
+                # through coredis (a caller's command and its script on a key stay in order)
+                for own, run in itertools.groupby(batch, self._goes_own):
+                    await (self._send_own if own else self._send_coredis)(list(run))
         except trio.TooSlowError:
             self._suspect_layout()
             for p in batch:
@@ -400,3 +407,40 @@ class RedisPipeliner:
             self._answered_at = trio.current_time()
             for p in batch:  # cancelled (shutting down): the callers see a timeout
                 p.fail(trio.TooSlowError())
+
+    def _goes_own(self, p: _Pending) -> bool:
+        return p.raw is not None and self._own is not None
+
+    async def _send_own(self, batch: list[_Pending]) -> None:
+        assert self._own is not None
+        self.own_commands += len(batch)
+        replies = await self._own.round_trip([p.raw for p in batch if p.raw is not None])
+        for p, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, coredis.exceptions.RedisError):
+                p.finish(error=reply)  # this command's own error
+            else:
+                p.finish(reply)
+
+    async def _send_coredis(self, batch: list[_Pending]) -> None:
+        async with self.redis.pipeline(transaction=False, raise_on_error=False) as pipe:
+            requests = [p.command(pipe) for p in batch]
+        for p, request in zip(batch, requests, strict=True):
+            try:
+                reply = await request  # ready: the pipeline has run
+            except Exception as exc:  # this command's own error
+                if isinstance(exc, MOVING_ERRORS) and p.slot is not None:
+                    self._moving_until[p.slot] = trio.current_time() + MOVING_FOR_S
+                p.finish(error=exc)
+            else:
+                p.finish(reply)
+
+
+def _evalsha(script: Script[Any], keys: Sequence[Any], args: Sequence[Any]) -> Command:
+    def command(pipe: Any) -> Any:
+        return pipe.evalsha(script.sha, keys=keys, args=args)
+
+    return command
+
+
+def _raw(script: Script[Any], keys: Sequence[Any], args: Sequence[Any]) -> RawCommand:
+    return (b"EVALSHA", script.sha, len(keys), *keys, *args)

@@ -46,6 +46,14 @@ from scheduler.service.tracing import flush_tracing, start_tracing
 log = logging.getLogger("scheduler.service")
 GAINS_KEY = "control:gains"  # {"version": n, "gains": {...}}, written by the admin API
 WARM_CONNECTIONS = 32
+# The collector's thresholds once serving (Python's defaults: 700, 10, 10). The serving path
+# makes almost no reference cycles, so a pass finds next to nothing while it walks every
+# request in flight: at the defaults, 13-18% of a worker's CPU on 2,000 streams and full passes
+# of 45-150 ms of CPU over 150,000-275,000 objects, longer than the Redis timeout. A young pass
+# every 10,000 net allocations, and a middle one every 5 of them (at 10 a middle pass walked
+# ~100,000 objects in flight, ~30 ms), left 8% and no full pass (bench/RESULTS.md, "The
+# garbage collector").
+GC_THRESHOLDS = (10_000, 5, 10)
 
 
 class Replica:
@@ -136,10 +144,7 @@ class Replica:
             metrics=self.metrics,
             levers=self.levers,
         )
-        # what start-up built lives as long as the process: keep it out of the collector's
-        # full passes, whose pauses (50-160 ms) would otherwise exceed the Redis timeout
-        gc.collect()
-        gc.freeze()
+        settle_collector()
 
     def _dispatcher(self) -> Dispatcher:
         """The scheduling core, told trio's time, and the task that will own it."""
@@ -306,3 +311,12 @@ class Replica:
         if error is not None:
             check["error"] = error
         return check
+
+
+def settle_collector() -> None:
+    """The collector's policy for a serving process, applied once start-up is done: what
+    start-up built lives as long as the process and is frozen out of every pass (a full pass
+    over it took 50-160 ms), and the passes run at `GC_THRESHOLDS`."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)

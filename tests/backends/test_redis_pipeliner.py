@@ -13,7 +13,7 @@ import coredis.exceptions
 import pytest
 import trio
 
-from backends.redis.embedded import free_port
+from backends.redis.embedded import EmbeddedRedis, free_port
 from backends.redis.pipeliner import RedisPipeliner
 from tests.conftest import open_pipelined
 
@@ -132,19 +132,58 @@ async def test_a_round_trip_over_its_timeout_fails_as_too_slow(redis_url: str) -
 async def test_a_command_sent_soon_runs_and_only_its_failure_is_told(redis_url: str) -> None:
     """`execute_soon` waits for nothing: the command runs in a later round trip, its reply
     is dropped, and its own error (or a script Redis no longer knows, sent again on its own)
-    reaches `on_error` from the pipeliner's task."""
+    reaches `on_error` from the pipeliner's task; so does a script's, from the own connection
+    (the batch has both kinds)."""
     prefix = uuid.uuid4().hex
     errors: list[BaseException] = []
     with trio.fail_after(DEADLINE_S):
         async with open_pipelined(redis_url) as (redis, pipeliner):
             script = redis.register_script("return redis.call('SET', KEYS[1], ARGV[1])")
             await redis.script_flush()
+            hset = redis.register_script("return redis.call('HSET', KEYS[1], 'f', 1)")
+            await redis.script_load(hset.script)
             pipeliner.execute_soon(lambda pipe: pipe.set(f"{prefix}:a", "1"), errors.append)
             pipeliner.execute_soon(lambda pipe: pipe.incr(f"{prefix}:a"), errors.append)
             pipeliner.execute_soon(lambda pipe: pipe.hset(f"{prefix}:a", {"f": 1}), errors.append)
             pipeliner.evalsha_soon(script, [f"{prefix}:s"], ["loaded"], errors.append)
+            pipeliner.evalsha_soon(hset, [f"{prefix}:a"], [], errors.append)
             while await redis.get(f"{prefix}:s") is None:  # NOSCRIPT, then run alone
                 await trio.sleep(0.01)
             assert await pipeliner.execute(lambda pipe: pipe.get(f"{prefix}:a")) == b"2"
-    (error,) = errors  # HSET on a string: WRONGTYPE, told and nothing else
-    assert isinstance(error, coredis.exceptions.WrongTypeError | coredis.exceptions.ResponseError)
+    assert len(errors) == 2  # HSET on a string, as a command and in a script; nothing else
+    for error in errors:
+        assert isinstance(error, coredis.exceptions.ResponseError)
+    assert pipeliner.own_commands == 2
+
+
+SET_SCRIPT = "return redis.call('SET', KEYS[1], ARGV[1])"
+
+
+async def test_scripts_on_the_own_connection_authenticate_and_select_the_database() -> None:
+    """Off a cluster, scripts go on the pipeliner's own connection: it logs in as the
+    client's user (the default user needs a password here) and uses the client's database."""
+    with EmbeddedRedis() as server, trio.fail_after(DEADLINE_S):
+        async with coredis.Redis(port=server.port) as admin:
+            await admin.acl_setuser("gateway", "on", ">secret", "~*", "+@all")
+            await admin.config_set({"requirepass": "unused"})
+        url = f"redis://gateway:secret@127.0.0.1:{server.port}/3"
+        async with open_pipelined(url) as (redis, pipeliner):
+            script = redis.register_script(SET_SCRIPT)
+            await redis.script_load(SET_SCRIPT)  # else NOSCRIPT: sent again through coredis
+            assert await pipeliner.evalsha(script, ["k"], ["v"]) == b"OK"
+            assert await redis.get("k") == b"v"  # coredis's own connection: database 3
+        async with coredis.Redis(port=server.port, username="gateway", password="secret") as db0:
+            assert await db0.get("k") is None
+
+
+async def test_a_dropped_own_connection_is_opened_again(redis_url: str) -> None:
+    key = uuid.uuid4().hex
+    with trio.fail_after(DEADLINE_S):
+        async with open_pipelined(redis_url) as (redis, pipeliner):
+            script = redis.register_script(SET_SCRIPT)
+            assert await pipeliner.evalsha(script, [key], ["1"]) == b"OK"
+            await redis.client_kill(type_=coredis.PureToken.NORMAL, skipme=True)
+            with pytest.raises(coredis.exceptions.ConnectionError):
+                await pipeliner.evalsha(script, [key], ["2"])
+            assert await pipeliner.evalsha(script, [key], ["3"]) == b"OK"
+            assert await redis.get(key) == b"3"

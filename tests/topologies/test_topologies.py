@@ -242,6 +242,25 @@ async def test_every_topology_client_runs_scripts_and_per_node_pipelines(
             assert await redis.eval("return redis.call('GET', KEYS[1])", keys=["t:{7}"]) == b"7"
 
 
+async def test_scripts_go_on_the_pipeliners_own_connection_off_a_cluster(
+    redis_topology: str,
+) -> None:
+    """One server and a Sentinel's master: one write and one read per batch of scripts, on
+    the pipeliner's connection; a Redis Cluster's go through coredis (its routing)."""
+    get = "return redis.call('GET', KEYS[1])"
+    with trio.fail_after(DEADLINE_S):
+        async with open_pipelined(redis_topology) as (redis, pipeliner):
+            await redis.set("own:{7}", "7")
+            script = redis.register_script(get)
+            await redis.script_load(get)  # on a cluster, on every node
+            replies = await pipeliner.execute_each([lambda pipe: pipe.get("own:{7}")] * 2) + [
+                await pipeliner.evalsha(script, ["own:{7}"], [])
+            ]
+    assert replies == [b"7"] * 3
+    assert pipeliner.commands == 3
+    assert pipeliner.own_commands == (0 if "cluster" in redis_topology else 1)
+
+
 @pytest.mark.parametrize(
     ("url", "field"),
     [
