@@ -6,7 +6,6 @@ follows the parent's stderr, where it says which worker pid is serving and which
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,7 +207,7 @@ async def test_workers_dying_again_and_again_make_the_parent_exit_non_zero(
                 if pid not in killed:
                     killed.add(pid)
                     # the parent may have stopped it already (giving up) before it is read here
-                    with contextlib.suppress(ProcessLookupError):
+                    with suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
             time.sleep(0.02)
         assert served.process.wait(5) != 0
