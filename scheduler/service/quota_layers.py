@@ -19,10 +19,11 @@ their window), and so does moving a key to another tenant under a tenant layout.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
-from scheduler.core.quota_store import QuotaLayer
+from scheduler.core.quota_store import LayerName, QuotaLayer
 from scheduler.service.quota import QuotaSettings
 
 EVERY_TENANT = "*"  # `[tenants."*".quota]`: each tenant without a table of its own
@@ -36,11 +37,12 @@ class SharedQuotas:
     tenants: tuple[tuple[str, QuotaSettings], ...] = ()
     models: tuple[tuple[str, QuotaSettings], ...] = ()
 
-    _by_tenant: dict[str, QuotaSettings] = field(init=False, repr=False, compare=False)
+    _by_tenant: dict[str, QuotaLayer] = field(init=False, repr=False, compare=False)
     _by_model: dict[str, QuotaLayer] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:  # worked out once, not per request
-        object.__setattr__(self, "_by_tenant", dict(self.tenants))
+        by_tenant = {name: _layer("tenant", name, quotas) for name, quotas in self.tenants}
+        object.__setattr__(self, "_by_tenant", by_tenant)
         by_model = {name: _layer("model", name, quotas) for name, quotas in self.models}
         object.__setattr__(self, "_by_model", by_model)
 
@@ -49,9 +51,11 @@ class SharedQuotas:
         if not self.tenants and not self.models:
             return ()
         found = []
-        quotas = self._by_tenant.get(tenant, self._by_tenant.get(EVERY_TENANT))
-        if quotas is not None:
-            found.append(_layer("tenant", tenant, quotas))
+        layer = self._by_tenant.get(tenant)
+        if layer is None and (every := self._by_tenant.get(EVERY_TENANT)) is not None:
+            layer = dataclasses.replace(every, scope=tenant)  # counted under its own name
+        if layer is not None:
+            found.append(layer)
         layer = self._by_model.get(model)
         if layer is not None:
             found.append(layer)
@@ -73,6 +77,6 @@ class SharedQuotas:
         return f"tenants.{layer.scope if named else EVERY_TENANT}.quota"
 
 
-def _layer(name: str, scope: str, quotas: QuotaSettings) -> QuotaLayer:
+def _layer(name: LayerName, scope: str, quotas: QuotaSettings) -> QuotaLayer:
     requests, tokens = quotas.specs()
-    return QuotaLayer(name, scope, requests, tokens, quotas.enforce)  # type: ignore[arg-type]
+    return QuotaLayer(name, scope, requests, tokens, quotas.enforce)
