@@ -12,6 +12,7 @@ import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from bench.fidelity_schedule import (
     clear_key,
     gateway_config,
 )
+from scheduler.models.exposition import parse_scrape
+from scheduler.models.pressure import Scrape
 from scheduler.openai.body import prompt_text
 from scheduler.service.config import load_settings
 from scheduler.service.serve import serve_replica
@@ -48,10 +51,28 @@ class LiveOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class ControllerSample:
+    """The gateway's controller at one of the simulator's sample times, and what the engines
+    themselves reported then (their `/metrics`; None against demo servers)."""
+
+    t_s: float
+    limit: float
+    pressure: float
+    inflight: int
+    engine_running: float | None = None  # summed over the engines
+    engine_waiting: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class LiveRun:
     outcomes: tuple[LiveOutcome, ...]  # one per arrival, in schedule order
-    limits: tuple[tuple[float, float], ...]  # (t_s, the controller's limit), every sample_s
+    controller: tuple[ControllerSample, ...]  # every sample_s
     config: str  # the gateway's TOML
+
+    @property
+    def limits(self) -> tuple[tuple[float, float], ...]:
+        """(t_s, the controller's limit) at each sample."""
+        return tuple((c.t_s, c.limit) for c in self.controller)
 
 
 async def run_live(
@@ -84,16 +105,17 @@ async def run_live(
             settings, redis_url=redis_url, redis_prefix=prefix, source=None
         )
         port = await servers.start(serve_replica, settings)
-        outcomes, limits = await _replay(f"http://127.0.0.1:{port}", scenario, schedule)
+        gateway = f"http://127.0.0.1:{port}"
+        outcomes, samples = await _replay(gateway, scenario, schedule, backend_urls)
         servers.cancel_scope.cancel()
-    return LiveRun(outcomes, limits, config)
+    return LiveRun(outcomes, samples, config)
 
 
 async def _replay(
-    gateway: str, scenario: Scenario, schedule: Sequence[Arrival]
-) -> tuple[tuple[LiveOutcome, ...], tuple[tuple[float, float], ...]]:
+    gateway: str, scenario: Scenario, schedule: Sequence[Arrival], engines: Sequence[str]
+) -> tuple[tuple[LiveOutcome, ...], tuple[ControllerSample, ...]]:
     outcomes: list[LiveOutcome | None] = [None] * len(schedule)
-    limits: list[tuple[float, float]] = []
+    samples: list[ControllerSample] = []
     pool = httpx2.Limits(max_connections=4096, max_keepalive_connections=4096)
     async with httpx2.AsyncClient(timeout=_CLIENT_TIMEOUT_S, limits=pool) as client:
         await _wait_settled(client, gateway, scenario)
@@ -118,12 +140,13 @@ async def _replay(
             outcomes[i] = LiveOutcome(status, shed, done - sent, sent - start - arrival.at_s)
 
         async with trio.open_nursery() as load:
-            load.start_soon(_watch_limit, client, gateway, start, scenario, limits)
+            watch = partial(_watch_controller, client, gateway, engines, start, scenario)
+            load.start_soon(watch, samples)
             for i, arrival in enumerate(schedule):
                 await trio.sleep_until(start + arrival.at_s)
                 load.start_soon(one, i, arrival)
     assert all(o is not None for o in outcomes)
-    return tuple(o for o in outcomes if o is not None), tuple(limits)
+    return tuple(o for o in outcomes if o is not None), tuple(samples)
 
 
 async def _controller(client: httpx2.AsyncClient, gateway: str) -> dict[str, Any]:
@@ -146,17 +169,40 @@ async def _wait_settled(client: httpx2.AsyncClient, gateway: str, scenario: Scen
         raise RuntimeError(f"the gateway's controller is not at its initial state: {state}")
 
 
-async def _watch_limit(
+async def _watch_controller(
     client: httpx2.AsyncClient,
     gateway: str,
+    engines: Sequence[str],
     start: float,
     scenario: Scenario,
-    into: list[tuple[float, float]],
+    into: list[ControllerSample],
 ) -> None:
-    """The controller's limit at the simulator's sample times, over the schedule."""
+    """The controller's state at the simulator's sample times over the schedule, and the
+    engines' own running and waiting counts read at the same moments."""
     k = 1
     while k * scenario.sample_s <= scenario.duration_s:
         await trio.sleep_until(start + k * scenario.sample_s)
+        t_s = trio.current_time() - start
         state = await _controller(client, gateway)
-        into.append((trio.current_time() - start, float(state["limit"])))
+        running = waiting = None
+        if engines:
+            scrapes = [await _engine_scrape(client, url) for url in engines]
+            running = sum(s.running or 0.0 for s in scrapes)
+            waiting = sum(s.waiting or 0.0 for s in scrapes)
+        into.append(
+            ControllerSample(
+                t_s,
+                float(state["limit"]),
+                float(state["pressure"]),
+                int(state["inflight"]),
+                running,
+                waiting,
+            )
+        )
         k += 1
+
+
+async def _engine_scrape(client: httpx2.AsyncClient, url: str) -> Scrape:
+    r = await client.get(url + "/metrics")
+    r.raise_for_status()
+    return parse_scrape(r.text, at=trio.current_time())

@@ -36,7 +36,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bench.fidelity_live import LiveRun, run_live
+from bench.fidelity_live import ControllerSample, LiveRun, run_live
 from bench.fidelity_schedule import Arrival, arrival_schedule
 from sim.engine import SimResult, simulate
 from sim.engine.model import Scenario
@@ -164,8 +164,8 @@ class Fidelity:
     sim: tuple[TierOutcome, ...]
     live: tuple[TierOutcome, ...]
     checks: tuple[Check, ...]
-    sim_limits: tuple[float, ...]  # the controller's limit, sampled every sample_s
-    live_limits: tuple[float, ...]
+    sim_controller: tuple[ControllerSample, ...]  # sampled every sample_s
+    live_controller: tuple[ControllerSample, ...]
     lags_s: tuple[float, ...]  # how late each live request was sent
 
     @property
@@ -191,8 +191,7 @@ class Fidelity:
             f"fidelity: scenario {self.scenario.name}, {self.scenario.duration_s:g} s, "
             f"controller {self.scenario.controller.label}, {len(lags)} requests",
             counts,
-            f"controller limit mean: sim {_mean(self.sim_limits):.1f}, "
-            f"live {_mean(self.live_limits):.1f}",
+            *controller_lines(self.sim_controller, self.live_controller),
             f"send lag: p99 {1000 * percentile(lags, 0.99):.1f} ms, "
             f"max {1000 * (lags[-1] if lags else math.nan):.1f} ms",
             format_table(
@@ -213,6 +212,47 @@ class Fidelity:
             "fidelity: " + ("PASS" if self.ok else "FAIL"),
         ]
         return "\n".join(lines)
+
+
+def controller_lines(
+    sim: Sequence[ControllerSample], live: Sequence[ControllerSample]
+) -> list[str]:
+    """Each side's mean limit, in-flight and pressure, then the pressure each side read at
+    each in-flight count (where the controller's threshold falls decides where its limit
+    settles), and the engines' own counts where the live side has them."""
+
+    def means(samples: Sequence[ControllerSample]) -> str:
+        return (
+            f"limit {_mean([c.limit for c in samples]):.2f}, "
+            f"in flight {_mean([c.inflight for c in samples]):.2f}, "
+            f"pressure {_mean([c.pressure for c in samples]):.3f}"
+        )
+
+    lines = [f"controller mean: sim {means(sim)}; live {means(live)}"]
+    engine = [c for c in live if c.engine_running is not None]
+    if engine:
+        running = _mean([c.engine_running or 0.0 for c in engine])
+        waiting = _mean([c.engine_waiting or 0.0 for c in engine])
+        lines.append(
+            f"engines (live, their /metrics): running {running:.2f}, waiting {waiting:.2f}"
+        )
+    counts = sorted({c.inflight for c in (*sim, *live)})
+    rows = []
+    for k in counts:
+        at_sim = [c.pressure for c in sim if c.inflight == k]
+        at_live = [c for c in live if c.inflight == k]
+        queued = [c.engine_waiting for c in at_live if c.engine_waiting is not None]
+        rows.append(
+            (
+                k,
+                f"{len(at_sim)} / {len(at_live)}",
+                f"{_mean(at_sim):.3f} / {_mean([c.pressure for c in at_live]):.3f}",
+                f"{_mean(queued):.2f}" if queued else "-",
+            )
+        )
+    header = ("in flight", "samples sim / live", "pressure sim / live", "engine waiting live")
+    lines.append(format_table(header, rows))
+    return lines
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -239,11 +279,13 @@ async def run_fidelity(
         sim=sim_side,
         live=live_side,
         checks=compare(sim_side, live_side, tolerances or Tolerances()),
-        sim_limits=tuple(
-            limit
-            for t, limit in zip(series.t, series.limit, strict=True)
+        sim_controller=tuple(
+            ControllerSample(t, limit, pressure, inflight)
+            for t, limit, pressure, inflight in zip(
+                series.t, series.limit, series.pressure, series.inflight, strict=True
+            )
             if t <= scenario.duration_s
         ),
-        live_limits=tuple(limit for _, limit in live.limits),
+        live_controller=live.controller,
         lags_s=tuple(o.lag_s for o in live.outcomes),
     )

@@ -37,7 +37,7 @@ class _GpuGauges(Collector):
         stats = self._stats()
         values = (
             ("vllm:num_requests_running", "Requests in the model batch.", stats.running),
-            ("vllm:num_requests_waiting", "Requests waiting for a batch slot.", stats.waiting),
+            ("vllm:num_requests_waiting", "Requests waiting for a batch slot.", stats.waiting_seen),
             ("vllm:kv_cache_usage_perc", "KV-cache usage, 1 means full.", stats.kv_usage),
             ("vllm:gpu_cache_usage_perc", "KV-cache usage (older name).", stats.kv_usage),
         )

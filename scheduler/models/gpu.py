@@ -24,7 +24,14 @@ The rules, close to what vLLM does:
   whole batch waits for it). llama.cpp shows it: a 96-token prompt took 54 ms alone and 76 ms
   beside 3 decoding sequences, where one more sequence in a decode step costs ~1 ms (it
   splits such a batch into more passes over the weights); a burst of prompts into an idle
-  engine never pays it, a steady stream of arrivals pays it on every start.
+  engine never pays it, a steady stream of arrivals pays it on every start;
+- the engine's own count of waiting requests (what its `/metrics` show) leaves out a request
+  that arrived while a costed prompt was being prefilled, until that prompt's step ends: an
+  engine takes new requests in between steps, and a step with a prompt in it is long.
+  llama.cpp shows it (its `requests_deferred` lags a request posted during a prefill by the
+  rest of that step), and so would any engine whose loop reads its input between steps; in
+  front of a backend held at its limit, each freed slot starts a waiting prompt, so the request
+  sent in its place nearly always lands in such a step.
 
 Since all running sequences advance at the same rate, the model keeps one "step counter"
 that grows at 1 / step_time(running) per second; a sequence's first token and end are fixed
@@ -108,6 +115,7 @@ class Sequence:
         "output_tokens",
         "prefilled_step",
         "prompt_tokens",
+        "seen_at",
         "start_step",
         "started_at",
         "submitted_at",
@@ -120,6 +128,7 @@ class Sequence:
         self.kv_tokens = prompt_tokens + output_tokens
         self.context = context_of(prompt_tokens, output_tokens)
         self.submitted_at = now
+        self.seen_at = now  # when the engine's own metrics count it as waiting
         self.started_at = math.nan
         self.first_token_at = math.nan
         self.finished_at = math.nan
@@ -135,6 +144,7 @@ class GpuStats:
     waiting: int
     kv_used_tokens: int
     kv_usage: float  # 0..1, vLLM's kv_cache_usage_perc
+    waiting_seen: int  # what the engine's metrics show as waiting (`GpuModel.waiting_seen`)
     step_s: float
     started: int
     finished: int
@@ -188,6 +198,11 @@ class GpuModel:
         ):
             self._refused += 1
             return None
+        if self._prefills:  # taken in when the step in progress, a prompt's, ends
+            if self._cancelled:
+                self._drop_dead()
+            if self._prefills:
+                seq.seen_at = self.time_of_step(self._prefills[0][0])
         waiting.append(seq)
         self._start_waiting()
         return seq
@@ -358,6 +373,17 @@ class GpuModel:
             self._now = now
         return finished
 
+    def waiting_seen(self, now: float) -> int:
+        """The waiting the engine's own metrics show at `now`: those that arrived during a
+        prompt's step and wait beyond it count once that step is over. They are the most
+        recent arrivals, at the end of the waiting room."""
+        unseen = 0
+        for seq in reversed(self._waiting):
+            if seq.seen_at <= now:
+                break
+            unseen += 1
+        return len(self._waiting) - unseen
+
     def tokens_done(self, seq: Sequence, *, now: float) -> int:
         """Output tokens `seq` has produced by `now` (after `advance(now)`)."""
         if not math.isnan(seq.finished_at):
@@ -377,6 +403,7 @@ class GpuModel:
             waiting=len(self._waiting),
             kv_used_tokens=self._kv_used,
             kv_usage=self._kv_used / self.config.kv_capacity_tokens,
+            waiting_seen=self.waiting_seen(self._now),
             step_s=self._step_s,
             started=self._started,
             finished=self._finished,

@@ -325,6 +325,7 @@ def _add_controller_routes(
             {
                 "gains": gains_to_dict(replica.gains.config),
                 "limit": stats.limit,
+                "inflight": replica.gateway.dispatcher.core.gate.inflight,
                 "congested": stats.congested,
                 "pressure": stats.pressure,
             }

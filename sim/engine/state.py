@@ -253,11 +253,11 @@ def scrape(backends: list[Backend], now: float) -> float:
     exports), a lost one is not and turns stale, and `pool_pressure` aggregates them."""
     for backend in backends:
         if backend.alive:
-            stats = backend.gpu.statistics()
+            gpu = backend.gpu
+            stats = gpu.statistics()
+            waiting = gpu.waiting_seen(now)
             backend.pressure.observe(
-                Scrape(
-                    at=now, kv_usage=stats.kv_usage, waiting=stats.waiting, running=stats.running
-                )
+                Scrape(at=now, kv_usage=stats.kv_usage, waiting=waiting, running=stats.running)
             )
     return pool_pressure([b.pressure.reading(now=now) for b in backends])
 

@@ -26,6 +26,7 @@ from backends.http.client import BackendLimits, HttpClient
 from backends.probes.metrics import MetricsProbe
 from scheduler.models.exposition import Exporter, parse_scrape
 from scheduler.models.pressure import Signal
+from scheduler.openai.body import prompt_text
 from scheduler.service.config import Settings, load_settings
 from tests.conftest import start_gateway
 from tests.support.llama_server import (
@@ -315,3 +316,52 @@ async def metrics_text(llama: LlamaServer) -> str:
         response = await client.get(llama.url + "/metrics")
     assert response.status_code == 200, response.text
     return response.text
+
+
+async def test_a_request_sent_during_a_prompts_step_is_not_waiting_until_the_step_ends(
+    llama: LlamaServer,
+) -> None:
+    # What the simulator's GPU model leaves out of the engine's waiting count
+    # (`GpuModel.waiting_seen`): while a step computes, llama.cpp answers /metrics but declines
+    # new requests until the step is over, so a request sent during a long prompt's step is
+    # in no count (neither processing nor deferred) until then. One slot decodes, the other
+    # takes a prompt of ~3,800 tokens; a third request, with no slot, is sent meanwhile.
+    with trio.fail_after(120):
+        async with held_streams(llama, 1), httpx2.AsyncClient(timeout=90) as client:
+            await wait_metric(llama, "llamacpp:requests_processing 1")
+            async with trio.open_nursery() as nursery:
+
+                async def post(tokens: int, into: list[float]) -> None:
+                    body = {
+                        "model": MODEL_ALIAS,
+                        "max_tokens": 30,
+                        "prompt": prompt_text(uuid.uuid4().int >> 80, tokens),
+                        **LONG,
+                    }
+                    r = await client.post(llama.url + "/v1/completions", json=body)
+                    assert r.status_code == 200, r.text
+                    into.append(r.json()["timings"]["prompt_ms"] / 1000)
+
+                long_prompt_s: list[float] = []
+                nursery.start_soon(post, 3800, long_prompt_s)
+                await wait_metric(llama, "llamacpp:requests_processing 2")  # its step is next
+                started_at = trio.current_time()
+                nursery.start_soon(post, 8, [])
+                await trio.sleep(0.2)  # the third request is with the engine
+                during = parse_scrape(await metrics_text(llama), at=0.0)
+                during_s = trio.current_time() - started_at
+                await wait_metric(llama, "llamacpp:requests_deferred 1")
+                seen_s = trio.current_time() - started_at
+                after = parse_scrape(await metrics_text(llama), at=0.0)
+    (prompt_s,) = long_prompt_s
+    # the premise: the scrape came well inside the prompt's first step (of 2,048 tokens)
+    assert during_s < 0.5 * prompt_s * 2048 / 3800, (during_s, prompt_s)
+    assert (during.running, during.waiting) == (2.0, 0.0)
+    assert (after.running, after.waiting) == (2.0, 1.0)
+    assert seen_s > during_s
+
+
+async def wait_metric(llama: LlamaServer, line: str, timeout_s: float = 30.0) -> None:
+    with trio.fail_after(timeout_s):
+        while line not in await metrics_text(llama):
+            await trio.sleep(0.01)

@@ -181,3 +181,41 @@ def test_next_finish_at_is_the_earliest_end_or_a_prompt_done_sooner() -> None:
     costed = GpuModel(GpuConfig(decode_base_s=0.01, decode_per_seq_s=0.0, prefill_s_per_token=1e-4))
     assert costed.submit(1, 512, 100, now=0.0) is not None
     assert costed.next_finish_at() == pytest.approx(0.01 + 512 * 1e-4)  # the prompt's step
+
+
+def test_the_engines_waiting_count_takes_in_a_request_sent_during_a_prompt_when_its_step_ends() -> (
+    None
+):
+    # llama.cpp declines new requests while a step computes (tests/backends/
+    # test_llama_server.py shows it): one sent while a costed prompt is prefilled is waiting
+    # but not yet in the count the engine's /metrics show, until that prompt is done.
+    cfg = GpuConfig(
+        max_batch=1,
+        decode_base_s=0.01,
+        decode_per_seq_s=0.0,
+        prefill_tokens_per_step=100,
+        prefill_s_per_token=0.001,
+    )
+    gpu = GpuModel(cfg)
+    a = gpu.submit(1, prompt_tokens=200, output_tokens=10, now=0.0)
+    b = gpu.submit(2, prompt_tokens=10, output_tokens=10, now=0.05)
+    assert a and b
+    prompt_done_at = 2 * (0.01 + 100 * 0.001)  # two prefill steps of 100 tokens
+    assert (gpu.waiting, gpu.waiting_seen(0.05), gpu.waiting_seen(prompt_done_at - 1e-9)) == (
+        1,
+        0,
+        0,
+    )
+    assert gpu.waiting_seen(prompt_done_at) == 1
+    assert gpu.statistics().waiting_seen == 0  # as of the model's time, 0.05
+    gpu.advance(prompt_done_at + 0.001)
+    assert gpu.statistics().waiting_seen == 1
+    c = gpu.submit(3, prompt_tokens=10, output_tokens=10, now=0.3)  # only decoding: counted
+    assert c is not None and gpu.waiting_seen(0.3) == 2
+
+
+def test_without_a_prompt_cost_every_waiting_request_is_counted_at_once() -> None:
+    gpu = GpuModel(GpuConfig(max_batch=1, decode_per_seq_s=0.0))
+    gpu.submit(1, prompt_tokens=500, output_tokens=10, now=0.0)
+    gpu.submit(2, prompt_tokens=10, output_tokens=10, now=0.001)
+    assert gpu.waiting_seen(0.001) == gpu.waiting == 1

@@ -100,8 +100,9 @@ async def run_phases(
 
         async def watch() -> None:
             while True:
-                r = await client.get(gateway + "/admin/v1/controller", headers=ADMIN)
-                limits.append((trio.current_time() - start, r.json()["limit"]))
+                state = (await client.get(gateway + "/admin/v1/controller", headers=ADMIN)).json()
+                assert isinstance(state["inflight"], int) and state["inflight"] >= 0, state
+                limits.append((trio.current_time() - start, state["limit"]))
                 await trio.sleep(0.25)
 
         async with trio.open_nursery() as load:
