@@ -182,6 +182,11 @@ class GpuModel:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def kv_usage(self) -> float:
+        """0..1 of the KV cache in use (vLLM's kv_cache_usage_perc), as `statistics()` has it."""
+        return self._kv_used / self.config.kv_capacity_tokens
+
     def submit(
         self, seq_id: int, prompt_tokens: int, output_tokens: int, *, now: float
     ) -> Sequence | None:

@@ -465,7 +465,7 @@ class Simulation:
             [r.sched for r in self._replicas],
             pressure=self._pressure,
             alive=len(self._alive),
-            running=sum(b.gpu.statistics().running for b in self._alive),
+            running=sum(b.gpu.running for b in self._alive),
             slots=len(self._alive) * self.scenario.backends.gpu.max_batch,
         )
         self._push(now + self.scenario.sample_s, _SAMPLE, None)

@@ -253,11 +253,9 @@ def scrape(backends: list[Backend], now: float) -> float:
     exports), a lost one is not and turns stale, and `pool_pressure` aggregates them."""
     for backend in backends:
         if backend.alive:
-            stats = backend.gpu.statistics()
+            gpu = backend.gpu  # its numbers without a whole `statistics()`: every tick
             backend.pressure.observe(
-                Scrape(
-                    at=now, kv_usage=stats.kv_usage, waiting=stats.waiting, running=stats.running
-                )
+                Scrape(at=now, kv_usage=gpu.kv_usage, waiting=gpu.waiting, running=gpu.running)
             )
     return pool_pressure([b.pressure.reading(now=now) for b in backends])
 
