@@ -188,12 +188,10 @@ class WeightedFairQueue:
             self._tiers[config.name] = _Tier(config, band)
         self._seq = itertools.count()
         self._early: list[tuple[float, int, Entry]] = []  # caller deadlines before the tier's
-        self._depth = 0
+        # Live (queued) entries. Read it, never set it: a plain attribute rather than a
+        # property, since every submit and poll of the scheduler reads it.
+        self.depth = 0
         self._spare_flows: list[_KeyFlow] = []  # retired flows, reused: less churn per key
-
-    @property
-    def depth(self) -> int:
-        return self._depth
 
     def tier(self, name: str) -> TierConfig:
         """The config of tier `name`; `KeyError` names an unknown tier."""
@@ -259,7 +257,7 @@ class WeightedFairQueue:
         tier.depth += 1
         band = tier.band
         band.depth += 1
-        self._depth += 1
+        self.depth += 1
         if not tier.active:
             tier.active = True
             tier.start = max(band.vtime, tier.finish)
@@ -291,7 +289,7 @@ class WeightedFairQueue:
             entry.state = _ADMITTED
             tier.depth = depth = tier.depth - 1
             the_band.depth -= 1
-            self._depth -= 1
+            self.depth -= 1
             tier.cost = tier.cost - cost if depth else 0.0
             if depth > 0:
                 tier.start = finish
@@ -348,7 +346,7 @@ class WeightedFairQueue:
         tier.depth -= 1
         tier.band.depth -= 1
         tier.cost = tier.cost - cost if tier.depth else 0.0
-        self._depth -= 1
+        self.depth -= 1
 
     def backlog(self, tier: str, key_id: str) -> Backlog:
         """What a request of `key_id` would find queued in its tier."""
@@ -407,6 +405,6 @@ class WeightedFairQueue:
 
     def statistics(self) -> QueueStats:
         return QueueStats(
-            depth=self._depth,
+            depth=self.depth,
             tiers=tuple(TierStats(name, t.depth, len(t.flows)) for name, t in self._tiers.items()),
         )
