@@ -323,7 +323,7 @@ class Simulation:
         """Room freed on the backends: every replica admits what its gate allows."""
         self._need_poll = False
         for replica in self._replicas:
-            if replica.sched.depth:
+            if replica.info:  # what it has queued: its scheduler's depth, without asking
                 self._poll(replica, now)
 
     def _poll(self, replica: Replica, now: float) -> None:
