@@ -161,6 +161,7 @@ class AIMDController:
 
     def __init__(self, config: AIMDConfig) -> None:
         self._config = config
+        self._signal = config.latency_signal  # read at every sample
         self._limit = config.initial_limit
         self._signals: list[float] = []
         self._drops = 0
@@ -192,6 +193,7 @@ class AIMDController:
     def configure(self, config: AIMDConfig) -> None:
         """Replace the gains; the limit is clamped into the new bounds at once."""
         self._config = config
+        self._signal = config.latency_signal
         self._limit = min(config.max_limit, max(config.min_limit, self._limit))
         self._slow_start = self._slow_start and config.slow_start_growth > 1
 
@@ -201,7 +203,7 @@ class AIMDController:
             signals = self._signals
             if len(signals) >= _MAX_SAMPLES:
                 del signals[: _MAX_SAMPLES // 2]
-            which = self._config.latency_signal
+            which = self._signal
             signals.append(sample.latency_s if which is _LATENCY else sample.signal(which))
         elif outcome is _DROPPED:
             self._drops += 1

@@ -87,6 +87,7 @@ class EntryState(enum.Enum):
 
 
 _QUEUED, _ADMITTED = EntryState.QUEUED, EntryState.ADMITTED
+_heappush, _heappop, _heapreplace = heapq.heappush, heapq.heappop, heapq.heapreplace
 _MAX_SPARE_FLOWS = 1024  # emptied key flows kept for reuse; a burst of keys does not pin more
 
 
@@ -187,12 +188,10 @@ class WeightedFairQueue:
             self._tiers[config.name] = _Tier(config, band)
         self._seq = itertools.count()
         self._early: list[tuple[float, int, Entry]] = []  # caller deadlines before the tier's
-        self._depth = 0
+        # Live (queued) entries. Read it, never set it: a plain attribute rather than a
+        # property, since every submit and poll of the scheduler reads it.
+        self.depth = 0
         self._spare_flows: list[_KeyFlow] = []  # retired flows, reused: less churn per key
-
-    @property
-    def depth(self) -> int:
-        return self._depth
 
     def tier(self, name: str) -> TierConfig:
         """The config of tier `name`; `KeyError` names an unknown tier."""
@@ -231,10 +230,11 @@ class WeightedFairQueue:
         if tier.depth >= config.max_depth:
             return None
         tier_deadline = request.arrival_at + config.max_wait_s
-        entry = Entry(request, min(deadline_at, tier_deadline), tier)
         if deadline_at < tier_deadline:
-            heapq.heappush(self._early, (entry.deadline_at, next(self._seq), entry))
+            entry = Entry(request, deadline_at, tier)
+            _heappush(self._early, (deadline_at, next(self._seq), entry))
         else:
+            entry = Entry(request, tier_deadline, tier)
             tier.fifo.append(entry)
         key_id = request.key_id
         flow = tier.flows.get(key_id)
@@ -250,14 +250,14 @@ class WeightedFairQueue:
             else:
                 flow = _KeyFlow(key_id)
             tier.flows[key_id] = flow
-            heapq.heappush(tier.heap, (start, next(self._seq), flow))
+            _heappush(tier.heap, (start, next(self._seq), flow))
         flow.entries.append(entry)
         flow.cost += cost
         tier.cost += cost
         tier.depth += 1
         band = tier.band
         band.depth += 1
-        self._depth += 1
+        self.depth += 1
         if not tier.active:
             tier.active = True
             tier.start = max(band.vtime, tier.finish)
@@ -280,7 +280,7 @@ class WeightedFairQueue:
             tier = root[0][3]
             entry = self._pop_from_tier(tier)
             if entry is None:  # only dead entries were left in this tier
-                heapq.heappop(root)
+                _heappop(root)
                 tier.active = False
                 continue
             weight, cost = tier.config.weight, entry.request.cost
@@ -289,13 +289,13 @@ class WeightedFairQueue:
             entry.state = _ADMITTED
             tier.depth = depth = tier.depth - 1
             the_band.depth -= 1
-            self._depth -= 1
+            self.depth -= 1
             tier.cost = tier.cost - cost if depth else 0.0
             if depth > 0:
                 tier.start = finish
-                heapq.heapreplace(root, (finish, -weight, next(self._seq), tier))
+                _heapreplace(root, (finish, -weight, next(self._seq), tier))
             else:
-                heapq.heappop(root)
+                _heappop(root)
                 tier.active = False
             return entry
         return None
@@ -319,9 +319,9 @@ class WeightedFairQueue:
                 while entries and entries[0].state is not _QUEUED:
                     entries.popleft()
                 if entries:
-                    heapq.heapreplace(heap, (finish, next(self._seq), flow))
+                    _heapreplace(heap, (finish, next(self._seq), flow))
                     return entry
-            heapq.heappop(heap)
+            _heappop(heap)
             key_id = flow.key_id
             del tier.flows[key_id]
             if len(self._spare_flows) < _MAX_SPARE_FLOWS:
@@ -346,7 +346,7 @@ class WeightedFairQueue:
         tier.depth -= 1
         tier.band.depth -= 1
         tier.cost = tier.cost - cost if tier.depth else 0.0
-        self._depth -= 1
+        self.depth -= 1
 
     def backlog(self, tier: str, key_id: str) -> Backlog:
         """What a request of `key_id` would find queued in its tier."""
@@ -405,6 +405,6 @@ class WeightedFairQueue:
 
     def statistics(self) -> QueueStats:
         return QueueStats(
-            depth=self._depth,
+            depth=self.depth,
             tiers=tuple(TierStats(name, t.depth, len(t.flows)) for name, t in self._tiers.items()),
         )

@@ -37,9 +37,8 @@ Since all running sequences advance at the same rate, the model keeps one "step 
 that grows at 1 / step_time(running) per second; a sequence's first token and end are fixed
 points on that counter, kept in heaps (the processor-sharing trick): O(log n) per event.
 The step time is kept, recomputed whenever the batch changes (a start, an end, a prompt
-done, a cancel or new rules), since every question about time asks it; and a cancelled
-sequence is the only kind whose heap entries can be dead, so they are looked for only after
-a cancel.
+done, a cancel or new rules), since every question about time asks it. A cancel takes the
+sequence's entries out of the heaps at once (a rare event, O(batch)), so every head is live.
 """
 
 from __future__ import annotations
@@ -48,6 +47,8 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
+
+_INF = math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,17 @@ class GpuConfig:
         )
 
 
+def _step_terms(config: GpuConfig) -> tuple[float, float, float, float]:
+    """`config.step_s`'s terms, so that the model sums them inline in the same order (the
+    step time is set at every start and end)."""
+    return (
+        config.decode_base_s,
+        config.decode_per_seq_s,
+        config.prefill_tokens_per_step * config.prefill_s_per_token,
+        config.decode_per_kv_token_s,
+    )
+
+
 def context_of(prompt_tokens: float, output_tokens: float) -> float:
     """A sequence's KV context as the step time counts it: its mean over the sequence's life."""
     return prompt_tokens + output_tokens / 2
@@ -126,7 +138,7 @@ class Sequence:
         self.prompt_tokens = prompt_tokens
         self.output_tokens = output_tokens
         self.kv_tokens = prompt_tokens + output_tokens
-        self.context = context_of(prompt_tokens, output_tokens)
+        self.context = prompt_tokens + output_tokens / 2  # context_of, inline: per request
         self.submitted_at = now
         self.seen_at = now  # when the engine's own metrics count it as waiting
         self.started_at = math.nan
@@ -168,7 +180,7 @@ class GpuModel:
         self._kv_used = 0
         self._context = 0.0  # context_of() summed over the running sequences
         self._step_s = 0.0  # seconds per step of the current batch (`_restep`)
-        self._cancelled = 0  # cancels of running sequences: their heap entries are dead
+        self._step_terms = _step_terms(config)
         self._started = self._finished = self._refused = 0
         self._restep()
 
@@ -179,6 +191,11 @@ class GpuModel:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        """0..1 of the KV cache in use (vLLM's kv_cache_usage_perc), as `statistics()` has it."""
+        return self._kv_used / self.config.kv_capacity_tokens
 
     def submit(
         self, seq_id: int, prompt_tokens: int, output_tokens: int, *, now: float
@@ -199,10 +216,7 @@ class GpuModel:
             self._refused += 1
             return None
         if self._prefills:  # taken in when the step in progress, a prompt's, ends
-            if self._cancelled:
-                self._drop_dead()
-            if self._prefills:
-                seq.seen_at = self.time_of_step(self._prefills[0][0])
+            seq.seen_at = self.time_of_step(self._prefills[0][0])
         waiting.append(seq)
         self._start_waiting()
         return seq
@@ -214,8 +228,9 @@ class GpuModel:
             del self._running[seq.id]
             self._prefilling.discard(seq.id)
             self._release(seq)
-            self._cancelled += 1
-            seq.done_step = -math.inf  # its heap entries are now dead
+            for heap in (self._prefills, self._firsts, self._ends):
+                heap[:] = [item for item in heap if item[2] is not seq]
+                heapq.heapify(heap)  # (step, id) orders the heap whatever its layout
             seq.finished_at = now
             self._start_waiting()
         elif seq in self._waiting:
@@ -228,6 +243,7 @@ class GpuModel:
         larger one starts waiting sequences at once."""
         self.advance(now)
         self.config = config
+        self._step_terms = _step_terms(config)
         self._start_waiting()
 
     def _fits(self, seq: Sequence) -> bool:
@@ -273,7 +289,13 @@ class GpuModel:
                 self._started += 1
                 push(self._firsts, (first, seq.id, seq))
                 push(self._ends, (done, seq.id, seq))
-        self._step_s = config.step_s(len(running), len(self._prefilling), self._context)
+        base, per_seq, prefill_s, per_kv = self._step_terms  # config.step_s, inline
+        self._step_s = (
+            base
+            + per_seq * len(running)
+            + prefill_s * len(self._prefilling)
+            + per_kv * self._context
+        )
 
     def _release(self, seq: Sequence) -> None:
         self._kv_used -= seq.kv_tokens
@@ -282,7 +304,13 @@ class GpuModel:
             self._context = 0.0  # no float residue left behind
 
     def _restep(self) -> None:
-        self._step_s = self.config.step_s(len(self._running), len(self._prefilling), self._context)
+        base, per_seq, prefill_s, per_kv = self._step_terms  # config.step_s, inline
+        self._step_s = (
+            base
+            + per_seq * len(self._running)
+            + prefill_s * len(self._prefilling)
+            + per_kv * self._context
+        )
 
     def step_at(self, now: float) -> float:
         """The step counter at `now` if nothing starts or ends before then."""
@@ -299,8 +327,6 @@ class GpuModel:
 
     def next_event_at(self) -> float:
         """When the next first token or completion is due (`math.inf` when idle)."""
-        if self._cancelled:
-            self._drop_dead()
         due = [h[0][0] for h in (self._prefills, self._firsts, self._ends) if h]
         return self.time_of_step(min(due)) if due else math.inf
 
@@ -308,8 +334,6 @@ class GpuModel:
         """When the next running sequence finishes at the current batch size, or sooner when
         a costed prompt is done and steps speed up (`math.inf` if neither is pending): a
         caller that wakes only for completions must wake then too, or it wakes late."""
-        if self._cancelled:
-            self._drop_dead()
         ends, prefills = self._ends, self._prefills
         if ends:  # time_of_step, inline
             step = ends[0][0]
@@ -322,39 +346,40 @@ class GpuModel:
             return min(finish_at, self.time_of_step(prefills[0][0]))
         return finish_at
 
-    def _drop_dead(self) -> None:
-        for heap in (self._prefills, self._firsts, self._ends):
-            while heap and heap[0][2].id not in self._running:
-                heapq.heappop(heap)
-
     def advance(self, now: float) -> list[Sequence]:
         """Move to `now`; returns the sequences that finished, in order. First-token times
-        are filled in on the sequences as they pass."""
+        are filled in on the sequences as they pass.
+
+        The clock (`_now`, `_step`) moves to each event in turn, as it is what the next
+        event's time is computed from; it is kept in locals and written back only where
+        `_start_waiting` reads it (a finish or a prompt's end: first tokens change nothing
+        else, and are most of the events)."""
         finished: list[Sequence] = []
         prefills, firsts, ends, pop = self._prefills, self._firsts, self._ends, heapq.heappop
+        t, s, step_s = self._now, self._step, self._step_s
         while True:
-            if self._cancelled:
-                self._drop_dead()
             # The earliest head of the three heaps; of equal steps, a prompt's end comes
             # first, then a first token, then a finish.
-            heap, step = None, math.inf
-            if prefills:
-                heap, step = prefills, prefills[0][0]
-            if firsts and firsts[0][0] < step:
+            p = prefills[0][0] if prefills else _INF
+            e = ends[0][0] if ends else _INF
+            if firsts and firsts[0][0] < p and firsts[0][0] <= e:
                 heap, step = firsts, firsts[0][0]
-            if ends and ends[0][0] < step:
-                heap, step = ends, ends[0][0]
-            if heap is None:
+            elif e < p:
+                heap, step = ends, e
+            elif prefills:
+                heap, step = prefills, p
+            else:
                 break
-            at = self._now if step <= self._step else self._now + (step - self._step) * self._step_s
+            at = t if step <= s else t + (step - s) * step_s
             if at > now:
                 break
-            self._now = at
-            self._step = step
+            t, s = at, step
             seq = pop(heap)[2]
             if heap is firsts:
                 seq.first_token_at = at
-            elif heap is ends:
+                continue
+            self._now, self._step = t, s
+            if heap is ends:
                 seq.finished_at = at
                 running = self._running
                 del running[seq.id]
@@ -366,11 +391,12 @@ class GpuModel:
             else:
                 self._prefilling.discard(seq.id)
                 self._restep()
-        if now > self._now:
+            step_s = self._step_s
+        if now > t:
             if self._running:  # step_at, inline
-                step_s = self._step_s
-                self._step = math.inf if step_s == 0 else self._step + (now - self._now) / step_s
-            self._now = now
+                s = _INF if step_s == 0 else s + (now - t) / step_s
+            t = now
+        self._now, self._step = t, s
         return finished
 
     def waiting_seen(self, now: float) -> int:

@@ -203,9 +203,10 @@ class PressureModel:
     def reading(self, *, now: float) -> PressureReading:
         signals = self.signals()
         last = self._last
+        stale = self.is_stale(now=now)
         return PressureReading(
-            pressure=self.pressure(now=now),
-            stale=self.is_stale(now=now),
+            pressure=1.0 if stale else max(signals.values(), default=0.0),  # self.pressure()
+            stale=stale,
             known=bool(signals),
             age_s=math.inf if last is None else max(0.0, now - last.at),
             failures=self._failures,

@@ -323,7 +323,7 @@ class Simulation:
         """Room freed on the backends: every replica admits what its gate allows."""
         self._need_poll = False
         for replica in self._replicas:
-            if replica.sched.depth:
+            if replica.info:  # what it has queued: its scheduler's depth, without asking
                 self._poll(replica, now)
 
     def _poll(self, replica: Replica, now: float) -> None:
@@ -465,7 +465,7 @@ class Simulation:
             [r.sched for r in self._replicas],
             pressure=self._pressure,
             alive=len(self._alive),
-            running=sum(b.gpu.statistics().running for b in self._alive),
+            running=sum(b.gpu.running for b in self._alive),
             slots=len(self._alive) * self.scenario.backends.gpu.max_batch,
         )
         self._push(now + self.scenario.sample_s, _SAMPLE, None)

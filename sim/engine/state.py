@@ -253,11 +253,10 @@ def scrape(backends: list[Backend], now: float) -> float:
     exports), a lost one is not and turns stale, and `pool_pressure` aggregates them."""
     for backend in backends:
         if backend.alive:
-            gpu = backend.gpu
-            stats = gpu.statistics()
+            gpu = backend.gpu  # its numbers without a whole `statistics()`: every tick
             waiting = gpu.waiting_seen(now)
             backend.pressure.observe(
-                Scrape(at=now, kv_usage=stats.kv_usage, waiting=waiting, running=stats.running)
+                Scrape(at=now, kv_usage=gpu.kv_usage, waiting=waiting, running=gpu.running)
             )
     return pool_pressure([b.pressure.reading(now=now) for b in backends])
 

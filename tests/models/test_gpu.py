@@ -64,6 +64,19 @@ def test_cancel_frees_the_slot_for_the_next() -> None:
     assert gpu.statistics().kv_used_tokens == 0
 
 
+def test_a_cancelled_sequence_leaves_no_event_behind() -> None:
+    gpu = GpuModel(GpuConfig(decode_base_s=0.01, decode_per_seq_s=0))
+    a = gpu.submit(1, 100, 50, now=0)
+    b = gpu.submit(2, 100, 10, now=0)
+    assert a and b
+    gpu.cancel(b, now=0.001)  # before its first token and its end, which came before a's
+    assert gpu.next_event_at() == pytest.approx(0.001 + (a.first_step - 0.1) * 0.01)
+    assert gpu.next_finish_at() == pytest.approx(0.001 + (a.done_step - 0.1) * 0.01)
+    finished = gpu.advance(100)
+    assert finished == [a] and math.isnan(b.first_token_at)
+    assert gpu.next_event_at() == gpu.next_finish_at() == math.inf
+
+
 def test_tokens_stream_on_schedule() -> None:
     gpu = GpuModel(GpuConfig(decode_base_s=0.01, decode_per_seq_s=0))
     seq = gpu.submit(1, 0, 10, now=0)
