@@ -250,6 +250,13 @@ class GatewayMetrics:
         self._adjustments = self._counter(
             "controller_adjustments", "Limit changes by the controller.", ("direction",)
         )
+        self._band_ceiling = gauge(
+            "band_ceiling_slots",
+            "Slots a priority band and the bands below it may hold (band 1: the second highest"
+            " priority; the top band has no ceiling). Kept while lifted.",
+            "livesum",
+            ("band",),
+        )
         self._tier_slo = gauge("tier_slo_seconds", "The tier's SLO.", "max", ("tier",))
         self._tier_max_wait = gauge(
             "tier_max_wait_seconds", "The tier's longest queue wait.", "max", ("tier",)
@@ -396,6 +403,8 @@ class GatewayMetrics:
             self._latency.set(controller.latency_s)
         self._pressure.set(controller.pressure)
         self._congested.set(1 if controller.congested else 0)
+        for band, ceiling in enumerate(stats.band_ceilings[1:], start=1):
+            self._band_ceiling.labels(str(band)).set(ceiling)
         for direction, total in (
             ("increase", controller.increases),
             ("decrease", controller.decreases),

@@ -386,3 +386,25 @@ def test_each_tier_shows_its_fairness_index_over_its_window() -> None:
     assert value(metrics, "scheduler_tier_fairness_keys", tier="enterprise") == 0
     metrics.update_fairness(now=100.0)  # the window has passed: nothing left to be unfair
     assert value(metrics, "scheduler_tier_fairness_index", tier="free") == 1.0
+
+
+def test_each_priority_band_below_the_top_shows_its_ceiling() -> None:
+    tiers = (
+        TierConfig("enterprise", 8, 30, 50, priority=2, protect_latency_s=1.0),
+        TierConfig("pro", 3, 30, 50, priority=1),
+        TierConfig("free", 1, 30, 50),
+    )
+    core = Scheduler(SchedulerConfig(tiers), AIMDController(AIMDConfig(initial_limit=10)), now=0)
+    metrics = GatewayMetrics(TIERS, ["m"])
+    metrics.update_from(core.statistics())
+    assert value(metrics, "scheduler_band_ceiling_slots", band="1") == 10.0  # the window
+    assert value(metrics, "scheduler_band_ceiling_slots", band="2") == 10.0
+    assert ("scheduler_band_ceiling_slots", frozenset({("band", "0")})) not in samples(metrics)
+    # a protected call past its target cuts the ceilings below it
+    ticket = core.submit(Request(1, "k", "enterprise", "k", "m", 1.0, 0.0), now=0.0)
+    assert isinstance(ticket, Admit)
+    core.finish(ticket.ticket, Sample(2.0))
+    core.tick(now=2.0, pressure=0.0)
+    metrics.update_from(core.statistics())
+    assert value(metrics, "scheduler_band_ceiling_slots", band="1") == pytest.approx(7.0)
+    assert value(metrics, "scheduler_band_ceiling_slots", band="2") == pytest.approx(7.0)
