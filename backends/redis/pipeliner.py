@@ -52,42 +52,16 @@ import coredis.exceptions
 import trio
 from coredis.commands.script import Script
 
+from backends.redis.loop_lag import LoopLag
 from backends.redis.resp import RawCommand, RespConnection
 
 Command = Callable[[Any], Any]  # given the pipeline, queues one command on it
-LAG_TICK_S = 0.005  # how often LoopLag looks: a late wake-up of this task is the loop's lag
 MOVING_FOR_S = 2.0  # a slot that answered TRYAGAIN keeps a lane of its own this long
 MOVING_ERRORS = (  # a command's error that means its slot is moving, not that Redis failed
     coredis.exceptions.TryAgainError,  # the slot is migrating: a script's keys on both nodes
     coredis.exceptions.AskError,
     coredis.exceptions.ClusterError,  # coredis's redirect tries ran out
 )
-
-
-class LoopLag:
-    """How far behind this process's event loop has been: the sum of how late a task that
-    sleeps `tick_s` at a time woke up (`total_s`, only growing). Start `run` in a nursery."""
-
-    def __init__(self, tick_s: float = LAG_TICK_S) -> None:
-        self.tick_s = tick_s
-        self.total_s = 0.0
-        self.ticked_at = -math.inf
-        self._ticked = trio.Event()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            asleep_at = trio.current_time()
-            await trio.sleep(self.tick_s)
-            self.ticked_at = trio.current_time()
-            self.total_s += max(0.0, self.ticked_at - asleep_at - self.tick_s)
-            self._ticked.set()
-            self._ticked = trio.Event()
-
-    async def wait_ticked_after(self, at: float) -> None:
-        """Wait until `total_s` accounts for the loop up to time `at` (a tick after it)."""
-        while self.ticked_at < at:
-            await self._ticked.wait()
 
 
 OnError = Callable[[BaseException], None]

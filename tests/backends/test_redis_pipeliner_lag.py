@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from backends.redis.embedded import EmbeddedRedis, free_port
-from backends.redis.pipeliner import LoopLag
+from backends.redis.loop_lag import LoopLag
 from tests.conftest import open_pipelined
 
 DEADLINE_S = 10.0
