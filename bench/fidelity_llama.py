@@ -16,6 +16,10 @@ After each run the engine is timed again at a full batch for each prompt length 
 calibration's own bursts): `engine drift` says how far its times per token and to first token
 moved since the calibration. On these VMs they moved by up to ~10 % within minutes, and at
 1.5x overload Free's admitted fraction moves about 2.5x as much as the capacity does.
+Beside it, for the calibration and for each replay, `engine during ...`: the engine's own CPU
+per decode step (its process's CPU time over `llamacpp:n_decode_total`) and the fit's step
+time for as many prompt and output tokens: the engine's speed in each phase, measured by the
+engine.
 
 `--engine-cpu N` runs llama-server on CPU N alone and this process (the gateway, the client,
 Redis) on the others: the engine then has a core of its own, as it has its own GPU in a
@@ -28,6 +32,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +47,8 @@ import trio  # noqa: E402
 from backends.redis.embedded import EmbeddedRedis  # noqa: E402
 from bench.fidelity_rig import run_fidelity  # noqa: E402
 from scheduler.calibrate import Bounds, Profiler, calibrate  # noqa: E402
+from scheduler.models.exposition import read_series  # noqa: E402
+from scheduler.models.gpu import GpuConfig  # noqa: E402
 from sim.calibration import ERROR_COLUMNS, Fit, Point, backends_section, error_table  # noqa: E402
 from sim.engine.capacity import capacity_rps  # noqa: E402
 from sim.engine.model import BackendPool, Scenario  # noqa: E402
@@ -126,6 +133,46 @@ async def drift(url: str, bounds: Bounds, fit: Fit) -> str:
     return "engine drift since the calibration: " + "; ".join(parts)
 
 
+@dataclass(frozen=True, slots=True)
+class EngineMeter:
+    """llama-server's own counters at one moment: its CPU time and `/metrics` totals."""
+
+    cpu_s: float
+    decodes: float
+    prompt_tokens: float
+    output_tokens: float
+
+    @classmethod
+    def read(cls, server: LlamaServer) -> EngineMeter:
+        text = httpx2.get(server.url + "/metrics", timeout=10).text
+        found = read_series(text, _COUNTERS)
+        decodes, prompt, output = (sum(found[name].values()) for name in _COUNTERS)
+        return cls(server.cpu_s(), decodes, prompt, output)
+
+    def since(self, start: EngineMeter, what: str, gpu: GpuConfig) -> str:
+        """Per decode step since `start`: the engine's CPU time (one thread, pinned: its
+        busy time) and what the fit's step time gives for as many prompt and output tokens
+        (its base, per-sequence and prompt terms; not the context or join terms)."""
+        decodes = max(1.0, self.decodes - start.decodes)
+        prompt = (self.prompt_tokens - start.prompt_tokens) / decodes
+        output = (self.output_tokens - start.output_tokens) / decodes
+        model_s = (
+            gpu.decode_base_s + gpu.decode_per_seq_s * output + gpu.prefill_s_per_token * prompt
+        )
+        return (
+            f"engine during {what}: {decodes:.0f} decodes, {prompt:.1f} prompt and "
+            f"{output:.2f} output tokens each, {1000 * (self.cpu_s - start.cpu_s) / decodes:.2f} "
+            f"ms CPU per decode (the fit's step for those tokens: {1000 * model_s:.2f} ms)"
+        )
+
+
+_COUNTERS = (
+    "llamacpp:n_decode_total",
+    "llamacpp:prompt_tokens_total",
+    "llamacpp:tokens_predicted_total",
+)
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -157,7 +204,9 @@ def main() -> int:
             server.pin({args.engine_cpu})
         bounds = Bounds(prompts=(48, 192), output_tokens=OUTPUT_MEAN, max_concurrency=16)
         print(f"calibrating llama-server {options}, load average {_load()}")
+        before = EngineMeter.read(server)
         fit = trio.run(calibrate, server.url, MODEL_ALIAS, bounds, _log)
+        print(EngineMeter.read(server).since(before, "the calibration", fit.gpu))
         print(format_table(ERROR_COLUMNS, error_table(fit)))
         print(f"mean error {100 * fit.mean_error:.1f}%, load average {_load()}")
         print(backends_section(fit))
@@ -169,9 +218,12 @@ def main() -> int:
             scenario: Scenario = parse_scenario(text, source=f"llama_{controller}.toml")
             started = time.monotonic()
             run = partial(run_fidelity, scenario, redis_url=redis.url, backend_urls=[server.url])
+            before = EngineMeter.read(server)
             fidelity = trio.run(run)
+            replayed = EngineMeter.read(server).since(before, "the replay", fit.gpu)
             print(f"\nwall {time.monotonic() - started:.0f} s, load average {_load()}")
-            print(fidelity.report(), flush=True)
+            print(fidelity.report())
+            print(replayed, flush=True)
             print(trio.run(drift, server.url, bounds, fit), flush=True)
             failed = failed or not fidelity.ok
     return 1 if failed else 0

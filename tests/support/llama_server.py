@@ -367,6 +367,12 @@ class LlamaServer:
         for task in Path(f"/proc/{self._process.pid}/task").iterdir():
             os.sched_setaffinity(int(task.name), cpus)
 
+    def cpu_s(self) -> float:
+        """The CPU time the running server has used, all its threads (Linux)."""
+        assert self._process is not None, "ask a started server"
+        fields = Path(f"/proc/{self._process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def command(self) -> list[str]:
         options = self.options
         return [
