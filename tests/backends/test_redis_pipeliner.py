@@ -180,7 +180,9 @@ async def test_scripts_on_the_own_connection_authenticate_and_select_the_databas
 async def test_a_dropped_own_connection_is_opened_again(redis_url: str) -> None:
     key = uuid.uuid4().hex
     with trio.fail_after(DEADLINE_S):
-        async with open_pipelined(redis_url) as (redis, pipeliner):
+        # one round trip at a time: each goes on the one own connection (with several, the
+        # second may go on one not yet opened, and succeed)
+        async with open_pipelined(redis_url, round_trips=1) as (redis, pipeliner):
             script = redis.register_script(SET_SCRIPT)
             assert await pipeliner.evalsha(script, [key], ["1"]) == b"OK"
             await redis.client_kill(type_=coredis.PureToken.NORMAL, skipme=True)
