@@ -2,9 +2,16 @@
 
 Why: on trio a coredis call costs about 200 us of this process's CPU, and a command inside a
 pipeline about 30 us (bench/RESULTS.md). Under load many requests wait on Redis at once, so
-one task sends every command queued while the previous round trip was out as one
-non-transactional pipeline and hands each caller its own reply or error. A caller alone is
-sent at once. On a Redis Cluster each node has a lane of its own: the commands for one node go
+every command queued while the round trips in flight were out goes as one non-transactional
+pipeline, and each caller gets its own reply or error. A caller alone is sent at once. Off a
+Redis Cluster, up to `round_trips` (4) round trips are in flight together, each on a
+connection of its own: a command queued while one is out is sent at once, not after it. With
+one round trip at a time (as before), every command waited for the round trip in flight, and
+the callers of one round trip were all released together: 500 clients in front of a backend
+answering in 500 ms moved through the gateway in clumps that the backend handed back together
+500 ms later, and each answer waited in the queue of its whole clump (0.73-0.78 of the ideal
+rate, where the same gateway without the quota served 0.97; bench/RESULTS.md, "500
+clients"). On a Redis Cluster each node has a lane of its own: the commands for one node go
 in one round trip, the nodes' round trips run concurrently, and a node that is slow or down
 holds up and fails only the commands for its own slots. A slot being migrated between nodes
 answers a script of several keys TRYAGAIN until it settles, and coredis retries such a command
@@ -45,6 +52,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import coredis
@@ -57,6 +65,7 @@ from backends.redis.resp import RawCommand, RespConnection
 
 Command = Callable[[Any], Any]  # given the pipeline, queues one command on it
 MOVING_FOR_S = 2.0  # a slot that answered TRYAGAIN keeps a lane of its own this long
+ROUND_TRIPS = 4  # off a Redis Cluster: round trips in flight at once, a connection each
 MOVING_ERRORS = (  # a command's error that means its slot is moving, not that Redis failed
     coredis.exceptions.TryAgainError,  # the slot is migrating: a script's keys on both nodes
     coredis.exceptions.AskError,
@@ -127,12 +136,18 @@ class RedisPipeliner:
     """Start `run` in a nursery, then `execute` from any task."""
 
     def __init__(
-        self, redis: coredis.Redis[Any], *, max_batch: int = 256, timeout_s: float = 2.0
+        self,
+        redis: coredis.Redis[Any],
+        *,
+        max_batch: int = 256,
+        timeout_s: float = 2.0,
+        round_trips: int = ROUND_TRIPS,
     ) -> None:
-        if max_batch < 1 or not timeout_s > 0:
-            raise ValueError("max_batch must be >= 1 and timeout_s > 0")
+        if max_batch < 1 or not timeout_s > 0 or round_trips < 1:
+            raise ValueError("max_batch and round_trips must be >= 1 and timeout_s > 0")
         self.redis = redis
         self._max_batch = max_batch
+        self._round_trips = round_trips
         self._timeout_s = timeout_s
         self._front = _Lane()  # what callers queued, not yet sent (or routed to a node)
         # a Redis Cluster's lanes: (node, None) for a node's, (node, slot) for a moving slot's
@@ -141,7 +156,6 @@ class RedisPipeliner:
         self.lag = LoopLag()
         self._answered_at = -math.inf  # when the last round trip came back (or failed)
         self._nursery: trio.Nursery | None = None  # `run`'s
-        self._own: RespConnection | None = None  # `run`'s, off a Redis Cluster
         self.round_trips = 0
         self.commands = 0
         self.own_commands = 0  # of `commands`, those sent on the own connection
@@ -263,12 +277,36 @@ class RedisPipeliner:
 
                 await self._drain(self._front, route)
             else:
-                self._own = RespConnection.for_client(self.redis)
-                try:
-                    await self._drain(self._front, self._send_pipeline)
-                finally:
-                    if self._own is not None:
-                        await self._own.aclose()
+                await self._drain_together(self._front)
+
+    async def _drain_together(self, lane: _Lane) -> None:
+        """Off a Redis Cluster: `round_trips` tasks drain the lane, each with a connection of
+        its own for the scripts (None: a client this module cannot open one for)."""
+        owns = [RespConnection.for_client(self.redis) for _ in range(self._round_trips)]
+        try:
+            async with trio.open_nursery() as senders:
+                for own in owns:
+                    senders.start_soon(self._drain_shared, lane, partial(self._send_pipeline, own))
+        finally:
+            for own in owns:
+                if own is not None:
+                    await own.aclose()
+
+    async def _drain_shared(
+        self, lane: _Lane, send: Callable[[list[_Pending]], Awaitable[None]]
+    ) -> None:
+        """One of the tasks that drain `lane`: whichever is not waiting on a round trip sends
+        what is queued (one that wakes to an empty queue waits again)."""
+        while True:
+            if not lane.queue:
+                if lane.wakeup.is_set():
+                    lane.wakeup = trio.Event()
+                await lane.wakeup.wait()
+                continue
+            batch = [p for p in lane.queue[: self._max_batch] if not p.abandoned]
+            del lane.queue[: self._max_batch]
+            if batch:
+                await send(batch)
 
     async def _drain(self, lane: _Lane, send: Callable[[list[_Pending]], Awaitable[None]]) -> None:
         """Forever: each batch of up to `max_batch` commands still wanted, to `send`."""
@@ -298,7 +336,7 @@ class RedisPipeliner:
             if lane is None:  # the nodes ever seen: a few, plus one per failover
                 lane = self._lanes[name] = _Lane()
                 if name[1] is None:
-                    nursery.start_soon(self._drain, lane, self._send_pipeline)
+                    nursery.start_soon(self._drain, lane, partial(self._send_pipeline, None))
                 else:
                     nursery.start_soon(self._drain_moving, name, lane)
             lane.queue.extend(group)
@@ -343,7 +381,7 @@ class RedisPipeliner:
             with trio.move_on_at(self._moving_until.get(slot, -math.inf)):
                 await lane.wakeup.wait()
             lane.wakeup = trio.Event()
-            await self._send_queued(lane, self._send_pipeline)
+            await self._send_queued(lane, partial(self._send_pipeline, None))
         self._moving_until.pop(slot, None)
         del self._lanes[name]
 
@@ -355,7 +393,9 @@ class RedisPipeliner:
             error = coredis.exceptions.ConnectionError("a pipeline round trip failed")
             self.redis.connection_pool.cluster_layout.report_errors(None, error)
 
-    async def _send_pipeline(self, batch: list[_Pending]) -> None:
+    async def _send_pipeline(self, own: RespConnection | None, batch: list[_Pending]) -> None:
+        """One round trip: the scripts on `own` (None: through coredis too), the rest through
+        coredis."""
         self.round_trips += 1
         self.commands += len(batch)
         now, lag_s = trio.current_time(), self.lag.total_s
@@ -365,8 +405,11 @@ class RedisPipeliner:
             with trio.fail_after(self._timeout_s):
                 # in the order queued: each run of scripts on the own connection, the rest
                 # through coredis (a caller's command and its script on a key stay in order)
-                for own, run in itertools.groupby(batch, self._goes_own):
-                    await (self._send_own if own else self._send_coredis)(list(run))
+                for raw, run in itertools.groupby(batch, lambda p: p.raw is not None):
+                    if raw and own is not None:
+                        await self._send_own(own, list(run))
+                    else:
+                        await self._send_coredis(list(run))
         except trio.TooSlowError:
             self._suspect_layout()
             for p in batch:
@@ -382,13 +425,9 @@ class RedisPipeliner:
             for p in batch:  # cancelled (shutting down): the callers see a timeout
                 p.fail(trio.TooSlowError())
 
-    def _goes_own(self, p: _Pending) -> bool:
-        return p.raw is not None and self._own is not None
-
-    async def _send_own(self, batch: list[_Pending]) -> None:
-        assert self._own is not None
+    async def _send_own(self, own: RespConnection, batch: list[_Pending]) -> None:
         self.own_commands += len(batch)
-        replies = await self._own.round_trip([p.raw for p in batch if p.raw is not None])
+        replies = await own.round_trip([p.raw for p in batch if p.raw is not None])
         for p, reply in zip(batch, replies, strict=True):
             if isinstance(reply, coredis.exceptions.RedisError):
                 p.finish(error=reply)  # this command's own error

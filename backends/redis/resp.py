@@ -31,6 +31,8 @@ from coredis.connection import TCPLocation, UnixDomainSocketLocation
 from coredis.parser import NotEnoughData, Parser
 from coredis.pool import ConnectionPool, SentinelConnectionPool
 
+from backends.eager import send_all_eagerly
+
 RawCommand = tuple[bytes | str | int | float, ...]  # b"EVALSHA", sha, numkeys, *keys, *args
 READ_BYTES = 65536
 
@@ -133,7 +135,9 @@ class RespConnection:
         return stream
 
     async def _exchange(self, stream: trio.abc.Stream, commands: Sequence[RawCommand]) -> list[Any]:
-        await stream.send_all(b"".join(self._packer.pack_commands(list(commands))))
+        # no yield for a write the socket takes: a round trip is then one step of this task
+        # (the wait for the replies), and the commands queued behind it wait one turn less
+        await send_all_eagerly(stream, b"".join(self._packer.pack_commands(list(commands))))
         parser, replies = self._parser, list[Any]()
         while len(replies) < len(commands):
             parsed = parser.parse(False, None)

@@ -88,7 +88,8 @@ async def test_a_caller_that_gives_up_before_sending_takes_its_command_back(
     with trio.fail_after(DEADLINE_S):
         async with (
             coredis.Redis.from_url(redis_url) as redis,
-            open_pipeliner(redis_url) as pipeliner,
+            # one round trip at a time: a command waits unsent only while every one is out
+            open_pipeliner(redis_url, round_trips=1) as pipeliner,
             trio.open_nursery() as nursery,
         ):
             await pipeliner.execute(lambda pipe: pipe.ping())  # connected before the pause
@@ -179,7 +180,9 @@ async def test_scripts_on_the_own_connection_authenticate_and_select_the_databas
 async def test_a_dropped_own_connection_is_opened_again(redis_url: str) -> None:
     key = uuid.uuid4().hex
     with trio.fail_after(DEADLINE_S):
-        async with open_pipelined(redis_url) as (redis, pipeliner):
+        # one round trip at a time: each goes on the one own connection (with several, the
+        # second may go on one not yet opened, and succeed)
+        async with open_pipelined(redis_url, round_trips=1) as (redis, pipeliner):
             script = redis.register_script(SET_SCRIPT)
             assert await pipeliner.evalsha(script, [key], ["1"]) == b"OK"
             await redis.client_kill(type_=coredis.PureToken.NORMAL, skipme=True)
@@ -187,3 +190,20 @@ async def test_a_dropped_own_connection_is_opened_again(redis_url: str) -> None:
                 await pipeliner.evalsha(script, [key], ["2"])
             assert await pipeliner.evalsha(script, [key], ["3"]) == b"OK"
             assert await redis.get(key) == b"3"
+
+
+async def test_a_command_queued_while_a_round_trip_is_out_is_sent_at_once(
+    redis_url: str,
+) -> None:
+    """Several round trips are in flight together: a command does not wait for the one out
+    (here a BLPOP that Redis holds for 0.5 s, without blocking the server)."""
+    key = uuid.uuid4().hex
+    with trio.fail_after(DEADLINE_S):
+        async with open_pipeliner(redis_url) as pipeliner:
+            await pipeliner.execute(lambda pipe: pipe.ping())  # connected
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pipeliner.execute, lambda pipe: pipe.blpop([key], timeout=0.5))
+                await trio.sleep(0.05)  # the BLPOP is out
+                sent_at = trio.current_time()
+                assert await pipeliner.execute(lambda pipe: pipe.ping())
+                assert trio.current_time() - sent_at < 0.25  # not after the BLPOP's 0.5 s
