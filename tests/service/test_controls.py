@@ -320,3 +320,30 @@ async def test_a_cap_refusal_takes_no_quota(
     assert first[0].headers["x-ratelimit-remaining-requests"] == "99"
     assert after.headers["x-ratelimit-remaining-requests"] == "98"  # the refusal took none
     assert json.loads(after.content)["object"] == "chat.completion"
+
+
+async def test_a_shadow_cap_admits_and_counts_under_the_keys_layer(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> None:
+    """With `enforce = false` the cap refuses nothing; the metric names the key's layer, the
+    one a cap belongs to (shared layers have none)."""
+    text = CONFIG.replace("max_concurrency = 2", "max_concurrency = 1\nenforce = false")
+    demo = await start_demo(nursery, SLOW_GPU)
+    gateway = await start_gateway(nursery, settings_for(tmp_path, text, demo, redis_url))
+    url = gateway + "/v1/chat/completions"
+    auth = {"authorization": "Bearer k-capped"}
+    async with httpx2.AsyncClient(timeout=20) as client:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as load:
+                first: list[httpx2.Response] = []
+
+                async def hold() -> None:
+                    first.append(await client.post(url, json=chat("h", 20), headers=auth))
+
+                load.start_soon(hold)
+                await trio.sleep(0.15)
+                over = await client.post(url, json=chat("o"), headers=auth)
+            metrics = (await client.get(gateway + "/metrics")).text
+    assert [first[0].status_code, over.status_code] == [200, 200], over.text
+    series = 'scheduler_quota_would_refuse_total{layer="key",reason="concurrency",tier="capped"}'
+    assert f"{series} 1.0" in metrics.splitlines()
