@@ -11,15 +11,9 @@ the callers of one round trip were all released together: 500 clients in front o
 answering in 500 ms moved through the gateway in clumps that the backend handed back together
 500 ms later, and each answer waited in the queue of its whole clump (0.73-0.78 of the ideal
 rate, where the same gateway without the quota served 0.97; bench/RESULTS.md, "500
-clients"). On a Redis Cluster each node has a lane of its own: the commands for one node go
-in one round trip, the nodes' round trips run concurrently, and a node that is slow or down
-holds up and fails only the commands for its own slots. A slot being migrated between nodes
-answers a script of several keys TRYAGAIN until it settles, and coredis retries such a command
-inside the pipeline's round trip, holding up every other command of the node; so a slot that
-answered TRYAGAIN (or redirects that did not settle) has a lane of its own for MOVING_FOR_S,
-and the node's other keys are not held up by it. A
-pipeline is not a transaction: each command is atomic on its own (the Lua
-scripts are), exactly as when sent alone.
+clients"). On a Redis Cluster each node has a lane of its own, and a moving slot one apart
+(`backends.redis.cluster_lanes`). A pipeline is not a transaction: each command is atomic on
+its own (the Lua scripts are), exactly as when sent alone.
 
 Callers keep their own deadlines. A caller that gives up before its command is sent takes
 it back; one that gives up later leaves the reply unread, and the command may still run, as
@@ -51,7 +45,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -60,17 +54,12 @@ import coredis.exceptions
 import trio
 from coredis.commands.script import Script
 
+from backends.redis.cluster_lanes import ClusterLanes, Lane, Send, drain
 from backends.redis.loop_lag import LoopLag
 from backends.redis.resp import RawCommand, RespConnection
 
 Command = Callable[[Any], Any]  # given the pipeline, queues one command on it
-MOVING_FOR_S = 2.0  # a slot that answered TRYAGAIN keeps a lane of its own this long
 ROUND_TRIPS = 4  # off a Redis Cluster: round trips in flight at once, a connection each
-MOVING_ERRORS = (  # a command's error that means its slot is moving, not that Redis failed
-    coredis.exceptions.TryAgainError,  # the slot is migrating: a script's keys on both nodes
-    coredis.exceptions.AskError,
-    coredis.exceptions.ClusterError,  # coredis's redirect tries ran out
-)
 
 
 OnError = Callable[[BaseException], None]
@@ -122,16 +111,6 @@ class _Pending:
         return self.reply
 
 
-class _Lane:
-    """Commands waiting to be sent: every caller's, and on a Redis Cluster each node's."""
-
-    __slots__ = ("queue", "wakeup")
-
-    def __init__(self) -> None:
-        self.queue: list[_Pending] = []
-        self.wakeup = trio.Event()
-
-
 class RedisPipeliner:
     """Start `run` in a nursery, then `execute` from any task."""
 
@@ -149,10 +128,10 @@ class RedisPipeliner:
         self._max_batch = max_batch
         self._round_trips = round_trips
         self._timeout_s = timeout_s
-        self._front = _Lane()  # what callers queued, not yet sent (or routed to a node)
-        # a Redis Cluster's lanes: (node, None) for a node's, (node, slot) for a moving slot's
-        self._lanes: dict[tuple[str, int | None], _Lane] = {}
-        self._moving_until: dict[int, float] = {}  # slots that answered TRYAGAIN, until when
+        self._front: Lane[_Pending] = Lane()  # queued, not yet sent (or routed to a node)
+        self._cluster: ClusterLanes[_Pending] | None = None
+        if isinstance(redis, coredis.RedisCluster):
+            self._cluster = ClusterLanes(redis, partial(self._send_pipeline, None), max_batch)
         self.lag = LoopLag()
         self._answered_at = -math.inf  # when the last round trip came back (or failed)
         self._nursery: trio.Nursery | None = None  # `run`'s
@@ -244,7 +223,8 @@ class RedisPipeliner:
                 with trio.move_on_at(last_at):
                     await self.lag.wait_ticked_after(trio.current_time())
                 if not p.done.is_set() and min(deadline(p), last_at) <= trio.current_time():
-                    if self._moving(p.slot):  # held up by coredis's retries of TRYAGAIN
+                    if self._cluster is not None and self._cluster.moving(p.slot):
+                        # held up by coredis's retries of TRYAGAIN
                         raise coredis.exceptions.TryAgainError("the key's slot is migrating")
                     raise trio.TooSlowError
 
@@ -269,17 +249,17 @@ class RedisPipeliner:
             self._nursery = nursery
             await nursery.start(self.lag.run)
             task_status.started()
-            if isinstance(self.redis, coredis.RedisCluster):
-                cluster = self.redis
+            if self._cluster is not None:
+                cluster = self._cluster
 
                 async def route(batch: list[_Pending]) -> None:
-                    self._to_lanes(batch, cluster, nursery)
+                    cluster.route(batch, nursery)
 
-                await self._drain(self._front, route)
+                await drain(self._front, route, self._max_batch)
             else:
                 await self._drain_together(self._front)
 
-    async def _drain_together(self, lane: _Lane) -> None:
+    async def _drain_together(self, lane: Lane[_Pending]) -> None:
         """Off a Redis Cluster: `round_trips` tasks drain the lane, each with a connection of
         its own for the scripts (None: a client this module cannot open one for)."""
         owns = [RespConnection.for_client(self.redis) for _ in range(self._round_trips)]
@@ -292,9 +272,7 @@ class RedisPipeliner:
                 if own is not None:
                     await own.aclose()
 
-    async def _drain_shared(
-        self, lane: _Lane, send: Callable[[list[_Pending]], Awaitable[None]]
-    ) -> None:
+    async def _drain_shared(self, lane: Lane[_Pending], send: Send[_Pending]) -> None:
         """One of the tasks that drain `lane`: whichever is not waiting on a round trip sends
         what is queued (one that wakes to an empty queue waits again)."""
         while True:
@@ -307,91 +285,6 @@ class RedisPipeliner:
             del lane.queue[: self._max_batch]
             if batch:
                 await send(batch)
-
-    async def _drain(self, lane: _Lane, send: Callable[[list[_Pending]], Awaitable[None]]) -> None:
-        """Forever: each batch of up to `max_batch` commands still wanted, to `send`."""
-        while True:
-            await lane.wakeup.wait()
-            lane.wakeup = trio.Event()
-            await self._send_queued(lane, send)
-
-    async def _send_queued(
-        self, lane: _Lane, send: Callable[[list[_Pending]], Awaitable[None]]
-    ) -> None:
-        while lane.queue:
-            batch = [p for p in lane.queue[: self._max_batch] if not p.abandoned]
-            del lane.queue[: self._max_batch]
-            if batch:
-                await send(batch)
-
-    def _to_lanes(
-        self, batch: list[_Pending], cluster: coredis.RedisCluster[Any], nursery: trio.Nursery
-    ) -> None:
-        """A Redis Cluster: each node has a lane of its own, one pipeline in flight at a time,
-        so a node that is slow or down holds up and fails only the commands for its slots;
-        a moving slot's commands go in a lane of their own, closed once it is idle."""
-        now = trio.current_time()
-        for name, group in self._per_node(batch, cluster, now).items():
-            lane = self._lanes.get(name)
-            if lane is None:  # the nodes ever seen: a few, plus one per failover
-                lane = self._lanes[name] = _Lane()
-                if name[1] is None:
-                    nursery.start_soon(self._drain, lane, partial(self._send_pipeline, None))
-                else:
-                    nursery.start_soon(self._drain_moving, name, lane)
-            lane.queue.extend(group)
-            lane.wakeup.set()
-
-    def _per_node(
-        self, batch: list[_Pending], cluster: coredis.RedisCluster[Any], now: float
-    ) -> dict[tuple[str, int | None], list[_Pending]]:
-        """The batch grouped by the node that serves each command's slot (as the client's slot
-        map has it now; a command that meets MOVED or ASK is redirected by coredis), a moving
-        slot's apart."""
-        probe: Any = cluster.pipeline(transaction=False)
-        layout = cluster.connection_pool.cluster_layout
-        groups: dict[tuple[str, int | None], list[_Pending]] = {}
-        for p in batch:
-            p.command(probe)
-            request = probe.command_stack[-1]
-            try:
-                name = layout.node_for_request(request).name
-            except coredis.exceptions.RedisError:
-                name = ""  # no single slot: its own pipeline, where coredis raises the error
-            slots = request.affected_slots
-            p.slot = slots[0] if len(slots) == 1 else None
-            moving = p.slot if self._moving(p.slot, now) else None
-            groups.setdefault((name, moving), []).append(p)
-        return groups
-
-    def _moving(self, slot: int | None, now: float | None = None) -> bool:
-        """Whether `slot` answered TRYAGAIN (or unsettled redirects) within MOVING_FOR_S."""
-        if slot is None:
-            return False
-        return self._moving_until.get(slot, -math.inf) > (
-            trio.current_time() if now is None else now
-        )
-
-    async def _drain_moving(self, name: tuple[str, int | None], lane: _Lane) -> None:
-        """A moving slot's lane: drained like a node's until the slot has settled and nothing
-        is queued, then closed (later commands for the slot go to its node's lane again)."""
-        _, slot = name
-        assert slot is not None
-        while lane.queue or self._moving(slot):
-            with trio.move_on_at(self._moving_until.get(slot, -math.inf)):
-                await lane.wakeup.wait()
-            lane.wakeup = trio.Event()
-            await self._send_queued(lane, partial(self._send_pipeline, None))
-        self._moving_until.pop(slot, None)
-        del self._lanes[name]
-
-    def _suspect_layout(self) -> None:
-        """A Redis Cluster round trip failed: tell the client, whose layout monitor then
-        reads the slot map again (after a failover, the promoted replica serves the slots).
-        coredis counts the errors of single commands itself, not those of pipelines."""
-        if isinstance(self.redis, coredis.RedisCluster):
-            error = coredis.exceptions.ConnectionError("a pipeline round trip failed")
-            self.redis.connection_pool.cluster_layout.report_errors(None, error)
 
     async def _send_pipeline(self, own: RespConnection | None, batch: list[_Pending]) -> None:
         """One round trip: the scripts on `own` (None: through coredis too), the rest through
@@ -425,6 +318,10 @@ class RedisPipeliner:
             for p in batch:  # cancelled (shutting down): the callers see a timeout
                 p.fail(trio.TooSlowError())
 
+    def _suspect_layout(self) -> None:
+        if self._cluster is not None:
+            self._cluster.suspect_layout()
+
     async def _send_own(self, own: RespConnection, batch: list[_Pending]) -> None:
         self.own_commands += len(batch)
         replies = await own.round_trip([p.raw for p in batch if p.raw is not None])
@@ -441,8 +338,8 @@ class RedisPipeliner:
             try:
                 reply = await request  # ready: the pipeline has run
             except Exception as exc:  # this command's own error
-                if isinstance(exc, MOVING_ERRORS) and p.slot is not None:
-                    self._moving_until[p.slot] = trio.current_time() + MOVING_FOR_S
+                if self._cluster is not None:
+                    self._cluster.command_failed(p.slot, exc)
                 p.finish(error=exc)
             else:
                 p.finish(reply)

@@ -61,8 +61,9 @@ import coredis.exceptions
 import trio
 from coredis.commands.script import Script
 
+from backends.redis.cluster_lanes import MOVING_ERRORS
 from backends.redis.lua import ADD_CREDITS_SCRIPT, SETTLE_SCRIPT, TAKE_SCRIPT
-from backends.redis.pipeliner import MOVING_ERRORS, RedisPipeliner
+from backends.redis.pipeliner import RedisPipeliner
 from policies.ratelimit import CounterState, LogEntry, LogState, RateDecision
 from scheduler.core.quota_store import (
     ALGORITHM_KINDS,

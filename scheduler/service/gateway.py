@@ -43,6 +43,7 @@ from scheduler.service.refusals import (
     keys_unavailable,
     quota_error,
     quota_refusal,
+    refusing_layer,
     shed_error,
 )
 from scheduler.service.tenancy import KeyRecord, KeyRegistry, KeysUnavailable
@@ -155,7 +156,7 @@ class Gateway:
         key_id, cap = job.record.key_id, job.quotas.max_concurrency
         leave = self._open.enter_nowait(key_id, cap)
         if leave is None and not job.quotas.enforce:
-            self.metrics.quota_would_refuse(job.tier.core.name, "concurrency")
+            self.metrics.quota_would_refuse(job.tier.core.name, "key", "concurrency")
             leave = self._open.enter_nowait(key_id, 0)
         if leave is None:
             job.meter.outcome = "refused_quota"
@@ -186,7 +187,8 @@ class Gateway:
             )
             if verdict.would_refuse:  # a shadow quota: counted and reported, never refused
                 refusal = quota_refusal(verdict, record, tier, reserved, shared)[0]
-                self.metrics.quota_would_refuse(tier.core.name, refusal.reason)
+                layer = refusing_layer(verdict, record, tier)
+                self.metrics.quota_would_refuse(tier.core.name, layer, refusal.reason)
                 return quota_headers(verdict, job.quotas, refusal)
             return quota_headers(verdict, job.quotas)
         trace.get_current_span().add_event(

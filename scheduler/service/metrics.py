@@ -47,6 +47,7 @@ from backends.http.client import BackendError, BackendTimeout, BackendUnavailabl
 from policies.breaker import BreakerState
 from scheduler.core import SchedulerStats, ShedReason
 from scheduler.core.fairness import FairnessWindow
+from scheduler.core.quota_store import LayerName
 
 if TYPE_CHECKING:
     from scheduler.core import AIMDConfig
@@ -77,6 +78,11 @@ SERVED: frozenset[RequestOutcome] = frozenset(
     {"admitted", "queued_admitted", "bypass", "shed_cache", "shed_fallback"}
 )
 ROUTES = ("chat", "completions", "embeddings")
+# the shadow refusals' series made at 0: a shared layer has no concurrency cap (the key's own)
+_WOULD_REFUSE: tuple[tuple[LayerName, str], ...] = (
+    *((layer, quota) for layer in ("key", "tenant", "model") for quota in ("requests", "tokens")),
+    ("key", "concurrency"),
+)
 BASE_BUCKETS_S = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SLO_MULTIPLES = (0.1, 0.25, 0.5, 1.0, 2.0)
 FAIRNESS_WINDOW_S = 30.0  # the recent window of each tier's Jain's index
@@ -269,8 +275,9 @@ class GatewayMetrics:
         self._redis_errors = counter("redis_errors", "Failed Redis calls.")
         self._would_refuse = counter(
             "quota_would_refuse",
-            "Requests a shadow quota (enforce = false) would have refused, admitted.",
-            ("tier", "reason"),
+            "Requests a shadow quota (enforce = false) would have refused, admitted, by the "
+            "binding layer (key, tenant, model: as x-ratelimit-layer-* names it).",
+            ("tier", "layer", "reason"),
         )
         self._fail_mode = counter(
             "fail_mode_decisions",
@@ -296,8 +303,8 @@ class GatewayMetrics:
                 self._shed.labels(tier, reason.value)
             for mode in ("open", "closed"):
                 self._fail_mode.labels(tier, mode)
-            for quota in ("requests", "tokens", "concurrency"):
-                self._would_refuse.labels(tier, quota)
+            for layer, quota in _WOULD_REFUSE:
+                self._would_refuse.labels(tier, layer, quota)
             for route in routes:
                 self._duration.labels(tier, route)
         for model in self._models:
@@ -376,9 +383,10 @@ class GatewayMetrics:
         """A quota decision taken by the tier's fail mode because Redis was out."""
         self._fail_mode.labels(self._tier(tier), mode.value).inc()
 
-    def quota_would_refuse(self, tier: str, reason: str) -> None:
-        """A shadow quota would have refused this request (`reason`: a refusal's reason)."""
-        self._would_refuse.labels(self._tier(tier), reason).inc()
+    def quota_would_refuse(self, tier: str, layer: LayerName, reason: str) -> None:
+        """A shadow quota of `layer` would have refused this request (`reason`: a refusal's
+        reason)."""
+        self._would_refuse.labels(self._tier(tier), layer, reason).inc()
 
     def gains_rejected(self) -> None:
         """A gains document from Redis was malformed and left unapplied."""

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from policies.ratelimit import RateDecision
 from scheduler.core import AIMDController, Controller, SchedulerStats, Shed, ShedReason
-from scheduler.core.quota_store import QuotaLayer
+from scheduler.core.quota_store import LayerName, QuotaLayer
 from scheduler.openai.errors import ApiError, Refusal, refused
 from scheduler.service.config import TierSettings
 from scheduler.service.controls import MAX_WAIT_HEADER
@@ -80,6 +80,14 @@ def quota_refusal(
     if binding is not None and binding[0] is not None:
         return _over_shared(verdict, shared, binding[0], binding[1], binding[2], cost)
     return _over_quota(verdict, record, tier, cost)
+
+
+def refusing_layer(verdict: Verdict, record: KeyRecord, tier: TierSettings) -> LayerName:
+    """The layer whose quota refuses `verdict` (or, for a shadow's, would refuse): the one
+    `quota_refusal` explains, named as `x-ratelimit-layer-*` names it. Redis out or slow
+    refuses by the key's tier: "key"."""
+    binding = _binding(verdict, record.quotas(tier.quotas).enforce)
+    return "key" if binding is None or binding[0] is None else binding[0].name
 
 
 def _binding(

@@ -295,11 +295,12 @@ async def test_a_key_over_its_concurrency_cap_gets_a_429_until_one_ends(
     assert (errors[0]["limit"], errors[0]["threshold"]) == ("key.quota_override.max_concurrency", 3)
 
 
-async def test_a_cap_refusal_takes_no_quota(
-    nursery: trio.Nursery, redis_url: str, tmp_path: Path
-) -> None:
-    """The cap is checked before the quota: a refused request leaves the quota as it was."""
-    text = CONFIG.replace("max_concurrency = 2", "max_concurrency = 1\nrequests = 100")
+async def one_over_a_cap_of_one(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path, quota: str
+) -> tuple[httpx2.Response, httpx2.Response, httpx2.Response, str]:
+    """With `max_concurrency = 1` and `quota`: a request held open, one sent meanwhile, one
+    after both ended, and the metrics then."""
+    text = CONFIG.replace("max_concurrency = 2", f"max_concurrency = 1\n{quota}")
     demo = await start_demo(nursery, SLOW_GPU)
     gateway = await start_gateway(nursery, settings_for(tmp_path, text, demo, redis_url))
     url = gateway + "/v1/chat/completions"
@@ -316,7 +317,31 @@ async def test_a_cap_refusal_takes_no_quota(
                 await trio.sleep(0.15)
                 over = await client.post(url, json=chat("o"), headers=auth)
             after = await client.post(url, json=chat("a"), headers=auth)
+            metrics = (await client.get(gateway + "/metrics")).text
+    return first[0], over, after, metrics
+
+
+async def test_a_cap_refusal_takes_no_quota(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> None:
+    """The cap is checked before the quota: a refused request leaves the quota as it was."""
+    first, over, after, _ = await one_over_a_cap_of_one(
+        nursery, redis_url, tmp_path, "requests = 100"
+    )
     refused(over, 429, "concurrency", "tiers.capped.quota.max_concurrency")
-    assert first[0].headers["x-ratelimit-remaining-requests"] == "99"
+    assert first.headers["x-ratelimit-remaining-requests"] == "99"
     assert after.headers["x-ratelimit-remaining-requests"] == "98"  # the refusal took none
     assert json.loads(after.content)["object"] == "chat.completion"
+
+
+async def test_a_shadow_cap_admits_and_counts_under_the_keys_layer(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> None:
+    """With `enforce = false` the cap refuses nothing; the metric names the key's layer, the
+    one a cap belongs to (shared layers have none)."""
+    first, over, _, metrics = await one_over_a_cap_of_one(
+        nursery, redis_url, tmp_path, "enforce = false"
+    )
+    assert [first.status_code, over.status_code] == [200, 200], over.text
+    series = 'scheduler_quota_would_refuse_total{layer="key",reason="concurrency",tier="capped"}'
+    assert f"{series} 1.0" in metrics.splitlines()

@@ -5,6 +5,7 @@ request, the binding layer named in the headers and the 429.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx2
@@ -72,6 +73,12 @@ tokens = 100000
 )
 
 
+def would_refuse(metrics: str, layer: str) -> float:
+    labels = f'layer="{layer}",reason="requests",tier="pro"'
+    match = re.search(rf"scheduler_quota_would_refuse_total\{{{labels}\}} (\S+)", metrics)
+    return float(match.group(1)) if match else -1.0  # -1: the series is missing
+
+
 async def post(client: httpx2.AsyncClient, gateway: str, key: str, text: str) -> httpx2.Response:
     auth = {"authorization": f"Bearer k-{key}"}
     return await client.post(gateway + "/v1/chat/completions", json=chat(text), headers=auth)
@@ -90,6 +97,7 @@ async def test_two_keys_of_one_tenant_share_its_quota(
             ]
             over = await post(client, gateway, "a2", "over")  # a2 has 1 of its own 3 left
             beta = [await post(client, gateway, "b", f"b{i}") for i in range(3)]
+            metrics = (await client.get(gateway + "/metrics")).text
 
     assert [r.status_code for r in sent] == [200] * 4, [r.text for r in sent]
     first, last = sent[0].headers, sent[-1].headers
@@ -109,6 +117,9 @@ async def test_two_keys_of_one_tenant_share_its_quota(
         "would-refuse; reason=requests; limit=tenants.*.quota.requests; threshold=2; observed=3"
     )
     assert beta[2].headers["x-ratelimit-remaining-requests"] == "0"  # its own, enforced
+    # counted under the layer that would have refused, named as the headers name it
+    assert would_refuse(metrics, "tenant") == 1
+    assert would_refuse(metrics, "key") == 0
 
 
 async def test_the_models_quota_binds_across_tenants_and_settles(

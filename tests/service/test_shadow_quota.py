@@ -54,7 +54,9 @@ SHADOW_HEADER = "x-scheduler-quota-shadow"
 
 
 def would_refuse(metrics: str, reason: str) -> float:
-    pattern = rf'scheduler_quota_would_refuse_total\{{reason="{reason}",tier="trial"\}} (\S+)'
+    pattern = (
+        rf'scheduler_quota_would_refuse_total\{{layer="key",reason="{reason}",tier="trial"\}} (\S+)'
+    )
     match = re.search(pattern, metrics)
     return float(match.group(1)) if match else 0.0
 
