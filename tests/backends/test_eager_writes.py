@@ -20,6 +20,7 @@ import trio
 from backends.eager import send_all_eagerly
 from backends.http.client import BackendLimits, HttpClient
 from backends.redis.resp import RespConnection
+from tests.support.h11_server import read_request
 
 DEADLINE_S = 10.0
 
@@ -66,18 +67,11 @@ async def test_a_redis_round_trip_is_one_step_of_its_task(redis_url: str) -> Non
 async def serve_ok(stream: trio.SocketStream) -> None:
     """Every request answered with a 200 in one write, on one kept-alive connection."""
     conn = h11.Connection(h11.SERVER)
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            conn.receive_data(data)
-        elif isinstance(event, h11.EndOfMessage):
-            head = h11.Response(status_code=200, headers=[("content-length", "2")])
-            out = conn.send(head) + conn.send(h11.Data(data=b"ok")) + conn.send(h11.EndOfMessage())
-            await stream.send_all(out)
-            conn.start_next_cycle()
+    while await read_request(conn, stream) is not None:
+        head = h11.Response(status_code=200, headers=[("content-length", "2")])
+        out = conn.send(head) + conn.send(h11.Data(data=b"ok")) + conn.send(h11.EndOfMessage())
+        await stream.send_all(out)
+        conn.start_next_cycle()
 
 
 @asynccontextmanager
