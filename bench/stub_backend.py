@@ -13,11 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import h11
 import trio
+
+# run as a script (bench/rig.py): the repository's root on the path, for tests.support
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+if str(_HERE.parent) not in sys.path:
+    sys.path.insert(0, str(_HERE.parent))
+
+from tests.support.h11_server import read_request  # noqa: E402
 
 CREATED = 1_700_000_000
 COMPLETION = json.dumps(
@@ -90,23 +100,10 @@ async def answer(
     conn: h11.Connection, stream: trio.SocketStream, stub: Stub, ticker: Ticker
 ) -> None:
     """Read one request and answer it; return when the connection is done with."""
-    target, body = b"", bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            conn.receive_data(data)
-        elif isinstance(event, h11.Request):
-            target = event.target
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            break
-        else:  # the client closed, or a protocol error
-            return
-    if target != b"/v1/chat/completions":
+    if (read := await read_request(conn, stream)) is None:  # the client closed
+        return
+    request, body = read
+    if request.target != b"/v1/chat/completions":
         await stream.send_all(conn.send(h11.Response(status_code=404, headers=JSON_HEAD[:1])))
         await stream.send_all(conn.send(h11.EndOfMessage()))
         return

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import socket
 from collections.abc import Callable
@@ -66,6 +65,7 @@ from hypercorn.trio import tcp_server
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
+from backends import eager
 from scheduler.openai.errors import ApiError
 
 log = logging.getLogger("scheduler.service")
@@ -202,17 +202,6 @@ async def _send_h11_event_coalescing(self: H11Protocol, event: Any) -> None:
 _protocol_send = TCPServer.protocol_send
 
 
-def _write_nowait(stream: Any, data: bytes) -> int:
-    """As much of `data` as the socket takes at once, without a yield (0 when its buffer is
-    full); raises trio.BrokenResourceError for a connection the client broke."""
-    try:
-        return os.write(stream.socket.fileno(), data)
-    except BlockingIOError:
-        return 0
-    except OSError as exc:  # EPIPE, ECONNRESET (Python ignores SIGPIPE)
-        raise trio.BrokenResourceError(str(exc)) from exc
-
-
 async def _protocol_send_taking_a_free_lock(self: TCPServer, event: Any) -> None:
     """hypercorn's `protocol_send`, the send lock taken at once when nobody holds it, a write
     that the socket takes whole made without a yield, and the keep-alive timer moved, not
@@ -235,11 +224,12 @@ async def _protocol_send_taking_a_free_lock(self: TCPServer, event: Any) -> None
         data = event.data
         # a plain socket's write (not TLS): what it takes at once costs no yield, the
         # rest (a full buffer) waits in `send_all`
-        sent = _write_nowait(self.stream, data) if isinstance(self.stream, trio.SocketStream) else 0
+        sent = eager.write_nowait(self.stream, data)
         if sent < len(data):
             with trio.CancelScope(shield=True):
                 await self.stream.send_all(memoryview(data)[sent:] if sent else data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+    # OSError: `write_nowait` on a connection the client broke (EPIPE, ECONNRESET)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await self.protocol.handle(Closed())
     finally:
         lock.release()

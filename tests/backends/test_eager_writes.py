@@ -17,9 +17,10 @@ import h11
 import pytest
 import trio
 
-from backends.eager import send_all_eagerly
+from backends.eager import send_all_eagerly, write_nowait
 from backends.http.client import BackendLimits, HttpClient
 from backends.redis.resp import RespConnection
+from tests.support.h11_server import read_request
 
 DEADLINE_S = 10.0
 
@@ -66,18 +67,11 @@ async def test_a_redis_round_trip_is_one_step_of_its_task(redis_url: str) -> Non
 async def serve_ok(stream: trio.SocketStream) -> None:
     """Every request answered with a 200 in one write, on one kept-alive connection."""
     conn = h11.Connection(h11.SERVER)
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            conn.receive_data(data)
-        elif isinstance(event, h11.EndOfMessage):
-            head = h11.Response(status_code=200, headers=[("content-length", "2")])
-            out = conn.send(head) + conn.send(h11.Data(data=b"ok")) + conn.send(h11.EndOfMessage())
-            await stream.send_all(out)
-            conn.start_next_cycle()
+    while await read_request(conn, stream) is not None:
+        head = h11.Response(status_code=200, headers=[("content-length", "2")])
+        out = conn.send(head) + conn.send(h11.Data(data=b"ok")) + conn.send(h11.EndOfMessage())
+        await stream.send_all(out)
+        conn.start_next_cycle()
 
 
 @asynccontextmanager
@@ -130,3 +124,23 @@ async def test_what_the_socket_does_not_take_at_once_is_sent_too() -> None:
                 nursery.start_soon(read)
                 await send_all_eagerly(stream, data)
         assert bytes(received) == data
+
+
+async def test_write_nowait_takes_what_the_buffer_holds_and_then_nothing() -> None:
+    """The part both `send_all_eagerly` and the gateway's client writes (http1) rely on: a
+    partial count from a filling buffer, 0 from a full one, never a BlockingIOError."""
+    a, b = trio.socket.socketpair()
+    with a, b:
+        stream = trio.SocketStream(a)
+        data = b"x" * 10_000_000  # far more than a socket buffer holds
+        taken = write_nowait(stream, data)
+        assert 0 < taken < len(data)
+        assert write_nowait(stream, data) == 0
+
+
+async def test_write_nowait_raises_the_oserror_of_a_broken_connection() -> None:
+    a, b = trio.socket.socketpair()
+    with a:
+        b.close()  # the peer gone: EPIPE (Python ignores SIGPIPE)
+        with pytest.raises(OSError):
+            write_nowait(trio.SocketStream(a), b"late")

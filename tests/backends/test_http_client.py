@@ -30,6 +30,7 @@ from backends.http.client import (
     HttpClient,
 )
 from backends.http.pool import BackendPool, HttpBackend
+from tests.support.h11_server import read_request
 
 CHAT = json.dumps({"model": "demo-small", "messages": [{"role": "user", "content": "hi"}]})
 
@@ -70,20 +71,10 @@ async def scripted_server(script: Script = always_answer) -> AsyncIterator[tuple
         conn = h11.Connection(h11.SERVER)
         try:
             for n in range(1, 1000):
-                body = b""
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        data = await stream.receive_some(65536)
-                        if not data:
-                            seen.closed_by_client += 1
-                            return
-                        conn.receive_data(data)
-                    elif isinstance(event, h11.Data):
-                        body += event.data
-                    elif isinstance(event, h11.EndOfMessage):
-                        break
-                seen.requests.append(body)
+                if (read := await read_request(conn, stream)) is None:
+                    seen.closed_by_client += 1
+                    return
+                seen.requests.append(read[1])
                 if not await script(n, stream, conn):
                     return
                 conn.start_next_cycle()

@@ -1,6 +1,6 @@
 """hypercorn as `scheduler/service/http1.py` changes it, on a real socket, with a small ASGI
 app: the keep-alive timer (one task per connection whose deadline moves, `_IdleTimer`) and
-the write made without a yield when the socket takes it (`_write_nowait`)."""
+the write made without a yield when the socket takes it (`backends.eager.write_nowait`)."""
 
 from __future__ import annotations
 

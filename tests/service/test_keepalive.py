@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from scheduler.service import http1
+from backends import eager
 from tests.conftest import gateway_settings, start_demo, start_gateway
 
 KEY = "sk-demo-enterprise"
@@ -184,7 +184,7 @@ async def test_a_whole_answer_is_one_write(
             writes.append((self.socket.getpeername()[1], bytes(data)))
         await send_all(self, data)
 
-    write_nowait = http1._write_nowait
+    write_nowait = eager.write_nowait
 
     def counted_nowait(stream: trio.SocketStream, data: bytes) -> int:
         sent = write_nowait(stream, data)
@@ -193,7 +193,7 @@ async def test_a_whole_answer_is_one_write(
         return sent
 
     monkeypatch.setattr(trio.SocketStream, "send_all", counted)
-    monkeypatch.setattr(http1, "_write_nowait", counted_nowait)  # the write without a yield
+    monkeypatch.setattr(eager, "write_nowait", counted_nowait)  # the write without a yield
     request = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n%s"

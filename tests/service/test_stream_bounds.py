@@ -24,6 +24,7 @@ import trio
 
 from scheduler.service.config import ConfigError, load_settings
 from tests.conftest import start_gateway
+from tests.support.h11_server import read_request
 
 REQUEST_TIMEOUT_S = 4.0
 FIRST_BYTE_TIMEOUT_S = 0.5
@@ -92,7 +93,9 @@ class EndlessBackend:
         self.open += 1
         try:
             conn = h11.Connection(h11.SERVER)
-            request = await _read_request(conn, stream)
+            if (read := await read_request(conn, stream)) is None:
+                return
+            request, _ = read
             if request.method != b"POST":  # probes: nothing to say
                 await _send(conn, stream, h11.Response(status_code=404, headers=_close()))
                 await _send(conn, stream, h11.EndOfMessage())
@@ -117,19 +120,6 @@ class EndlessBackend:
 
 def _close() -> list[tuple[bytes, bytes]]:
     return [(b"connection", b"close")]
-
-
-async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request:
-    request = None
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(65_536))
-        elif isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.EndOfMessage):
-            assert request is not None
-            return request
 
 
 async def _send(conn: h11.Connection, stream: trio.SocketStream, event: h11.Event) -> None:

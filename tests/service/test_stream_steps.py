@@ -14,6 +14,7 @@ import h11
 import trio
 
 from tests.conftest import gateway_settings, start_gateway
+from tests.support.h11_server import read_request
 
 KEY = "sk-demo-enterprise"
 EVENTS = 40
@@ -23,18 +24,8 @@ EVENT_INTERVAL_S = 0.01  # far apart enough that each event is a read of its own
 async def serve_stream(stream: trio.SocketStream) -> None:
     """A backend: any GET is a 200 (the probes), a POST a stream of EVENTS events."""
     conn = h11.Connection(h11.SERVER)
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            data = await stream.receive_some(65536)
-            if not data:
-                return
-            conn.receive_data(data)
-            continue
-        assert isinstance(event, h11.Request), event
-        while not isinstance(body_event := conn.next_event(), h11.EndOfMessage):  # the body
-            if body_event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
+    while (read := await read_request(conn, stream)) is not None:
+        event, _ = read
         if event.method == b"GET":
             body = b'{"object": "list", "data": []}'
             head = [("content-type", "application/json"), ("content-length", str(len(body)))]

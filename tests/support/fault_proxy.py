@@ -38,6 +38,8 @@ from typing import ClassVar
 import h11
 import trio
 
+from tests.support.h11_server import read_request
+
 READ_BYTES = 65_536
 IDLE_S = 60.0  # an idle keep-alive connection is closed after this
 HOP_BY_HOP = frozenset(
@@ -194,7 +196,7 @@ class FaultProxy:
             while True:
                 request = None
                 with trio.move_on_after(IDLE_S):
-                    request = await _read_request(conn, stream)
+                    request = await read_request(conn, stream)
                 if request is None:
                     return
                 self._counts["requests"] += 1
@@ -292,27 +294,6 @@ class FaultProxy:
 
 
 _RESPONSE_HOPS = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
-
-
-async def _read_request(
-    conn: h11.Connection, stream: trio.SocketStream
-) -> tuple[h11.Request, bytes] | None:
-    """The next whole request, or None when the client closed the connection between two."""
-    request: h11.Request | None = None
-    body: list[bytes] = []
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(READ_BYTES))
-        elif isinstance(event, h11.Request):
-            request = event
-        elif isinstance(event, h11.Data):
-            body.append(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
-            assert request is not None
-            return request, b"".join(body)
-        elif isinstance(event, h11.ConnectionClosed):
-            return None
 
 
 async def _wait_client_gone(stream: trio.SocketStream) -> None:
