@@ -54,6 +54,12 @@ class Lane(Generic[P]):
         self.queue: list[P] = []
         self.wakeup = trio.Event()
 
+    def take(self, max_batch: int) -> list[P]:
+        """The next `max_batch` queued, less those whose callers gave up, off the queue."""
+        batch = [p for p in self.queue[:max_batch] if not p.abandoned]
+        del self.queue[:max_batch]
+        return batch
+
 
 async def drain(lane: Lane[P], send: Send[P], max_batch: int) -> None:
     """Forever: each batch of up to `max_batch` commands still wanted, to `send`."""
@@ -65,9 +71,7 @@ async def drain(lane: Lane[P], send: Send[P], max_batch: int) -> None:
 
 async def send_queued(lane: Lane[P], send: Send[P], max_batch: int) -> None:
     while lane.queue:
-        batch = [p for p in lane.queue[:max_batch] if not p.abandoned]
-        del lane.queue[:max_batch]
-        if batch:
+        if batch := lane.take(max_batch):
             await send(batch)
 
 

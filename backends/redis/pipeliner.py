@@ -281,9 +281,7 @@ class RedisPipeliner:
                     lane.wakeup = trio.Event()
                 await lane.wakeup.wait()
                 continue
-            batch = [p for p in lane.queue[: self._max_batch] if not p.abandoned]
-            del lane.queue[: self._max_batch]
-            if batch:
+            if batch := lane.take(self._max_batch):
                 await send(batch)
 
     async def _send_pipeline(self, own: RespConnection | None, batch: list[_Pending]) -> None:
