@@ -4,7 +4,8 @@
 Through the real gateway on loopback, in front of a tiny backend of this module's own that
 never ends its streams (or never starts them). Each stream must end, within its bound, with an
 OpenAI-shaped SSE error event; the gateway's in-flight count must return to 0 and the backend
-must see its connection closed (nothing left holding a slot or a socket).
+must see its connection closed (nothing left holding a slot or a socket). The same holds
+when the client is what ends the stream, with a reset (`SO_LINGER` 0) in the middle of it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 import enum
 import json
 import re
+import socket
+import struct
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -247,6 +250,45 @@ async def test_a_backend_that_never_answers_a_stream_is_a_504_at_the_first_byte_
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["code"] == "timeout"
     assert FIRST_BYTE_TIMEOUT_S - 0.1 <= took_s <= FIRST_BYTE_TIMEOUT_S + SLACK_S, took_s
+
+
+async def test_clients_that_reset_mid_stream_free_their_seats_and_backend_calls(
+    setup: tuple[str, EndlessBackend],
+) -> None:
+    gateway, backend = setup
+    resets = 10
+    request = json.dumps(CHAT).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(request)}\r\n\r\n"
+    ).encode()
+
+    async def stream_then_reset() -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", int(gateway.rsplit(":", 1)[1]))
+        linger_0 = struct.pack("ii", 1, 0)  # close with a reset, not a FIN
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_0)
+        await stream.send_all(head + request)
+        seen = b""
+        while seen.count(b"data:") < 2:  # the head and two events: the stream is under way
+            piece = await stream.receive_some(65_536)
+            assert piece, seen
+            seen += piece
+        assert seen.startswith(b"HTTP/1.1 200"), seen
+        await stream.aclose()
+
+    async with httpx2.AsyncClient(timeout=30) as client:
+        with trio.fail_after(REQUEST_TIMEOUT_S + 10):
+            started = trio.current_time()
+            async with trio.open_nursery() as clients:
+                for _ in range(resets):
+                    clients.start_soon(stream_then_reset)
+            await _settled(client, gateway, backend)
+            # freed by the resets, not by the request timeout that would end them anyway
+            assert trio.current_time() - started < REQUEST_TIMEOUT_S - 0.5
+            backend.mode = Mode.NO_FIRST_BYTE  # the gateway still serves: a short stream
+            status, body, _ = await _stream(client, gateway)
+    assert status == 200
+    _assert_timeout_event(body)
 
 
 @pytest.mark.parametrize("value", ["0", "-1.5", "inf", "nan", '"soon"'])
