@@ -43,7 +43,6 @@ from scheduler.service.refusals import (
     keys_unavailable,
     quota_error,
     quota_refusal,
-    refusing_layer,
     shed_error,
 )
 from scheduler.service.tenancy import KeyRecord, KeyRegistry, KeysUnavailable
@@ -186,10 +185,9 @@ class Gateway:
                 record.key_id, job.quotas, verdict, reserved=reserved, tag=tag
             )
             if verdict.would_refuse:  # a shadow quota: counted and reported, never refused
-                refusal = quota_refusal(verdict, record, tier, reserved, shared)[0]
-                layer = refusing_layer(verdict, record, tier)
-                self.metrics.quota_would_refuse(tier.core.name, layer, refusal.reason)
-                return quota_headers(verdict, job.quotas, refusal)
+                why = quota_refusal(verdict, record, tier, reserved, shared)
+                self.metrics.quota_would_refuse(tier.core.name, why.layer, why.refusal.reason)
+                return quota_headers(verdict, job.quotas, why.refusal)
             return quota_headers(verdict, job.quotas)
         trace.get_current_span().add_event(
             "quota.refused",

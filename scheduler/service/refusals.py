@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 from policies.ratelimit import RateDecision
 from scheduler.core import AIMDController, Controller, SchedulerStats, Shed, ShedReason
@@ -51,17 +52,27 @@ def quota_knob(record: KeyRecord, tier: str, name: str) -> str:
 NO_SHARED = SharedQuotas()
 
 
+class QuotaRefusal(NamedTuple):
+    """A quota's refusal explained: what the answer says, and which layer refused, named as
+    `x-ratelimit-layer-*` names it (Redis out or slow refuses by the key's tier: "key")."""
+
+    refusal: Refusal
+    message: str
+    retry_after_s: float
+    layer: LayerName = "key"
+
+
 def quota_refusal(
     verdict: Verdict,
     record: KeyRecord,
     tier: TierSettings,
     cost: int,
     shared: SharedQuotas = NO_SHARED,
-) -> tuple[Refusal, str, float]:
+) -> QuotaRefusal:
     """Why the quota refused (or, for a shadow quota, would refuse) a request of `cost`
-    tokens: the refusal, its message and the retry delay. With `shared` layers, the binding
-    one: of the refusing quotas (enforced ones; for a shadow's, the shadow ones), the one
-    with the longest wait, the key's own first on a tie."""
+    tokens. With `shared` layers, the binding one: of the refusing quotas (enforced ones; for
+    a shadow's, the shadow ones), the one with the longest wait, the key's own first on a
+    tie."""
     name = tier.core.name
     source = verdict.source
     if source is Source.CLOSED:
@@ -69,25 +80,18 @@ def quota_refusal(
             "redis_unavailable", f"tiers.{name}.fail_mode", observed=verdict.failing_s
         )
         message = "Your quota could not be checked (Redis is failing); retry shortly."
-        return refusal, message, verdict.retry_after_s
+        return QuotaRefusal(refusal, message, verdict.retry_after_s)
     if source is Source.UNVERIFIED:
         refusal = Refusal("redis_unverified", "redis.down_after_s", DOWN_AFTER_S, verdict.failing_s)
-        return refusal, "Your quota could not be checked in time; retry shortly.", 1.0
+        return QuotaRefusal(refusal, "Your quota could not be checked in time; retry shortly.", 1.0)
     if source is Source.MOVING:
         refusal = Refusal("redis_slot_moving", "redis.cluster")
-        return refusal, "Your quota's Redis slot is moving between nodes; retry shortly.", 1.0
+        message = "Your quota's Redis slot is moving between nodes; retry shortly."
+        return QuotaRefusal(refusal, message, 1.0)
     binding = _binding(verdict, record.quotas(tier.quotas).enforce)
     if binding is not None and binding[0] is not None:
         return _over_shared(verdict, shared, binding[0], binding[1], binding[2], cost)
     return _over_quota(verdict, record, tier, cost)
-
-
-def refusing_layer(verdict: Verdict, record: KeyRecord, tier: TierSettings) -> LayerName:
-    """The layer whose quota refuses `verdict` (or, for a shadow's, would refuse): the one
-    `quota_refusal` explains, named as `x-ratelimit-layer-*` names it. Redis out or slow
-    refuses by the key's tier: "key"."""
-    binding = _binding(verdict, record.quotas(tier.quotas).enforce)
-    return "key" if binding is None or binding[0] is None else binding[0].name
 
 
 def _binding(
@@ -119,7 +123,7 @@ def _over_shared(
     which: str,
     decision: RateDecision,
     cost: int,
-) -> tuple[Refusal, str, float]:
+) -> QuotaRefusal:
     """A tenant's or a model's quota refused (the key's own may have room)."""
     knob = f"{shared.knob(layer)}.{which}"
     units = cost if which == "tokens" else 1
@@ -132,7 +136,7 @@ def _over_shared(
             f"Request too large: it may use {cost} tokens but the {layer.name} quota {knob} "
             f"({whose}) is {decision.limit} per {period_s:g} s."
         )
-        return refusal, message, period_s
+        return QuotaRefusal(refusal, message, period_s, layer.name)
     observed = max(0, decision.limit - decision.remaining) + units
     refusal = Refusal(which, knob, decision.limit, observed)
     message = (
@@ -140,12 +144,10 @@ def _over_shared(
         f"{period_s:g} s and this request would make it {observed}. "
         "Retry after the time in Retry-After."
     )
-    return refusal, message, verdict.retry_after_s
+    return QuotaRefusal(refusal, message, verdict.retry_after_s, layer.name)
 
 
-def _over_quota(
-    verdict: Verdict, record: KeyRecord, tier: TierSettings, cost: int
-) -> tuple[Refusal, str, float]:
+def _over_quota(verdict: Verdict, record: KeyRecord, tier: TierSettings, cost: int) -> QuotaRefusal:
     which, decision = "requests", verdict.requests
     if verdict.tokens is not None and not verdict.tokens.allowed:
         which, decision = "tokens", verdict.tokens
@@ -156,7 +158,7 @@ def _over_quota(
         limit = getattr(record.quotas(tier.quotas), which)
         refusal = Refusal(which, knob, limit, limit)
         message = f"Rate limit reached ({knob}, used up); retry after Retry-After."
-        return refusal, message, verdict.retry_after_s
+        return QuotaRefusal(refusal, message, verdict.retry_after_s)
     knob = quota_knob(record, tier.core.name, which)
     units = cost if which == "tokens" else 1
     if math.isinf(decision.retry_after_s):
@@ -166,7 +168,7 @@ def _over_quota(
             f"the key's token quota ({knob}) is {decision.limit} per {verdict.period_s:g} s. "
             "Lower max_tokens or the prompt."
         )
-        return refusal, message, verdict.period_s
+        return QuotaRefusal(refusal, message, verdict.period_s)
     observed = max(0, decision.limit - decision.remaining) + units
     refusal = Refusal(which, knob, decision.limit, observed)
     scaled = ""
@@ -178,7 +180,7 @@ def _over_quota(
         f"{verdict.period_s:g} s{scaled} and this request would make it {observed}. "
         "Retry after the time in Retry-After."
     )
-    return refusal, message, verdict.retry_after_s
+    return QuotaRefusal(refusal, message, verdict.retry_after_s)
 
 
 def quota_error(
@@ -189,7 +191,7 @@ def quota_error(
     shared: SharedQuotas = NO_SHARED,
 ) -> ApiError:
     """The 429 (over quota) or 503 (Redis out, slow or moving) for a refused `verdict`."""
-    refusal, message, retry_after_s = quota_refusal(verdict, record, tier, cost, shared)
+    refusal, message, retry_after_s, _ = quota_refusal(verdict, record, tier, cost, shared)
     if verdict.source in (Source.CLOSED, Source.UNVERIFIED, Source.MOVING):
         return refused(503, message, refusal, retry_after_s=retry_after_s)
     kind = "tokens" if refusal.reason.startswith("tokens") else "requests"
