@@ -140,6 +140,12 @@ class BackendPool:
     def healthy_count(self) -> int:
         return sum(b.healthy for b in self.backends)
 
+    def in_rotation(self, url: str) -> bool:
+        """False for a backend of this pool that is ejected; True for any other name (a
+        probe of something that is not one of its backends, a DCGM exporter say)."""
+        url = url.rstrip("/")
+        return all(b.healthy for b in self.backends if b.url == url)
+
     def choose(self, exclude: frozenset[str] = frozenset()) -> HttpBackend:
         best: HttpBackend | None = None
         for backend in self.backends:

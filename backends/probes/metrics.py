@@ -15,12 +15,13 @@ publishes no metrics, which the model reports as `known=False` (pressure 0, left
 pool's aggregate); set `enabled = false` for such backends to skip the probe altogether.
 
 The pool's pressure is `scheduler.models.pressure.pool_pressure` over its probes' readings (the
-mean by default, stale backends at 1.0), the same function the simulator calls.
+mean by default, stale backends at 1.0, backends out of the pool's rotation left out), the same
+function the simulator calls.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -169,21 +170,33 @@ class PoolPressureStatistics:
     pressure: float  # what the controller sees
     aggregate: Aggregate
     backends: dict[str, PressureReading]  # by probe name (the backend's URL)
+    out_of_rotation: frozenset[str]  # probe names left out of `pressure`
+
+
+def _always_routed(name: str) -> bool:
+    return True
 
 
 class PoolPressure:
     """The pressure of a pool of backends, from one probe each (or more: a vLLM probe and a
     DCGM probe of the same machine are two probes). Backends that are fresh but show no
-    known signal are left out; with none left, the pressure is 0.0."""
+    known signal are left out; with none left, the pressure is 0.0. `in_rotation(name)` says
+    whether the pool routes to the backend a probe is named after (the pool's health: see
+    `BackendPool.in_rotation`); the probes of those it does not are left out."""
 
     def __init__(
-        self, probes: Sequence[PressureProbe], *, aggregate: Aggregate = Aggregate.MEAN
+        self,
+        probes: Sequence[PressureProbe],
+        *,
+        aggregate: Aggregate = Aggregate.MEAN,
+        in_rotation: Callable[[str], bool] = _always_routed,
     ) -> None:
         names = [probe.name for probe in probes]
         if len(set(names)) != len(names):
             raise ValueError(f"pressure probes need distinct names, got {names}")
         self.probes = list(probes)
         self.aggregate = aggregate
+        self._in_rotation = in_rotation
 
     @classmethod
     def for_backends(
@@ -192,27 +205,42 @@ class PoolPressure:
         client: HttpClient,
         *,
         aggregate: Aggregate = Aggregate.MEAN,
+        in_rotation: Callable[[str], bool] = _always_routed,
     ) -> PoolPressure:
         """A `MetricsProbe` for each (backend URL, config) whose config is enabled."""
         probes = [MetricsProbe(url, client, cfg) for url, cfg in configs if cfg.enabled]
-        return cls(probes, aggregate=aggregate)
+        return cls(probes, aggregate=aggregate, in_rotation=in_rotation)
+
+    def _readings(self, now: float) -> tuple[list[PressureReading], list[bool]]:
+        probes = self.probes
+        return [p.reading(now) for p in probes], [self._in_rotation(p.name) for p in probes]
 
     def pressure(self, now: float) -> float:
-        return pool_pressure([probe.reading(now) for probe in self.probes], self.aggregate)
+        readings, routed = self._readings(now)
+        return pool_pressure(readings, self.aggregate, routed=routed)
 
     def scraped_at(self, now: float) -> float:
         """When the oldest scrape behind `pressure` was taken: what was dispatched since
         is not in it. `now` when no fresh scrape counts (a stale backend already reads as
         saturated, so nothing needs crediting)."""
-        ages = [r.age_s for r in (p.reading(now) for p in self.probes) if r.known and not r.stale]
+        readings, routed = self._readings(now)
+        ages = [
+            r.age_s
+            for r, in_rotation in zip(readings, routed, strict=True)
+            if in_rotation and r.known and not r.stale
+        ]
         return now - max(ages, default=0.0)
 
     def statistics(self, now: float | None = None) -> PoolPressureStatistics:
         """A snapshot per backend; `now` defaults to trio's clock."""
         now = trio.current_time() if now is None else now
-        readings = {probe.name: probe.reading(now) for probe in self.probes}
+        readings, routed = self._readings(now)
+        names = [probe.name for probe in self.probes]
         return PoolPressureStatistics(
-            pool_pressure(list(readings.values()), self.aggregate), self.aggregate, readings
+            pool_pressure(readings, self.aggregate, routed=routed),
+            self.aggregate,
+            dict(zip(names, readings, strict=True)),
+            frozenset(n for n, in_rotation in zip(names, routed, strict=True) if not in_rotation),
         )
 
     async def run(self) -> None:

@@ -225,17 +225,26 @@ class Aggregate(enum.Enum):
 
 
 def pool_pressure(
-    readings: Sequence[PressureReading], aggregate: Aggregate = Aggregate.MEAN
+    readings: Sequence[PressureReading],
+    aggregate: Aggregate = Aggregate.MEAN,
+    *,
+    routed: Sequence[bool] | None = None,
 ) -> float:
     """A pool's pressure from its backends' readings: the service's and the simulator's.
 
     Backends that are fresh but show no known signal are left out; a stale one counts as 1.0;
-    with none left, the pressure is 0.0. The mean by default: the controller's one limit
+    with none left, the pressure is 0.0. `routed[i]` false says backend i is out of rotation
+    (ejected, or lost in the simulator): it takes no requests, so it is left out too, and its
+    staleness is no pressure on the backends that do take them; a pool with none in rotation
+    reads 0.0 (its requests fail fast, and one model down must not hold the controller's one
+    limit, every model's, at its floor). The mean by default: the controller's one limit
     covers the whole pool and least-busy routing spreads load, so the mean is the share of the
-    pool that is saturated, and a backend that is down weighs 1/N instead of throttling the
-    healthy ones to the minimum, which the max would do. `Aggregate.MAX` is for pools where
-    one hot backend must hold everyone back.
+    pool that is saturated, and a backend that is stale but still routed weighs 1/N instead of
+    throttling the others to the minimum, which the max would do. `Aggregate.MAX` is for pools
+    where one hot backend must hold everyone back.
     """
+    if routed is not None:
+        readings = [r for r, in_rotation in zip(readings, routed, strict=True) if in_rotation]
     counted = [r.pressure for r in readings if r.known or r.stale]
     if not counted:
         return 0.0

@@ -120,9 +120,15 @@ class Replica:
     async def start(self, nursery: trio.Nursery) -> None:
         start_tracing()  # in every serving process: the OTEL_* variables' exporters
         settings = self.settings
+        pools = {
+            m.name: BackendPool([HttpBackend(url, self._client) for url in m.backends])
+            for m in settings.models
+        }
         self.pressure = {
             m.name: PoolPressure.for_backends(
-                [(url, m.pressure) for url in m.backends], self._client
+                [(url, m.pressure) for url in m.backends],
+                self._client,
+                in_rotation=pools[m.name].in_rotation,
             )
             for m in settings.models
         }
@@ -134,7 +140,7 @@ class Replica:
         await nursery.start(self.levers.run)
         await nursery.start(dispatcher.run)
         dispatcher.on_tick.append(partial(self._export_metrics, dispatcher.core))
-        pools = await self._start_backends(nursery)
+        await self._start_backends(nursery, pools)
         if settings.source is not None and threading.current_thread() is threading.main_thread():
             nursery.start_soon(self._reload_gains_on_sighup, settings.source)
         self._gateway = Gateway(
@@ -165,19 +171,14 @@ class Replica:
             drained=self.drain_flag.is_set,
         )
 
-    async def _start_backends(self, nursery: trio.Nursery) -> dict[str, BackendPool]:
-        """Each model's pool, every backend probed once (together) before it returns, and
-        the pressure probes running."""
-        pools = {
-            m.name: BackendPool([HttpBackend(url, self._client) for url in m.backends])
-            for m in self.settings.models
-        }
+    async def _start_backends(self, nursery: trio.Nursery, pools: dict[str, BackendPool]) -> None:
+        """Every backend probed once (together) before it returns, and the pressure probes
+        running."""
         async with trio.open_nursery() as starting:
             for pool in pools.values():
                 starting.start_soon(nursery.start, pool.probe_forever)
         for probes in self.pressure.values():
             nursery.start_soon(probes.run)
-        return pools
 
     def _export_metrics(self, core: Scheduler, now: float) -> None:
         """Every controller tick: the core's, the controller's and Redis's state."""

@@ -250,7 +250,7 @@ def probe_config(gpu: GpuConfig, tick_s: float) -> PressureConfig:
 def scrape(backends: list[Backend], now: float) -> float:
     """The pool's 0..1 pressure as the service's probes read it: each live backend is
     scraped (its GPU model's KV-cache use, waiting and running, the numbers the demo server
-    exports), a lost one is not and turns stale, and `pool_pressure` aggregates them."""
+    exports); a lost one is not, and `pool_pressure` leaves it out as out of rotation."""
     for backend in backends:
         if backend.alive:
             gpu = backend.gpu  # its numbers without a whole `statistics()`: every tick
@@ -258,7 +258,8 @@ def scrape(backends: list[Backend], now: float) -> float:
             backend.pressure.observe(
                 Scrape(at=now, kv_usage=gpu.kv_usage, waiting=waiting, running=gpu.running)
             )
-    return pool_pressure([b.pressure.reading(now=now) for b in backends])
+    readings = [b.pressure.reading(now=now) for b in backends]
+    return pool_pressure(readings, routed=[b.alive for b in backends])
 
 
 class Replica:

@@ -255,6 +255,8 @@ async def test_a_pool_moves_past_a_dead_backend_and_ejects_it(nursery: trio.Nurs
             assert response.status_code == 200
             assert json.loads(await response.read())["object"] == "chat.completion"
         assert (gone.healthy, live.healthy) == (False, True)
+        assert not pool.in_rotation(dead + "/") and pool.in_rotation(live.url)
+        assert pool.in_rotation("dcgm-exporter")  # not one of its backends
         assert not await gone.probe()
         assert await live.probe()
 

@@ -641,6 +641,25 @@ async def test_a_pool_leaves_out_backends_with_no_known_metrics() -> None:
     assert not only_unknown.statistics(0.0).backends["http://b0"].known
 
 
+async def test_a_pool_leaves_out_the_backends_it_does_not_route_to() -> None:
+    live, dead, exporter = await probes(Scrape(at=0, kv_usage=0.4), "refused", "refused")
+    exporter.next = Scrape(at=0, kv_usage=0.2)  # a probe that is no backend: always counted
+    ejected = {"http://b1"}
+    pool = PoolPressure([live, dead, exporter], in_rotation=lambda name: name not in ejected)
+    assert pool.pressure(10.0) == 1.0  # all stale: the live one too
+    await live.scrape_once(10.0)
+    await exporter.scrape_once(10.0)
+    assert pool.pressure(10.0) == pytest.approx(0.3)  # not (0.4 + 1.0 + 0.2) / 3: b1 is out
+    assert pool.scraped_at(10.5) == pytest.approx(10.0)
+    stats = pool.statistics(10.0)
+    assert stats.pressure == pytest.approx(0.3) and stats.out_of_rotation == {"http://b1"}
+    assert stats.backends["http://b1"].stale  # still reported, only not counted
+    ejected.update({"http://b0", "http://b2"})
+    assert pool.pressure(10.0) == 0.0  # none in rotation: nothing to feed, nothing to hold back
+    ejected.clear()
+    assert pool.pressure(10.0) == pytest.approx(1.6 / 3)  # back in rotation, still stale
+
+
 def test_pool_probe_names_must_differ() -> None:
     with pytest.raises(ValueError, match="distinct"):
         PoolPressure([CannedProbe("a"), CannedProbe("a")])

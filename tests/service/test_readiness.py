@@ -17,6 +17,7 @@ from typing import Any
 import httpx2
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.demo.server import DemoConfig, serve_demo_backend
 from backends.redis.embedded import EmbeddedRedis, free_port
@@ -233,3 +234,36 @@ async def test_redis_unreachable_at_start_then_back_then_lost_is_logged_once_eac
     assert {r.levelno for r in start_up + lost} == {logging.WARNING}
     assert back[0].levelno == logging.INFO
     no_key_logged(caplog)
+
+
+async def test_backends_out_of_rotation_put_no_pressure_on_the_controller(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> None:
+    """A dead backend stops being scraped and turns stale, which reads as saturated (1.0).
+    Once it is ejected it takes no requests, so it is left out: beside a live idle backend
+    it must not read as half the pool saturated, and a model whose only backend is down
+    must not hold the controller's one limit (every model's) at its floor."""
+    demo = await start_demo(nursery)
+    text = CONFIG.format(key=KEY, fail_mode="open")
+    text += f'\n[models.demo-small]\nbackends = ["{demo}", "{dead_url()}"]\n'
+    text += f'\n[models.ghost]\nbackends = ["{dead_url()}"]\n'
+    text += "\n[controller]\ninitial_limit = 16\npressure_threshold = 0.4\ncooldown_s = 0.25\n"
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    settings = dataclasses.replace(
+        load_settings(path, env={}, overrides={"port": 0}), redis_url=redis_url
+    )
+    stale_after_s = settings.models[0].pressure.pressure.stale_after_s
+    with trio.fail_after(30):
+        gateway = await start_gateway(nursery, settings)
+        async with httpx2.AsyncClient(timeout=5) as client:
+            await trio.sleep(stale_after_s + 1.0)  # the dead ones' readings are stale by now
+            exposition = (await client.get(gateway + "/metrics")).text
+    metrics = {
+        s.name: s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+    }
+    assert metrics["scheduler_controller_pressure"] == 0.0, metrics
+    assert metrics["scheduler_controller_congested"] == 0.0, metrics
+    assert metrics["scheduler_controller_limit"] >= 16, metrics

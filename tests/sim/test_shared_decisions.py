@@ -183,8 +183,8 @@ async def test_every_layered_quota_decision_is_the_services(redis_url: str, tmp_
 
 def test_the_sims_pressure_is_the_pools() -> None:
     """The service's `PoolPressure` over probes holding the sim's backend models reads what
-    the sim's controller is told: a lost backend goes stale and counts as saturated in the
-    mean, as a dead probe does (the sim's old rule was the max over live backends only)."""
+    the sim's controller is told: a lost backend goes stale, and as the pool ejects it (the
+    sim routes nothing to it), it is left out of the mean rather than read as saturated."""
     gpu = GpuConfig(max_batch=4)
     probe = probe_config(gpu, 0.5)
     backends = [Backend(i, gpu, 0.0, probe) for i in range(4)]
@@ -193,7 +193,7 @@ def test_the_sims_pressure_is_the_pools() -> None:
         service_probe = ModelProbe(f"b{b.index}", probe, 0.5)
         service_probe.model = b.pressure
         probes.append(service_probe)
-    pool = PoolPressure(probes)
+    pool = PoolPressure(probes, in_rotation=lambda name: backends[int(name[1:])].alive)
     for seq in range(6):
         backends[0].gpu.submit(seq, 10, 10, now=0.0)
     busy = scrape(backends, 0.0)
@@ -201,8 +201,10 @@ def test_the_sims_pressure_is_the_pools() -> None:
     backends[3].alive = False  # its probe fails from now on
     fresh = scrape(backends, 1.0)
     later = scrape(backends, 3.5)  # 2.5 s after its last scrape: past stale_after_s (2 s)
-    assert pool.statistics(3.5).backends["b3"].stale and later > fresh
-    assert later == pool.pressure(3.5)
+    stats = pool.statistics(3.5)
+    assert stats.backends["b3"].stale and stats.out_of_rotation == {"b3"}
+    assert later == pool.pressure(3.5) == stats.pressure
+    assert later < (3 * fresh + 1.0) / 4  # not the stale one counted as saturated
 
 
 def test_the_fair_queue_cost_is_the_services() -> None:
