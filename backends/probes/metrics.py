@@ -10,9 +10,11 @@ module only fetches, parses and records.
 
 A failed scrape is not an exception to the caller: it is recorded (`ScrapeError`, translated
 from the HTTP client's errors here and nowhere else) and the model turns it into staleness, so the
-probe's loop never dies of an upstream's trouble. An HTTP 404 is not a failure: the server
-publishes no metrics, which the model reports as `known=False` (pressure 0, left out of the
-pool's aggregate); set `enabled = false` for such backends to skip the probe altogether.
+probe's loop never dies of an upstream's trouble. An HTTP 404, 410 or 501 is not a failure: the
+server publishes no metrics (llama.cpp's answer without `--metrics` is a 501), which the model
+reports as `known=False` (pressure 0, left out of the pool's aggregate), and the probe logs a
+WARNING once, with the server's own words; set `enabled = false` for such backends to skip the
+probe altogether.
 
 The pool's pressure is `scheduler.models.pressure.pool_pressure` over its probes' readings (the
 mean by default, stale backends at 1.0, backends out of the pool's rotation left out), the same
@@ -21,6 +23,7 @@ function the simulator calls.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -59,7 +62,8 @@ __all__ = [
 ]
 
 _ACCEPT = {"accept": "text/plain;version=0.0.4"}
-_NO_METRICS = frozenset({404, 410})
+_NO_METRICS = frozenset({404, 410, 501})
+log = logging.getLogger("scheduler.service.pressure")
 
 
 class ScrapeError(SchedulerError):
@@ -138,6 +142,7 @@ class MetricsProbe(ModelProbe):
         self.config = config
         self.metrics_url = config.url_for(url)
         self._client = client
+        self._told_no_metrics = False
 
     async def _scrape(self, now: float) -> Scrape:
         text = await self._fetch()
@@ -159,10 +164,26 @@ class MetricsProbe(ModelProbe):
         except BackendError as exc:
             raise ScrapeError(f"{self.metrics_url}: {type(exc).__name__}: {exc}") from exc
         if status in _NO_METRICS:
+            self._tell_no_metrics(status, body)
             return None
         if status != 200:
             raise ScrapeError(f"{self.metrics_url}: HTTP {status}")
+        self._told_no_metrics = False  # should they go again, say so again
         return body.decode("utf-8", "replace")
+
+    def _tell_no_metrics(self, status: int, body: bytes) -> None:
+        if self._told_no_metrics:
+            return
+        self._told_no_metrics = True
+        said = " ".join(body[:300].decode("utf-8", "replace").split())
+        log.warning(
+            "backend %s publishes no metrics (%s: HTTP %d%s): its pressure is unknown and "
+            "left out; publish them, or set enabled = false under the model's pressure",
+            self.name,
+            self.metrics_url,
+            status,
+            f", {said!r}" if said else "",
+        )
 
 
 @dataclass(frozen=True, slots=True)

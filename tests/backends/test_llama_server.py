@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +22,7 @@ import httpx2
 import openai
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.http.client import BackendLimits, HttpClient
 from backends.probes.metrics import MetricsProbe
@@ -295,6 +297,41 @@ async def test_the_pressure_probe_reads_llama_cpp_metrics(
         idle = await probe.scrape_once(trio.current_time())
     assert idle.scrape is not None
     assert (idle.scrape.running, idle.scrape.waiting, idle.pressure) == (0.0, 0.0, 0.0)
+
+
+async def test_an_engine_started_without_metrics_is_not_read_as_saturated(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # llama-server's default: no `--metrics`, and /metrics answers 501. The engine publishes
+    # nothing, as a server whose /metrics is a 404 does; counted as failing it turned stale
+    # and read 1.0, and the controller's limit sat at its floor for as long as it ran.
+    caplog.set_level(logging.INFO, logger="scheduler.service")
+    build = ensure_llama_server(log=print)
+    options = ServerOptions(parallel=PARALLEL, ctx_size=PARALLEL * 1024, metrics=False)
+    with LlamaServer(build, ensure_model(build), options) as bare:
+        assert (await metrics_status(bare)) == 501
+        settings = llama_settings(bare, redis_url, "sk-unused", tmp_path)
+        stale_after_s = settings.models[0].pressure.pressure.stale_after_s
+        with trio.fail_after(30):
+            gateway = await start_gateway(nursery, settings)
+            await trio.sleep(stale_after_s + 1.5)  # past stale, had the 501s been failures
+            async with httpx2.AsyncClient(timeout=5) as client:
+                exposition = (await client.get(gateway + "/metrics")).text
+    metrics = {
+        s.name: s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+    }
+    assert metrics["scheduler_controller_pressure"] == 0.0, metrics
+    assert metrics["scheduler_controller_congested"] == 0.0, metrics
+    told = [r for r in caplog.records if "publishes no metrics" in r.getMessage()]
+    assert len(told) == 1 and told[0].levelno == logging.WARNING, told  # once, not per scrape
+    assert "501" in told[0].getMessage() and "--metrics" in told[0].getMessage()
+
+
+async def metrics_status(llama: LlamaServer) -> int:
+    async with httpx2.AsyncClient(timeout=5) as client:
+        return (await client.get(llama.url + "/metrics")).status_code
 
 
 def metric_names(text: str) -> list[str]:

@@ -329,11 +329,13 @@ def _tensor_shapes(shape: ModelShape, vocab_size: int) -> list[tuple[str, tuple[
 
 @dataclasses.dataclass(frozen=True)
 class ServerOptions:
-    """How `llama-server` is started: slots, context, threads."""
+    """How `llama-server` is started: slots, context, threads, and `--metrics` (on unless
+    a test needs a server as llama.cpp starts by default, which publishes none)."""
 
     parallel: int = 2
     ctx_size: int = 2048
     threads: int = 2
+    metrics: bool = True
     extra_args: tuple[str, ...] = ()
 
 
@@ -381,7 +383,8 @@ class LlamaServer:
             *("--host", "127.0.0.1", "--port", str(self.port)),
             *("--parallel", str(options.parallel), "--ctx-size", str(options.ctx_size)),
             *("--threads", str(options.threads), "--threads-batch", str(options.threads)),
-            *("--metrics", "--slots", "--no-webui", "--chat-template", "chatml"),
+            *(("--metrics",) if options.metrics else ()),
+            *("--slots", "--no-webui", "--chat-template", "chatml"),
             *options.extra_args,
         ]
 
