@@ -33,12 +33,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx2
 import trio
 
+from backends.http.client import bearer
 from scheduler.openai.body import prompt_text
 from sim.calibration import (
     ERROR_COLUMNS,
@@ -282,12 +284,14 @@ def _progress(point: Point, requests: int, deadline_at: float) -> str:
     )
 
 
-async def calibrate(url: str, model: str, bounds: Bounds, log: Log) -> Fit:
-    """Profile the backend at `url` and fit the simulator's backend model to it."""
+async def calibrate(url: str, model: str, bounds: Bounds, log: Log, *, api_key: str = "") -> Fit:
+    """Profile the backend at `url` (sending `api_key`, if it wants one) and fit the
+    simulator's backend model to it."""
     timeout = httpx2.Timeout(bounds.request_timeout_s)
     # no keep-alive: llama-server closes idle connections at times, racing a reuse
     pool = httpx2.Limits(max_connections=bounds.max_concurrency + 4, max_keepalive_connections=0)
-    async with httpx2.AsyncClient(timeout=timeout, limits=pool) as client:
+    headers = bearer(api_key)
+    async with httpx2.AsyncClient(timeout=timeout, limits=pool, headers=headers) as client:
         profiler = Profiler(client, url, model, bounds)
         points = await profiler.profile(log)
         joins = await profiler.profile_joins(points, log)
@@ -313,6 +317,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     default = Bounds()
     parser.add_argument("--url", required=True, help="the backend's base URL")
     parser.add_argument("--model", required=True, help="the model name to ask for")
+    parser.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="the environment variable holding the backend's key (its --api-key)",
+    )
     parser.add_argument("--out", help="write the scenario's [backends] section here")
     parser.add_argument(
         "--prompts",
@@ -341,9 +350,13 @@ def main(argv: list[str] | None = None, *, prog: str = "scheduler calibrate") ->
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
+    api_key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
+    if args.api_key_env and not api_key:
+        print(f"{prog}: environment variable {args.api_key_env} is not set", file=sys.stderr)
+        return 2
     started = time.monotonic()
     try:
-        result = trio.run(calibrate, args.url, args.model, bounds, log)
+        result = trio.run(partial(calibrate, api_key=api_key), args.url, args.model, bounds, log)
     except (httpx2.HTTPError, RuntimeError, ValueError, ExceptionGroup) as exc:
         print(f"{prog}: {_backend_error(exc)}", file=sys.stderr)
         return 1

@@ -64,6 +64,11 @@ _OWN_HEADERS = frozenset({"host", "accept-encoding", "content-length", "transfer
 _NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
+def bearer(api_key: str) -> dict[str, str]:
+    """The header that carries a backend's API key; none without one."""
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class BackendError(SchedulerError):
     """The upstream failed us."""
 

@@ -24,18 +24,26 @@ from functools import partial
 import trio
 from opentelemetry import propagate
 
-from backends.http.client import BackendError, BackendUnavailable, HttpClient, Response
+from backends.http.client import (
+    BackendError,
+    BackendUnavailable,
+    HttpClient,
+    Response,
+    bearer,
+)
 
 log = logging.getLogger("scheduler.service.backends")
 PROBE_INTERVAL_S = 0.5
 
 
 class HttpBackend:
-    """One OpenAI-compatible server at `url`."""
+    """One OpenAI-compatible server at `url`; `api_key`, when the server wants one (vLLM's
+    and llama-server's `--api-key`), goes with every request and probe as a bearer token."""
 
-    def __init__(self, url: str, client: HttpClient) -> None:
+    def __init__(self, url: str, client: HttpClient, *, api_key: str = "") -> None:
         self.url = url.rstrip("/")
         self._client = client
+        self._auth = bearer(api_key)
         self._limits = client.limits
         self._pool, path = client.pool_for(self.url)
         self._path = path.rstrip("/")
@@ -53,7 +61,7 @@ class HttpBackend:
     ) -> AsyncIterator[Response]:
         """POST `body` and yield the response once its head is in; `timeout_s` bounds each
         read. The connection goes back to the pool on exit if the body was read whole."""
-        headers = dict(headers)
+        headers = {**headers, **self._auth}
         propagate.inject(headers)
         read_timeout_s = self._limits.read_timeout_s if timeout_s is None else timeout_s
         self.inflight += 1
@@ -96,7 +104,7 @@ class HttpBackend:
         again later."""
         try:
             status, _ = await self._client.get(
-                self.url + "/v1/models", timeout_s=self._probe_timeout_s
+                self.url + "/v1/models", headers=self._auth, timeout_s=self._probe_timeout_s
             )
         except BackendUnavailable as exc:
             if self.healthy:

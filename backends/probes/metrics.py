@@ -30,7 +30,7 @@ from typing import Protocol
 
 import trio
 
-from backends.http.client import BackendError, BackendTimeout, HttpClient
+from backends.http.client import BackendError, BackendTimeout, HttpClient, bearer
 from scheduler.errors import SchedulerError
 from scheduler.models.exposition import Exporter, parse_scrape
 from scheduler.models.pressure import (
@@ -136,12 +136,14 @@ class MetricsProbe(ModelProbe):
         config: ProbeConfig | None = None,
         *,
         name: str | None = None,
+        api_key: str = "",
     ) -> None:
         config = config or ProbeConfig()
         super().__init__(name or url.rstrip("/"), config.pressure, config.interval_s)
         self.config = config
         self.metrics_url = config.url_for(url)
         self._client = client
+        self._headers = {**_ACCEPT, **bearer(api_key)}
         self._told_no_metrics = False
 
     async def _scrape(self, now: float) -> Scrape:
@@ -157,7 +159,7 @@ class MetricsProbe(ModelProbe):
         """The metrics text, None on 404/410; the client's errors become ScrapeError here."""
         try:
             status, body = await self._client.get(
-                self.metrics_url, headers=_ACCEPT, timeout_s=self.config.timeout_s
+                self.metrics_url, headers=self._headers, timeout_s=self.config.timeout_s
             )
         except BackendTimeout as exc:
             raise ScrapeError(f"{self.metrics_url}: timed out") from exc
@@ -227,9 +229,13 @@ class PoolPressure:
         *,
         aggregate: Aggregate = Aggregate.MEAN,
         in_rotation: Callable[[str], bool] = _always_routed,
+        api_key: str = "",
     ) -> PoolPressure:
-        """A `MetricsProbe` for each (backend URL, config) whose config is enabled."""
-        probes = [MetricsProbe(url, client, cfg) for url, cfg in configs if cfg.enabled]
+        """A `MetricsProbe` for each (backend URL, config) whose config is enabled, sending
+        `api_key` (the backends' own, as `HttpBackend` does)."""
+        probes = [
+            MetricsProbe(url, client, cfg, api_key=api_key) for url, cfg in configs if cfg.enabled
+        ]
         return cls(probes, aggregate=aggregate, in_rotation=in_rotation)
 
     def _readings(self, now: float) -> tuple[list[PressureReading], list[bool]]:

@@ -71,6 +71,7 @@ class ModelSettings:
     cache_stale_s: float = 3600.0
     max_inflight: int = 256  # headroom limit when serving as a fallback
     pressure: ProbeConfig = field(default_factory=ProbeConfig)  # each backend's /metrics probe
+    api_key: str = field(default="", repr=False)  # sent to the backends (from `api_key_env`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,10 +378,11 @@ _MODEL_FIELDS = (
     "max_inflight",
     "pressure",
     "quota",
+    "api_key_env",
 )
 
 
-def _models(root: Table) -> tuple[ModelSettings, ...]:
+def _models(root: Table, env: Mapping[str, str]) -> tuple[ModelSettings, ...]:
     raw = root.get("models", dict, {"demo-small": {"backends": [DEMO_BACKEND]}})
     _check(bool(raw), "models", "at least one model is required")
     models = []
@@ -412,6 +414,7 @@ def _models(root: Table) -> tuple[ModelSettings, ...]:
             t.get("cache_stale_s", float, 3600.0),
             t.get("max_inflight", int, 256),
             _probe(t.get("pressure", dict, {}), t.where("pressure")),
+            _backend_key(t, env),
         )
         _check(model.cache_fresh_s >= 0, t.where("cache_fresh_s"), "must be >= 0")
         _check(model.cache_stale_s >= 0, t.where("cache_stale_s"), "must be >= 0")
@@ -419,6 +422,19 @@ def _models(root: Table) -> tuple[ModelSettings, ...]:
         models.append(model)
         t.done()
     return tuple(models)
+
+
+def _backend_key(t: Table, env: Mapping[str, str]) -> str:
+    """The key the model's backends want (vLLM's or llama-server's `--api-key`), from the
+    environment variable `api_key_env` names: never in the file."""
+    env_name = t.get("api_key_env", str, "")
+    key = env.get(env_name, "") if env_name else ""
+    _check(
+        not env_name or bool(key),
+        t.where("api_key_env"),
+        f"environment variable {env_name} is not set",
+    )
+    return key
 
 
 def _check_redis_url(url: str, where: str) -> None:
@@ -553,7 +569,7 @@ def load_settings(
     tiers = _tiers(root)
     secret = env.get("SCHEDULER_KEY_SECRET", "").encode() or b"scheduler-dev-secret"
     keys = _keys(root, {t.core.name for t in tiers}, secret, env, demo=path is None)
-    models = _models(root)
+    models = _models(root, env)
     shared = _shared_quotas(root, Table(root.get("models", dict, {}), "models"))
     controller, gate = _controller(root)
     redis = _redis(root, env)

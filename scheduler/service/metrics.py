@@ -70,7 +70,7 @@ RequestOutcome = Literal[
     "refused_redis_down",
     "error",
 ]
-BackendErrorKind = Literal["timeout", "unavailable", "saturated", "bad_gateway"]
+BackendErrorKind = Literal["timeout", "unavailable", "saturated", "bad_gateway", "auth"]
 GaugeMode = Literal["livesum", "livemax", "livemin", "max"]  # how workers' values merge
 OUTCOMES: tuple[RequestOutcome, ...] = get_args(RequestOutcome)
 BACKEND_ERROR_KINDS: tuple[BackendErrorKind, ...] = get_args(BackendErrorKind)
@@ -109,6 +109,8 @@ def backend_error_kind(
         return "bad_gateway"  # the response broke off
     if status in (429, 503):
         return "saturated"
+    if status in (401, 403, 407):
+        return "auth"  # the backend refused the gateway's own credentials
     if status >= 500:
         return "bad_gateway"
     return None

@@ -121,7 +121,9 @@ class Replica:
         start_tracing()  # in every serving process: the OTEL_* variables' exporters
         settings = self.settings
         pools = {
-            m.name: BackendPool([HttpBackend(url, self._client) for url in m.backends])
+            m.name: BackendPool(
+                [HttpBackend(url, self._client, api_key=m.api_key) for url in m.backends]
+            )
             for m in settings.models
         }
         self.pressure = {
@@ -129,6 +131,7 @@ class Replica:
                 [(url, m.pressure) for url in m.backends],
                 self._client,
                 in_rotation=pools[m.name].in_rotation,
+                api_key=m.api_key,
             )
             for m in settings.models
         }

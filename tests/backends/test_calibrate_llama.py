@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,12 +24,20 @@ from tests.support.llama_server import (
     ensure_model,
 )
 
+ENGINE_KEY = "CALIBRATE_TEST_ENGINE_KEY"  # the variable `--api-key-env` names
+
 
 @pytest.fixture(scope="module")
 def llama() -> Iterator[LlamaServer]:
+    """An engine behind `--api-key`: its /v1 and /metrics want the key."""
     build = ensure_llama_server(log=print)
-    options = ServerOptions(parallel=2, ctx_size=2 * 2048)
-    with LlamaServer(build, ensure_model(build), options) as server:
+    key = f"engine-{uuid.uuid4().hex}"
+    options = ServerOptions(parallel=2, ctx_size=2 * 2048, extra_args=("--api-key", key))
+    with (
+        LlamaServer(build, ensure_model(build), options) as server,
+        pytest.MonkeyPatch.context() as env,
+    ):
+        env.setenv(ENGINE_KEY, key)
         yield server
 
 
@@ -37,6 +47,7 @@ def test_calibrate_writes_a_backends_section_and_prints_its_error(
     out = tmp_path / "backends.toml"
     started = time.monotonic()
     argv = ["calibrate", "--url", llama.url, "--model", MODEL_ALIAS, "--out", str(out)]
+    argv += ["--api-key-env", ENGINE_KEY]
     bounds = ["--prompts", "16,96", "--output-tokens", "8", "--max-concurrency", "4"]
     assert (
         main([*argv, *bounds, "--rounds", "1", "--max-requests", "40", "--time-limit", "30"]) == 0
@@ -59,7 +70,8 @@ def test_calibrate_writes_a_backends_section_and_prints_its_error(
     # throughput knee, the fallback, moves with the machine's noise)
     assert gpu.max_batch == 2
     assert "; batch 2; " in printed.out
-    idle = httpx2.get(llama.url + "/metrics", timeout=5).text
+    auth = {"authorization": f"Bearer {os.environ[ENGINE_KEY]}"}
+    idle = httpx2.get(llama.url + "/metrics", headers=auth, timeout=5).text
     assert running_from_metrics(idle) == 0  # the metric, as this engine names it
     assert 0 < gpu.step_s(1) < 0.5  # a random 8-layer model: milliseconds per token
 
@@ -69,3 +81,14 @@ def test_calibrate_against_nothing_says_so_in_one_line(capsys: pytest.CaptureFix
     assert main(["calibrate", "--url", url, "--model", "m", "--time-limit", "5"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("scheduler calibrate: ")
+
+
+def test_calibrate_without_the_engines_key_says_so_in_one_line(
+    llama: LlamaServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["calibrate", "--url", llama.url, "--model", MODEL_ALIAS, "--time-limit", "5"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "401" in err[0], err
+    assert main([*argv, "--api-key-env", "NO_SUCH_VARIABLE_SET"]) == 2
+    assert "NO_SUCH_VARIABLE_SET is not set" in capsys.readouterr().err

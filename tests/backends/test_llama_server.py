@@ -329,6 +329,62 @@ async def test_an_engine_started_without_metrics_is_not_read_as_saturated(
     assert "501" in told[0].getMessage() and "--metrics" in told[0].getMessage()
 
 
+async def test_an_engine_behind_an_api_key(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> None:
+    # llama-server --api-key (vLLM's --api-key alike) refuses /v1/*, /metrics and /slots
+    # without it. The gateway sends the model's `api_key_env` to each of them; without it,
+    # the engine's 401 is the gateway's failure, not the client's: a 502 that says so.
+    engine_key = f"engine-{uuid.uuid4().hex}"
+    build = ensure_llama_server(log=print)
+    options = ServerOptions(
+        parallel=PARALLEL, ctx_size=PARALLEL * 1024, extra_args=("--api-key", engine_key)
+    )
+    client_key = f"sk-llama-{uuid.uuid4().hex[:8]}"
+    chat = {"model": MODEL_ALIAS, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with LlamaServer(build, ensure_model(build), options) as keyed, trio.fail_after(60):
+        assert (await metrics_status(keyed)) == 401
+        keyless = await start_gateway(
+            nursery, llama_settings(keyed, redis_url, client_key, tmp_path)
+        )
+        config = tmp_path / "keyed.toml"
+        config.write_text(
+            readme_config()
+            .replace(README_URL, keyed.url)
+            .replace("backends = [", 'api_key_env = "ENGINE_KEY"\nbackends = [', 1)
+        )
+        env = {"LLAMA_KEY": client_key, "ENGINE_KEY": engine_key}
+        settings = load_settings(config, env=env, overrides={"port": 0})
+        settings = dataclasses.replace(
+            settings, redis_url=redis_url, redis_prefix=f"test-{uuid.uuid4().hex[:12]}"
+        )
+        assert engine_key not in repr(settings)
+        gateway = await start_gateway(nursery, settings)
+        headers = {"authorization": f"Bearer {client_key}"}
+        async with httpx2.AsyncClient(timeout=30, headers=headers) as client:
+            refused = await client.post(keyless + "/v1/chat/completions", json=chat)
+            answered = await client.post(gateway + "/v1/chat/completions", json=chat)
+            streamed = await client.post(
+                gateway + "/v1/chat/completions", json={**chat, "stream": True}
+            )
+            stale_after_s = settings.models[0].pressure.pressure.stale_after_s
+            await trio.sleep(stale_after_s + 1.0)  # /metrics refused would be stale by now
+            exposition = (await client.get(gateway + "/metrics")).text
+    assert refused.status_code == 502, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "backend_auth" and "api_key_env" in error["message"], error
+    assert engine_key not in refused.text
+    assert answered.status_code == 200, answered.text
+    assert answered.json()["usage"]["completion_tokens"] >= 1
+    assert streamed.status_code == 200 and "data: [DONE]" in streamed.text, streamed.text
+    metrics = {
+        s.name: s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+    }
+    assert metrics["scheduler_controller_pressure"] < 1.0, metrics
+
+
 async def metrics_status(llama: LlamaServer) -> int:
     async with httpx2.AsyncClient(timeout=5) as client:
         return (await client.get(llama.url + "/metrics")).status_code

@@ -100,6 +100,7 @@ def test_priority_bands_are_read_into_the_core_tiers(tmp_path: Path) -> None:
         ("[models.m]\nbackends = []\n", "models.m.backends"),
         ("[models.m]\nbackends = ['ftp://x']\n", "models.m.backends"),
         ("[models.m]\nbackends = ['demo']\nfallback = 'n'\n", "models.m.fallback"),
+        ("[models.m]\nbackends = ['demo']\napi_key_env = 'NOPE'\n", "models.m.api_key_env"),
         ("[controller]\nmin_limit = 0\n", "controller.min_limit"),
         ("[controller]\ndecrease_factor = 2\n", "controller.decrease_factor"),
         ("[controller]\nmode = 'turbo'\n", "controller.mode"),
