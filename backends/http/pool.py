@@ -4,9 +4,10 @@ A pool chooses the backend with the fewest requests in flight among the healthy 
 is known before any request fails: from start-up, `probe_forever` sends each backend a GET of
 /v1/models every `PROBE_INTERVAL_S`. A backend that cannot be connected to (by a probe or by a
 request) is taken out of rotation; once out, it is probed again after `eject_s`, doubling up
-to `max_eject_s` while it fails, and comes back on a 2xx. Only "cannot connect" ejects: a
-backend that connects but answers slowly is busy (or hung), which the request timeout and the
-controller deal with, and a probe stuck behind a saturated backend must not take it out.
+to `max_eject_s` while it fails, and comes back on any answer below 500. Only "cannot
+connect" ejects: a backend that connects but answers slowly is busy (or hung), which the
+request timeout and the controller deal with, and a probe stuck behind a saturated backend
+must not take it out.
 Each change is logged once (WARNING out, INFO back), on the `scheduler.service.backends` logger.
 
 A 429 or 503 from a backend is not an exception: it is a response the service reads as
@@ -100,8 +101,9 @@ class HttpBackend:
     async def probe(self) -> bool:
         """GET /v1/models and update the health from it; returns whether healthy after.
 
-        In rotation: ejected if it cannot be connected to. Out: back on a 2xx, else probed
-        again later."""
+        In rotation: ejected if it cannot be connected to. Out: back on any answer below 500
+        (a server without the route, or behind a key we lack, is up; a 503 is still starting),
+        else probed again later."""
         try:
             status, _ = await self._client.get(
                 self.url + "/v1/models", headers=self._auth, timeout_s=self._probe_timeout_s
@@ -114,7 +116,7 @@ class HttpBackend:
             return False
         except BackendError:  # connected, but no sensible answer in time: busy, or hung
             status = 0
-        if status and status < 300 and not self.healthy:
+        if status and status < 500 and not self.healthy:  # up: even a 404 or 401 is an answer
             self._readmit()
         elif not self.healthy:
             self._probe_later()

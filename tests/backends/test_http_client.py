@@ -261,6 +261,31 @@ async def test_a_pool_moves_past_a_dead_backend_and_ejects_it(nursery: trio.Nurs
         assert await live.probe()
 
 
+def answering(status: int) -> Script:
+    async def script(n: int, stream: trio.SocketStream, conn: h11.Connection) -> bool:
+        head = h11.Response(status_code=status, headers=[("content-length", "0")])
+        await stream.send_all(conn.send(head) + conn.send(h11.EndOfMessage()))
+        return True
+
+    return script
+
+
+@pytest.mark.parametrize(("status", "back"), [(200, True), (404, True), (401, True), (503, False)])
+async def test_an_ejected_backend_comes_back_once_it_answers_below_500(
+    status: int, back: bool
+) -> None:
+    # Ejection means "cannot connect"; a server that connects and answers its /v1/models
+    # probe with anything but a server error is up: one without that route (a 404) or behind
+    # a key the gateway lacks (a 401, which requests then report as a 502 backend_auth) must
+    # not stay out for good. A 503 (llama-server loading its model) is not up yet.
+    with trio.fail_after(10), closing(client()) as http:
+        async with scripted_server(answering(status)) as (url, seen):
+            backend = HttpBackend(url, http)
+            backend.eject("it could not be connected to")
+            assert await backend.probe() is back
+            assert backend.healthy is back and len(seen.requests) == 1
+
+
 async def test_https_backends_are_verified_and_spoken_to_over_tls(nursery: trio.Nursery) -> None:
     authority = trustme.CA()
     cert = authority.issue_cert("127.0.0.1")
