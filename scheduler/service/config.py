@@ -400,6 +400,11 @@ def _models(root: Table, env: Mapping[str, str]) -> tuple[ModelSettings, ...]:
                 t.where("backends"),
                 f"expected http(s) URLs or {DEMO_BACKEND!r}, got {url!r}",
             )
+            _check(
+                not url.rstrip("/").endswith("/v1"),
+                t.where("backends"),
+                f"give each server's base URL without /v1 (the gateway adds /v1/...), got {url!r}",
+            )
         fallback = t.get("fallback", str, "") or None
         _check(
             fallback is None or fallback in raw, t.where("fallback"), f"unknown model {fallback!r}"

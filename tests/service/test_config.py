@@ -99,6 +99,11 @@ def test_priority_bands_are_read_into_the_core_tiers(tmp_path: Path) -> None:
         ("[[keys]]\nkey_env = 'NOPE'\ntenant = 't'\ntier = 'free'\n", "keys[0].key_env"),
         ("[models.m]\nbackends = []\n", "models.m.backends"),
         ("[models.m]\nbackends = ['ftp://x']\n", "models.m.backends"),
+        ("[models.m]\nbackends = ['http://127.0.0.1:8000/v1']\n", "models.m.backends.*without /v1"),
+        (
+            "[models.m]\nbackends = ['http://127.0.0.1:8000/v1/']\n",
+            "models.m.backends.*without /v1",
+        ),
         ("[models.m]\nbackends = ['demo']\nfallback = 'n'\n", "models.m.fallback"),
         ("[models.m]\nbackends = ['demo']\napi_key_env = 'NOPE'\n", "models.m.api_key_env"),
         ("[controller]\nmin_limit = 0\n", "controller.min_limit"),
