@@ -82,6 +82,42 @@ def bad_request(message: str, *, param: str | None = None) -> ApiError:
     return ApiError(400, message, param=param)
 
 
+MAX_MESSAGE_CHARS = 1000
+
+
+def openai_error_body(status: int, body: bytes) -> bytes:
+    """A backend's own 4xx body, passed on, in OpenAI's shape: as it is when it is one
+    already (llama.cpp's, vLLM's today: extra fields inside `error` are kept), else rebuilt
+    around what it says: vLLM's older top-level `{"object": "error", "message", "type",
+    "param", "code"}`, TGI's `{"error": "...", "error_type": "..."}`, or any other text."""
+    try:
+        data = json.loads(body)
+    except ValueError:  # not JSON (nor UTF-8): the text as the message
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return body
+        if isinstance(data.get("message"), str):  # vLLM before its errors nested
+            return _rebuilt(
+                status, data["message"], data.get("type"), data.get("param"), data.get("code")
+            )
+        if isinstance(error, str):  # TGI
+            return _rebuilt(status, error, data.get("error_type"), None, None)
+    text = " ".join(body.decode("utf-8", "replace").split())
+    return _rebuilt(status, text or f"The backend answered {status}.", None, None, None)
+
+
+def _rebuilt(status: int, message: str, type: object, param: object, code: object) -> bytes:
+    return ApiError(
+        status,
+        message[:MAX_MESSAGE_CHARS],
+        type=type if isinstance(type, str) and type else "invalid_request_error",
+        param=param if isinstance(param, str) else None,
+        code=None if code is None else str(code),
+    ).body()
+
+
 Number = int | float
 OVERLOADED = ("server_error", "overloaded")
 MAX_RETRY_AFTER_S = 86_400.0

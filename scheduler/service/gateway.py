@@ -46,7 +46,15 @@ from scheduler.service.refusals import (
     shed_error,
 )
 from scheduler.service.tenancy import KeyRecord, KeyRegistry, KeysUnavailable
-from scheduler.service.upstream import Ended, OnEnd, Reply, Target, call_stream, call_whole
+from scheduler.service.upstream import (
+    REFUSED_US,
+    Ended,
+    OnEnd,
+    Reply,
+    Target,
+    call_stream,
+    call_whole,
+)
 
 PATHS = {
     "chat": "/v1/chat/completions",
@@ -475,7 +483,8 @@ class Job:
         - the client went away after the call was sent: the backend worked on it, so it keeps
           its request unit and the tokens produced (a stream's, counted so far) or, when that
           is unknown (a whole answer never read), its reservation;
-        - the backends failed it (no answer, 429, 5xx): everything back (DESIGN §2.6);
+        - the backends failed it (no answer, 429, 5xx) or refused the gateway's own key
+          (401, 403, 407: a 502 `backend_auth`): everything back (DESIGN §2.6);
         - any other answer: the tokens a 2xx used, none for the backend's own 4xx.
         """
         call = self.call
@@ -485,7 +494,8 @@ class Job:
         if ended.abandoned:
             self.settle(used=used if call.stream else int(call.cost), failed=False)
             return
-        failed = ended.status == 0 or ended.status == 429 or ended.status >= 500
+        status = ended.status
+        failed = status in (0, 429) or status >= 500 or status in REFUSED_US
         ok = 200 <= ended.status < 300
         self.settle(used=used if ok else 0, failed=failed)
 

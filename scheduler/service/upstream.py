@@ -37,7 +37,7 @@ from backends.http.client import (
 )
 from scheduler.core import Outcome
 from scheduler.core.backend import Backend, BackendResponse
-from scheduler.openai.errors import ApiError
+from scheduler.openai.errors import ApiError, openai_error_body
 from scheduler.service.metrics import BackendErrorKind, backend_error_kind
 from scheduler.service.refusals import backend_saturated, backend_unavailable
 from scheduler.service.tracing import tracer, tracing_on
@@ -152,6 +152,8 @@ async def call_whole(
                     failed = backend_error_kind(status=status)
                     raise error
                 usage = _usage(body)
+                if status >= 400:
+                    return Reply(status, *_passed_on(up, body))
                 return Reply(status, up.end_to_end_headers(), body)
     except BackendError as exc:
         failed = backend_error_kind(exc)
@@ -218,6 +220,14 @@ async def _stream_chunks(
                     await up.read()
                 raise error
             outcome = Outcome.IGNORED  # until the stream ends well
+            if status >= 400:  # no stream, an error: whole
+                with _Deadline(started_at + target.timeout_s, WHOLE_LATE):
+                    error_headers, error_body = _passed_on(up, await up.read())
+                head.append((status, error_headers))
+                yield b""
+                head_sent = True
+                yield error_body
+                return
             head.append((up.status_code, up.end_to_end_headers()))
             yield b""  # primed: `call_stream` reads the head
             head_sent = True
@@ -328,9 +338,17 @@ def judge(up: BackendResponse, model: str) -> tuple[Outcome, ApiError | None]:
         )
         return Outcome.IGNORED, ApiError(502, message, type="server_error", code="backend_auth")
     if status < 500:
-        return Outcome.IGNORED, None  # the backend's own 4xx is passed through as is
+        return Outcome.IGNORED, None  # the backend's own 4xx is passed on (`_passed_on`)
     message = f"The backend failed with status {status}."
     return Outcome.IGNORED, ApiError(502, message, type="server_error", code="bad_gateway")
+
+
+def _passed_on(up: BackendResponse, body: bytes) -> tuple[dict[str, str], bytes]:
+    """The headers and body of the backend's own 4xx (what `judge` passes on), the body in
+    OpenAI's shape."""
+    headers = up.end_to_end_headers()
+    headers["content-type"] = "application/json"
+    return headers, openai_error_body(up.status_code, body)
 
 
 def backend_error(exc: BackendError, model: str) -> ApiError:
