@@ -10,9 +10,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import coredis
+import httpx2
 import pytest
 import trio
 from hypothesis import settings
+from prometheus_client.parser import text_string_to_metric_families
 
 from backends.demo.server import DemoConfig, serve_demo_backend
 from backends.redis.embedded import EmbeddedRedis
@@ -99,3 +101,14 @@ def gateway_settings(demo_url: str, redis_url: str, **server: object) -> Setting
 async def start_gateway(nursery: trio.Nursery, settings: Settings) -> str:
     port = await nursery.start(serve_replica, settings)
     return f"http://127.0.0.1:{port}"
+
+
+async def gateway_metrics(gateway: str) -> dict[str, float]:
+    """The gateway's `/metrics` by sample name (for the unlabelled ones: the controller's)."""
+    async with httpx2.AsyncClient(timeout=5) as client:
+        exposition = (await client.get(gateway + "/metrics")).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }

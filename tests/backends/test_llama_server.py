@@ -22,7 +22,6 @@ import httpx2
 import openai
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from backends.http.client import BackendLimits, HttpClient
 from backends.probes.metrics import MetricsProbe
@@ -30,7 +29,7 @@ from scheduler.models.exposition import Exporter, parse_scrape
 from scheduler.models.pressure import Signal
 from scheduler.openai.body import prompt_text
 from scheduler.service.config import Settings, load_settings
-from tests.conftest import start_gateway
+from tests.conftest import gateway_metrics, start_gateway
 from tests.support.llama_server import (
     MODEL_ALIAS,
     LlamaServer,
@@ -315,13 +314,7 @@ async def test_an_engine_started_without_metrics_is_not_read_as_saturated(
         with trio.fail_after(30):
             gateway = await start_gateway(nursery, settings)
             await trio.sleep(stale_after_s + 1.5)  # past stale, had the 501s been failures
-            async with httpx2.AsyncClient(timeout=5) as client:
-                exposition = (await client.get(gateway + "/metrics")).text
-    metrics = {
-        s.name: s.value
-        for family in text_string_to_metric_families(exposition)
-        for s in family.samples
-    }
+            metrics = await gateway_metrics(gateway)
     assert metrics["scheduler_controller_pressure"] == 0.0, metrics
     assert metrics["scheduler_controller_congested"] == 0.0, metrics
     told = [r for r in caplog.records if "publishes no metrics" in r.getMessage()]
@@ -372,7 +365,7 @@ async def test_an_engine_behind_an_api_key(
             )
             stale_after_s = settings.models[0].pressure.pressure.stale_after_s
             await trio.sleep(stale_after_s + 1.0)  # /metrics refused would be stale by now
-            exposition = (await client.get(gateway + "/metrics")).text
+            metrics = await gateway_metrics(gateway)
     assert refused.status_code == 502, refused.text
     error = refused.json()["error"]
     assert error["code"] == "backend_auth" and "api_key_env" in error["message"], error
@@ -387,11 +380,6 @@ async def test_an_engine_behind_an_api_key(
     # llama-server's CORS header speaks for its origin, not the gateway's
     assert not [h for h in answered.headers if h.startswith("access-control-")], answered.headers
     assert streamed.status_code == 200 and "data: [DONE]" in streamed.text, streamed.text
-    metrics = {
-        s.name: s.value
-        for family in text_string_to_metric_families(exposition)
-        for s in family.samples
-    }
     assert metrics["scheduler_controller_pressure"] < 1.0, metrics
 
 

@@ -17,12 +17,11 @@ from typing import Any
 import httpx2
 import pytest
 import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from backends.demo.server import DemoConfig, serve_demo_backend
 from backends.redis.embedded import EmbeddedRedis, free_port
 from scheduler.service.config import Settings, load_settings
-from tests.conftest import FAST_GPU, start_demo, start_gateway
+from tests.conftest import FAST_GPU, gateway_metrics, start_demo, start_gateway
 
 KEY = "sk-readiness-test-key"
 PROBE_INTERVAL_S = 0.5  # BackendPool.probe_forever's
@@ -256,14 +255,8 @@ async def test_backends_out_of_rotation_put_no_pressure_on_the_controller(
     stale_after_s = settings.models[0].pressure.pressure.stale_after_s
     with trio.fail_after(30):
         gateway = await start_gateway(nursery, settings)
-        async with httpx2.AsyncClient(timeout=5) as client:
-            await trio.sleep(stale_after_s + 1.0)  # the dead ones' readings are stale by now
-            exposition = (await client.get(gateway + "/metrics")).text
-    metrics = {
-        s.name: s.value
-        for family in text_string_to_metric_families(exposition)
-        for s in family.samples
-    }
+        await trio.sleep(stale_after_s + 1.0)  # the dead ones' readings are stale by now
+        metrics = await gateway_metrics(gateway)
     assert metrics["scheduler_controller_pressure"] == 0.0, metrics
     assert metrics["scheduler_controller_congested"] == 0.0, metrics
     assert metrics["scheduler_controller_limit"] >= 16, metrics
