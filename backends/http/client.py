@@ -64,6 +64,9 @@ _OWN_HEADERS = frozenset({"host", "accept-encoding", "content-length", "transfer
 _NETWORK_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
+REFUSED_CREDENTIALS = frozenset({401, 403, 407})  # a backend (or a proxy) refusing our key
+
+
 def bearer(api_key: str) -> dict[str, str]:
     """The header that carries a backend's API key; none without one."""
     return {"authorization": f"Bearer {api_key}"} if api_key else {}

@@ -22,6 +22,7 @@ from functools import partial
 import trio
 from opentelemetry import trace
 
+from backends.http.client import REFUSED_CREDENTIALS
 from backends.http.pool import BackendPool
 from backends.redis.cache import CacheError
 from policies.ladder import CacheState, Step, fallback_has_headroom
@@ -47,7 +48,6 @@ from scheduler.service.refusals import (
 )
 from scheduler.service.tenancy import KeyRecord, KeyRegistry, KeysUnavailable
 from scheduler.service.upstream import (
-    REFUSED_US,
     Ended,
     OnEnd,
     Reply,
@@ -495,7 +495,7 @@ class Job:
             self.settle(used=used if call.stream else int(call.cost), failed=False)
             return
         status = ended.status
-        failed = status in (0, 429) or status >= 500 or status in REFUSED_US
+        failed = status in (0, 429) or status >= 500 or status in REFUSED_CREDENTIALS
         ok = 200 <= ended.status < 300
         self.settle(used=used if ok else 0, failed=failed)
 

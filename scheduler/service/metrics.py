@@ -43,7 +43,12 @@ from prometheus_client import (
     values,
 )
 
-from backends.http.client import BackendError, BackendTimeout, BackendUnavailable
+from backends.http.client import (
+    REFUSED_CREDENTIALS,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+)
 from policies.breaker import BreakerState
 from scheduler.core import SchedulerStats, ShedReason
 from scheduler.core.fairness import FairnessWindow
@@ -109,7 +114,7 @@ def backend_error_kind(
         return "bad_gateway"  # the response broke off
     if status in (429, 503):
         return "saturated"
-    if status in (401, 403, 407):
+    if status in REFUSED_CREDENTIALS:
         return "auth"  # the backend refused the gateway's own credentials
     if status >= 500:
         return "bad_gateway"

@@ -29,6 +29,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from backends.http.client import (
+    REFUSED_CREDENTIALS,
     BackendDeadline,
     BackendError,
     BackendTimeout,
@@ -43,7 +44,6 @@ from scheduler.service.refusals import backend_saturated, backend_unavailable
 from scheduler.service.tracing import tracer, tracing_on
 
 SATURATED = frozenset({429, 503})
-REFUSED_US = frozenset({401, 403, 407})
 USAGE_TAIL_BYTES = 16384  # a stream's last bytes kept for its usage event
 
 
@@ -331,7 +331,7 @@ def judge(up: BackendResponse, model: str) -> tuple[Outcome, ApiError | None]:
         retry_after = next((v for k, v in up.headers if k == b"retry-after"), None)
         text = None if retry_after is None else retry_after.decode("latin-1")
         return Outcome.DROPPED, backend_saturated(model, status, text)
-    if status in REFUSED_US:  # the client's key was good: the gateway's was not
+    if status in REFUSED_CREDENTIALS:  # the client's key was good: the gateway's was not
         message = (
             f"The backend refused the gateway's credentials (status {status}); its key is "
             f"models.{model}.api_key_env."
