@@ -139,16 +139,25 @@ class Refusal:
     retryable: bool = True
 
     def fields(self) -> dict[str, object]:
-        def number(value: Number | None) -> Number | None:
+        def number(value: Number | None, away_from: Number | None = None) -> Number | None:
+            """To 3 decimals; `observed` away from the threshold it was measured against, so
+            that 3.0004 over 3 reads 3.001, not 3.0."""
             if value is None or not math.isfinite(value):
                 return None
-            return int(value) if float(value).is_integer() else round(value, 3)
+            if float(value).is_integer():
+                return int(value)
+            shown = round(value, 3)
+            if away_from is not None and value > away_from >= shown:
+                return round(away_from + 0.001, 3)
+            if away_from is not None and value < away_from <= shown:
+                return round(away_from - 0.001, 3)
+            return shown
 
         return {
             "reason": self.reason,
             "limit": self.limit,
             "threshold": number(self.threshold),
-            "observed": number(self.observed),
+            "observed": number(self.observed, self.threshold),
             "retryable": self.retryable,
         }
 

@@ -26,6 +26,7 @@ from backends.redis.embedded import EmbeddedRedis, free_port
 from scheduler.core import ShedReason
 from scheduler.models.gpu import GpuConfig
 from scheduler.openai.body import read_call
+from scheduler.openai.errors import Refusal
 from scheduler.service.config import Settings, load_settings
 from scheduler.service.quota import DOWN_AFTER_S
 from scheduler.service.refusals import SHED, quota_knob
@@ -89,6 +90,16 @@ def test_a_quota_is_named_where_it_comes_from() -> None:
     assert quota_knob(record, "pro", "requests") == "key.upgrade.requests"
     assert quota_knob(record, "pro", "tokens") == "key.quota_override.tokens"
     assert quota_knob(KeyRecord("k", "t", "pro"), "pro", "tokens") == "tiers.pro.quota.tokens"
+
+
+@pytest.mark.parametrize(
+    ("observed", "shown"),
+    [(3.0004, 3.001), (2.9996, 2.999), (3.1, 3.1), (3.0016, 3.002), (4.0, 4), (0.0004, 0)],
+)
+def test_an_observed_value_never_reads_as_its_threshold(observed: float, shown: float) -> None:
+    # a wait predicted at 3.0004 s over a 3 s max_wait_s was shown as 3.0: "3.0 > 3"?
+    fields = Refusal("predicted_wait", "tiers.free.max_wait_s", 3, observed).fields()
+    assert fields["observed"] == shown and fields["threshold"] == 3
 
 
 QUOTA = """
