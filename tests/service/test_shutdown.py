@@ -68,11 +68,13 @@ async def test_sigterm_drains_then_exits(tmp_path: Path, redis_url: str, workers
     try:
         await trio.to_thread.run_sync(wait_ready, url, process)
         headers = {"authorization": f"Bearer {KEY}"}
-        # 40 tokens at 50 ms a step: about two seconds each
+        # 80 tokens at 50 ms a step: about four seconds each, so that the late requests below
+        # all come while a worker drains (with two seconds, on a busy machine, the last of
+        # them met the last worker's exit, and a connection it had accepted was reset)
         body = {
             "model": "demo-small",
             "messages": [{"role": "user", "content": "x"}],
-            "max_tokens": 40,
+            "max_tokens": 80,
         }
         results: list[tuple[str, int, str]] = []
 
