@@ -190,12 +190,15 @@ class Response:
         self.deadline_at = math.inf
 
     def end_to_end_headers(self) -> dict[str, str]:
-        """The headers a proxy passes on (RFC 9110 §7.6.1: not the hop-by-hop ones)."""
-        return {
-            name.decode("latin-1"): value.decode("latin-1")
-            for name, value in self.headers
-            if name.decode("latin-1") not in HOP_BY_HOP
-        }
+        """The headers a proxy passes on: not the hop-by-hop ones (RFC 9110 §7.6.1), nor CORS,
+        which speaks for the backend's origin, not the proxy's (llama-server sends an empty
+        `Access-Control-Allow-Origin`; vLLM's default allows any origin that asks)."""
+        passed = {}
+        for raw_name, value in self.headers:
+            name = raw_name.decode("latin-1")
+            if name not in HOP_BY_HOP and not name.startswith("access-control-"):
+                passed[name] = value.decode("latin-1")
+        return passed
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: what came in one read is one piece (a backend's chunks

@@ -156,7 +156,8 @@ class MetricsProbe(ModelProbe):
             raise ScrapeError(f"{self.metrics_url}: not Prometheus text ({exc})") from exc
 
     async def _fetch(self) -> str | None:
-        """The metrics text, None on 404/410; the client's errors become ScrapeError here."""
+        """The metrics text, None when the server publishes none (`_NO_METRICS`); the
+        client's errors become ScrapeError here."""
         try:
             status, body = await self._client.get(
                 self.metrics_url, headers=self._headers, timeout_s=self.config.timeout_s

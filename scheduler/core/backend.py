@@ -27,7 +27,7 @@ class BackendResponse(Protocol):
         ...
 
     def end_to_end_headers(self) -> dict[str, str]:
-        """The headers a proxy passes on (not the hop-by-hop ones)."""
+        """The headers a proxy passes on (not the hop-by-hop ones, nor CORS)."""
         ...
 
     def chunks(self) -> AsyncIterator[bytes]:

@@ -47,14 +47,7 @@ from scheduler.service.refusals import (
     shed_error,
 )
 from scheduler.service.tenancy import KeyRecord, KeyRegistry, KeysUnavailable
-from scheduler.service.upstream import (
-    Ended,
-    OnEnd,
-    Reply,
-    Target,
-    call_stream,
-    call_whole,
-)
+from scheduler.service.upstream import Ended, OnEnd, Reply, Target, call_stream, call_whole
 
 PATHS = {
     "chat": "/v1/chat/completions",

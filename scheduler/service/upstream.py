@@ -154,7 +154,7 @@ async def call_whole(
                 usage = _usage(body)
                 if status >= 400:
                     return Reply(status, *_passed_on(up, body))
-                return Reply(status, _passed_headers(up), body)
+                return Reply(status, up.end_to_end_headers(), body)
     except BackendError as exc:
         failed = backend_error_kind(exc)
         if isinstance(exc, BackendTimeout | BackendUnavailable):
@@ -228,7 +228,7 @@ async def _stream_chunks(
                 head_sent = True
                 yield error_body
                 return
-            head.append((up.status_code, _passed_headers(up)))
+            head.append((up.status_code, up.end_to_end_headers()))
             yield b""  # primed: `call_stream` reads the head
             head_sent = True
             pieces = up.chunks()
@@ -343,21 +343,10 @@ def judge(up: BackendResponse, model: str) -> tuple[Outcome, ApiError | None]:
     return Outcome.IGNORED, ApiError(502, message, type="server_error", code="bad_gateway")
 
 
-def _passed_headers(up: BackendResponse) -> dict[str, str]:
-    """The backend's headers the client gets: its end-to-end ones but CORS, which speaks for
-    the backend's origin, not the gateway's (llama-server sends an empty
-    `Access-Control-Allow-Origin`; vLLM's default allows any origin that asks)."""
-    return {
-        name: value
-        for name, value in up.end_to_end_headers().items()
-        if not name.startswith("access-control-")
-    }
-
-
 def _passed_on(up: BackendResponse, body: bytes) -> tuple[dict[str, str], bytes]:
     """The headers and body of the backend's own 4xx (what `judge` passes on), the body in
     OpenAI's shape."""
-    headers = _passed_headers(up)
+    headers = up.end_to_end_headers()
     headers["content-type"] = "application/json"
     return headers, openai_error_body(up.status_code, body)
 
