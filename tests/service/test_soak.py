@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.soak import SoakPlan, SoakReport, run_soak
+from bench.soak import Sample, SoakPlan, SoakReport, Tally, TtlCheck, run_soak
 
 PLAN = SoakPlan(
     keys=3000,
@@ -50,7 +50,7 @@ def test_gateway_rss_is_flat_once_every_key_is_known(report: SoakReport) -> None
     # warm-up, and the quota guard's per-key state, filled by the first chat pass
     per_key = (report.warmed.rss_kb - report.baseline.rss_kb) * 1024 / PLAN.keys
     assert per_key < 4096
-    assert report.rss_per_new_key() <= PLAN.rss_per_key_limit_b
+    assert not report.new_keys_overgrew(), report.summary()
 
 
 def test_only_the_registered_keys_live_without_a_ttl(report: SoakReport) -> None:
@@ -73,3 +73,25 @@ def test_metric_series_are_bounded_by_the_config_not_the_keys(report: SoakReport
     assert all(s.startswith("scheduler_requests_") for s in report.new_series())
     assert len(set().union(*(s.series for s in report.samples))) < 2 * len(report.baseline.series)
     assert report.failures() == []
+
+
+def _first_pass(per_visit_b: int, visits: int) -> SoakReport:
+    """A report whose first chat pass grew `per_visit_b` per visit over `visits` visits."""
+
+    def at(second: float, done: int) -> Sample:
+        rss_kb = 80_000 + (done - 1500) * per_visit_b // 1024
+        return Sample(second, done, rss_kb, 0, 0, frozenset())
+
+    start = at(0.0, 0)
+    samples = (at(PLAN.settle_s, 1500), at(PLAN.settle_s + 8.0, 1500 + visits))
+    ttl = TtlCheck(0, 0, 0, 0, 0, ())
+    return SoakReport(PLAN, 0.0, start, Tally(), start, samples, (), Tally(), ttl, (), {})
+
+
+def test_a_first_pass_is_judged_give_or_take_one_rss_step() -> None:
+    # CI, 3,000 keys on a loaded box: 1,061 bytes per visit over ~1,900 visits, ~2 MB in
+    # all, two pymalloc arenas: within one step of the limit, not a leak
+    assert not _first_pass(1061, 1875).new_keys_overgrew()
+    assert _first_pass(1061, 1875).rss_per_new_key() > PLAN.rss_per_key_limit_b
+    # twice the limit per key is more than a step over it
+    assert _first_pass(2 * PLAN.rss_per_key_limit_b, 1875).new_keys_overgrew()
