@@ -27,7 +27,10 @@ How the comparison reads the two sides:
 
 The comparison's relative difference is |live - sim| / max(sim, floor); the floor (5 % for
 fractions) keeps a fraction near zero from turning a handful of requests into an infinite
-relative error, so below it the tolerance is absolute (10 % of 5 % = half a point).
+relative error, so below it the tolerance is absolute (10 % of 5 % = half a point), and
+never finer than one and a half of the tier's requests: a single request more or less on
+one side (one shed of ~200 is half a point: it decided most runs against llama-server) is
+below what the comparison can resolve, two are not.
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class Tolerances:
     p50: float = 0.15
     p95: float = 0.15
     fraction_floor: float = 0.05  # relative differences of fractions are over at least this
+    min_requests: float = 1.5  # and the absolute tolerance is at least this many requests
     min_completed: int = 20  # fewer completions on a side: its percentiles are not compared
 
 
@@ -140,11 +144,13 @@ def compare(
 ) -> tuple[Check, ...]:
     checks: list[Check] = []
     for s, v in zip(sim, live, strict=True):
+        offered = max(1, min(s.offered, v.offered))
+        floor = max(tol.fraction_floor, tol.min_requests / (tol.fraction * offered))
         for metric, a, b in (
             ("admitted", s.admitted_fraction, v.admitted_fraction),
             ("shed", s.shed_fraction, v.shed_fraction),
         ):
-            diff = relative_difference(a, b, tol.fraction_floor)
+            diff = relative_difference(a, b, floor)
             checks.append(Check(s.name, metric, a, b, diff, tol.fraction))
         if min(s.completed, v.completed) < tol.min_completed:
             continue
