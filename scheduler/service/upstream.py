@@ -298,6 +298,9 @@ class DeadlinePassed(BackendTimeout):
     """One of the request's own bounds ran out; the message is written for the client."""
 
 
+# a route the backend does not serve (llama-server's /v1/embeddings without --embeddings):
+# a fact about the request, told in the backend's words, not a failure of the backend
+NOT_IMPLEMENTED = 501
 WHOLE_LATE = "The backend did not finish its answer within server.request_timeout_s."
 FIRST_BYTE_LATE = "The backend sent no first byte within server.first_byte_timeout_s."
 
@@ -337,15 +340,15 @@ def judge(up: BackendResponse, model: str) -> tuple[Outcome, ApiError | None]:
             f"models.{model}.api_key_env."
         )
         return Outcome.IGNORED, ApiError(502, message, type="server_error", code="backend_auth")
-    if status < 500:
-        return Outcome.IGNORED, None  # the backend's own 4xx is passed on (`_passed_on`)
+    if status < 500 or status == NOT_IMPLEMENTED:
+        return Outcome.IGNORED, None  # the backend's own 4xx or 501 is passed on (`_passed_on`)
     message = f"The backend failed with status {status}."
     return Outcome.IGNORED, ApiError(502, message, type="server_error", code="bad_gateway")
 
 
 def _passed_on(up: BackendResponse, body: bytes) -> tuple[dict[str, str], bytes]:
-    """The headers and body of the backend's own 4xx (what `judge` passes on), the body in
-    OpenAI's shape."""
+    """The headers and body of the backend's own 4xx or 501 (what `judge` passes on), the
+    body in OpenAI's shape."""
     headers = up.end_to_end_headers()
     headers["content-type"] = "application/json"
     return headers, openai_error_body(up.status_code, body)

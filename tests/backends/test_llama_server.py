@@ -160,6 +160,30 @@ async def test_openai_sdk_plain_and_streamed(gateway: tuple[str, str]) -> None:
     assert finish == ["length"]
 
 
+async def test_a_route_the_engine_does_not_serve_is_told_in_its_words(
+    gateway: tuple[str, str],
+) -> None:
+    # llama-server started without --embeddings answers /v1/embeddings 501; the client
+    # gets that, OpenAI-shaped, not a 502 "the backend failed"
+    url, key = gateway
+
+    def embed() -> openai.APIStatusError:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.embeddings.create(model=MODEL_ALIAS, input="hello")
+        return caught.value
+
+    with trio.fail_after(30):
+        error = await trio.to_thread.run_sync(embed)
+    assert error.status_code == 501
+    assert "--embeddings" in error.message, error.response.text
+    async with httpx2.AsyncClient(timeout=30) as client:  # the engine still serves chat
+        response = await client.post(
+            url + "/v1/chat/completions", json=chat(), headers={"authorization": f"Bearer {key}"}
+        )
+    assert response.status_code == 200, response.text
+
+
 async def remaining_tokens(
     client: httpx2.AsyncClient, url: str, body: dict[str, Any]
 ) -> tuple[int, int]:
