@@ -88,6 +88,7 @@ class DemoApp:
         self._routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
+            "/v1/responses": {"POST": self._responses},
             "/v1/embeddings": {"POST": self._embeddings},
             "/v1/models": {"GET": self._models},
             "/metrics": {"GET": self._metrics},
@@ -147,6 +148,9 @@ class DemoApp:
 
     async def _completions(self, body: bytes, receive: Receive, send: Send) -> None:
         await self._generate(Kind.COMPLETION, body, receive, send)
+
+    async def _responses(self, body: bytes, receive: Receive, send: Send) -> None:
+        await self._generate(Kind.RESPONSE, body, receive, send)
 
     async def _generate(self, kind: Kind, body: bytes, receive: Receive, send: Send) -> None:
         config = self.config

@@ -48,6 +48,7 @@ def bad_request(message: str, param: str | None = None) -> DemoError:
 class Kind(enum.Enum):
     CHAT = "chat"
     COMPLETION = "completion"
+    RESPONSE = "response"  # OpenAI's Responses API (`/v1/responses`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,8 @@ def parse_generation(
     model = parse_model(body, model_names)
     if kind is Kind.CHAT:
         prompt_tokens = _chat_prompt_tokens(body.get("messages"))
+    elif kind is Kind.RESPONSE:
+        prompt_tokens = _response_prompt_tokens(body.get("input"), body.get("instructions"))
     else:
         prompt_tokens = _completion_prompt_tokens(body.get("prompt"))
     max_tokens = _max_tokens(body, kind)
@@ -114,7 +117,11 @@ def parse_generation(
 
 
 def _max_tokens(body: dict[str, Any], kind: Kind) -> int | None:
-    names = ("max_completion_tokens", "max_tokens") if kind is Kind.CHAT else ("max_tokens",)
+    names = {
+        Kind.CHAT: ("max_completion_tokens", "max_tokens"),
+        Kind.COMPLETION: ("max_tokens",),
+        Kind.RESPONSE: ("max_output_tokens",),
+    }[kind]
     for name in names:
         value = body.get(name)
         if value is None:
@@ -143,6 +150,26 @@ def _chat_prompt_tokens(messages: Any) -> int:
             chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
         elif content is not None:
             raise bad_request(f"messages[{i}].content must be a string or an array.", "messages")
+    return _chars_to_tokens(chars)
+
+
+def _response_prompt_tokens(value: Any, instructions: Any) -> int:
+    """The Responses API's `input`: a string, or items (messages with a string or parts)."""
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad_request("instructions must be a string.", "instructions")
+    chars = len(instructions or "")
+    if isinstance(value, str):
+        return _chars_to_tokens(chars + len(value))
+    if not isinstance(value, list) or not value:
+        raise bad_request("input must be a string or a non-empty array.", "input")
+    for i, item in enumerate(value):
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+        elif not isinstance(item, dict):
+            raise bad_request(f"input[{i}] must be an object.", "input")
     return _chars_to_tokens(chars)
 
 
@@ -180,10 +207,14 @@ class ResponseWriter:
 
     def new_id(self, kind: Kind) -> str:
         self._count += 1
+        if kind is Kind.RESPONSE:
+            return f"resp_{self._id_prefix}{self._count:08x}"
         prefix = "chatcmpl" if kind is Kind.CHAT else "cmpl"
         return f"{prefix}-{self._id_prefix}{self._count:08x}"
 
     def completion(self, call: GenerationCall, created: int) -> dict[str, Any]:
+        if call.kind is Kind.RESPONSE:
+            return self.response(call, self.new_id(call.kind), created)
         choice: dict[str, Any] = {"index": 0}
         text = self.text(0, call.output_tokens)
         if call.kind is Kind.CHAT:
@@ -199,6 +230,33 @@ class ResponseWriter:
             "model": call.model,
             "choices": [choice],
             "usage": usage(call.prompt_tokens, call.output_tokens),
+        }
+
+    def response(self, call: GenerationCall, response_id: str, created: int) -> dict[str, Any]:
+        """A whole Responses API answer: one assistant message; `incomplete` when it ran to
+        `max_output_tokens`, as OpenAI's are."""
+        text = self.text(0, call.output_tokens)
+        part = {"type": "output_text", "text": text, "annotations": []}
+        message = {
+            "type": "message",
+            "id": "msg_" + response_id.removeprefix("resp_"),
+            "status": "completed",
+            "role": "assistant",
+            "content": [part],
+        }
+        return {
+            "id": response_id,
+            "object": "response",
+            "created_at": created,
+            "status": "incomplete" if call.length_capped else "completed",
+            "incomplete_details": ({"reason": "max_output_tokens"} if call.length_capped else None),
+            "model": call.model,
+            "output": [message],
+            "usage": {
+                "input_tokens": call.prompt_tokens,
+                "output_tokens": call.output_tokens,
+                "total_tokens": call.prompt_tokens + call.output_tokens,
+            },
         }
 
 
@@ -220,8 +278,9 @@ class ChunkWriter:
     def __init__(self, writer: ResponseWriter, call: GenerationCall, created: int) -> None:
         self._writer = writer
         self._call = call
+        self._id, self._created = writer.new_id(call.kind), created
         self._head = {
-            "id": writer.new_id(call.kind),
+            "id": self._id,
             "object": "chat.completion.chunk" if call.kind is Kind.CHAT else "text_completion",
             "created": created,
             "model": call.model,
@@ -231,6 +290,8 @@ class ChunkWriter:
         """The event(s) for output tokens start..stop-1; the chat role comes with the first."""
         call = self._call
         last = stop >= call.output_tokens
+        if call.kind is Kind.RESPONSE:
+            return self._response_events(start, stop, last)
         events = []
         if start == 0 and call.kind is Kind.CHAT:
             events.append(self._event({"role": "assistant", "content": ""}, None))
@@ -242,6 +303,25 @@ class ChunkWriter:
             events.append(_sse({**self._head, "choices": [], "usage": total}))
         if last:
             events.append(b"data: [DONE]\n\n")
+        return b"".join(events)
+
+    def _response_events(self, start: int, stop: int, last: bool) -> bytes:
+        """The Responses API's typed events: created, a text delta per read, and at the end
+        completed (or incomplete) with the whole answer and its usage; no `[DONE]`."""
+        events = []
+        if start == 0:
+            created = {"id": self._id, "object": "response", "status": "in_progress"}
+            events.append(_typed("response.created", {"response": created}))
+        item_id = "msg_" + self._id.removeprefix("resp_")
+        delta = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        delta["delta"] = self._writer.text(start, stop)
+        events.append(_typed("response.output_text.delta", delta))
+        if last:
+            whole = self._writer.response(self._call, self._id, self._created)
+            done = (
+                "response.incomplete" if whole["status"] == "incomplete" else "response.completed"
+            )
+            events.append(_typed(done, {"response": whole}))
         return b"".join(events)
 
     def _event(self, delta: dict[str, str] | str, reason: str | None) -> bytes:
@@ -260,6 +340,12 @@ class ChunkWriter:
 
 def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _typed(kind: str, fields: dict[str, Any]) -> bytes:
+    """One Responses API event: its type as the SSE event name and in the data."""
+    data = json.dumps({"type": kind, **fields}).encode()
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
 
 def embeddings(body: dict[str, Any], model: str, dim: int) -> dict[str, Any]:

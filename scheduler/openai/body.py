@@ -30,7 +30,7 @@ MAX_JSON_DEPTH = 64
 class InferenceCall:
     """What the scheduler needs to know about one request."""
 
-    route: str  # "chat", "completions", "embeddings"
+    route: str  # "chat", "completions", "responses", "embeddings"
     model: str
     stream: bool
     prompt_tokens: int
@@ -186,6 +186,20 @@ def _prompt(body: dict[str, Any], name: str) -> int:
     return _text_tokens(value)
 
 
+def _responses_input(body: dict[str, Any]) -> int:
+    """The Responses API's `input` (a string, or an array of items: messages, their content
+    parts, tool outputs) and `instructions`, as tokens."""
+    value = body.get("input")
+    if value is None:
+        raise bad_request("Missing required parameter: 'input'.", param="input")
+    if not isinstance(value, str | list) or value == []:
+        raise bad_request("'input' must be a string or a non-empty array.", param="input")
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise bad_request("'instructions' must be a string.", param="instructions")
+    return _text_tokens(value) + _text_tokens(instructions)
+
+
 def read_call(route: str, raw: bytes, *, default_max_tokens: int) -> InferenceCall:
     """Validate `raw` for `route` and estimate its cost; raises ApiError(400) on bad input."""
     body = parse_body(raw)
@@ -208,6 +222,10 @@ def read_call(route: str, raw: bytes, *, default_max_tokens: int) -> InferenceCa
     elif route == "completions":
         prompt_tokens = _prompt(body, "prompt")
         max_tokens = _int_field(body, "max_tokens", low=1, high=MAX_TOKENS_CAP)
+    elif route == "responses":
+        prompt_tokens = _responses_input(body)
+        max_tokens = _int_field(body, "max_output_tokens", low=1, high=MAX_TOKENS_CAP)
+        n = 1  # one answer per request, always
     else:
         prompt_tokens = _prompt(body, "input")
         max_tokens, stream = 0, False

@@ -52,8 +52,12 @@ from scheduler.service.upstream import Ended, OnEnd, Reply, Target, call_stream,
 PATHS = {
     "chat": "/v1/chat/completions",
     "completions": "/v1/completions",
+    "responses": "/v1/responses",
     "embeddings": "/v1/embeddings",
 }
+# never cached: an answer names an id the backend that made it may be asked about again
+# (`previous_response_id`), and a copy from the cache would name one no backend holds
+UNCACHED_ROUTES = frozenset({"responses"})
 FORWARDED_HEADERS = ("traceparent", "tracestate", "openai-organization", "openai-project")
 WRITTEN_MAX = 10_000  # requests whose cache write this replica remembers (`_written_lately`)
 
@@ -290,7 +294,9 @@ class Gateway:
 
     def _caching(self, call: InferenceCall) -> tuple[Cache, ModelSettings] | None:
         """The cache and the model, if this call's answer is to be cached: not when no tier's
-        ladder has a cache step (nothing would ever read it)."""
+        ladder has a cache step (nothing would ever read it), nor on an uncached route."""
+        if call.route in UNCACHED_ROUTES:
+            return None
         model = self.settings.model(call.model)
         cache = self.cache
         if cache is None or model is None or model.cache_fresh_s <= 0 or not self.quota.redis_up:
@@ -412,7 +418,8 @@ class Gateway:
 
     async def _cache_get(self, job: Job, model: ModelSettings | None) -> CacheHit | None:
         call = job.call
-        if self.cache is None or (call.stream and call.route == "embeddings"):
+        uncached = call.route in UNCACHED_ROUTES or (call.stream and call.route == "embeddings")
+        if self.cache is None or uncached:
             return None
         try:
             return await self.cache.get(

@@ -52,6 +52,7 @@ log = logging.getLogger("scheduler.service")
 ROUTES = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
+    "/v1/responses": "responses",
     "/v1/embeddings": "embeddings",
 }
 BODY_TIMEOUT_S = 60.0  # the whole body, from the request's head on

@@ -82,7 +82,7 @@ BACKEND_ERROR_KINDS: tuple[BackendErrorKind, ...] = get_args(BackendErrorKind)
 SERVED: frozenset[RequestOutcome] = frozenset(
     {"admitted", "queued_admitted", "bypass", "shed_cache", "shed_fallback"}
 )
-ROUTES = ("chat", "completions", "embeddings")
+ROUTES = ("chat", "completions", "responses", "embeddings")
 # the shadow refusals' series made at 0: a shared layer has no concurrency cap (the key's own)
 _WOULD_REFUSE: tuple[tuple[LayerName, str], ...] = (
     *((layer, quota) for layer in ("key", "tenant", "model") for quota in ("requests", "tokens")),

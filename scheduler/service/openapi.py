@@ -360,6 +360,7 @@ def _inference(
                     "Over the key's quota, or its max_concurrency.", retry=True, limits=True
                 ),
                 "413": _error("Body larger than the configured limit."),
+                "501": _error("The backend does not serve this route (told in its words)."),
                 "502": _error("The backend failed."),
                 "503": _error("Overloaded, shed, or no backend available.", retry=True),
                 "504": _error("The backend did not answer in time."),
@@ -368,18 +369,18 @@ def _inference(
     }
 
 
-def _request_schema(required: str, prompt: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["model", required],
-        "properties": {
-            "model": {"type": "string", "minLength": 1},
-            required: prompt,
-            "stream": {"type": "boolean"},
-            "max_tokens": {"type": "integer", "minimum": 1, "maximum": 1_000_000},
-            "n": {"type": "integer", "minimum": 1, "maximum": 128},
-        },
+def _request_schema(
+    required: str, prompt: dict[str, Any], *, max_tokens: str = "max_tokens"
+) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "model": {"type": "string", "minLength": 1},
+        required: prompt,
+        "stream": {"type": "boolean"},
+        max_tokens: {"type": "integer", "minimum": 1, "maximum": 1_000_000},
     }
+    if max_tokens == "max_tokens":  # the Responses API has no `n`
+        properties["n"] = {"type": "integer", "minimum": 1, "maximum": 128}
+    return {"type": "object", "required": ["model", required], "properties": properties}
 
 
 _MODEL = {
@@ -418,6 +419,7 @@ def _inference_paths(tiers: list[str]) -> dict[str, Any]:
     token = {"type": "integer"}
     piece = {"oneOf": [{"type": "string"}, token, {"type": "array", "items": token}]}
     text = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": piece}]}
+    responses_input = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1}]}
     return {
         "/v1/chat/completions": _inference(
             "Chat completion (OpenAI-compatible)",
@@ -428,6 +430,12 @@ def _inference_paths(tiers: list[str]) -> dict[str, Any]:
         "/v1/completions": _inference(
             "Text completion (OpenAI-compatible)",
             _request_schema("prompt", text),
+            streams=True,
+            tiers=tiers,
+        ),
+        "/v1/responses": _inference(
+            "Response (OpenAI's Responses API; passed on, never cached)",
+            _request_schema("input", responses_input, max_tokens="max_output_tokens"),
             streams=True,
             tiers=tiers,
         ),

@@ -77,6 +77,7 @@ OnEnd = Callable[[Ended], None]
 OPERATIONS = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "text_completion",
+    "/v1/responses": "chat",  # OTel's gen_ai.operation.name has no value of its own for it
     "/v1/embeddings": "embeddings",
 }
 
@@ -369,30 +370,37 @@ def backend_error(exc: BackendError, model: str) -> ApiError:
 
 
 def _usage(body: bytes) -> tuple[int, int | None]:
-    """(completion tokens, total tokens or None) from a whole response's `usage`."""
+    """(completion tokens, total tokens or None) from a whole response's `usage`
+    (`output_tokens` in the Responses API)."""
     try:
         usage = json.loads(body).get("usage") or {}
         total = usage.get("total_tokens")
-        return int(usage.get("completion_tokens") or 0), None if total is None else int(total)
+        output = usage.get("completion_tokens") or usage.get("output_tokens") or 0
+        return int(output), None if total is None else int(total)
     except (ValueError, AttributeError, TypeError):
         return 0, None
 
 
 def _stream_usage(tail: bytes) -> int | None:
-    """`usage.total_tokens` of the last whole event in a stream's `tail` that reports it
-    (OpenAI's last chunk before `[DONE]`; others report it in every chunk, or as null)."""
-    end = len(tail)
-    while (at := tail.rfind(b'"usage"', 0, end)) >= 0:
-        start = tail.rfind(b"\n", 0, at) + 1
-        stop = tail.find(b"\n", at)
-        line = tail[start : len(tail) if stop < 0 else stop]
-        end = start
-        if not line.startswith(b"data:"):
+    """`usage.total_tokens` of the last event in a stream's `tail` that reports it (OpenAI's
+    last chunk before `[DONE]`; others report it in every chunk, or as null; the Responses
+    API in `response.completed`, after the whole answer, so the object is read where it
+    stands, not from its line's start). A `"usage"` inside generated text is escaped in
+    JSON (`\\"usage\\"`), so every match is a key."""
+    end, decode = len(tail), json.JSONDecoder().raw_decode
+    text = tail.decode("utf-8", "replace")
+    while (at := text.rfind('"usage"', 0, end)) >= 0:
+        end = at
+        colon = text.find(":", at + 7)
+        if colon < 0 or text[at + 7 : colon].strip():
             continue
+        value_at = colon + 1
+        while value_at < len(text) and text[value_at] in " \t\r\n":
+            value_at += 1
         try:
-            usage = json.loads(line[5:]).get("usage") or {}
-            if usage.get("total_tokens") is not None:
+            usage, _ = decode(text, value_at)
+            if isinstance(usage, dict) and usage.get("total_tokens") is not None:
                 return int(usage["total_tokens"])
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, TypeError):
             continue
     return None

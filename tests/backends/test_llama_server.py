@@ -234,6 +234,49 @@ async def stream_usage(client: httpx2.AsyncClient, url: str, body: dict[str, Any
     return int(total)
 
 
+async def test_the_responses_api_through_the_gateway(gateway: tuple[str, str]) -> None:
+    # the SDK's responses.create, plain and streamed, to llama-server's /v1/responses; the
+    # usage it reports (plain: in the body; streamed: inside `response.completed`, after the
+    # whole answer) settles the token quota as chat's does
+    url, key = gateway
+
+    def use_sdk() -> tuple[Any, list[Any], int, int, int]:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+        first = client.responses.with_raw_response.create(
+            model=MODEL_ALIAS, input="hi", max_output_tokens=12, extra_body=LONG
+        )
+        events = list(
+            client.responses.create(
+                model=MODEL_ALIAS,
+                instructions="be brief",
+                input=[{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+                max_output_tokens=40,
+                stream=True,
+                extra_body=LONG,
+            )
+        )
+        trio.from_thread.run(trio.sleep, 0.3)  # the settlements run in the background
+        third = client.responses.with_raw_response.create(
+            model=MODEL_ALIAS, input="hi", max_output_tokens=12, extra_body=LONG
+        )
+        limit = int(first.headers["x-ratelimit-limit-tokens"])
+        reserved = limit - int(first.headers["x-ratelimit-remaining-tokens"])
+        remaining = int(third.headers["x-ratelimit-remaining-tokens"])
+        return first.parse(), events, limit, reserved, remaining
+
+    with trio.fail_after(60):
+        whole, events, limit, reserved, remaining = await trio.to_thread.run_sync(use_sdk)
+    assert whole.output_text and whole.usage.output_tokens == 12
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    done = events[-1]
+    assert done.type == "response.completed" and done.response.usage.output_tokens == 40
+    assert whole.usage.total_tokens != reserved  # the check means something only if so
+    # what the third request saw left: the first and the stream as llama.cpp counted them,
+    # and its own reservation (the first's estimate again)
+    used = whole.usage.total_tokens + done.response.usage.total_tokens
+    assert limit - remaining == used + reserved
+
+
 async def test_a_client_gone_mid_stream_frees_the_engine_slot(
     gateway: tuple[str, str], llama: LlamaServer
 ) -> None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import coredis
 import httpx2
 import openai
 import pytest
@@ -47,6 +48,60 @@ async def test_openai_sdk_chat_and_stream(gateway: str) -> None:
     assert whole.choices[0].message.content
     assert whole.usage.completion_tokens == 12
     assert "".join(parts).strip()
+
+
+async def test_the_responses_api_is_passed_on_and_never_cached(
+    nursery: trio.Nursery, redis_url: str
+) -> None:
+    demo = await start_demo(nursery)
+    settings = gateway_settings(demo, redis_url)
+    gateway = await start_gateway(nursery, settings)
+
+    def use_sdk() -> tuple[Any, list[Any]]:
+        client = openai.OpenAI(base_url=gateway + "/v1", api_key="sk-demo-pro", max_retries=0)
+        whole = client.responses.create(model="demo-small", input="hi", max_output_tokens=12)
+        events = list(
+            client.responses.create(
+                model="demo-small", input="hi", instructions="be brief", stream=True
+            )
+        )
+        client.chat.completions.create(  # a chat answer is cached: the check below can fail
+            model="demo-small", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        return whole, events
+
+    with trio.fail_after(20):
+        whole, events = await trio.to_thread.run_sync(use_sdk)
+    assert whole.output_text and whole.usage.output_tokens == 12
+    assert whole.status == "incomplete"  # it ran to max_output_tokens, as OpenAI's do
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert streamed == events[-1].response.output_text
+    url = gateway + "/v1/responses"
+    async with httpx2.AsyncClient(timeout=10) as client:
+        r = await client.post(url, json={"model": "demo-small"}, headers=PRO)
+        assert assert_openai_error(r, 400)["param"] == "input"
+        bad = {"model": "demo-small", "input": "hi", "max_output_tokens": 0}
+        r = await client.post(url, json=bad, headers=PRO)
+        assert assert_openai_error(r, 400)["param"] == "max_output_tokens"
+    redis = coredis.Redis.from_url(redis_url)
+    async with redis:
+        with trio.fail_after(5):
+            while not (
+                entries := [
+                    k async for k in redis.scan_iter(match=f"{settings.redis_prefix}:cache:*")
+                ]
+            ):
+                await trio.sleep(0.05)  # the chat answer's write runs in the background
+    assert len(entries) == 1  # the chat answer's; neither response
+    async with httpx2.AsyncClient(timeout=5) as client:
+        exposition = (await client.get(gateway + "/metrics")).text
+    counted = [
+        line
+        for line in exposition.splitlines()
+        if line.startswith("scheduler_requests_total{") and 'route="responses"' in line
+    ]
+    assert any('outcome="admitted"' in line and line.endswith(" 2.0") for line in counted), counted
 
 
 def assert_openai_error(response: httpx2.Response, status: int) -> dict[str, Any]:
