@@ -263,10 +263,12 @@ async def _stream_chunks(
     finally:
         latency = trio.current_time() - started_at
         first = None if math.isnan(ttft) else ttft
-        total = _stream_usage(b"".join(tail)) if tail else None
+        reported, total = _stream_usage(b"".join(tail)) if tail else (None, None)
         whole = outcome is Outcome.COMPLETED and 200 <= status < 300
         body = b"".join(kept) if whole and kept is not None else b""
-        output = max(0, events - 1)  # less the closing `[DONE]`
+        # else the events, less the closing `[DONE]` (the Responses API's non-text events
+        # would count too: its usage is always reported)
+        output = max(0, events - 1) if reported is None else reported
         ended = Ended(outcome, latency, first, output, total, status, body, failed, abandoned)
         _end_span(span, ended)
         on_end(ended)
@@ -381,12 +383,12 @@ def _usage(body: bytes) -> tuple[int, int | None]:
         return 0, None
 
 
-def _stream_usage(tail: bytes) -> int | None:
-    """`usage.total_tokens` of the last event in a stream's `tail` that reports it (OpenAI's
-    last chunk before `[DONE]`; others report it in every chunk, or as null; the Responses
-    API in `response.completed`, after the whole answer, so the object is read where it
-    stands, not from its line's start). A `"usage"` inside generated text is escaped in
-    JSON (`\\"usage\\"`), so every match is a key."""
+def _stream_usage(tail: bytes) -> tuple[int | None, int | None]:
+    """(output tokens, total tokens) of the `usage` of the last event in a stream's `tail`
+    that reports it (OpenAI's last chunk before `[DONE]`; others report it in every chunk,
+    or as null; the Responses API in `response.completed`, after the whole answer, so the
+    object is read where it stands, not from its line's start). A `"usage"` inside
+    generated text is escaped in JSON (`\\"usage\\"`), so every match is a key."""
     end, decode = len(tail), json.JSONDecoder().raw_decode
     text = tail.decode("utf-8", "replace")
     while (at := text.rfind('"usage"', 0, end)) >= 0:
@@ -400,7 +402,8 @@ def _stream_usage(tail: bytes) -> int | None:
         try:
             usage, _ = decode(text, value_at)
             if isinstance(usage, dict) and usage.get("total_tokens") is not None:
-                return int(usage["total_tokens"])
+                output = usage.get("completion_tokens", usage.get("output_tokens"))
+                return None if output is None else int(output), int(usage["total_tokens"])
         except (ValueError, TypeError):
             continue
-    return None
+    return None, None

@@ -72,6 +72,25 @@ async def test_one_request_one_trace_into_the_backend(
         assert "sk-demo" not in str(span.attributes) + str([e.attributes for e in span.events])
 
 
+async def test_a_streamed_response_counts_the_output_its_usage_reports(
+    nursery: trio.Nursery, redis_url: str
+) -> None:
+    # a Responses API stream has events that are not text (created, incomplete): its output
+    # is what its usage says, not its events counted
+    EXPORTER.clear()
+    demo = await start_demo(nursery)
+    gateway = await start_gateway(nursery, gateway_settings(demo, redis_url))
+    body = {"model": "demo-small", "input": "hi", "max_output_tokens": 5, "stream": True}
+    headers = {"authorization": "Bearer sk-demo-enterprise"}
+    async with httpx2.AsyncClient(timeout=10) as client:
+        with trio.fail_after(20):
+            r = await client.post(gateway + "/v1/responses", json=body, headers=headers)
+            assert r.status_code == 200 and "event: response.incomplete" in r.text
+    (client_span,) = [s for s in EXPORTER.get_finished_spans() if s.kind is SpanKind.CLIENT]
+    assert client_span.attributes is not None
+    assert client_span.attributes["gen_ai.usage.output_tokens"] == 5
+
+
 async def test_a_client_traceparent_is_continued(nursery: trio.Nursery, redis_url: str) -> None:
     EXPORTER.clear()
     demo = await start_demo(nursery)
