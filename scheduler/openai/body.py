@@ -116,6 +116,12 @@ def prompt_text(request_id: int, prompt_tokens: int) -> str:
     return tag + "x" * (length - len(tag))
 
 
+# where a prompt's text is: message content and its parts, and the tool calls a conversation
+# carries back (chat's `tool_calls[].function.arguments`, the Responses API's
+# `function_call` arguments and `function_call_output` output)
+_PROMPT_KEYS = frozenset({"text", "content", "tool_calls", "function", "arguments", "output"})
+
+
 def _text_tokens(value: Any) -> int:
     """A rough token count of any prompt-like JSON value (iterative: any depth is fine)."""
     tokens, stack = 0, [value]
@@ -128,7 +134,7 @@ def _text_tokens(value: Any) -> int:
         elif isinstance(item, list):
             stack.extend(item)
         elif isinstance(item, dict):
-            stack.extend(v for k, v in item.items() if k in {"text", "content"})
+            stack.extend(v for k, v in item.items() if k in _PROMPT_KEYS)
         else:
             tokens += 1
     return tokens
@@ -163,7 +169,7 @@ def _messages(body: dict[str, Any]) -> int:
         content = message.get("content")
         if content is not None and not isinstance(content, str | list):
             raise bad_request(f"'{where}.content' must be a string or an array.", param=where)
-        tokens += 4 + _text_tokens(content)
+        tokens += 4 + _text_tokens(content) + _text_tokens(message.get("tool_calls"))
     return tokens
 
 

@@ -1,0 +1,39 @@
+"""The prompt estimate of `scheduler/openai/body.py`: every text a prompt carries is counted."""
+
+from __future__ import annotations
+
+import json
+
+from scheduler.openai.body import read_call
+
+ARGUMENTS = json.dumps({"rows": ["x" * 40] * 100})  # ~4,500 characters: ~1,100 tokens
+
+
+def prompt_tokens(route: str, body: dict[str, object]) -> int:
+    raw = json.dumps({"model": "m", **body}).encode()
+    return read_call(route, raw, default_max_tokens=16).prompt_tokens
+
+
+def test_tool_calls_carried_back_count_in_a_chat_prompt() -> None:
+    asked = {"role": "user", "content": "list them"}
+    called = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": ARGUMENTS}}
+        ],
+    }
+    answered = {"role": "tool", "tool_call_id": "c1", "content": ARGUMENTS}
+    bare = prompt_tokens("chat", {"messages": [asked, answered]})
+    whole = prompt_tokens("chat", {"messages": [asked, called, answered]})
+    assert whole - bare > len(ARGUMENTS) // 4
+
+
+def test_a_responses_input_counts_its_function_calls_and_outputs() -> None:
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": "list them"}]},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": ARGUMENTS},
+        {"type": "function_call_output", "call_id": "c1", "output": ARGUMENTS},
+    ]
+    assert prompt_tokens("responses", {"input": items}) > 2 * (len(ARGUMENTS) // 4)
+    assert prompt_tokens("responses", {"input": "hi", "instructions": "x" * 400}) > 100
