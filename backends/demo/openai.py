@@ -53,7 +53,7 @@ class Kind(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class GenerationCall:
-    """What the demo needs from a chat or text completion request."""
+    """What the demo needs from a chat or text completion request, or a response."""
 
     kind: Kind
     model: str
