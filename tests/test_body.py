@@ -37,3 +37,15 @@ def test_a_responses_input_counts_its_function_calls_and_outputs() -> None:
     ]
     assert prompt_tokens("responses", {"input": items}) > 2 * (len(ARGUMENTS) // 4)
     assert prompt_tokens("responses", {"input": "hi", "instructions": "x" * 400}) > 100
+
+
+def test_a_batch_of_prompts_reserves_an_answer_for_each() -> None:
+    def reserved(prompt: object, n: int = 1) -> int:
+        raw = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 10, "n": n}).encode()
+        return read_call("completions", raw, default_max_tokens=16).max_tokens
+
+    # llama-server and vLLM answer each prompt of a batch (choices 0..k-1): k x max_tokens
+    assert reserved("one") == 10
+    assert reserved([1, 2, 3]) == 10  # one prompt of token ids
+    assert reserved(["a", "b", "c"]) == 30
+    assert reserved([[1, 2], [3]], n=2) == 40

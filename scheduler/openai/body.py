@@ -192,6 +192,14 @@ def _prompt(body: dict[str, Any], name: str) -> int:
     return _text_tokens(value)
 
 
+def _prompts(prompt: Any) -> int:
+    """How many prompts `/v1/completions` was given: a batch is a list of strings or of
+    token lists; a string, or one list of token ids, is one."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
 def _responses_input(body: dict[str, Any]) -> int:
     """The Responses API's `input` (a string, or an array of items: messages, their content
     parts, tool outputs) and `instructions`, as tokens."""
@@ -228,6 +236,7 @@ def read_call(route: str, raw: bytes, *, default_max_tokens: int) -> InferenceCa
     elif route == "completions":
         prompt_tokens = _prompt(body, "prompt")
         max_tokens = _int_field(body, "max_tokens", low=1, high=MAX_TOKENS_CAP)
+        n *= _prompts(body["prompt"])  # n answers to each prompt of a batch
     elif route == "responses":
         prompt_tokens = _responses_input(body)
         max_tokens = _int_field(body, "max_output_tokens", low=1, high=MAX_TOKENS_CAP)
