@@ -708,7 +708,8 @@ class SoakReport:
             (
                 "RSS per key new to the soak (first chat pass)",
                 f"{self.rss_per_new_key():,.0f} bytes over {self.new_key_growth()[1]:,} visits "
-                f"(limit {self.plan.rss_per_key_limit_b:,}, and {self.plan.rss_step_b:,} in all)",
+                f"(limit {self.plan.rss_per_key_limit_b:,} a key plus one RSS step of "
+                f"{self.plan.rss_step_b:,})",
             ),
             (
                 "RSS after the first chat pass",

@@ -266,8 +266,8 @@ async def _stream_chunks(
         reported, total = _stream_usage(b"".join(tail)) if tail else (None, None)
         whole = outcome is Outcome.COMPLETED and 200 <= status < 300
         body = b"".join(kept) if whole and kept is not None else b""
-        # else the events, less the closing `[DONE]` (the Responses API's non-text events
-        # would count too: its usage is always reported)
+        # the output its usage reports; else its events, less the closing `[DONE]` (a
+        # Responses stream's non-text events would count too, but it always reports usage)
         output = max(0, events - 1) if reported is None else reported
         ended = Ended(outcome, latency, first, output, total, status, body, failed, abandoned)
         _end_span(span, ended)
