@@ -49,3 +49,14 @@ def test_a_batch_of_prompts_reserves_an_answer_for_each() -> None:
     assert reserved([1, 2, 3]) == 10  # one prompt of token ids
     assert reserved(["a", "b", "c"]) == 30
     assert reserved([[1, 2], [3]], n=2) == 40
+
+
+def test_the_tools_offered_count_in_the_prompt() -> None:
+    # engines write the tools' names, descriptions and schemas into the prompt
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(60)}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    asked = {"messages": [{"role": "user", "content": "hi"}]}
+    offered = prompt_tokens("chat", {**asked, "tools": tools}) - prompt_tokens("chat", asked)
+    assert offered > len(json.dumps(tools)) // 4 - 1
+    flat = [{"type": "function", "name": "f", "parameters": schema}]  # the Responses API's
+    assert prompt_tokens("responses", {"input": "hi", "tools": flat}) > len(json.dumps(flat)) // 4

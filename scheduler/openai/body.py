@@ -192,6 +192,15 @@ def _prompt(body: dict[str, Any], name: str) -> int:
     return _text_tokens(value)
 
 
+def _tools_tokens(body: dict[str, Any]) -> int:
+    """The tools offered (`tools`: names, descriptions, parameter schemas), which the
+    engine's chat template writes into the prompt: their JSON's length, as tokens."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return 0
+    return len(json.dumps(tools)) // CHARS_PER_TOKEN + 1
+
+
 def _prompts(prompt: Any) -> int:
     """How many prompts `/v1/completions` was given: a batch is a list of strings or of
     token lists; a string, or one list of token ids, is one."""
@@ -229,7 +238,7 @@ def read_call(route: str, raw: bytes, *, default_max_tokens: int) -> InferenceCa
         raise bad_request("'stream' must be a boolean.", param="stream")
     n = _int_field(body, "n", low=1, high=128) or 1
     if route == "chat":
-        prompt_tokens = _messages(body)
+        prompt_tokens = _messages(body) + _tools_tokens(body)
         max_tokens = _int_field(body, "max_completion_tokens", low=1, high=MAX_TOKENS_CAP)
         if max_tokens is None:
             max_tokens = _int_field(body, "max_tokens", low=1, high=MAX_TOKENS_CAP)
@@ -238,7 +247,7 @@ def read_call(route: str, raw: bytes, *, default_max_tokens: int) -> InferenceCa
         max_tokens = _int_field(body, "max_tokens", low=1, high=MAX_TOKENS_CAP)
         n *= _prompts(body["prompt"])  # n answers to each prompt of a batch
     elif route == "responses":
-        prompt_tokens = _responses_input(body)
+        prompt_tokens = _responses_input(body) + _tools_tokens(body)
         max_tokens = _int_field(body, "max_output_tokens", low=1, high=MAX_TOKENS_CAP)
         n = 1  # one answer per request, always
     else:
