@@ -55,7 +55,7 @@ def test_the_tools_offered_count_in_the_prompt() -> None:
     # engines write the tools' names, descriptions and schemas into the prompt
     schema = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(60)}}
     tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
-    asked = {"messages": [{"role": "user", "content": "hi"}]}
+    asked: dict[str, object] = {"messages": [{"role": "user", "content": "hi"}]}
     offered = prompt_tokens("chat", {**asked, "tools": tools}) - prompt_tokens("chat", asked)
     assert offered > len(json.dumps(tools)) // 4 - 1
     flat = [{"type": "function", "name": "f", "parameters": schema}]  # the Responses API's
