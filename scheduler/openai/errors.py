@@ -66,15 +66,31 @@ class OpenAIError(SchedulerError):
             return None
         return str(max(1, math.ceil(self.retry_after_s)))
 
+    def retry_after_ms(self) -> str | None:
+        """The wait to the millisecond (`retry-after-ms`, which the openai SDKs read before
+        `Retry-After`), or None."""
+        if self.retry_after_s is None:
+            return None
+        return str(max(1, math.ceil(round(self.retry_after_s * 1e3, 6))))
+
+
+# what tells the openai SDKs (which retry a 429 or a 5xx twice by default, waiting out a
+# Retry-After of up to two minutes) that asking again cannot succeed
+NO_RETRY = {"x-should-retry": "false"}
+
 
 class ApiError(OpenAIError):
-    """An error response. `retry_after_s` becomes a `Retry-After` header (whole seconds)."""
+    """An error response. `retry_after_s` becomes a `Retry-After` header (whole seconds) and
+    `retry-after-ms`; a refusal that no retry can undo says so in `x-should-retry`."""
 
     def headers(self) -> dict[str, str]:
         headers = {**self.extra_headers, "content-type": "application/json"}
-        retry_after = self.retry_after()
-        if retry_after is not None:
+        retry_after, retry_after_ms = self.retry_after(), self.retry_after_ms()
+        if retry_after is not None and retry_after_ms is not None:
             headers["retry-after"] = retry_after
+            headers["retry-after-ms"] = retry_after_ms
+        if self.refusal is not None and not self.refusal.retryable:
+            headers.update(NO_RETRY)
         return headers
 
 

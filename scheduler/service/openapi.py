@@ -58,7 +58,16 @@ _RETRY_AFTER = {
     "Retry-After": {
         "description": "Seconds to wait before retrying.",
         "schema": {"type": "integer"},
-    }
+    },
+    "retry-after-ms": {
+        "description": "The same wait in milliseconds (the openai SDKs read it first).",
+        "schema": {"type": "integer"},
+    },
+    "x-should-retry": {
+        "description": 'Present as "false" when no retry can succeed (the refusal\'s '
+        "retryable is false): the openai SDKs then do not retry.",
+        "schema": {"type": "string", "enum": ["false"]},
+    },
 }
 _RATE_LIMIT = {
     name: {"description": description, "schema": {"type": "string"}}

@@ -38,7 +38,7 @@ from backends.http.client import (
 )
 from scheduler.core import Outcome
 from scheduler.core.backend import Backend, BackendResponse
-from scheduler.openai.errors import ApiError, openai_error_body
+from scheduler.openai.errors import NO_RETRY, ApiError, openai_error_body
 from scheduler.service.metrics import BackendErrorKind, backend_error_kind
 from scheduler.service.refusals import backend_saturated, backend_unavailable
 from scheduler.service.tracing import tracer, tracing_on
@@ -354,6 +354,8 @@ def _passed_on(up: BackendResponse, body: bytes) -> tuple[dict[str, str], bytes]
     body in OpenAI's shape."""
     headers = up.end_to_end_headers()
     headers["content-type"] = "application/json"
+    if up.status_code == NOT_IMPLEMENTED:  # the route is not served: asking again is futile
+        headers.update(NO_RETRY)
     return headers, openai_error_body(up.status_code, body)
 
 

@@ -164,19 +164,23 @@ async def test_a_route_the_engine_does_not_serve_is_told_in_its_words(
     gateway: tuple[str, str],
 ) -> None:
     # llama-server started without --embeddings answers /v1/embeddings 501; the client
-    # gets that, OpenAI-shaped, not a 502 "the backend failed"
+    # gets that, OpenAI-shaped, not a 502 "the backend failed", and its SDK (which retries
+    # a 5xx twice by default) is told that asking again cannot help
     url, key = gateway
+    sent: list[str] = []
 
     def embed() -> openai.APIStatusError:
-        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+        http = httpx2.Client(event_hooks={"request": [lambda r: sent.append(r.url.path)]})
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, http_client=http, timeout=30)
         with pytest.raises(openai.APIStatusError) as caught:
             client.embeddings.create(model=MODEL_ALIAS, input="hello")
         return caught.value
 
     with trio.fail_after(30):
-        error = await trio.to_thread.run_sync(embed)
+        error = await trio.to_thread.run_sync(embed, abandon_on_cancel=True)
     assert error.status_code == 501
     assert "--embeddings" in error.message, error.response.text
+    assert sent == ["/v1/embeddings"]  # once: no retry
     async with httpx2.AsyncClient(timeout=30) as client:  # the engine still serves chat
         response = await client.post(
             url + "/v1/chat/completions", json=chat(), headers={"authorization": f"Bearer {key}"}

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import openai
 import pytest
 import trio
 
@@ -74,6 +75,10 @@ def refusal(r: httpx2.Response, status: int, reason: str, limit: str) -> dict[st
     assert (error["reason"], error["limit"]) == (reason, limit), error
     assert error["message"] and isinstance(error["retryable"], bool), error
     assert int(r.headers["retry-after"]) >= 1, r.headers
+    # the same wait to the millisecond (what the openai SDKs read first), and a refusal no
+    # retry can undo tells them not to try (they retry a 429 or a 503 twice by default)
+    assert 0 < int(r.headers["retry-after-ms"]) <= 1000 * int(r.headers["retry-after"]), r.headers
+    assert r.headers.get("x-should-retry") == (None if error["retryable"] else "false"), r.headers
     if status == 503:
         assert r.headers["x-scheduler-shed"] == reason, r.headers
     else:
@@ -156,6 +161,34 @@ async def test_quota_429s_name_the_quota_its_limit_and_the_count(
     assert error["type"] == "requests"
     assert (error["threshold"], error["observed"], error["retryable"]) == (3, 4, True)
     assert over_requests.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_the_openai_sdk_does_not_retry_a_request_no_quota_can_hold(
+    nursery: trio.Nursery, redis_url: str, tmp_path: Path
+) -> None:
+    # the SDK retries a 429 twice by default and waits out a Retry-After of up to two
+    # minutes: a request over the whole per-minute token quota kept its caller two minutes
+    # for two more refusals
+    key = fresh("sdk")
+    demo = await start_demo(nursery)
+    gateway = await start_gateway(
+        nursery, settings_for(tmp_path, QUOTA.format(key=key), demo, redis_url)
+    )
+    sent: list[str] = []
+
+    def ask() -> openai.RateLimitError:
+        http = httpx2.Client(event_hooks={"request": [lambda r: sent.append(r.url.path)]})
+        client = openai.OpenAI(base_url=gateway + "/v1", api_key=key, http_client=http)
+        with pytest.raises(openai.RateLimitError) as caught:
+            client.chat.completions.create(
+                model="demo-small", messages=[{"role": "user", "content": "a"}], max_tokens=5000
+            )
+        return caught.value
+
+    with trio.fail_after(20):
+        error = await trio.to_thread.run_sync(ask, abandon_on_cancel=True)
+    assert error.body["reason"] == "tokens_too_large", error.body  # type: ignore[index]
+    assert sent == ["/v1/chat/completions"]  # once: no retry
 
 
 SHEDDING = """
