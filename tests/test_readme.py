@@ -1,15 +1,21 @@
-"""The README's promises checked against the code: its config example loads, and CI runs
-exactly its test command, and its engine configs read their engines' metrics."""
+"""The README's promises checked against the code: its config example loads and names every
+field the config file takes, CI runs exactly its test command, and its engine configs read
+their engines' metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
+from backends.http.client import BackendLimits
+from scheduler.core import AIMDConfig
+from scheduler.models import pressure_config
 from scheduler.models.exposition import Exporter, parse_scrape
-from scheduler.service.config import load_settings
+from scheduler.models.gpu import GpuConfig
+from scheduler.service.config import ServerSettings, load_settings
 from tests.backends.test_pressure import SGLANG, TGI, VLLM_V1
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +29,20 @@ def test_the_readme_config_example_is_valid(tmp_path: Path) -> None:
     path.write_text(match.group(1))
     settings = load_settings(path, env={"ACME_KEY": "sk-acme"})
     assert settings.keys[0].tenant == "acme"
+
+
+def test_every_field_the_config_takes_is_in_the_readme() -> None:
+    # `controller.burst_s`, `tiers.T.serve_stale`, `demo_backend.max_waiting` and four of the
+    # pressure probe's fields were read from the file but named nowhere in the README
+    source = (ROOT / "scheduler" / "service" / "config.py").read_text()
+    names = set(re.findall(r'\.get\(\s*"([a-z_]+)"', source))  # read by name (`Table.get`)
+    for whole in (AIMDConfig, ServerSettings, BackendLimits, GpuConfig):  # field by field
+        names |= {f.name for f in dataclasses.fields(whole)}
+    names |= {*pressure_config._PROBE_FIELDS, *pressure_config._PRESSURE_FIELDS}
+    names |= {"signals", "exporters"}
+    assert len(names) > 80
+    missing = sorted(n for n in names if not re.search(rf"\b{n}\b", README))
+    assert missing == []
 
 
 def test_ci_runs_the_readme_test_command() -> None:

@@ -1,12 +1,16 @@
-"""Scenarios from TOML: the shipped ones load, and a bad one names its field and line."""
+"""Scenarios from TOML: the shipped ones load, `spike.toml` shows every field, and a bad one
+names its field and line."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 
-from scheduler.core import GateMode
+from scheduler.core import AIMDConfig, GateMode
+from scheduler.core.gradient import GradientConfig
 from sim.engine.model import ControllerKind, Process, SizeKind
 from sim.scenario import ScenarioError, bundled_scenarios, load_scenario, parse_scenario
 
@@ -34,6 +38,21 @@ def test_shipped_scenarios_load_by_path_and_name() -> None:
         scenario = load_scenario(name)
         assert scenario.name == name
         assert scenario.tiers and scenario.backends.count >= 1
+
+
+def test_spike_shows_every_field_a_scenario_takes() -> None:
+    # it says it documents the format, every field with a comment; eight were missing
+    # (latency_signal, smoothing, long_window_ticks, min, serve_stale, tenants and the
+    # tenant and model quotas)
+    source = (Path(__file__).parents[2] / "sim" / "scenario.py").read_text()
+    names = set(
+        re.findall(r'\.(?:number|integer|flag|text|names|table|tables|has)\(\s*"(\w+)"', source)
+    )
+    for config in (AIMDConfig, GradientConfig):  # read by their field names
+        names |= {f.name for f in dataclasses.fields(config)}
+    assert len(names) > 60
+    spike = bundled_scenarios()["spike"].read_text()
+    assert sorted(n for n in names if not re.search(rf"\b{n}\b", spike)) == []
 
 
 def test_fields_are_read_into_the_model() -> None:
