@@ -118,6 +118,23 @@ def test_render_has_every_metric_with_conventional_names() -> None:
     assert not labels & {"key", "key_id", "api_key", "tenant"}
 
 
+def test_the_readme_names_every_series_and_its_labels() -> None:
+    # the README described the series in prose, naming five of the twenty-seven
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("Every series, and how `--workers N` merges", 1)[1].split("\n\n")[1]
+    body, _ = fed().render()
+    families = list(text_string_to_metric_families(body.decode()))
+    assert len(families) > 25
+    for family in families:
+        if family.name.endswith("_created"):  # prometheus_client's, beside each counter
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        row = next((line for line in table.splitlines() if f"`{name}`" in line), None)
+        assert row is not None, name
+        labels = {k for s in family.samples for k in s.labels if k != "le"}
+        assert all(label in row.split("|")[3] for label in labels), (name, labels, row)
+
+
 def test_buckets_surround_each_slo_and_max_wait() -> None:
     buckets = GatewayMetrics(TIERS, ["m"]).buckets
     for derived in (0.8, 2.0, 4.0, 8.0, 16.0, 0.3, 0.75, 1.5, 3.0, 6.0, 15.0, 60.0):
