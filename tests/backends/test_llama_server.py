@@ -170,10 +170,11 @@ async def test_a_route_the_engine_does_not_serve_is_told_in_its_words(
     sent: list[str] = []
 
     def embed() -> openai.APIStatusError:
-        http = httpx2.Client(event_hooks={"request": [lambda r: sent.append(r.url.path)]})
-        client = openai.OpenAI(base_url=url + "/v1", api_key=key, http_client=http, timeout=30)
-        with pytest.raises(openai.APIStatusError) as caught:
-            client.embeddings.create(model=MODEL_ALIAS, input="hello")
+        hooks = {"request": [lambda r: sent.append(r.url.path)]}
+        with httpx2.Client(event_hooks=hooks, timeout=30) as http:
+            client = openai.OpenAI(base_url=url + "/v1", api_key=key, http_client=http)
+            with pytest.raises(openai.APIStatusError) as caught:
+                client.embeddings.create(model=MODEL_ALIAS, input="hello")
         return caught.value
 
     with trio.fail_after(30):

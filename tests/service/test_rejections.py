@@ -177,12 +177,15 @@ async def test_the_openai_sdk_does_not_retry_a_request_no_quota_can_hold(
     sent: list[str] = []
 
     def ask() -> openai.RateLimitError:
-        http = httpx2.Client(event_hooks={"request": [lambda r: sent.append(r.url.path)]})
-        client = openai.OpenAI(base_url=gateway + "/v1", api_key=key, http_client=http)
-        with pytest.raises(openai.RateLimitError) as caught:
-            client.chat.completions.create(
-                model="demo-small", messages=[{"role": "user", "content": "a"}], max_tokens=5000
-            )
+        hooks = {"request": [lambda r: sent.append(r.url.path)]}
+        with httpx2.Client(event_hooks=hooks) as http:
+            client = openai.OpenAI(base_url=gateway + "/v1", api_key=key, http_client=http)
+            with pytest.raises(openai.RateLimitError) as caught:
+                client.chat.completions.create(
+                    model="demo-small",
+                    messages=[{"role": "user", "content": "a"}],
+                    max_tokens=5000,
+                )
         return caught.value
 
     with trio.fail_after(20):
