@@ -126,14 +126,18 @@ backends = ["demo"]
 """
 
 
+async def metered(nursery: trio.Nursery, redis_url: str, tmp_path: Path) -> tuple[str, str]:
+    """A gateway in front of the demo with a new key of the `metered` tier: (URL, key)."""
+    key = fresh("quota")
+    demo = await start_demo(nursery)
+    settings = settings_for(tmp_path, QUOTA.format(key=key), demo, redis_url)
+    return await start_gateway(nursery, settings), key
+
+
 async def test_quota_429s_name_the_quota_its_limit_and_the_count(
     nursery: trio.Nursery, redis_url: str, tmp_path: Path
 ) -> None:
-    key = fresh("quota")
-    demo = await start_demo(nursery)
-    gateway = await start_gateway(
-        nursery, settings_for(tmp_path, QUOTA.format(key=key), demo, redis_url)
-    )
+    gateway, key = await metered(nursery, redis_url, tmp_path)
     auth = {"authorization": f"Bearer {key}"}
     url = gateway + "/v1/chat/completions"
     async with httpx2.AsyncClient(timeout=10) as client:
@@ -169,11 +173,7 @@ async def test_the_openai_sdk_does_not_retry_a_request_no_quota_can_hold(
     # the SDK retries a 429 twice by default and waits out a Retry-After of up to two
     # minutes: a request over the whole per-minute token quota kept its caller two minutes
     # for two more refusals
-    key = fresh("sdk")
-    demo = await start_demo(nursery)
-    gateway = await start_gateway(
-        nursery, settings_for(tmp_path, QUOTA.format(key=key), demo, redis_url)
-    )
+    gateway, key = await metered(nursery, redis_url, tmp_path)
     sent: list[str] = []
 
     def ask() -> openai.RateLimitError:
