@@ -9,6 +9,7 @@ The format, field by field, is documented by the shipped scenarios in `sim/scena
 from __future__ import annotations
 
 import csv
+import difflib
 import math
 import tomllib
 from dataclasses import replace
@@ -56,12 +57,21 @@ def bundled_scenarios() -> dict[str, Path]:
 def load_scenario(path: str | Path) -> Scenario:
     """Read a scenario file, or a shipped scenario by name (`spike`)."""
     file = Path(path)
-    if not file.exists() and file.suffix == "" and str(path) in bundled_scenarios():
-        file = bundled_scenarios()[str(path)]
+    shipped = bundled_scenarios()
+    if not file.exists() and file.suffix == "" and str(path) in shipped:
+        file = shipped[str(path)]
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ScenarioError("scenario", f"cannot read: {exc}", source=str(path), line=None) from exc
+        message = f"cannot read: {exc}"
+        if file.suffix == "" and not file.exists():  # a name, not a path: which names there are
+            close = difflib.get_close_matches(str(path), shipped, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            message = (
+                f"no such file, nor a shipped scenario of that name ({hint}shipped: "
+                f"{', '.join(sorted(shipped))})"
+            )
+        raise ScenarioError("scenario", message, source=str(path), line=None) from exc
     return parse_scenario(text, source=str(file), base_dir=file.parent)
 
 

@@ -143,6 +143,9 @@ def test_cross_references_are_checked() -> None:
 def test_unreadable_file_and_bad_trace(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError, match="cannot read"):
         load_scenario(tmp_path / "missing.toml")
+    # a shipped scenario's name mistyped: it was "cannot read: [Errno 2] No such file"
+    with pytest.raises(ScenarioError, match=r"nor a shipped scenario .*did you mean 'spike'"):
+        load_scenario("spkie")
     (tmp_path / "t.csv").write_text("at_s\n0.5\nsoon\n")
     scenario_file = tmp_path / "s.toml"
     scenario_file.write_text(MINIMAL.replace("rate_rps = 1", 'process = "trace"\ntrace = "t.csv"'))
