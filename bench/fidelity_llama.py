@@ -156,7 +156,8 @@ class EngineMeter:
     def since(self, start: EngineMeter, what: str, gpu: GpuConfig) -> str:
         """Per decode step since `start`: the engine's CPU time (one thread, pinned: its
         busy time) and what the fit's step time gives for as many prompt and output tokens
-        (its base, per-sequence and prompt terms; not the context or join terms)."""
+        (its base, per-sequence and prompt terms; not the context, join or lone-sequence
+        terms: only the mean sequences per step are known)."""
         decodes = max(1.0, self.decodes - start.decodes)
         prompt = (self.prompt_tokens - start.prompt_tokens) / decodes
         output = (self.output_tokens - start.output_tokens) / decodes

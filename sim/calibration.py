@@ -16,7 +16,10 @@ The fit, given the points:
 - the decode costs come from a least-squares fit of time per output token against
   n = min(concurrency, max_batch) and n x context (the attention's cost per KV token: a decode
   step after a 206-token prompt was measured 20-35 % slower than after a 62-token one on
-  llama.cpp), and the prefill terms (steps per prompt token, seconds per
+  llama.cpp), over the bursts of two or more sequences when two such batch sizes were
+  measured, with a lone sequence's step (`decode_alone_s`) from the bursts of one (llama.cpp
+  on a CPU: 3.3 ms a token alone, 6.1 ms for two, 7.9 ms for four, where a line through all
+  three was 19-50 % too fast at two), and the prefill terms (steps per prompt token, seconds per
   prompt token in the batch) from the first-token times of the bursts that fit in the batch;
 - `prefill_join_s` from the joins: a prompt sent while `decoding` sequences are past their
   first token, its first-token time against the model's without a join cost (a burst into an
@@ -229,13 +232,26 @@ def _burst_step_s(gpu: GpuConfig, p: Point) -> float:
 
 def _decode_terms(points: Sequence[Point], gpu: GpuConfig) -> GpuConfig:
     """decode_base_s, decode_per_seq_s and decode_per_kv_token_s from the times per output
-    token: a plane in (n, n x context) where both are known, else a line in n."""
+    token: a plane in (n, n x context) where both are known, else a line in n. Where two
+    batch sizes of two or more were measured, the plane is theirs, and a lone sequence's
+    step (`decode_alone_s`) is what its bursts of one took, less their context's cost."""
     rows = [
         (n, n * context_of(p.prompt_tokens, p.output_tokens), p.tpot_s)
         for p in points
         if not math.isnan(p.tpot_s)
         for n in (min(p.concurrency, gpu.max_batch),)
     ]
+    several = [row for row in rows if row[0] >= 2]
+    alone = [row for row in rows if row[0] == 1]
+    if not alone or len({n for n, _, _ in several}) < 2:
+        return _decode_plane(rows, gpu)
+    fitted = _decode_plane(several, gpu)
+    lone_s = _mean([y - fitted.decode_per_kv_token_s * context for _, context, y in alone])
+    return replace(fitted, decode_alone_s=max(0.0, lone_s))
+
+
+def _decode_plane(rows: Sequence[tuple[float, float, float]], gpu: GpuConfig) -> GpuConfig:
+    """The decode terms of `rows` (n, n x context, time per token)."""
     plane = _plane(rows)
     if plane is not None:
         base, per_seq, per_kv = plane
@@ -408,6 +424,7 @@ def backends_section(fit: Fit, *, comment: str = "") -> str:
         f"prefill_s_per_token = {gpu.prefill_s_per_token:.6g}",
         f"decode_per_kv_token_s = {gpu.decode_per_kv_token_s:.6g}",
         f"prefill_join_s = {gpu.prefill_join_s:.6g}",
+        f"decode_alone_s = {gpu.decode_alone_s:.6g}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -242,6 +242,7 @@ def _pool(t: Table, *, min_count: int) -> BackendPool:
             "decode_per_kv_token_s", defaults.decode_per_kv_token_s, ge=0
         ),
         prefill_join_s=t.number("prefill_join_s", defaults.prefill_join_s, ge=0),
+        decode_alone_s=t.number("decode_alone_s", defaults.decode_alone_s, ge=0),
     )
     pool = BackendPool(count=t.integer("count", ge=min_count), gpu=gpu)
     t.done()

@@ -71,6 +71,7 @@ _GPU_HELP = {
     "prefill_s_per_token": "seconds each prompt token adds to the step that prefills it",
     "decode_per_kv_token_s": "seconds per decode step added by each token of context",
     "prefill_join_s": "seconds a prompt adds per sequence decoding when it joins the batch",
+    "decode_alone_s": "seconds per decode step of a lone sequence (0: base plus per-seq)",
 }
 
 

@@ -9,7 +9,10 @@ The rules, close to what vLLM does:
   `max_waiting` a new request is refused (the server's 503);
 - every running sequence advances one token per decode step, and a step takes
   `decode_base_s + decode_per_seq_s * running` seconds: more concurrent sequences, slower
-  tokens for each, more tokens in total;
+  tokens for each, more tokens in total; a step of a lone sequence takes `decode_alone_s`
+  instead when that is set (0, the default: it is not). llama.cpp on a CPU shows why: in most
+  calibrations a second sequence nearly doubled the time per token (3.3 ms alone, 6.1 ms
+  for two, 7.9 ms for four), which no line through all three follows;
 - the prompt is prefilled in the same steps, at `prefill_tokens_per_step` prompt tokens per
   step, before the first output token; each prompt token costs the step that prefills it
   `prefill_s_per_token` more (0 by default). That is the cost a real engine shows (llama.cpp,
@@ -62,6 +65,7 @@ class GpuConfig:
     prefill_s_per_token: float = 0.0
     decode_per_kv_token_s: float = 0.0
     prefill_join_s: float = 0.0
+    decode_alone_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "kv_capacity_tokens"):
@@ -75,6 +79,7 @@ class GpuConfig:
             "prefill_s_per_token",
             "decode_per_kv_token_s",
             "prefill_join_s",
+            "decode_alone_s",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"backend.{name} must be >= 0, got {getattr(self, name)}")
@@ -89,22 +94,23 @@ class GpuConfig:
         """Seconds per step with `running` sequences in the batch, `prefilling` of them still
         in their prompt, and `context_tokens` of KV cache read by the batch's attention."""
         prefill_s = self.prefill_tokens_per_step * self.prefill_s_per_token
-        return (
-            self.decode_base_s
-            + self.decode_per_seq_s * running
-            + prefill_s * prefilling
-            + self.decode_per_kv_token_s * context_tokens
-        )
+        if running == 1:
+            decode_s = self.decode_alone_s or self.decode_base_s + self.decode_per_seq_s
+        else:
+            decode_s = self.decode_base_s + self.decode_per_seq_s * running
+        return decode_s + prefill_s * prefilling + self.decode_per_kv_token_s * context_tokens
 
 
-def _step_terms(config: GpuConfig) -> tuple[float, float, float, float]:
+def _step_terms(config: GpuConfig) -> tuple[float, float, float, float, float]:
     """`config.step_s`'s terms, so that the model sums them inline in the same order (the
-    step time is set at every start and end)."""
+    step time is set at every start and end): the base, per sequence, per prompt being
+    prefilled, per token of context, and a lone sequence's decode."""
     return (
         config.decode_base_s,
         config.decode_per_seq_s,
         config.prefill_tokens_per_step * config.prefill_s_per_token,
         config.decode_per_kv_token_s,
+        config.decode_alone_s or config.decode_base_s + config.decode_per_seq_s,
     )
 
 
@@ -289,10 +295,10 @@ class GpuModel:
                 self._started += 1
                 push(self._firsts, (first, seq.id, seq))
                 push(self._ends, (done, seq.id, seq))
-        base, per_seq, prefill_s, per_kv = self._step_terms  # config.step_s, inline
+        base, per_seq, prefill_s, per_kv, alone = self._step_terms  # config.step_s, inline
+        n = len(running)
         self._step_s = (
-            base
-            + per_seq * len(running)
+            (alone if n == 1 else base + per_seq * n)
             + prefill_s * len(self._prefilling)
             + per_kv * self._context
         )
@@ -304,10 +310,10 @@ class GpuModel:
             self._context = 0.0  # no float residue left behind
 
     def _restep(self) -> None:
-        base, per_seq, prefill_s, per_kv = self._step_terms  # config.step_s, inline
+        base, per_seq, prefill_s, per_kv, alone = self._step_terms  # config.step_s, inline
+        n = len(self._running)
         self._step_s = (
-            base
-            + per_seq * len(self._running)
+            (alone if n == 1 else base + per_seq * n)
             + prefill_s * len(self._prefilling)
             + per_kv * self._context
         )

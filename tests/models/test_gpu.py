@@ -37,6 +37,23 @@ def test_more_sequences_make_each_token_slower_but_more_in_total() -> None:
     assert finished[-1].finished_at < 4 * done.finished_at
 
 
+def test_a_lone_sequence_steps_at_its_own_time_and_two_at_the_line() -> None:
+    # llama.cpp on a CPU: 3.3 ms a token alone, 6.1 ms for two, 7.9 ms for four
+    cfg = GpuConfig(decode_base_s=0.0043, decode_per_seq_s=0.0009, decode_alone_s=0.0033)
+    assert (cfg.step_s(1), cfg.step_s(2), cfg.step_s(4)) == pytest.approx((0.0033, 0.0061, 0.0079))
+    assert dataclasses.replace(cfg, decode_alone_s=0).step_s(1) == pytest.approx(0.0052)
+    gpu = GpuModel(cfg)
+    first = gpu.submit(1, 0, 11, now=0.0)
+    second = gpu.submit(2, 0, 21, now=0.0)
+    assert first is not None and second is not None
+    gpu.advance(1.0)
+    # together for 11 steps of 6.1 ms, then the second alone for 10 of 3.3 ms
+    assert first.finished_at == pytest.approx(11 * 0.0061)
+    assert second.finished_at == pytest.approx(11 * 0.0061 + 10 * 0.0033)
+    with pytest.raises(ValueError, match=r"backend\.decode_alone_s"):
+        GpuConfig(decode_alone_s=-1)
+
+
 def test_batch_and_kv_limits_make_requests_wait_then_refuse() -> None:
     cfg = GpuConfig(max_batch=2, kv_capacity_tokens=1000, max_waiting=1, decode_per_seq_s=0)
     gpu = GpuModel(cfg)

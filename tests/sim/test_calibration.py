@@ -78,6 +78,22 @@ def test_the_fit_finds_the_model_that_made_the_measurements(gpu: GpuConfig) -> N
     assert result.mean_error == pytest.approx(0.0, abs=1e-6)
 
 
+def test_the_fit_finds_a_lone_sequences_own_step() -> None:
+    """An engine whose second sequence nearly doubles the time per token (llama.cpp on a
+    CPU): a line through one, two and four sequences is too fast at two; the fit takes the
+    bursts of one apart and finds both."""
+    lone = dataclasses.replace(ATTENTION, decode_alone_s=0.004)  # 5.5 ms were the line's
+    result = fit(measured(lone))
+    assert result.gpu.decode_alone_s == pytest.approx(0.004, rel=1e-6)
+    assert result.gpu.decode_base_s == pytest.approx(lone.decode_base_s, rel=1e-6)
+    assert result.gpu.decode_per_seq_s == pytest.approx(lone.decode_per_seq_s, rel=1e-6)
+    assert result.mean_error == pytest.approx(0.0, abs=1e-6)
+    assert "decode_alone_s = 0.004" in backends_section(result)
+    # one batch size of two or more (a batch of 2): no second line to take it apart from
+    two = fit(measured(dataclasses.replace(lone, max_batch=2)))
+    assert two.gpu.decode_alone_s == 0.0
+
+
 def test_the_fit_finds_the_join_cost_that_bursts_never_show() -> None:
     """An engine whose prompts cost 6 ms per decoding sequence when they join a batch: its
     bursts are the same as without (the fit's other terms do not move), its joins find it."""
