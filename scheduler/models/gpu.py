@@ -95,10 +95,15 @@ class GpuConfig:
         in their prompt, and `context_tokens` of KV cache read by the batch's attention."""
         prefill_s = self.prefill_tokens_per_step * self.prefill_s_per_token
         if running == 1:
-            decode_s = self.decode_alone_s or self.decode_base_s + self.decode_per_seq_s
+            decode_s = self.lone_decode_s
         else:
             decode_s = self.decode_base_s + self.decode_per_seq_s * running
         return decode_s + prefill_s * prefilling + self.decode_per_kv_token_s * context_tokens
+
+    @property
+    def lone_decode_s(self) -> float:
+        """A lone sequence's decode step: `decode_alone_s`, or the line's at one when unset."""
+        return self.decode_alone_s or self.decode_base_s + self.decode_per_seq_s
 
 
 def _step_terms(config: GpuConfig) -> tuple[float, float, float, float, float]:
@@ -110,7 +115,7 @@ def _step_terms(config: GpuConfig) -> tuple[float, float, float, float, float]:
         config.decode_per_seq_s,
         config.prefill_tokens_per_step * config.prefill_s_per_token,
         config.decode_per_kv_token_s,
-        config.decode_alone_s or config.decode_base_s + config.decode_per_seq_s,
+        config.lone_decode_s,
     )
 
 
