@@ -16,11 +16,14 @@ The fit, given the points:
 - the decode costs come from a least-squares fit of time per output token against
   n = min(concurrency, max_batch) and n x context (the attention's cost per KV token: a decode
   step after a 206-token prompt was measured 20-35 % slower than after a 62-token one on
-  llama.cpp), over the bursts of two or more sequences when two such batch sizes were
-  measured, with a lone sequence's step (`decode_alone_s`) from the bursts of one (llama.cpp
-  on a CPU: 3.3 ms a token alone, 6.1 ms for two, 7.9 ms for four, where a line through all
-  three was 19-50 % too fast at two), and the prefill terms (steps per prompt token, seconds per
-  prompt token in the batch) from the first-token times of the bursts that fit in the batch;
+  llama.cpp), over the bursts of two or more sequences, with a lone sequence's step
+  (`decode_alone_s`) from the bursts of one (llama.cpp on a CPU: 3.3 ms a token alone, 6.1 ms
+  for two, 7.9 ms for four, where a line through all three was 19-50 % too fast at two; with
+  a batch of 2, a line through one and two put both 24-85 % over), and the prefill terms
+  (steps per prompt token, seconds per prompt token in the batch) from the first-token times
+  of the bursts that fit in the batch, in one of three forms (`_prefill_terms`): the bursts
+  can hardly tell them apart, so the form is the one whose whole fit, the joins' first
+  tokens included, errs least;
 - `prefill_join_s` from the joins: a prompt sent while `decoding` sequences are past their
   first token, its first-token time against the model's without a join cost (a burst into an
   idle engine never shows that cost; a steady stream of arrivals pays it on every start);
@@ -200,28 +203,38 @@ def fit(
         max_waiting=base.max_waiting if max_waiting is None else max_waiting,
     )
     knee = saturation_concurrency(points)
-    gpu = _join_term(joins, _fit_bursts(points, replace(base, max_batch=max_batch or knee)))
-    return Fit(
-        gpu,
-        tuple(predict_burst(gpu, p) for p in points),
-        knee,
-        tuple(JoinError(j, predict_join(gpu, j)) for j in joins),
-    )
+    fits = [
+        Fit(
+            gpu,
+            tuple(predict_burst(gpu, p) for p in points),
+            knee,
+            tuple(JoinError(j, predict_join(gpu, j)) for j in joins),
+        )
+        for bursts in _fit_bursts(points, replace(base, max_batch=max_batch or knee))
+        for gpu in (_join_term(joins, bursts),)
+    ]
+    return min(fits, key=_by_error)
 
 
-def _fit_bursts(points: Sequence[Point], gpu: GpuConfig) -> GpuConfig:
+def _by_error(fit: Fit) -> float:
+    return fit.mean_error
+
+
+def _fit_bursts(points: Sequence[Point], gpu: GpuConfig) -> list[GpuConfig]:
+    """The decode terms, and each form of the prefill terms that fits the bursts."""
     gpu = _decode_terms(points, gpu)
     # a burst of c inside the batch: TTFT - step_s(c) = prompt / rate * step_s(c)
     #   + c * prompt * prefill_s_per_token (all c prompts are prefilled before any first token)
-    rows = [
+    samples = [
         (p.prompt_tokens * step_s, p.concurrency * p.prompt_tokens, p.ttft_s - step_s, p.ttft_s)
         for p in points
         if p.concurrency <= gpu.max_batch and p.prompt_tokens > 0
         for step_s in (_burst_step_s(gpu, p),)
     ]
-    samples = rows
-    per_step, per_token = _prefill_terms(samples)
-    return replace(gpu, prefill_tokens_per_step=1 / per_step, prefill_s_per_token=per_token)
+    return [
+        replace(gpu, prefill_tokens_per_step=1 / per_step, prefill_s_per_token=per_token)
+        for per_step, per_token in _prefill_terms(samples)
+    ]
 
 
 def _burst_step_s(gpu: GpuConfig, p: Point) -> float:
@@ -232,8 +245,8 @@ def _burst_step_s(gpu: GpuConfig, p: Point) -> float:
 
 def _decode_terms(points: Sequence[Point], gpu: GpuConfig) -> GpuConfig:
     """decode_base_s, decode_per_seq_s and decode_per_kv_token_s from the times per output
-    token: a plane in (n, n x context) where both are known, else a line in n. Where two
-    batch sizes of two or more were measured, the plane is theirs, and a lone sequence's
+    token: a plane in (n, n x context) where both are known, else a line. Where bursts of
+    one and of two or more were measured, the plane is the latter's, and a lone sequence's
     step (`decode_alone_s`) is what its bursts of one took, less their context's cost."""
     rows = [
         (n, n * context_of(p.prompt_tokens, p.output_tokens), p.tpot_s)
@@ -243,7 +256,7 @@ def _decode_terms(points: Sequence[Point], gpu: GpuConfig) -> GpuConfig:
     ]
     several = [row for row in rows if row[0] >= 2]
     alone = [row for row in rows if row[0] == 1]
-    if not alone or len({n for n, _, _ in several}) < 2:
+    if not alone or not several:
         return _decode_plane(rows, gpu)
     fitted = _decode_plane(several, gpu)
     lone_s = _mean([y - fitted.decode_per_kv_token_s * context for _, context, y in alone])
@@ -258,8 +271,11 @@ def _decode_plane(rows: Sequence[tuple[float, float, float]], gpu: GpuConfig) ->
         return replace(
             gpu, decode_base_s=base, decode_per_seq_s=per_seq, decode_per_kv_token_s=per_kv
         )
+    if len({n for n, _, _ in rows}) == 1:  # one batch size (a batch of 2): its step, its context
+        per_kv, base = _line([(context, y) for _, context, y in rows])
+        return replace(gpu, decode_base_s=base, decode_per_seq_s=0.0, decode_per_kv_token_s=per_kv)
     slope, intercept = _line([(n, y) for n, _, y in rows])
-    return replace(gpu, decode_base_s=max(0.0, intercept), decode_per_seq_s=max(0.0, slope))
+    return replace(gpu, decode_base_s=intercept, decode_per_seq_s=slope)
 
 
 def _plane(rows: Sequence[tuple[float, float, float]]) -> tuple[float, float, float] | None:
@@ -301,8 +317,9 @@ def _solve3(m: list[list[float]], v: list[float]) -> list[float] | None:
 
 
 def _line(xy: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    """Slope and intercept minimising the squared relative error (weights 1 / y^2), so a
-    slow point does not outweigh the fast ones; a flat line for a single x."""
+    """Non-negative slope and intercept minimising the squared relative error (weights
+    1 / y^2), so a slow point does not outweigh the fast ones; a flat line for a single x,
+    a line through the origin where the best intercept is negative."""
     w = [1 / (y * y) if y > 0 else 0.0 for _, y in xy]
     total = sum(w)
     if total == 0:
@@ -313,35 +330,43 @@ def _line(xy: Sequence[tuple[float, float]]) -> tuple[float, float]:
     if sxx == 0:
         return 0.0, mean_y
     sxy = sum(wi * (x - mean_x) * (y - mean_y) for wi, (x, y) in zip(w, xy, strict=True))
+    if sxy <= 0:
+        return 0.0, mean_y
+    if mean_y - sxy / sxx * mean_x < 0:
+        through_origin = sum(wi * x * y for wi, (x, y) in zip(w, xy, strict=True))
+        return through_origin / sum(wi * x * x for wi, (x, _) in zip(w, xy, strict=True)), 0.0
     return sxy / sxx, mean_y - sxy / sxx * mean_x
 
 
-def _prefill_terms(samples: Sequence[tuple[float, float, float, float]]) -> tuple[float, float]:
+def _prefill_terms(
+    samples: Sequence[tuple[float, float, float, float]],
+) -> list[tuple[float, float]]:
     """Non-negative a, b with y = a x1 + b x2 in least squares of the relative error; each
-    sample is (x1, x2, y, measured). `a` is at least 1 / MAX_PREFILL_TOKENS_PER_STEP."""
+    sample is (x1, x2, y, measured), `a` is at least 1 / MAX_PREFILL_TOKENS_PER_STEP. The
+    bursts can hardly tell the two terms apart (a step's time grows with the burst, as the
+    burst's prompt tokens do), so three forms: both terms free, where that is non-negative;
+    `a` at its floor with all the cost per token (llama.cpp's whole prompt in one step); no
+    cost per token, all of it in prefill steps (vLLM's chunks of a fixed size). `fit`
+    chooses among them by the joins' error as well as the bursts'."""
     floor = 1 / MAX_PREFILL_TOKENS_PER_STEP
     if not samples:
-        return floor, 0.0
+        return [(floor, 0.0)]
     w = [1 / (m * m) for *_, m in samples]
     s11 = sum(wi * x1 * x1 for wi, (x1, _, _, _) in zip(w, samples, strict=True))
     s22 = sum(wi * x2 * x2 for wi, (_, x2, _, _) in zip(w, samples, strict=True))
     s12 = sum(wi * x1 * x2 for wi, (x1, x2, _, _) in zip(w, samples, strict=True))
     s1y = sum(wi * x1 * y for wi, (x1, _, y, _) in zip(w, samples, strict=True))
     s2y = sum(wi * x2 * y for wi, (_, x2, y, _) in zip(w, samples, strict=True))
+    forms = []
     det = s11 * s22 - s12 * s12
     if det > 1e-12 * s11 * s22:
         a, b = (s1y * s22 - s2y * s12) / det, (s2y * s11 - s1y * s12) / det
         if a >= floor and b >= 0:
-            return a, b
-    b = max(0.0, (s2y - floor * s12) / s22)  # a at its floor: all the cost per token
-    a_alone = s1y / s11  # or no cost per token: all of it in prefill steps
-    alone_error = sum(
-        wi * (y - a_alone * x1) ** 2 for wi, (x1, _, y, _) in zip(w, samples, strict=True)
-    )
-    floor_error = sum(
-        wi * (y - floor * x1 - b * x2) ** 2 for wi, (x1, x2, y, _) in zip(w, samples, strict=True)
-    )
-    return (floor, b) if floor_error <= alone_error or a_alone < floor else (a_alone, 0.0)
+            forms.append((a, b))
+    forms.append((floor, max(0.0, (s2y - floor * s12) / s22)))
+    if s1y / s11 > floor:
+        forms.append((s1y / s11, 0.0))
+    return forms
 
 
 def _mean(values: Sequence[float]) -> float:
