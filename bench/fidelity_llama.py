@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -45,11 +46,12 @@ import httpx2  # noqa: E402
 import trio  # noqa: E402
 
 from backends.redis.embedded import EmbeddedRedis  # noqa: E402
-from bench.fidelity_rig import run_fidelity  # noqa: E402
+from bench.fidelity_rig import Fidelity, Tolerances, compare, run_fidelity, sim_outcomes  # noqa: E402
 from scheduler.calibrate import Bounds, Profiler, calibrate  # noqa: E402
 from scheduler.models.exposition import read_series  # noqa: E402
 from scheduler.models.gpu import GpuConfig  # noqa: E402
 from sim.calibration import ERROR_COLUMNS, Fit, Point, backends_section, error_table  # noqa: E402
+from sim.engine import simulate  # noqa: E402
 from sim.engine.capacity import capacity_rps  # noqa: E402
 from sim.engine.model import BackendPool, Scenario  # noqa: E402
 from sim.report import format_table  # noqa: E402
@@ -111,15 +113,16 @@ def scenario_text(
     return head + "\n" + backends_section(fit) + "\n" + control + tiers
 
 
-async def drift(url: str, bounds: Bounds, fit: Fit) -> str:
-    """The calibration's widest bursts within the batch again, against what they measured."""
+async def drift(url: str, bounds: Bounds, fit: Fit) -> tuple[str, float]:
+    """The calibration's widest bursts within the batch again, against what they measured;
+    and the mean ratio of their times per token, now to then."""
     pool = httpx2.Limits(max_connections=fit.gpu.max_batch + 4, max_keepalive_connections=0)
     groups: list[list[Point]] = []  # the calibration's points, one list per prompt, in order
     for e in fit.errors:
         if not groups or groups[-1][-1].prompt_tokens != e.point.prompt_tokens:
             groups.append([])
         groups[-1].append(e.point)
-    parts = []
+    parts, ratios = [], []
     async with httpx2.AsyncClient(timeout=bounds.request_timeout_s, limits=pool) as client:
         profiler = Profiler(client, url, MODEL_ALIAS, bounds)
         for asked, points in zip(bounds.prompts, groups, strict=True):
@@ -128,13 +131,41 @@ async def drift(url: str, bounds: Bounds, fit: Fit) -> str:
                 key=lambda p: p.concurrency,
             )
             new = await profiler.burst(old.concurrency, asked)
+            ratios.append(new.tpot_s / old.tpot_s)
             parts.append(
                 f"c={old.concurrency} prompt {old.prompt_tokens}: tpot {1000 * old.tpot_s:.2f} -> "
                 f"{1000 * new.tpot_s:.2f} ms ({100 * (new.tpot_s / old.tpot_s - 1):+.1f}%), "
                 f"ttft {1000 * old.ttft_s:.0f} -> {1000 * new.ttft_s:.0f} ms "
                 f"({100 * (new.ttft_s / old.ttft_s - 1):+.1f}%)"
             )
-    return "engine drift since the calibration: " + "; ".join(parts)
+    return "engine drift since the calibration: " + "; ".join(parts), statistics.mean(ratios)
+
+
+TIME_TERMS = (  # GpuConfig's terms in seconds
+    "decode_base_s",
+    "decode_per_seq_s",
+    "decode_alone_s",
+    "decode_per_kv_token_s",
+    "prefill_s_per_token",
+    "prefill_join_s",
+)
+
+
+def at_drift(fidelity: Fidelity, ratio: float) -> str:
+    """How the live run compares with the simulator given the engine as the drift check
+    found it after the run (the fit's time terms times `ratio`): the share of the bar's
+    misses that the engine's own change of speed explains. A diagnostic, not the check."""
+    scenario = fidelity.scenario
+    gpu = scenario.backends.gpu
+    slower = replace(gpu, **{name: getattr(gpu, name) * ratio for name in TIME_TERMS})
+    shifted = replace(scenario, backends=replace(scenario.backends, gpu=slower))
+    checks = compare(sim_outcomes(simulate(shifted)), fidelity.live, Tolerances())
+    missed = [f"{c.tier} {c.metric} {100 * c.difference:.1f}%" for c in checks if not c.ok]
+    return (
+        f"the simulator with the engine's time terms x{ratio:.3f} (its speed after the run): "
+        f"{len(checks) - len(missed)} of {len(checks)} within the bar"
+        + (f"; over: {', '.join(missed)}" if missed else "")
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +267,9 @@ def main() -> int:
             print(f"\nwall {time.monotonic() - started:.0f} s, load average {_load()}")
             print(fidelity.report())
             print(replayed, flush=True)
-            print(trio.run(drift, server.url, bounds, fit), flush=True)
+            drifted, ratio = trio.run(drift, server.url, bounds, fit)
+            print(drifted)
+            print(at_drift(fidelity, ratio), flush=True)
             failed = failed or not fidelity.ok
     return 1 if failed else 0
 

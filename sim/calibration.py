@@ -21,7 +21,7 @@ The fit, given the points:
   for two, 7.9 ms for four, where a line through all three was 19-50 % too fast at two; with
   a batch of 2, a line through one and two put both 24-85 % over), and the prefill terms
   (steps per prompt token, seconds per prompt token in the batch) from the first-token times
-  of the bursts that fit in the batch, in one of three forms (`_prefill_terms`): the bursts
+  of the bursts that fit in the batch, in one of two forms (`_prefill_terms`): the bursts
   can hardly tell them apart, so the form is the one whose whole fit, the joins' first
   tokens included, errs least;
 - `prefill_join_s` from the joins: a prompt sent while `decoding` sequences are past their
@@ -341,13 +341,19 @@ def _line(xy: Sequence[tuple[float, float]]) -> tuple[float, float]:
 def _prefill_terms(
     samples: Sequence[tuple[float, float, float, float]],
 ) -> list[tuple[float, float]]:
-    """Non-negative a, b with y = a x1 + b x2 in least squares of the relative error; each
-    sample is (x1, x2, y, measured), `a` is at least 1 / MAX_PREFILL_TOKENS_PER_STEP. The
-    bursts can hardly tell the two terms apart (a step's time grows with the burst, as the
-    burst's prompt tokens do), so three forms: both terms free, where that is non-negative;
-    `a` at its floor with all the cost per token (llama.cpp's whole prompt in one step); no
-    cost per token, all of it in prefill steps (vLLM's chunks of a fixed size). `fit`
-    chooses among them by the joins' error as well as the bursts'."""
+    """The two forms of a, b in y = a x1 + b x2, each a least squares of the relative error
+    (each sample is (x1, x2, y, measured)): `a` at its floor, 1 / MAX_PREFILL_TOKENS_PER_STEP,
+    with all the cost per token (llama.cpp's whole prompt in one step); and no cost per token,
+    all of it in prefill steps (chunks of a fixed size at no cost of their own). `fit` chooses
+    between them by the joins' error as well as the bursts'.
+
+    Not the two terms free together: the bursts can hardly tell them apart (a step's time
+    grows with the burst, as its prompt tokens do), and such a mix fits their noise. On
+    llama-server it once chose 54 prompt tokens a step at 0.51 ms each, within 1 % of the
+    per-token form's error on the bursts and the joins; replayed, its long prompts took
+    several steps, each one advancing every decoding sequence, where llama.cpp takes a prompt
+    in one step: Free admitted 0.49 simulated against 0.30 live, where the per-token form
+    gives 0.35 on the same arrivals (bench/FIDELITY.md, 2026-12-08 later)."""
     floor = 1 / MAX_PREFILL_TOKENS_PER_STEP
     if not samples:
         return [(floor, 0.0)]
@@ -357,13 +363,7 @@ def _prefill_terms(
     s12 = sum(wi * x1 * x2 for wi, (x1, x2, _, _) in zip(w, samples, strict=True))
     s1y = sum(wi * x1 * y for wi, (x1, _, y, _) in zip(w, samples, strict=True))
     s2y = sum(wi * x2 * y for wi, (_, x2, y, _) in zip(w, samples, strict=True))
-    forms = []
-    det = s11 * s22 - s12 * s12
-    if det > 1e-12 * s11 * s22:
-        a, b = (s1y * s22 - s2y * s12) / det, (s2y * s11 - s1y * s12) / det
-        if a >= floor and b >= 0:
-            forms.append((a, b))
-    forms.append((floor, max(0.0, (s2y - floor * s12) / s22)))
+    forms = [(floor, max(0.0, (s2y - floor * s12) / s22))]
     if s1y / s11 > floor:
         forms.append((s1y / s11, 0.0))
     return forms

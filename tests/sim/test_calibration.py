@@ -131,28 +131,45 @@ def test_the_fit_finds_the_join_cost_that_bursts_never_show() -> None:
     assert "prefill_join_s = 0.006" in backends_section(result)
 
 
+def _lone_overhead(gpu: GpuConfig, factor: float) -> list[Point]:
+    """`gpu`'s bursts with a lone request's first token `factor` times slower than the model
+    has it (an overhead of its own, which a real engine's bursts show)."""
+    return [
+        dataclasses.replace(p, ttft_s=factor * p.ttft_s) if p.concurrency == 1 else p
+        for p in measured(gpu)
+    ]
+
+
 def test_the_joins_choose_the_prefill_form_that_the_bursts_leave_open() -> None:
     """llama.cpp prefills a whole prompt in one step, paid per token. Its bursts, with a lone
-    request's first token 20 % slower than the model has it (an overhead of its own), are
-    fitted better by a few prompt tokens a step at less cost each: a form that misses every
-    prompt joining a running batch (bench/FIDELITY.md, 2026-12-08: 78 %). The joins choose."""
-    points = [
-        dataclasses.replace(p, ttft_s=1.2 * p.ttft_s) if p.concurrency == 1 else p
-        for p in measured(ENGINE)
-    ]
+    request's first token 60 % slower, are fitted better by a few prompt tokens a step at no
+    cost per token: a form that misses every prompt joining a running batch (bench/
+    FIDELITY.md, 2026-12-08: 78 %). The joins choose."""
+    points = _lone_overhead(ENGINE, 1.6)
     joins = [
         JoinPoint(3, prompt, prompt, 72, predict_join(ENGINE, JoinPoint(3, prompt, prompt, 72, 0)))
         for prompt in (32, 256)
     ]
     bursts_alone = fit(points)
     assert bursts_alone.gpu.prefill_tokens_per_step < 100
+    assert bursts_alone.gpu.prefill_s_per_token == 0.0
     result = fit(points, joins=joins)
     assert result.gpu.prefill_tokens_per_step == pytest.approx(2048.0)
-    assert result.gpu.prefill_s_per_token == pytest.approx(ENGINE.prefill_s_per_token, rel=0.1)
+    assert result.gpu.prefill_s_per_token == pytest.approx(ENGINE.prefill_s_per_token, rel=0.2)
     assert max(e.ttft_error for e in result.join_errors) < 0.1
     missed = [abs(predict_join(bursts_alone.gpu, j) - j.ttft_s) / j.ttft_s for j in joins]
     assert min(missed) > 0.3
     assert max(e.ttft_error for e in result.errors) > max(e.ttft_error for e in bursts_alone.errors)
+
+
+def test_the_prefill_is_one_form_never_a_mix_of_both() -> None:
+    """With a lone request's first token 20 % slower, both terms free fitted 25 prompt tokens
+    a step at 0.39 ms each, closer to those bursts; replayed, such a mix lets a long prompt
+    take several steps, each advancing every decoding sequence, which llama.cpp does not
+    (bench/FIDELITY.md, 2026-12-08 later: Free admitted 0.49 simulated, 0.30 live)."""
+    result = fit(_lone_overhead(ENGINE, 1.2))
+    assert result.gpu.prefill_tokens_per_step == pytest.approx(2048.0)
+    assert result.gpu.prefill_s_per_token == pytest.approx(ENGINE.prefill_s_per_token, rel=0.1)
 
 
 def test_a_point_off_the_model_shows_in_its_error_and_barely_moves_the_fit() -> None:

@@ -27,7 +27,15 @@ import trio
 
 from backends.demo.openai import Kind, parse_generation
 from backends.redis.quota import ALGORITHM_KINDS
-from bench.fidelity_rig import TierOutcome, Tolerances, compare, run_fidelity
+from bench.fidelity_llama import TIME_TERMS, at_drift, scenario_text
+from bench.fidelity_rig import (
+    Fidelity,
+    TierOutcome,
+    Tolerances,
+    compare,
+    run_fidelity,
+    sim_outcomes,
+)
 from bench.fidelity_schedule import (
     MODEL,
     Arrival,
@@ -37,10 +45,12 @@ from bench.fidelity_schedule import (
 )
 from policies.ladder import ShedLadder
 from scheduler.core import AIMDConfig, GateMode
+from scheduler.models.gpu import GpuConfig
 from scheduler.openai.body import prompt_text, read_call
 from scheduler.service.config import Settings, load_settings
 from scheduler.service.gains import publish_gains
 from scheduler.service.replica import GAINS_KEY
+from sim.calibration import Fit
 from sim.engine import simulate
 from sim.engine.model import (
     BackendPool,
@@ -239,3 +249,25 @@ def test_one_request_more_or_less_never_decides_a_fraction_check() -> None:
     # the same 4 of 213 as on 4 December, with other parameters: still a miss
     four = {c.metric: c for c in compare([_pro(10, 213)], [_pro(6, 213)], Tolerances())}
     assert not four["shed"].ok
+
+
+def test_the_engines_drift_is_told_apart_from_the_models_miss() -> None:
+    """`bench/fidelity_llama.py` re-simulates with the engine as its drift check found it
+    after the run: a live run whose engine was 10 % slower than calibrated misses the bar
+    against the calibrated simulator and meets it against the drifted one."""
+    gpu = GpuConfig(
+        max_batch=4,
+        decode_base_s=0.0076,
+        decode_per_seq_s=0.0011,
+        decode_alone_s=0.0036,
+        prefill_tokens_per_step=2048,
+        prefill_s_per_token=0.000545,
+        prefill_join_s=0.0043,
+    )
+    text = scenario_text(Fit(gpu, (), 4), duration_s=60, load=1.5, controller="fixed")
+    scenario = parse_scenario(text)
+    slower = replace(gpu, **{name: 1.1 * getattr(gpu, name) for name in TIME_TERMS})
+    live = sim_outcomes(simulate(replace(scenario, backends=BackendPool(1, slower))))
+    run = Fidelity(scenario, sim_outcomes(simulate(scenario)), live, (), (), (), ())
+    assert "12 of 12 within the bar" in at_drift(run, 1.1)
+    assert "over: " in at_drift(run, 1.0)
