@@ -15,7 +15,11 @@ error per point, each run's comparison, and the load average beside each. The re
 After each run the engine is timed again at a full batch for each prompt length (the
 calibration's own bursts): `engine drift` says how far its times per token and to first token
 moved since the calibration. On these VMs they moved by up to ~10 % within minutes, and at
-1.5x overload Free's admitted fraction moves about 2.5x as much as the capacity does.
+1.5x overload Free's admitted fraction moves about 2.5x as much as the capacity does. The
+line after it runs the simulator again with the fit's time terms scaled by that drift (the
+mean ratio of the times per token) and counts the checks within the bar against it: how
+much of a miss the engine's own change of speed explains. A diagnostic: the check is the
+calibrated simulator's.
 Beside it, for the calibration and for each replay, `engine during ...`: the engine's own CPU
 per decode step (its process's CPU time over `llamacpp:n_decode_total`) and the fit's step
 time for as many prompt and output tokens: the engine's speed in each phase, measured by the

@@ -344,8 +344,8 @@ def _prefill_terms(
     """The two forms of a, b in y = a x1 + b x2, each a least squares of the relative error
     (each sample is (x1, x2, y, measured)): `a` at its floor, 1 / MAX_PREFILL_TOKENS_PER_STEP,
     with all the cost per token (llama.cpp's whole prompt in one step); and no cost per token,
-    all of it in prefill steps (chunks of a fixed size at no cost of their own). `fit` chooses
-    between them by the joins' error as well as the bursts'.
+    all of it in the steps a prompt takes at a fixed number of its tokens a step. `fit`
+    chooses between them by the joins' error as well as the bursts'.
 
     Not the two terms free together: the bursts can hardly tell them apart (a step's time
     grows with the burst, as its prompt tokens do), and such a mix fits their noise. On
