@@ -268,9 +268,12 @@ class RedisPipeliner:
                 for own in owns:
                     senders.start_soon(self._drain_shared, lane, partial(self._send_pipeline, own))
         finally:
-            for own in owns:
-                if own is not None:
-                    await own.aclose()
+            # shielded: under a cancellation, closing one (a checkpoint) would raise and skip
+            # the rest, left open until a garbage collection; closing is forceful, never waits
+            with trio.CancelScope(shield=True):
+                for own in owns:
+                    if own is not None:
+                        await own.aclose()
 
     async def _drain_shared(self, lane: Lane[_Pending], send: Send[_Pending]) -> None:
         """One of the tasks that drain `lane`: whichever is not waiting on a round trip sends

@@ -4,7 +4,9 @@ a direct call."""
 
 from __future__ import annotations
 
+import gc
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,6 +17,7 @@ import trio
 
 from backends.redis.embedded import EmbeddedRedis, free_port
 from backends.redis.pipeliner import RedisPipeliner
+from backends.redis.topology import open_redis
 from tests.conftest import open_pipelined
 
 DEADLINE_S = 10.0
@@ -158,6 +161,9 @@ async def test_a_command_sent_soon_runs_and_only_its_failure_is_told(redis_url: 
 
 
 SET_SCRIPT = "return redis.call('SET', KEYS[1], ARGV[1])"
+SLOW_SCRIPT = """local s = redis.call('TIME')
+repeat local n = redis.call('TIME') until (n[1] - s[1]) * 1000000 + n[2] - s[2] > 50000
+return redis.call('SET', KEYS[1], 'slow')"""  # holds Redis (and its connection) for 50 ms
 
 
 async def test_scripts_on_the_own_connection_authenticate_and_select_the_database() -> None:
@@ -207,3 +213,31 @@ async def test_a_command_queued_while_a_round_trip_is_out_is_sent_at_once(
                 sent_at = trio.current_time()
                 assert await pipeliner.execute(lambda pipe: pipe.ping())
                 assert trio.current_time() - sent_at < 0.25  # not after the BLPOP's 0.5 s
+
+
+async def test_every_own_connection_is_closed_when_it_is_cancelled(redis_url: str) -> None:
+    """A gateway that stops cancels its pipeliner: each own connection it opened is closed
+    then, not left to the garbage collector (closing the first let the cancellation through
+    and skipped the others: a gateway that had two open left one open on the server until a
+    collection found it)."""
+    key = uuid.uuid4().hex
+
+    async def script_clients() -> set[str]:
+        async with open_redis(redis_url) as redis:
+            listed = await redis.client_list()
+        return {c["addr"] for c in listed if c.get("cmd") == "evalsha"}
+
+    with trio.fail_after(DEADLINE_S), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        before = await script_clients()
+        async with open_pipelined(redis_url, round_trips=2) as (redis, pipeliner):
+            slow, script = redis.register_script(SLOW_SCRIPT), redis.register_script(SET_SCRIPT)
+            for text in (SLOW_SCRIPT, SET_SCRIPT):  # loaded: no fallback through coredis
+                await redis.script_load(text)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pipeliner.evalsha, slow, [key], [])
+                await trio.sleep(0.01)  # the slow one is out on the first own connection
+                await pipeliner.evalsha(script, [key], ["1"])  # so this one opens the second
+            assert len(await script_clients() - before) == 2
+        gc.collect()  # a socket left open is closed here, with a ResourceWarning
+    assert not [w for w in caught if "unclosed" in str(w.message)]
