@@ -108,11 +108,10 @@ def child_env() -> dict[str, str]:
 
 
 @contextmanager
-def child(args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
-    """A child process, stopped with SIGINT (then killed) on the way out."""
-    process = subprocess.Popen(
-        args, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+def child(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A child process, its stderr in `log`, stopped with SIGINT (then killed) on the way out."""
+    with log.open("wb") as stderr:
+        process = subprocess.Popen(args, env=child_env(), stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         yield process
     finally:
@@ -126,11 +125,13 @@ def child(args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
 
 
 async def wait_answering(
-    client: httpx2.AsyncClient, url: str, process: subprocess.Popen[bytes]
+    client: httpx2.AsyncClient, url: str, process: subprocess.Popen[bytes], log: Path
 ) -> None:
     with trio.fail_after(60):
         while True:
-            assert process.poll() is None, f"{url}: the process exited ({process.returncode})"
+            if process.poll() is not None:  # say why: a start-up failure is otherwise silent
+                tail = log.read_text(errors="replace")[-2000:]
+                raise AssertionError(f"{url}: the process exited ({process.returncode}):\n{tail}")
             try:
                 if (await client.get(url)).status_code == 200:
                     return
@@ -196,15 +197,20 @@ async def test_quotas_hold_across_three_replicas(redis_url: str, tmp_path: Path)
     demo_args += ["--model", "demo-small", "--decode-base-s", "0.001"]
     tallies = {"log": Tally(), "gcra": Tally()}
     with ExitStack() as stack:
-        demo = stack.enter_context(child(demo_args))
+        demo_log = tmp_path / "demo.log"
+        demo = stack.enter_context(child(demo_args, demo_log))
         serve = [SCHEDULER, "serve", "--config", str(config), "--redis-url", redis_url]
-        gateways = [stack.enter_context(child([*serve, "--port", str(port)])) for port in ports]
+        stderrs = [tmp_path / f"gateway-{port}.log" for port in ports]
+        gateways = [
+            stack.enter_context(child([*serve, "--port", str(port)], stderr))
+            for port, stderr in zip(ports, stderrs, strict=True)
+        ]
         urls = [f"http://127.0.0.1:{port}" for port in ports]
         limits = httpx2.Limits(max_connections=2 * CLIENTS_PER_KEY, max_keepalive_connections=None)
         async with httpx2.AsyncClient(timeout=10, limits=limits) as client:
-            await wait_answering(client, f"http://127.0.0.1:{demo_port}/health", demo)
-            for url, process in zip(urls, gateways, strict=True):
-                await wait_answering(client, url + "/readyz", process)
+            await wait_answering(client, f"http://127.0.0.1:{demo_port}/health", demo, demo_log)
+            for url, process, stderr in zip(urls, gateways, stderrs, strict=True):
+                await wait_answering(client, url + "/readyz", process, stderr)
             started_at = trio.current_time()
             deadline_at = started_at + LOAD_S
             with trio.fail_after(LOAD_S + 30):
