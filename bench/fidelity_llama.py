@@ -145,24 +145,14 @@ async def drift(url: str, bounds: Bounds, fit: Fit) -> tuple[str, float]:
     return "engine drift since the calibration: " + "; ".join(parts), statistics.mean(ratios)
 
 
-TIME_TERMS = (  # GpuConfig's terms in seconds
-    "decode_base_s",
-    "decode_per_seq_s",
-    "decode_alone_s",
-    "decode_per_kv_token_s",
-    "prefill_s_per_token",
-    "prefill_join_s",
-)
-
-
 def at_drift(fidelity: Fidelity, ratio: float) -> str:
     """How the live run compares with the simulator given the engine as the drift check
     found it after the run (the fit's time terms times `ratio`): the share of the bar's
     misses that the engine's own change of speed explains. A diagnostic, not the check."""
     scenario = fidelity.scenario
-    gpu = scenario.backends.gpu
-    slower = replace(gpu, **{name: getattr(gpu, name) * ratio for name in TIME_TERMS})
-    shifted = replace(scenario, backends=replace(scenario.backends, gpu=slower))
+    shifted = replace(
+        scenario, backends=replace(scenario.backends, gpu=scenario.backends.gpu.scaled(ratio))
+    )
     checks = compare(sim_outcomes(simulate(shifted)), fidelity.live, Tolerances())
     missed = [f"{c.tier} {c.metric} {100 * c.difference:.1f}%" for c in checks if not c.ok]
     return (

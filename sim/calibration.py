@@ -332,10 +332,12 @@ def _line(xy: Sequence[tuple[float, float]]) -> tuple[float, float]:
     sxy = sum(wi * (x - mean_x) * (y - mean_y) for wi, (x, y) in zip(w, xy, strict=True))
     if sxy <= 0:
         return 0.0, mean_y
-    if mean_y - sxy / sxx * mean_x < 0:
+    slope = sxy / sxx
+    intercept = mean_y - slope * mean_x
+    if intercept < 0:
         through_origin = sum(wi * x * y for wi, (x, y) in zip(w, xy, strict=True))
         return through_origin / sum(wi * x * x for wi, (x, _) in zip(w, xy, strict=True)), 0.0
-    return sxy / sxx, mean_y - sxy / sxx * mean_x
+    return slope, intercept
 
 
 def _prefill_terms(

@@ -49,9 +49,19 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 _INF = math.inf
+
+
+TIME_TERMS = (  # GpuConfig's terms in seconds (each >= 0)
+    "decode_base_s",
+    "decode_per_seq_s",
+    "prefill_s_per_token",
+    "decode_per_kv_token_s",
+    "prefill_join_s",
+    "decode_alone_s",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +83,7 @@ class GpuConfig:
                 raise ValueError(f"backend.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_waiting < 0:
             raise ValueError(f"backend.max_waiting must be >= 0, got {self.max_waiting}")
-        for name in (
-            "decode_base_s",
-            "decode_per_seq_s",
-            "prefill_s_per_token",
-            "decode_per_kv_token_s",
-            "prefill_join_s",
-            "decode_alone_s",
-        ):
+        for name in TIME_TERMS:
             if getattr(self, name) < 0:
                 raise ValueError(f"backend.{name} must be >= 0, got {getattr(self, name)}")
         if self.prefill_join_s > 0 and self.prefill_s_per_token == 0:
@@ -99,6 +102,10 @@ class GpuConfig:
         else:
             decode_s = self.decode_base_s + self.decode_per_seq_s * running
         return decode_s + prefill_s * prefilling + self.decode_per_kv_token_s * context_tokens
+
+    def scaled(self, factor: float) -> GpuConfig:
+        """The same engine with every time term times `factor` (slower above 1)."""
+        return replace(self, **{name: factor * getattr(self, name) for name in TIME_TERMS})
 
     @property
     def lone_decode_s(self) -> float:

@@ -27,7 +27,7 @@ import trio
 
 from backends.demo.openai import Kind, parse_generation
 from backends.redis.quota import ALGORITHM_KINDS
-from bench.fidelity_llama import TIME_TERMS, at_drift, scenario_text
+from bench.fidelity_llama import at_drift, scenario_text
 from bench.fidelity_rig import (
     Fidelity,
     TierOutcome,
@@ -266,8 +266,7 @@ def test_the_engines_drift_is_told_apart_from_the_models_miss() -> None:
     )
     text = scenario_text(Fit(gpu, (), 4), duration_s=60, load=1.5, controller="fixed")
     scenario = parse_scenario(text)
-    slower = replace(gpu, **{name: 1.1 * getattr(gpu, name) for name in TIME_TERMS})
-    live = sim_outcomes(simulate(replace(scenario, backends=BackendPool(1, slower))))
+    live = sim_outcomes(simulate(replace(scenario, backends=BackendPool(1, gpu.scaled(1.1)))))
     run = Fidelity(scenario, sim_outcomes(simulate(scenario)), live, (), (), (), ())
     assert "12 of 12 within the bar" in at_drift(run, 1.1)
     assert "over: " in at_drift(run, 1.0)
